@@ -1,0 +1,85 @@
+"""Text sources and calibration batches: deterministic, and clear errors for bad text."""
+
+import json
+
+import pytest
+import torch
+
+from mi_prun.data import calibration_tokens, load_text
+from mi_prun.errors import MiPrunError
+from mi_prun.testing import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def test_builtin_corpus_is_offline_and_large():
+    text = load_text("builtin")
+    assert text.n_chars > 100_000 and len(text.sha256) == 64
+
+
+def test_same_seed_same_samples(tok):
+    text = load_text("builtin")
+    a = calibration_tokens(tok, text, 8, 64, seed=3)
+    b = calibration_tokens(tok, text, 8, 64, seed=3)
+    c = calibration_tokens(tok, text, 8, 64, seed=4)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+    assert a.input_ids.shape == (8, 64)
+    assert (a.input_ids[:, 0] == tok.bos_token_id).all()  # BOS in front, as the tokenizer adds it
+    assert a.provenance["sha256"] == text.sha256 and a.provenance["seed"] == 3
+
+
+def test_file_jsonl_folder_and_string_sources(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("alpha " * 50)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(10)))
+    assert load_text(str(tmp_path / "a.txt")).text.startswith("alpha")
+    assert "line 3" in load_text(str(tmp_path / "b.jsonl")).text
+    folder = load_text(str(tmp_path))
+    assert "alpha" in folder.text and "line 9" in folder.text
+    assert load_text("text:hello there").text == "hello there"
+
+
+def test_wikitext_from_local_folder(data_dir):
+    valid = load_text("wikitext2", purpose="calibration")
+    test = load_text("wikitext2", purpose="evaluation")
+    assert valid.source == "wikitext2-valid" and test.source == "wikitext2-test"
+    assert test.sha256.startswith("4f3e427e")
+
+
+@pytest.mark.parametrize("content", ["", "   \n\t  "])
+def test_empty_text_is_refused(tmp_path, content):
+    p = tmp_path / "empty.txt"
+    p.write_text(content)
+    with pytest.raises(MiPrunError, match="empty or only whitespace"):
+        load_text(str(p))
+
+
+def test_too_short_text_says_needed_and_found(tok):
+    with pytest.raises(MiPrunError, match="need 252 text tokens, found 11"):
+        calibration_tokens(tok, load_text("text:hello world"), 4, 64)
+
+
+def test_undecodable_and_binary_files(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 ".encode("latin-1") * 20)
+    with pytest.raises(MiPrunError, match="not valid UTF-8"):
+        load_text(str(bad))
+    binary = tmp_path / "x.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(MiPrunError, match="binary"):
+        load_text(str(binary))
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(MiPrunError, match="line 2"):
+        load_text(str(p))
+
+
+def test_unknown_source():
+    with pytest.raises(MiPrunError, match="not found"):
+        load_text("no-such-source")
