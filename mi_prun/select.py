@@ -40,7 +40,8 @@ from mi_prun.errors import MiPrunError
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]  # progress(done, total)
+# The library-wide progress protocol (as in mi_prun.capture): (stage, fraction in [0, 1], message).
+Progress = Callable[[str, float, str], None]
 RunCostFn = Callable[[np.ndarray, "np.ndarray | None", Any, Any], Any]
 
 # Relative tolerance under which two objectives count as equal (float noise, not improvement).
@@ -803,7 +804,7 @@ def sleb_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]], 
     blocks `removed` skipped; each call is one calibration pass. Ties go to the lowest block;
     a NaN NLL is never preferred. Returns (removed sorted, trajectory, forward_passes), where
     forward_passes = sum over steps of the candidates tried (L + (L-1) + ... for n steps).
-    `progress(done, total)` is called after every pass.
+    `progress("sleb", fraction, message)` is called after every pass.
     """
     L = int(n_blocks)
     count = resolve_n(L, n, protect_ends=protect_ends)
@@ -822,7 +823,7 @@ def sleb_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]], 
             passes += 1
             cands.append({"block": b, "nll": nll})
             if progress is not None:
-                progress(passes, total)
+                progress("sleb", passes / total, f"step {step + 1}/{count}, pass {passes}/{total}")
         best = min(cands, key=lambda c: (math.isnan(c["nll"]), c["nll"] if not math.isnan(c["nll"])
                                          else 0.0, c["block"]))
         removed.append(best["block"])

@@ -329,10 +329,10 @@ def test_sleb_search_synthetic():
         return 1.0 + sum(pen[b] for b in removed) + (3.0 if {2, 3} <= set(removed) else 0.0)
 
     seen = []
-    removed, traj, passes = S.sleb_search(6, 2, nll, progress=lambda d, t: seen.append((d, t)))
+    removed, traj, passes = S.sleb_search(6, 2, nll, progress=lambda stage, f, msg: seen.append((stage, f)))
     assert traj[0]["removed_block"] == 2  # tie 2/3 -> lowest index
     assert removed == (1, 2)  # 3 would add the interaction
-    assert passes == len(calls) == 6 + 5 and seen[-1] == (11, 11)
+    assert passes == len(calls) == 6 + 5 and seen[-1] == ("sleb", 1.0) and len(seen) == 11
     removed, traj, passes = S.sleb_search(6, 2, nll, protect_ends=True)
     assert passes == 4 + 3 and 0 not in removed and 5 not in removed
 
