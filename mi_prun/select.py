@@ -26,13 +26,12 @@ to estimate).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -835,33 +834,6 @@ def sleb_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]], 
     return tuple(sorted(removed)), traj, passes
 
 
-@contextlib.contextmanager
-def _blocks_skipped(model: Any, remove: Iterable[int]) -> Iterator[Any]:
-    """Run `model` with blocks skipped: temporarily swaps its block ModuleList for one without
-    `remove`, restoring the original in `finally`. Weights are shared, nothing is copied.
-
-    TODO(lead): switch to mi_prun.prune.pruned_view(model, remove) once it exists. This swap
-    mutates the shared model for the duration of the context, so it is not safe while another
-    thread (e.g. another Streamlit session) runs the same model; layer_idx is left stale, which
-    is harmless only because callers pass use_cache=False.
-    """
-    from torch import nn
-
-    from mi_prun.models import find_blocks
-
-    blocks = find_blocks(model)
-    original = blocks.blocks
-    drop = set(int(b) for b in remove)
-    view = nn.ModuleList([blk for b, blk in enumerate(original) if b not in drop])
-    # nn.Module.__setattr__ re-registers the attribute in _modules; restoring the original
-    # object undoes that exactly (same object, same position in the module order).
-    setattr(blocks.parent, blocks.attr, view)
-    try:
-        yield model
-    finally:
-        setattr(blocks.parent, blocks.attr, original)
-
-
 def calibration_nll(model: Any, input_ids: Any, attention_mask: Any | None = None,
                     batch_size: int = 8) -> float:
     """Token-weighted mean next-token NLL (nats) of `model` over `input_ids` (B, T).
@@ -904,19 +876,22 @@ def sleb_select(model: Any, input_ids: Any, n: int | None = None, attention_mask
                 run_cost: str = "neg-mi") -> Selection:
     """SLEB on a real model: `sleb_search` with the calibration NLL of `model` with blocks skipped.
 
-    The model is not changed (blocks are skipped through a temporary view). Costs
+    The model is not changed (blocks are skipped through `prune.pruned_view`, which shares weights). Costs
     sum_{t<n} (L' - t) calibration passes (L' removable blocks). Give `analysis` to also report
     the MI objective under `run_cost`; without it the objective is NaN.
     """
     from mi_prun.models import find_blocks
+    from mi_prun.prune import pruned_view
 
     t0 = time.perf_counter()
     L = len(find_blocks(model))
     count = resolve_n(L, n, ratio, protect_ends=protect_ends)
 
     def nll_without(removed: tuple[int, ...]) -> float:
-        with _blocks_skipped(model, removed):
-            return calibration_nll(model, input_ids, attention_mask, batch_size)
+        # A structural copy sharing the weights: the shared model is never touched, so other
+        # threads (app sessions) can run it while SLEB searches.
+        view = pruned_view(model, removed) if removed else model
+        return calibration_nll(view, input_ids, attention_mask, batch_size)
 
     removed, traj, passes = sleb_search(L, count, nll_without, protect_ends=protect_ends,
                                         progress=progress)
