@@ -1,0 +1,297 @@
+"""Block scores from one capture: block MI, the DPI span matrix and its checks, stability across
+calibration samples, and the baseline criteria (cosine Block Influence, angular distance, random).
+
+Input contract (as in `mi_prun.estimators`): `H` (L+1, m, d) float tensor, `H[b]` = m token
+positions of h_b (h_0 = input of block 0, h_{b+1} = output of block b); `batch_index` (m,) long
+tensor, the calibration sample (0..N-1) each position came from. Blocks are numbered from 0.
+Everything returned is numpy (or plain JSON types), ready for `report.Analysis`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from mi_prun.errors import MiPrunError
+from mi_prun.estimators import Estimator, get_estimator
+
+log = logging.getLogger(__name__)
+
+DPI_TOL: tuple[float, float] = (0.02, 0.01)  # (rtol, atol nats), see dpi_report
+N_GROUPS = 8
+_MEM_BUDGET = 256 * 2**20  # bytes for the largest temporary of the batched baseline passes
+
+ProgressFn = Callable[[str, float, str], None]
+
+
+def _estimator(estimator: Estimator | str) -> Estimator:
+    return get_estimator(estimator) if isinstance(estimator, str) else estimator
+
+
+def _capture(H: Any) -> torch.Tensor:
+    t = torch.as_tensor(H)
+    if t.ndim != 3 or t.shape[0] < 2:
+        raise MiPrunError(f"a capture must have shape (L+1, m, d) with L >= 1, got {tuple(t.shape)}.")
+    return t
+
+
+# ----------------------------------------------------------------------------- span and block MI
+
+def block_mi_from_span(span: np.ndarray) -> np.ndarray:
+    """(L,) MI_b = span[b, b+1] (high = redundant)."""
+    span = np.asarray(span)
+    return np.array([span[b, b + 1] for b in range(span.shape[0] - 1)], dtype=float)
+
+
+def compute_span(H: torch.Tensor, estimator: Estimator | str,
+                 progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(span (L+1, L+1), span_norm or None) of capture H with `estimator` (instance or name)."""
+    return _estimator(estimator).span_matrix(_capture(H), progress=progress)
+
+
+# ----------------------------------------------------------------------------- DPI
+
+def _tolerance(tol: float | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(tol, (int, float)):
+        rtol = atol = float(tol)
+    else:
+        rtol, atol = (float(v) for v in tol)
+    if rtol < 0 or atol < 0:
+        raise MiPrunError(f"DPI tolerance must be non-negative, got rtol={rtol}, atol={atol}.")
+    return rtol, atol
+
+
+def dpi_report(span: np.ndarray, tol: float | tuple[float, float] = DPI_TOL, top: int = 10) -> dict[str, Any]:
+    """Violations of the data processing inequality in a span matrix.
+
+    DPI: M[i, j] <= M[i', j'] for all sub-spans i <= i' < j' <= j, (i', j') != (i, j). The tightest
+    such bound of cell (i, j) is min over its sub-spans; by dynamic programming over span length,
+        bound[i, j] = min(M[i+1, j], M[i, j-1], bound[i+1, j], bound[i, j-1]),
+    since every proper sub-span lies in (i+1, j) or (i, j-1). Cells with j - i = 1 have no bound.
+
+    Tolerance: `tol` = (rtol, atol) (a single float sets both); cell (i, j) violates DPI iff
+        excess = M[i, j] - bound[i, j] > atol + rtol * |bound[i, j]|.
+    NaN cells are skipped (neither violate nor bound).
+
+    Returns a JSON-serialisable dict except "bound", the (L+1, L+1) numpy matrix of bounds
+    (symmetric, NaN where none): "tolerance" {"rtol", "atol", "rule"}, "n_cells" (cells with a
+    bound), "n_violations", "cells" ([i, j] of every violation, i < j), "worst" (the `top` largest
+    excesses: {"i", "j", "value", "bound", "excess", "bound_cell": [i', j']}), "max_excess".
+    """
+    M = np.asarray(span, dtype=float)
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise MiPrunError(f"a span matrix must be square, got shape {M.shape}.")
+    rtol, atol = _tolerance(tol)
+    n = M.shape[0]
+    bound = np.full((n, n), np.nan)
+    cell = np.full((n, n, 2), -1, dtype=int)  # where bound[i, j] is attained
+    for length in range(2, n):
+        for i in range(n - length):
+            j = i + length
+            cands = [(M[i + 1, j], (i + 1, j)), (M[i, j - 1], (i, j - 1)),
+                     (bound[i + 1, j], tuple(cell[i + 1, j])), (bound[i, j - 1], tuple(cell[i, j - 1]))]
+            cands = [(v, c) for v, c in cands if np.isfinite(v)]
+            if cands:
+                v, c = min(cands, key=lambda t: t[0])
+                bound[i, j] = bound[j, i] = v
+                cell[i, j] = c
+    rows = []
+    n_cells = 0
+    for i in range(n):
+        for j in range(i + 2, n):
+            b, v = bound[i, j], M[i, j]
+            if not (np.isfinite(b) and np.isfinite(v)):
+                continue
+            n_cells += 1
+            excess = v - b
+            if excess > atol + rtol * abs(b):
+                rows.append({"i": i, "j": j, "value": float(v), "bound": float(b), "excess": float(excess),
+                             "bound_cell": [int(cell[i, j, 0]), int(cell[i, j, 1])]})
+    rows.sort(key=lambda r: -r["excess"])
+    return {
+        "tolerance": {"rtol": rtol, "atol": atol, "rule": "M[i,j] - bound[i,j] > atol + rtol*|bound[i,j]|"},
+        "n_cells": n_cells,
+        "n_violations": len(rows),
+        "cells": sorted([r["i"], r["j"]] for r in rows),
+        "worst": rows[:top],
+        "max_excess": float(max((r["excess"] for r in rows), default=0.0)),
+        "bound": bound,
+    }
+
+
+# ----------------------------------------------------------------------------- stability
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall tau-b of two score vectors (ties handled): 1 = same order, -1 = reversed.
+
+    tau_b = (n_c - n_d) / sqrt((n0 - t_a)(n0 - t_b)), n0 = n(n-1)/2 pairs, t_a/t_b pairs tied in a/b.
+    NaN when either vector is constant (or shorter than 2) or contains NaN.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise MiPrunError(f"kendall_tau needs vectors of the same length, got {a.size} and {b.size}.")
+    if a.size < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
+    iu = np.triu_indices(a.size, 1)
+    sa = np.sign(a[:, None] - a[None, :])[iu]  # (pairs,)
+    sb = np.sign(b[:, None] - b[None, :])[iu]
+    n0 = sa.size
+    den = np.sqrt(float(n0 - np.sum(sa == 0)) * float(n0 - np.sum(sb == 0)))
+    return float(np.sum(sa * sb) / den) if den > 0 else float("nan")
+
+
+def _split_samples(batch_index: torch.Tensor, n: int, seed: int) -> list[np.ndarray]:
+    """The calibration samples, shuffled with `seed`, split into n near-equal groups."""
+    samples = np.unique(batch_index.cpu().numpy())
+    perm = np.random.default_rng(seed).permutation(samples)
+    return [g for g in np.array_split(perm, min(n, samples.size)) if g.size]
+
+
+def _positions(batch_index: torch.Tensor, samples: np.ndarray) -> torch.Tensor:
+    mask = torch.isin(batch_index, torch.as_tensor(samples, device=batch_index.device))
+    return mask.nonzero().squeeze(1)
+
+
+def stability(H: torch.Tensor, batch_index: torch.Tensor, estimator: Estimator | str,
+              n_groups: int = N_GROUPS, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """Block MI per group of calibration samples, and rank agreement between two halves.
+
+    The calibration samples (distinct values of batch_index) are shuffled with `seed` and split into
+    B = min(n_groups, N) groups; each group's positions give one block-MI vector. Separately, the
+    samples are split into two disjoint halves and the Kendall tau-b between the halves' block-MI
+    vectors measures how reproducible the ranking is.
+
+    Returns block_mi_batches (L, B) and info {"kendall_tau_halves" (None when N < 2), "n_groups",
+    "n_samples", "group_n_samples", "group_n_positions", "block_mi_halves" (2 x L), "rel_std"
+    (mean over blocks of std / |mean| across groups), "seed"}.
+    """
+    H = _capture(H)
+    est = _estimator(estimator)
+    batch_index = torch.as_tensor(batch_index).to(H.device).long()
+    if batch_index.shape != (H.shape[1],):
+        raise MiPrunError(f"batch_index must have shape ({H.shape[1]},) like the capture's positions, "
+                          f"got {tuple(batch_index.shape)}.")
+    if n_groups < 1:
+        raise MiPrunError(f"n_groups must be >= 1, got {n_groups}.")
+    groups = _split_samples(batch_index, n_groups, seed)
+    cols, n_pos = [], []
+    for g in groups:
+        pos = _positions(batch_index, g)
+        n_pos.append(int(pos.numel()))
+        cols.append(est.block_mi(H[:, pos]))
+    batches = np.stack(cols, axis=1)  # (L, B)
+    info: dict[str, Any] = {"n_groups": len(groups), "n_samples": int(sum(g.size for g in groups)),
+                            "group_n_samples": [int(g.size) for g in groups], "group_n_positions": n_pos,
+                            "seed": seed}
+    halves = _split_samples(batch_index, 2, seed + 1)
+    if len(halves) == 2:
+        mis = [est.block_mi(H[:, _positions(batch_index, h)]) for h in halves]
+        tau = kendall_tau(mis[0], mis[1])
+        info["kendall_tau_halves"] = None if np.isnan(tau) else tau
+        info["block_mi_halves"] = [v.tolist() for v in mis]
+    else:
+        info["kendall_tau_halves"] = None
+        info["block_mi_halves"] = None
+        info["note"] = "one calibration sample: no halves to compare"
+    mean = batches.mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(np.abs(mean) > 0, batches.std(1) / np.abs(mean), 0.0)
+    info["rel_std"] = float(np.mean(rel))
+    return batches, info
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def cosine_block_influence(H: torch.Tensor) -> np.ndarray:
+    """(L,) ShortGPT Block Influence BI_b = 1 - mean over positions of cos(h_b, h_{b+1});
+    high = important. A zero vector has cosine 0 with everything."""
+    H = _capture(H)
+    out = np.empty(H.shape[0] - 1)
+    for b in range(H.shape[0] - 1):
+        x, y = H[b].double(), H[b + 1].double()  # (m, d); float64 so identical vectors give BI 0
+        den = (x.norm(dim=1) * y.norm(dim=1)).clamp_min(torch.finfo(torch.float64).tiny)
+        out[b] = 1.0 - float(((x * y).sum(1) / den).mean())
+    return out
+
+
+def angular_distance_matrix(H: torch.Tensor) -> np.ndarray:
+    """(L+1, L+1) mean over positions of arccos(cos(h_i, h_j)) / pi (Gromov et al.): symmetric,
+    0 on the diagonal, in [0, 1]; entry (i, j) is the cost of removing the window i..j-1.
+
+    One batched pass: per chunk of positions, all (L+1)^2 cosines as one batched product.
+    Orthogonal vectors give 0.5; a zero vector counts as orthogonal to everything.
+    """
+    H = _capture(H)
+    n, m, d = H.shape
+    acc = torch.zeros(n, n, dtype=torch.float64, device=H.device)
+    chunk = max(1, _MEM_BUDGET // (8 * 2 * n * d))
+    for p0 in range(0, m, chunk):
+        u = H[:, p0:p0 + chunk].double()  # (L+1, c, d); float64: arccos is ill-conditioned near 1
+        u = u / u.norm(dim=2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        cos = torch.einsum("icd,jcd->cij", u, u).clamp(-1.0, 1.0)  # (c, L+1, L+1)
+        acc += torch.arccos(cos).sum(0)
+    out = (acc / (m * np.pi)).cpu().numpy()
+    out = (out + out.T) / 2
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def random_scores(L: int, seed: int) -> np.ndarray:
+    """(L,) uniform [0, 1) scores from `seed`, used like block MI (high = remove first)."""
+    return np.random.default_rng(seed).random(L)
+
+
+# ----------------------------------------------------------------------------- all together
+
+def score_capture(H: torch.Tensor, batch_index: torch.Tensor, estimator: Estimator | str, *,
+                  dpi_tol: float | tuple[float, float] = DPI_TOL, n_groups: int = N_GROUPS, seed: int = 0,
+                  progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Every score of one capture: exactly the `report.Analysis` fields scoring fills.
+
+    Returns {"block_mi" (L,), "span", "span_norm", "dpi" (see dpi_report; plus
+    "estimator_promises_dpi"), "block_mi_batches" (L, B), "stability", "baselines"
+    {"cosine_bi", "angular"}, "timings" (seconds per stage: span, dpi, stability, baselines, total)}.
+    `progress(stage, fraction, message)` is called during and after each stage.
+    """
+    H = _capture(H)
+    est = _estimator(estimator)
+
+    def report(stage: str, fraction: float, message: str) -> None:
+        if progress:
+            progress(stage, float(fraction), message)
+
+    timings: dict[str, float] = {}
+    t_all = t = time.perf_counter()
+    report("span", 0.0, f"{est.name}: MI of {H.shape[0] * (H.shape[0] - 1) // 2} layer pairs")
+    span, span_norm = est.span_matrix(H, progress=lambda f: report("span", f, "span matrix"))
+    block_mi = block_mi_from_span(span)
+    timings["span"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dpi = dpi_report(span, dpi_tol)
+    dpi["estimator_promises_dpi"] = bool(est.promises_dpi)
+    if dpi["n_violations"] and est.promises_dpi:
+        log.warning("%s: %d of %d span cells break DPI beyond tolerance (worst excess %.3g nats)",
+                    est.name, dpi["n_violations"], dpi["n_cells"], dpi["max_excess"])
+    timings["dpi"] = time.perf_counter() - t
+    report("dpi", 1.0, f"{dpi['n_violations']} DPI violations")
+
+    t = time.perf_counter()
+    report("stability", 0.0, "block MI per calibration group")
+    batches, stab = stability(H, batch_index, est, n_groups=n_groups, seed=seed)
+    timings["stability"] = time.perf_counter() - t
+    report("stability", 1.0, f"Kendall tau between halves: {stab['kendall_tau_halves']}")
+
+    t = time.perf_counter()
+    baselines = {"cosine_bi": cosine_block_influence(H), "angular": angular_distance_matrix(H)}
+    timings["baselines"] = time.perf_counter() - t
+    report("baselines", 1.0, "cosine Block Influence and angular distance")
+    timings["total"] = time.perf_counter() - t_all
+
+    return {"block_mi": block_mi, "span": span, "span_norm": span_norm, "dpi": dpi,
+            "block_mi_batches": batches, "stability": stab, "baselines": baselines, "timings": timings}
