@@ -1,0 +1,342 @@
+"""Pruned-model quality: MI-PRUN variants against ShortGPT, angular distance, SLEB and random.
+
+    python benchmarks/quality.py                       # smollm2-135m, the published protocol below
+    python benchmarks/quality.py --model <any spec>    # any model mi-prun loads
+    python benchmarks/quality.py --quick               # tiny random model, seconds (used by the tests)
+
+Protocol (default): calibration 32 samples x 256 tokens from WikiText-2 validation
+(`wikitext2-valid.tokens`), one capture per first-position choice shared by every MI variant and
+by the baselines; evaluation on the raw WikiText-2 test split, windows of 256 tokens, the first 40
+windows (`--full`: 1024-token windows, 80 windows); every pruned model is scored on the same
+windows in the same run. SLEB-style removal uses its own, smaller calibration (`--sleb-samples`
+x `--sleb-tokens`, 8 x 128 by default) because it costs O(L n) forward passes; the table states it.
+`--estimators`, `--selectors` and `--first-variants` restrict the grid (a screening run with few
+windows, then a final run of the finalists, is how RESULTS.md was made).
+
+Writes benchmarks/results/<name>.json (one row per method x n), <name>.md (table) and <name>.png
+(perplexity against removed blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from mi_prun import defaults  # noqa: E402
+from mi_prun.data import load_text  # noqa: E402
+from mi_prun.evaluate import perplexity  # noqa: E402
+from mi_prun.models import load_model  # noqa: E402
+from mi_prun.pipeline import AnalysisConfig, analysis_from_capture, prepare_calibration, run_capture  # noqa: E402
+from mi_prun.prune import pruned_view  # noqa: E402
+from mi_prun.report import library_versions  # noqa: E402
+from mi_prun.select import select, sleb_select  # noqa: E402
+
+log = logging.getLogger("quality")
+
+# (label, estimator, options): every estimator x preprocessing worth trying.
+ESTIMATOR_GRID = [
+    ("gauss-ch/none", "gaussian-channel", {"preprocess": "none"}),
+    ("gauss-ch/std", "gaussian-channel", {"preprocess": "standardize"}),
+    ("gauss-ch/rms", "gaussian-channel", {"preprocess": "rms"}),
+    ("gauss-joint/std", "gaussian-joint", {"preprocess": "standardize"}),
+    ("gauss-joint/rms", "gaussian-joint", {"preprocess": "rms"}),
+    ("renyi/median", "renyi-kernel", {"preprocess": "none", "max_samples": 1024}),
+    ("renyi/rms", "renyi-kernel", {"preprocess": "rms", "max_samples": 1024}),
+    ("binning/std", "binning", {"preprocess": "standardize"}),
+    ("ksg/rms", "ksg", {"preprocess": "rms", "max_samples": 1024}),
+]
+# (selector, run cost, protect_ends)
+SELECTOR_GRID = [
+    ("topk", "neg-mi", False),
+    ("topk", "neg-mi", True),
+    ("fbs", "neg-mi", False),
+    ("fbs", "info-loss", False),
+    ("fbs", "neg-log-nmi", False),
+    ("fbs", "neg-log-nmi", True),
+    ("exact", "neg-mi", False),
+    ("exact", "info-loss", False),
+    ("exact", "neg-log-nmi", False),
+    ("exact", "neg-log-nmi", True),
+]
+
+
+def selector_label(selector: str, run_cost: str, protect: bool) -> str:
+    return (selector if selector == "topk" else f"{selector}/{run_cost}") + ("+protect" if protect else "")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--eval", default="wikitext2-test")
+    ap.add_argument("--eval-seq-len", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--ns", default="2,4,6,8,10", help="numbers of blocks to remove")
+    ap.add_argument("--sleb-samples", type=int, default=8, help="calibration samples for SLEB (0 = skip SLEB)")
+    ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--estimators", default="all", help="comma-separated labels from the grid, or all")
+    ap.add_argument("--selectors", default="all",
+                    help="comma-separated selector labels (topk, topk+protect, fbs/neg-mi, exact/info-loss, ...), or all")
+    ap.add_argument("--first-variants", default="gauss-ch/std,gauss-ch/rms",
+                    help="estimator labels also scored with the first position kept ('all' for every one)")
+    ap.add_argument("--sleb-tokens", type=int, default=128, help="tokens per SLEB calibration sample")
+    ap.add_argument("--full", action="store_true", help="published protocol: 1024-token windows, 80 windows")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, two methods, two n (for tests)")
+    ap.add_argument("--name", default=None, help="results name (default: derived from model and protocol)")
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    if args.full:
+        args.eval_seq_len, args.eval_windows = 1024, 80
+    if args.quick:
+        args.model = args.model if args.model != "smollm2-135m" else "tiny-llama"
+        args.calib, args.eval = "builtin", "builtin"
+        args.samples, args.tokens, args.eval_seq_len, args.eval_windows = 8, 64, 64, 4
+        args.ns, args.sleb_samples, args.sleb_tokens, args.random_seeds = "1,2", 2, 32, 1
+        args.estimators = "gauss-ch/std"
+    args.name = args.name or (f"quality-{args.model.replace('/', '_')}" + ("-full" if args.full else "")
+                              + ("-quick" if args.quick else ""))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.manual_seed(0)
+    ns = [int(x) for x in args.ns.split(",")]
+    grid = ESTIMATOR_GRID if args.estimators == "all" else \
+        [g for g in ESTIMATOR_GRID if g[0] in args.estimators.split(",")]
+    sel_grid = [("fbs", defaults.RUN_COST, defaults.PROTECT_ENDS)] if args.quick else \
+        [g for g in SELECTOR_GRID if args.selectors == "all" or selector_label(*g) in args.selectors.split(",")]
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    L = loaded.n_blocks
+    ns = [n for n in ns if 0 < n < L]
+    eval_text = load_text(args.eval, purpose="evaluation").text
+    base_cfg = AnalysisConfig(calib=args.calib, n_samples=args.samples, seq_len=args.tokens)
+    calib = prepare_calibration(loaded, base_cfg)
+
+    # -------------------------------------------------------------- perplexity, cached per set
+    ppl_cache: dict[tuple[int, ...], dict] = {}
+
+    def ppl_of(removed) -> dict:
+        key = tuple(sorted(int(b) for b in removed))
+        if key not in ppl_cache:
+            model = pruned_view(loaded.model, key) if key else loaded.model
+            res = perplexity(model, loaded.tokenizer, eval_text, seq_len=args.eval_seq_len,
+                             max_windows=args.eval_windows, batch_size=4)
+            ppl_cache[key] = {"ppl": res.ppl, "windows": res.windows, "tokens": res.tokens_scored,
+                              "bos": res.bos, "protocol": res.protocol}
+            log.info("ppl %8.2f  removed %s", res.ppl, list(key))
+        return ppl_cache[key]
+
+    dense = ppl_of(())
+    rows: list[dict[str, Any]] = []
+
+    def add(method: str, family: str, n: int, removed, *, options: dict, analysis_s: float,
+            select_s: float = 0.0, passes: int = 0, objective: float = math.nan, default: bool = False) -> None:
+        p = ppl_of(removed)
+        rows.append({"method": method, "family": family, "n": n, "removed": sorted(int(b) for b in removed),
+                     "ppl": p["ppl"], "options": options, "analysis_seconds": analysis_s,
+                     "select_seconds": select_s, "forward_passes": passes,
+                     "objective": None if not math.isfinite(objective) else objective, "default": default})
+
+    # -------------------------------------------------------------- MI-PRUN variants
+    captures = {}
+    for drop_first in (True, False):
+        cfg = replace(base_cfg, drop_first=drop_first)
+        captures[drop_first] = (cfg, run_capture(loaded, calib, cfg))
+        log.info("capture drop_first=%s: %.1fs", drop_first, captures[drop_first][1].seconds)
+    default_analysis = None
+    firsts = args.first_variants.split(",")
+    for label, est, opts in grid:
+        for drop_first in (True, False):
+            if not drop_first and args.first_variants != "all" and label not in firsts:
+                continue
+            cfg, cap = captures[drop_first]
+            cfg = replace(cfg, estimator=est, estimator_options=dict(opts))
+            t0 = time.perf_counter()
+            try:
+                analysis = analysis_from_capture(loaded, calib, cap, cfg)
+            except Exception as exc:  # an estimator failing is a result too
+                log.warning("estimator %s failed: %s", label, exc)
+                continue
+            analysis_s = cap.seconds + (time.perf_counter() - t0)
+            is_default_est = (est == defaults.ESTIMATOR and opts.get("preprocess") ==
+                              defaults.ESTIMATOR_OPTIONS.get("preprocess") and drop_first == defaults.DROP_FIRST)
+            if is_default_est:
+                default_analysis = analysis
+            for selector, run_cost, protect in sel_grid:
+                for n in ns:
+                    try:
+                        sel = select(analysis, selector, n=n, run_cost=run_cost, protect_ends=protect)
+                    except Exception as exc:
+                        log.warning("%s/%s n=%d failed: %s", label, selector, n, exc)
+                        continue
+                    is_default = is_default_est and (selector, run_cost, protect) == \
+                        (defaults.SELECTOR, defaults.RUN_COST, defaults.PROTECT_ENDS)
+                    name = (f"mi-prun {label}{'' if drop_first else ' +first'} {selector}"
+                            + (f"/{run_cost}" if selector != "topk" else "") + (" protect-ends" if protect else ""))
+                    add(name, "mi-prun", n, sel.removed, analysis_s=analysis_s, select_s=sel.seconds,
+                        objective=sel.objective, default=is_default,
+                        options={"estimator": est, "estimator_options": opts, "drop_first": drop_first,
+                                 "selector": selector, "run_cost": run_cost, "protect_ends": protect})
+
+    # -------------------------------------------------------------- baselines, same capture
+    if default_analysis is None:  # --estimators without the default: score it for the baselines
+        cfg, cap = captures[defaults.DROP_FIRST]
+        default_analysis = analysis_from_capture(loaded, calib, cap, cfg)
+    base_s = captures[defaults.DROP_FIRST][1].seconds
+    for method in ("shortgpt", "angular"):
+        for n in ns:
+            sel = select(default_analysis, method, n=n)
+            add(method, "baseline", n, sel.removed, analysis_s=base_s, select_s=sel.seconds, options={})
+    for seed in range(args.random_seeds):
+        for n in ns:
+            sel = select(default_analysis, "random", n=n, seed=seed)
+            add(f"random (seed {seed})", "random", n, sel.removed, analysis_s=0.0, options={"seed": seed})
+    if args.sleb_samples > 0:
+        sleb_cfg = replace(base_cfg, n_samples=args.sleb_samples, seq_len=args.sleb_tokens, seed=1)
+        sleb_calib = prepare_calibration(loaded, sleb_cfg)
+        sel = sleb_select(loaded.model, sleb_calib.input_ids, n=max(ns))
+        # SLEB is greedy and incremental: the set after step t is its answer for n = t + 1.
+        passes = 0
+        for step in sel.trajectory:
+            n = len(step["removed"])
+            passes += len(step.get("candidates", []))
+            if n in ns:
+                add("sleb", "sleb", n, step["removed"], analysis_s=step["elapsed"], passes=passes,
+                    options={"calibration": f"{args.sleb_samples} x {args.sleb_tokens} tokens of {args.calib}"})
+
+    result = {
+        "name": args.name,
+        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": loaded.describe(),
+        "protocol": {"calibration": calib.provenance, "eval_source": args.eval, "eval_seq_len": args.eval_seq_len,
+                     "eval_windows": dense["windows"], "eval_tokens": dense["tokens"], "bos": dense["bos"],
+                     "perplexity_protocol": dense["protocol"],
+                     "sleb_calibration": f"{args.sleb_samples} x {args.sleb_tokens} tokens"},
+        "defaults": {"estimator": defaults.ESTIMATOR, "estimator_options": defaults.ESTIMATOR_OPTIONS,
+                     "drop_first": defaults.DROP_FIRST, "selector": defaults.SELECTOR,
+                     "run_cost": defaults.RUN_COST, "protect_ends": defaults.PROTECT_ENDS},
+        "dense_ppl": dense["ppl"],
+        "rows": rows,
+        "environment": {"device": str(loaded.device), "threads": torch.get_num_threads(),
+                        "platform": platform.platform(), **library_versions()},
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    md = markdown(result, ns)
+    (out_dir / f"{args.name}.md").write_text(md)
+    if not args.no_plot:
+        plot(result, ns, out_dir / f"{args.name}.png")
+    print(md)
+    return result
+
+
+def table(result: dict, ns: list[int]) -> list[dict]:
+    """One entry per method: perplexity per n, mean over n; random seeds averaged into one line."""
+    by: dict[str, dict] = {}
+    for r in result["rows"]:
+        name = "random (mean of seeds)" if r["family"] == "random" else r["method"]
+        e = by.setdefault(name, {"method": name, "family": r["family"], "default": False, "ppl": {},
+                                 "analysis_seconds": r["analysis_seconds"], "passes": 0, "removed": {}})
+        e["default"] |= r["default"]
+        e["ppl"].setdefault(r["n"], []).append(r["ppl"])
+        e["removed"][r["n"]] = r["removed"]
+        e["passes"] = max(e["passes"], r["forward_passes"])
+        e["analysis_seconds"] = max(e["analysis_seconds"], r["analysis_seconds"])
+    out = []
+    for e in by.values():
+        e["ppl"] = {n: float(np.mean(v)) for n, v in e["ppl"].items()}
+        vals = [e["ppl"][n] for n in ns if n in e["ppl"]]
+        e["geo_mean"] = float(np.exp(np.mean(np.log(vals)))) if vals else math.inf
+        out.append(e)
+    return sorted(out, key=lambda e: e["geo_mean"])
+
+
+def markdown(result: dict, ns: list[int]) -> str:
+    rows = table(result, ns)
+    p = result["protocol"]
+    head = (f"Model `{result['model']['spec']}` ({result['model']['n_blocks']} blocks); dense perplexity "
+            f"**{result['dense_ppl']:.2f}**. Evaluation: {p['eval_source']}, {p['eval_windows']} windows of "
+            f"{p['eval_seq_len']} tokens ({p['eval_tokens']} tokens scored, BOS "
+            f"{'prepended' if p['bos'] else 'not used'}). Calibration: {p['calibration']['n_samples']} x "
+            f"{p['calibration']['seq_len']} tokens of {p['calibration']['source']}. Blocks numbered from 0.\n\n"
+            f"Command: `{result['command']}`\n\n")
+    cols = " | ".join(f"n={n}" for n in ns)
+    lines = [head, f"| method | {cols} | geo. mean | analysis s | forward passes |",
+             "|---|" + "---|" * len(ns) + "---|---|---|"]
+    for e in rows:
+        name = f"**{e['method']} (default)**" if e["default"] else e["method"]
+        vals = " | ".join(f"{e['ppl'][n]:.1f}" if n in e["ppl"] else "" for n in ns)
+        lines.append(f"| {name} | {vals} | {e['geo_mean']:.1f} | {e['analysis_seconds']:.1f} | {e['passes'] or ''} |")
+    lines.append("")
+    lines.append(bar_check(result, ns))
+    return "\n".join(lines) + "\n"
+
+
+def bar_check(result: dict, ns: list[int]) -> str:
+    """The issue's bar: the default is no worse than the best of ShortGPT and angular at n = 4, 6, 8."""
+    rows = {e["method"]: e for e in table(result, ns)}
+    default = next((e for e in rows.values() if e["default"]), None)
+    if default is None:
+        return "Bar: the default configuration was not part of this run."
+    out = []
+    for n in (4, 6, 8):
+        if n not in default["ppl"]:
+            continue
+        best = min(rows[m]["ppl"][n] for m in ("shortgpt", "angular") if m in rows and n in rows[m]["ppl"])
+        ok = default["ppl"][n] <= best
+        out.append(f"n={n}: default {default['ppl'][n]:.1f} vs best baseline {best:.1f} {'PASS' if ok else 'FAIL'}")
+    return "Bar (default <= best of ShortGPT and angular): " + "; ".join(out) if out else ""
+
+
+def plot(result: dict, ns: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table(result, ns)
+    default = [e for e in rows if e["default"]]
+    best_mi = [e for e in rows if e["family"] == "mi-prun" and not e["default"]][:3]
+    others = [e for e in rows if e["family"] in ("baseline", "sleb", "random")]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for e in default + best_mi + others:
+        xs = [n for n in ns if n in e["ppl"]]
+        style = {"linewidth": 2.6} if e["default"] else {"linewidth": 1.2, "linestyle": "--" if e["family"] == "mi-prun" else "-"}
+        ax.plot(xs, [e["ppl"][n] for n in xs], marker="o", label=e["method"] + (" (default)" if e["default"] else ""), **style)
+    ax.axhline(result["dense_ppl"], color="grey", linestyle=":", label=f"dense ({result['dense_ppl']:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("blocks removed")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_title(f"{result['model']['spec']}: perplexity after pruning")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
