@@ -152,6 +152,8 @@ def format_analysis(analysis) -> str:
     m = analysis.model
     c = analysis.calibration
     dpi = analysis.dpi or {}
+    tol = dpi.get("tolerance")
+    tol_text = (f"rtol {tol.get('rtol')}, atol {tol.get('atol')}" if isinstance(tol, dict) else str(tol))
     lines = [
         f"model: {m.get('spec')} ({m.get('architecture')}, {L} blocks)   estimator: {analysis.estimator} "
         f"{json.dumps(analysis.estimator_options)}",
@@ -160,7 +162,7 @@ def format_analysis(analysis) -> str:
         f"{BLOCK_NOTE} Rank 0 = most redundant (highest MI). Cosine BI: low = redundant (ShortGPT).",
         table,
         f"DPI: {dpi.get('n_violations', '?')} of {dpi.get('n_cells', '?')} span cells break the inequality "
-        f"beyond tolerance {dpi.get('tolerance', '?')}",
+        f"beyond tolerance ({tol_text})",
     ]
     tau = (analysis.stability or {}).get("kendall_tau_halves")
     if tau is not None:
@@ -285,7 +287,8 @@ def cmd_prune(args) -> int:
     pruned = prune(loaded.model, sel.removed)
     meta = {"model": analysis.model, "calibration": analysis.calibration, "estimator": analysis.estimator,
             "estimator_options": analysis.estimator_options}
-    path = export(pruned, loaded.tokenizer, sel, out, overwrite=args.overwrite, source_model=loaded.source,
+    path = export(pruned, loaded.tokenizer, sel, out, overwrite=args.overwrite,
+                  source_model=loaded.info.get("hf_id", loaded.source),
                   analysis_meta=meta)
     progress.close()
     print(f"exported to {path} (load it with AutoModelForCausalLM.from_pretrained({str(path)!r}))")
@@ -368,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
-        try:
-            from transformers.utils import logging as hf_logging
+    try:  # our own progress bars replace transformers' per-file ones
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
+        if not args.debug:
             hf_logging.set_verbosity_error()
-        except ImportError:
-            pass
+    except ImportError:
+        pass
     try:
         return args.func(args)
     except MiPrunError as exc:

