@@ -1,0 +1,180 @@
+"""Prune and export: the model as a column of blocks per method, perplexity on demand (cached per
+removed set) and a perplexity-against-blocks-removed curve, a generation sample before and after,
+parameter count and speed, and export to a folder and as a downloadable archive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from mi_prun import appstate, viz
+from mi_prun.errors import MiPrunError
+from pages._ui import (COMPARE_METHODS, chart, generate, model_for, n_slider, ppl, ppl_protocol_short, ppl_protocol_text,
+                       require_analysis, selection, show_error, table)
+
+analysis = require_analysis()
+L = analysis.n_blocks
+st.title("Prune and export")
+n = n_slider(analysis)
+st.caption(f"Removing **{appstate.ratio_text(n, L)}**. "
+           "Pruning never touches the shared model: every pruned model here is a view that shares its "
+           "weights and leaves the original intact.")
+
+methods = st.multiselect("Methods to compare", list(COMPARE_METHODS),
+                         default=["fbs", "exact", "shortgpt", "angular", "random"], key="pr_methods",
+                         format_func=viz.label, persist_state="session")
+try:
+    sels = {m: selection(analysis, m, n) for m in methods}
+except MiPrunError as exc:
+    show_error(exc)
+    st.stop()
+
+left, right = st.columns([2, 3], gap="large")
+with left:
+    chart(viz.blocks_column_figure(L, {m: s.removed for m, s in sels.items()}), "blocks_column",
+          "Each column is the model, block 0 at the bottom. Coloured squares are the blocks a method removes. "
+          "MI-PRUN tends to remove runs of neighbouring blocks (judged by their span MI); per-block "
+          "baselines may scatter their choice.")
+
+with right:
+    st.subheader("Perplexity")
+    st.caption(ppl_protocol_text() + ". Lower is better; each removed set is computed once and cached.")
+    points: list = st.session_state.setdefault("ppl_points", [])
+    b1, b2 = st.columns(2)
+    do_now = b1.button(f"Compute perplexity for n = {n}", key="ppl_now", icon=":material/calculate:")
+    do_curve = b2.button(f"Fill the curve for n = 1..{n}", key="ppl_curve", icon=":material/show_chart:",
+                         help="Perplexity of every method for each number of removed blocks up to n.")
+    dense = None
+    if do_now or do_curve or points:
+        try:
+            with st.spinner("Perplexity of the dense model..."):
+                dense = ppl(analysis, ())
+            todo = [(m, k) for k in (range(1, n + 1) if do_curve else [n]) for m in methods] if (do_now or do_curve) else []
+            bar = st.progress(0, text="perplexity") if todo else None
+            for t, (m, k) in enumerate(todo):
+                s = sels[m] if k == n else selection(analysis, m, k)
+                bar.progress(int(100 * t / len(todo)), text=f"{viz.label(m)}, {k} blocks removed")
+                res = ppl(analysis, s.removed)
+                point = {"method": m, "n": k, "removed": " ".join(map(str, s.removed)), "ppl": res["ppl"]}
+                if point not in points:
+                    points.append(point)
+            if bar is not None:
+                bar.empty()
+        except MiPrunError as exc:
+            show_error(exc)
+    if points:
+        df = pd.DataFrame(points).sort_values(["n", "method"])
+        chart(viz.ppl_curve_figure(points, dense_ppl=dense["ppl"] if dense else None,
+                                    protocol=ppl_protocol_short()), "ppl_curve_chart",
+              "Each line is a method; the dotted line is the unpruned model. A flatter line keeps quality "
+              "longer as blocks are removed. Points are added as you explore (this session only).")
+        table(df, "perplexity", "ppl_table", ppl_protocol_text())
+    else:
+        st.caption("Press a button to compute perplexity.")
+
+st.divider()
+c_gen, c_size = st.columns(2, gap="large")
+export_method = st.session_state.get("pr_export_method", "fbs")
+export_method = export_method if export_method in sels else (methods[0] if methods else "fbs")
+with c_gen:
+    st.subheader("Generation before and after")
+    prompt = st.text_input("Prompt", value="The history of the city begins", key="pr_prompt",
+                           persist_state="session")
+    max_new = st.slider("New tokens", 8, 64, 24, key="pr_max_new", persist_state="session")
+    if st.button("Generate", key="gen", icon=":material/edit_note:"):
+        try:
+            removed = selection(analysis, export_method, n).removed
+            with st.spinner("Generating (greedy)..."):
+                before = generate(analysis, (), prompt, int(max_new))
+                after = generate(analysis, removed, prompt, int(max_new))
+            st.session_state["gen_result"] = {"prompt": prompt, "before": before, "after": after,
+                                              "method": export_method, "removed": list(removed)}
+        except MiPrunError as exc:
+            show_error(exc)
+    g = st.session_state.get("gen_result")
+    if g:
+        st.markdown(f"**Dense:** {g['prompt']} *{g['before']}*")
+        st.markdown(f"**{viz.label(g['method'])} without blocks {g['removed']}:** {g['prompt']} *{g['after']}*")
+        st.caption("Greedy decoding. A pruned model that still continues the prompt sensibly has kept most "
+                   "of its ability; fine-tuning after pruning usually recovers more.")
+
+with c_size:
+    st.subheader("Size and speed")
+    try:
+        from mi_prun.evaluate import compare_speed, model_size
+        from mi_prun.prune import pruned_view
+
+        loaded = model_for(analysis)
+        removed = selection(analysis, export_method, n).removed
+        pruned = pruned_view(loaded.model, list(removed))
+        dense_size, pruned_size = model_size(loaded.model), model_size(pruned)
+        m = st.columns(2)
+        m[0].metric("Parameters (dense)", f"{dense_size['parameters'] / 1e6:.2f} M")
+        m[1].metric(f"Parameters ({viz.label(export_method)})", f"{pruned_size['parameters'] / 1e6:.2f} M",
+                    delta=f"{100 * (pruned_size['parameters'] / dense_size['parameters'] - 1):.1f} %",
+                    delta_color="off")
+        if st.button("Measure speed", key="speed", icon=":material/speed:",
+                     help="Prefill of 64 tokens and 16 decode steps, dense and pruned interleaved."):
+            with st.spinner("Timing dense and pruned models..."):
+                st.session_state["speed_result"] = compare_speed(loaded.model, pruned, loaded.tokenizer,
+                                                          prompt_tokens=64, decode_tokens=16, repeats=2)
+        sp = st.session_state.get("speed_result")
+        if sp:
+            rows = [{"model": k, "parameters": sp[k]["parameters"],
+                     "prefill_tokens_per_s": sp[k]["prefill_tokens_per_s"],
+                     "decode_tokens_per_s": sp[k]["decode_tokens_per_s"]} for k in ("dense", "pruned")]
+            table(pd.DataFrame(rows), "speed", "speed_table",
+                  f"Prefill speed-up x{sp['prefill_speedup']:.2f}, decode speed-up x{sp['decode_speedup']:.2f} "
+                  f"on {sp['dense']['device']} (batch 1, median of {sp['repeats']} runs).")
+    except MiPrunError as exc:
+        show_error(exc)
+
+st.divider()
+st.subheader("Export")
+root = appstate.export_root()
+c1, c2, c3 = st.columns([1, 2, 1])
+export_method = c1.selectbox("Method", methods or ["fbs"], index=(methods or ["fbs"]).index(export_method),
+                             key="pr_export_method", format_func=viz.label)
+sel = sels.get(export_method) or selection(analysis, export_method, n)
+spec = analysis.model.get("spec") or "model"
+name = c2.text_input(f"Folder name (inside {root})", value=appstate.default_export_name(spec, export_method, sel.removed),
+                     key=f"pr_export_name_{export_method}_{n}",
+                     help="A plain name: letters, digits, '.', '_' and '-'. Exports never leave the export folder.")
+overwrite = c3.checkbox("Replace an existing export", value=False, key="pr_overwrite")
+st.caption(f"Removes blocks {list(sel.removed)} (numbered from 0). The folder holds the model "
+           "(safetensors, config, tokenizer), mi_prun.json (what was removed and why) and mergekit.yaml.")
+if st.button("Export", type="primary", key="export", icon=":material/save:"):
+    try:
+        from mi_prun.prune import export, pruned_view
+
+        target = appstate.safe_export_path(name, root)
+        loaded = model_for(analysis)
+        with st.spinner(f"Writing {target}..."):
+            out = export(pruned_view(loaded.model, list(sel.removed)), loaded.tokenizer, sel, target,
+                         overwrite=overwrite, source_model=loaded.source,
+                         analysis_meta={"model": analysis.model, "estimator": analysis.estimator,
+                                        "estimator_options": analysis.estimator_options,
+                                        "calibration": analysis.calibration})
+        st.session_state["export_path"] = str(out)
+    except MiPrunError as exc:
+        show_error(exc)
+
+path = st.session_state.get("export_path")
+if path and Path(path).is_dir():
+    out = Path(path)
+    st.success(f"Exported to {out}", icon=":material/check_circle:")
+    d = st.columns(3)
+    d[0].download_button("Download archive (.zip)", data=lambda: appstate.zip_folder(out), file_name=f"{out.name}.zip",
+                         mime="application/zip", key="dl_zip", icon=":material/folder_zip:")
+    report = (out / "mi_prun.json").read_text()
+    d[1].download_button("mi_prun.json", data=report, file_name="mi_prun.json", mime="application/json",
+                         key="dl_json", icon=":material/description:")
+    yaml_text = (out / "mergekit.yaml").read_text()
+    d[2].download_button("mergekit.yaml", data=yaml_text, file_name="mergekit.yaml", mime="text/yaml",
+                         key="dl_yaml", icon=":material/description:")
+    with st.expander("mergekit.yaml and the report"):
+        st.code(yaml_text, language="yaml")
+        st.json(json.loads(report), expanded=False)

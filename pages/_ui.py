@@ -1,0 +1,249 @@
+"""Streamlit glue shared by the pages: cached model loading, the session's analysis, selections,
+cached perplexity and generation, and the chart/table helpers that add a caption and a CSV download
+to everything shown.
+
+What is shared between sessions and what is not:
+- models: `st.cache_resource`, one object for every session; never mutated (the analysis runs on
+  a private view, pruning uses `pruned_view`, which copies the module structure and shares weights);
+- analyses: a server-wide memo (`Memo` in `st.cache_resource`) keyed by model and every config
+  field, so a second tab asking for the same analysis reuses it; a session only ever sees the
+  analysis it ran or loaded (its own `st.session_state`);
+- perplexity and generation: `st.cache_data`, keyed by the removed set (returns copies).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import pandas as pd
+import streamlit as st
+
+from mi_prun import appstate, defaults
+from mi_prun.errors import MiPrunError
+
+PAGES = {
+    "setup": "pages/1_setup.py",
+    "block_mi": "pages/2_block_mi.py",
+    "dpi": "pages/3_dpi_spans.py",
+    "fbs": "pages/4_fast_block_select.py",
+    "prune": "pages/5_prune_export.py",
+}
+# Methods compared on the FBS and prune pages (MI-PRUN first). SLEB is left to the CLI/benchmarks:
+# its O(L^2) forward passes would block the page for minutes on a real model.
+COMPARE_METHODS = ("fbs", "exact", "topk", "shortgpt", "angular", "random")
+
+
+# ----------------------------------------------------------------------------------------------
+# models and analyses
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def get_model(spec: str, trust_remote_code: bool = False):
+    """The model for `spec`, loaded once per server process and shared by every session.
+
+    Read-only by contract: nothing in the app writes to it (see the module docstring)."""
+    from mi_prun.models import load_model
+
+    return load_model(spec, device="auto", dtype="auto", trust_remote_code=trust_remote_code)
+
+
+@st.cache_resource(show_spinner=False)
+def analysis_memo() -> appstate.Memo:
+    return appstate.Memo(maxsize=16)
+
+
+def set_analysis(analysis: Any, key: str, source: str, trust_remote_code: bool = False) -> None:
+    """Make `analysis` this session's current analysis (and forget results tied to the last one)."""
+    st.session_state["analysis"] = analysis
+    st.session_state["analysis_key"] = key
+    st.session_state["analysis_source"] = source
+    st.session_state["trust_remote_code"] = trust_remote_code
+    st.session_state["selections"] = {}
+    st.session_state["ppl_points"] = []
+    st.session_state.pop("export_path", None)
+    L = analysis.n_blocks
+    if L >= 2:
+        from mi_prun.select import resolve_n
+
+        try:
+            n = resolve_n(L, ratio=defaults.RATIO)
+        except MiPrunError:
+            n = 1
+        # The slider lives on the FBS and prune pages, never on the page that sets an analysis,
+        # so its state may be written here.
+        st.session_state["p_n_remove"] = n
+
+
+def current_analysis() -> Any | None:
+    return st.session_state.get("analysis")
+
+
+def require_analysis() -> Any:
+    """The session's analysis, or a pointer to the setup page and a stop."""
+    analysis = current_analysis()
+    if analysis is None:
+        st.info("No analysis yet. Run one (or load a saved one) on the set-up page first.")
+        st.page_link(PAGES["setup"], label="Go to set-up", icon=":material/tune:")
+        st.stop()
+    return analysis
+
+
+def model_for(analysis: Any):
+    """The cached model an analysis was computed on (loaded if this server has not yet)."""
+    spec = analysis.model.get("spec") or analysis.model.get("source")
+    trc = bool(st.session_state.get("trust_remote_code", False)) and appstate.remote_code_allowed()
+    with st.spinner(f"Loading {spec} (once per server)..."):
+        loaded = get_model(spec, trc)
+    if loaded.n_blocks != analysis.n_blocks:
+        raise MiPrunError(f"the analysis has {analysis.n_blocks} blocks but {spec} has {loaded.n_blocks}. "
+                          "Fix: run the analysis again on this model.")
+    return loaded
+
+
+def n_remove(analysis: Any) -> int:
+    """Blocks to remove (the session's choice, clamped to this analysis), without a widget."""
+    L = analysis.n_blocks
+    n = int(st.session_state.get("p_n_remove", 1))
+    return min(max(n, 1), max(L - 1, 1))
+
+
+def n_slider(analysis: Any) -> int:
+    """The "blocks to remove" slider and the protect-ends switch. The same keys on the FBS and
+    the prune page, kept for the whole session, so both pages always show the same n."""
+    L = analysis.n_blocks
+    if L < 2:
+        st.info("A model with one block cannot be pruned.")
+        st.stop()
+    st.session_state["p_n_remove"] = n_remove(analysis)
+    c1, c2, c3 = st.columns([3, 2, 2], vertical_alignment="bottom")
+    n = c1.slider("Blocks to remove", min_value=1, max_value=L - 1, key="p_n_remove", persist_state="session",
+                  help="Prune ratio = blocks removed / blocks. Blocks are numbered from 0.")
+    c2.markdown(f"Prune ratio **{100.0 * n / L:.0f} %** ({n} of {L} blocks)")
+    c3.checkbox("Never remove the first and last block", key="p_protect_ends", value=defaults.PROTECT_ENDS,
+                persist_state="session")
+    return int(n)
+
+
+def selection(analysis: Any, method: str, n: int) -> Any:
+    """`select.select` for this session's analysis, memoised in the session (milliseconds each,
+    but pages rerun on every widget change)."""
+    from mi_prun.select import select
+
+    protect = bool(st.session_state.get("p_protect_ends", defaults.PROTECT_ENDS))
+    key = (st.session_state.get("analysis_key"), method, n, defaults.RUN_COST, protect)
+    memo = st.session_state.setdefault("selections", {})
+    if key not in memo:
+        memo[key] = select(analysis, method, n=n, run_cost=defaults.RUN_COST, protect_ends=protect, seed=0)
+    return memo[key]
+
+
+def comparison(analysis: Any, n: int) -> list[dict]:
+    from mi_prun.select import compare
+
+    protect = bool(st.session_state.get("p_protect_ends", defaults.PROTECT_ENDS))
+    key = ("compare", st.session_state.get("analysis_key"), n, defaults.RUN_COST, protect)
+    memo = st.session_state.setdefault("selections", {})
+    if key not in memo:
+        memo[key] = compare(analysis, n=n, run_cost=defaults.RUN_COST, methods=COMPARE_METHODS,
+                            protect_ends=protect, seed=0)
+    return memo[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# cached evaluation (per removed set; st.cache_data hands every session its own copy)
+
+
+def ppl_protocol_text() -> str:
+    return (f"perplexity on {appstate.eval_source()} text, first {appstate.PPL_WINDOWS} windows of "
+            f"{appstate.PPL_SEQ_LEN} tokens (short protocol for exploring; use `mi-prun eval` for "
+            "the full one)")
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def eval_text(source: str, max_chars: int) -> str:
+    from mi_prun.data import load_text
+
+    return load_text(source, purpose="evaluation").text[:max_chars]
+
+
+def ppl_protocol_short() -> str:
+    return f"{appstate.PPL_WINDOWS} windows x {appstate.PPL_SEQ_LEN} tokens of {appstate.eval_source()}"
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def perplexity_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], source: str,
+                  seq_len: int, windows: int) -> dict:
+    from mi_prun.evaluate import perplexity
+    from mi_prun.prune import pruned_view
+
+    loaded = get_model(spec, trust_remote_code)
+    model = pruned_view(loaded.model, list(removed)) if removed else loaded.model
+    # Only the first `windows` windows are scored, so only the head of the text is tokenised:
+    # 16 characters per token is more than any tokenizer needs (byte-level: 1, BPE: about 4), and
+    # the windows scored are the same as with the whole text.
+    text = eval_text(source, windows * seq_len * 16)
+    return perplexity(model, loaded.tokenizer, text, seq_len=seq_len, max_windows=windows).to_dict()
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def generation_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], prompt: str,
+                  max_new_tokens: int) -> str:
+    from mi_prun.evaluate import generate_sample
+    from mi_prun.prune import pruned_view
+
+    loaded = get_model(spec, trust_remote_code)
+    model = pruned_view(loaded.model, list(removed)) if removed else loaded.model
+    return generate_sample(model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens)
+
+
+def ppl(analysis: Any, removed: Sequence[int]) -> dict:
+    spec = analysis.model.get("spec") or analysis.model.get("source")
+    trc = bool(st.session_state.get("trust_remote_code", False)) and appstate.remote_code_allowed()
+    model_for(analysis)  # loads with a spinner and checks the block count
+    return perplexity_of(spec, trc, tuple(sorted(int(b) for b in removed)), appstate.eval_source(),
+                         appstate.PPL_SEQ_LEN, appstate.PPL_WINDOWS)
+
+
+def generate(analysis: Any, removed: Sequence[int], prompt: str, max_new_tokens: int) -> str:
+    spec = analysis.model.get("spec") or analysis.model.get("source")
+    trc = bool(st.session_state.get("trust_remote_code", False)) and appstate.remote_code_allowed()
+    model_for(analysis)
+    return generation_of(spec, trc, tuple(sorted(int(b) for b in removed)), prompt, max_new_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# display helpers
+
+
+def chart(fig: Any, key: str, caption: str) -> None:
+    """A Plotly chart with the plain-language caption saying what to look for."""
+    st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+    st.caption(caption)
+
+
+def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, height: int | str = "auto") -> None:
+    """A table with a CSV download button under it."""
+    st.dataframe(df, width="stretch", hide_index=True, key=f"df_{key}", height=height)
+    cols = st.columns([1, 3])
+    cols[0].download_button("Download CSV", data=appstate.csv_bytes(df), file_name=f"{name}.csv",
+                            mime="text/csv", key=f"csv_{key}", icon=":material/download:")
+    if caption:
+        cols[1].caption(caption)
+
+
+def show_error(exc: BaseException) -> None:
+    """A user-fixable problem as an error box; the page keeps working."""
+    st.error(str(exc), icon=":material/error:")
+
+
+def analysis_summary(analysis: Any) -> str:
+    m, c = analysis.model, analysis.calibration
+    return (f"**{m.get('spec')}** ({m.get('n_blocks')} blocks) - {analysis.estimator} "
+            f"({', '.join(f'{k}={v}' for k, v in analysis.estimator_options.items())}) - "
+            f"{c.get('n_samples', '?')} x {c.get('seq_len', '?')} tokens of {c.get('source', '?')}")
+
+
+def copy_analysis(analysis: Any) -> Any:
+    # Memo entries are shared by sessions: each session gets its own copy.
+    return copy.deepcopy(analysis)

@@ -1,0 +1,471 @@
+"""The Streamlit app, headless (streamlit.testing.v1.AppTest), on the tiny random model chosen by
+MI_PRUN_TEST_MODEL; plus unit tests of its Streamlit-free helpers (mi_prun.appstate) and the
+concurrency guarantees (sessions see only their own results; the cached model never changes)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mi_prun import appstate
+from mi_prun.errors import MiPrunError
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+TEST_MODEL = "tiny-llama"
+PAGES = {"block_mi": "pages/2_block_mi.py", "dpi": "pages/3_dpi_spans.py",
+         "fbs": "pages/4_fast_block_select.py", "prune": "pages/5_prune_export.py"}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _decode(obj):
+    """Plotly 6+ writes numpy arrays as {"dtype", "bdata", "shape"} (base64); turn them back."""
+    if isinstance(obj, dict):
+        if "bdata" in obj and "dtype" in obj:
+            arr = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=np.dtype(obj["dtype"]))
+            if obj.get("shape"):
+                arr = arr.reshape([int(s) for s in str(obj["shape"]).split(",")])
+            return arr
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+def figures(at) -> dict:
+    """Every Plotly chart on the page as a decoded figure dict, by chart key."""
+    out = {}
+    for el in at.get("plotly_chart"):
+        spec = _decode(json.loads(el.proto.spec))
+        key = el.proto.id.rsplit("-", 1)[-1] if el.proto.id else str(len(out))
+        out[key] = spec
+    return out
+
+
+def trace(fig: dict, name: str) -> dict:
+    for t in fig["data"]:
+        if t.get("name") == name:
+            return t
+    raise AssertionError(f"no trace {name!r} in {[t.get('name') for t in fig['data']]}")
+
+
+def chart(at, title_part: str) -> dict:
+    """The figure whose title (or first trace name) contains `title_part`."""
+    for fig in figures(at).values():
+        title = ((fig.get("layout") or {}).get("title") or {}).get("text") or ""
+        names = " ".join(str(t.get("name")) for t in fig["data"])
+        if title_part in title or title_part in names:
+            return fig
+    raise AssertionError(f"no chart matching {title_part!r}")
+
+
+def no_errors(at) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MI_PRUN_TEST_MODEL", TEST_MODEL)
+    monkeypatch.setenv("MI_PRUN_EXPORT_DIR", str(tmp_path / "exports"))
+    monkeypatch.delenv("MI_PRUN_ALLOW_REMOTE_CODE", raising=False)
+
+
+def new_app():
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(APP, default_timeout=120)
+
+
+def analysed_app(**settings):
+    """An app session that ran the default analysis (settings: widget key -> value first)."""
+    at = new_app().run()
+    no_errors(at)
+    for key, value in settings.items():
+        at.number_input(key=key).set_value(value) if key in ("p_samples", "p_tokens") else None
+    at.button(key="run").click().run()
+    no_errors(at)
+    assert at.session_state["analysis"] is not None
+    return at
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """The very object every session gets from st.cache_resource for the test model."""
+    import os
+
+    os.environ.setdefault("MI_PRUN_TEST_MODEL", TEST_MODEL)
+    from pages._ui import get_model  # noqa: E402  (the app's own cached loader)
+
+    return get_model(TEST_MODEL, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# pages
+
+
+def test_setup_default_flow_runs_the_tiny_model(shared_model):
+    before = appstate.model_fingerprint(shared_model.model)
+    at = new_app().run()
+    no_errors(at)
+    assert at.title[0].value == "Set up and run"
+    assert at.radio(key="p_model_kind").value == f"Test model ({TEST_MODEL})"  # env var picks the default
+    assert at.selectbox(key="p_estimator").value == "gaussian-channel"  # the shipped default
+    at.button(key="run").click().run()
+    no_errors(at)
+    analysis = at.session_state["analysis"]
+    assert analysis.model["spec"] == TEST_MODEL and analysis.n_blocks == 6
+    assert analysis.calibration["n_samples"] == 8 and analysis.calibration["seq_len"] == 64
+    assert at.status[0].label.startswith(("Analysis finished", "Analysing"))
+    assert [p.value for p in at.get("progress")] in ([], [100, 100, 100])
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Blocks"] == "6"
+    assert appstate.model_fingerprint(shared_model.model) == before
+
+
+def test_block_mi_page(shared_model):
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    at.switch_page(PAGES["block_mi"]).run()
+    no_errors(at)
+    fig = chart(at, "block MI")
+    np.testing.assert_allclose(np.asarray(trace(fig, "block MI")["y"], float), analysis.block_mi)
+    np.testing.assert_allclose(np.asarray(trace(fig, "cosine BI")["y"], float), analysis.baselines["cosine_bi"])
+    n = at.session_state["p_n_remove"]
+    outlined = [b for b, c in enumerate(trace(fig, "block MI")["marker"]["line"]["color"]) if c == "#000000"]
+    assert sorted(outlined) == sorted(analysis.ranking()[:n])
+    stab = chart(at, "Block MI per calibration group")
+    np.testing.assert_allclose(np.asarray(stab["data"][0]["z"], float), analysis.block_mi_batches)
+    assert any("Kendall" in m.label for m in at.metric)
+    assert len(at.get("download_button")) >= 2  # every table has its CSV
+    at.toggle(key="bm_outline").set_value(False).run()  # the switch changes the chart
+    fig = chart(at, "block MI")
+    assert all(c != "#000000" for c in trace(fig, "block MI")["marker"]["line"]["color"])
+
+
+def test_dpi_page_span_selection(shared_model):
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    at.switch_page(PAGES["dpi"]).run()
+    no_errors(at)
+    fig = chart(at, "Span MI")
+    z = np.asarray(trace(fig, "span")["z"], float)
+    iu = np.triu_indices(analysis.n_blocks + 1, 1)
+    np.testing.assert_allclose(z[iu], analysis.span[iu])
+    at.slider(key="dpi_span").set_value((1, 3)).run()  # blocks 1..3 = span (1, 4)
+    no_errors(at)
+    sel = trace(chart(at, "Span MI"), "selected span")
+    assert (sel["y"][0], sel["x"][0]) == (1, 4)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Span MI M[1, 4]"] == f"{analysis.span[1, 4]:.4f} nats"
+    profile = chart(at, "Blocks 1..3")
+    assert list(np.asarray(profile["data"][0]["x"]).tolist()) == [1, 2, 3]
+
+
+def test_fbs_page_and_n_slider(shared_model):
+    from mi_prun.select import select
+
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    at.switch_page(PAGES["fbs"]).run()
+    no_errors(at)
+    n = at.slider(key="p_n_remove").value
+    fbs = select(analysis, "fbs", n=n)
+    obj = chart(at, "FBS objective")
+    np.testing.assert_allclose(np.asarray(trace(obj, "MI-PRUN (FBS)")["y"], float),
+                               [s["objective"] for s in fbs.trajectory])
+    pools = chart(at, "Prune pool P")
+    assert np.asarray(pools["data"][0]["z"], float).shape == (6, len(fbs.trajectory))
+    at.slider(key="p_n_remove").set_value(3).run()
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert len(metrics["FBS removes"].split(",")) == 3
+    assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3).removed))
+    comp = chart(at, "MI objective of each method")
+    assert len(comp["data"][0]["x"]) == 6  # MI-PRUN, exact and the baselines for the same n
+
+
+def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
+    from mi_prun.select import select
+
+    before = appstate.model_fingerprint(shared_model.model)
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    at.switch_page(PAGES["prune"]).run()
+    no_errors(at)
+    at.slider(key="p_n_remove").set_value(2).run()
+    col = chart(at, "Which blocks each method removes")
+    fbs = select(analysis, "fbs", n=2)
+    assert sorted(trace(col, "MI-PRUN (FBS) removed")["y"]) == list(fbs.removed)
+    assert sorted(trace(col, "ShortGPT (cosine BI) removed")["y"]) == list(select(analysis, "shortgpt", n=2).removed)
+
+    at.button(key="ppl_now").click().run()
+    no_errors(at)
+    points = at.session_state["ppl_points"]
+    assert {p["method"] for p in points} == {"fbs", "exact", "shortgpt", "angular", "random"}
+    assert all(p["n"] == 2 and np.isfinite(p["ppl"]) for p in points)
+    curve = chart(at, "Perplexity against blocks removed")
+    assert "128 tokens" in curve["layout"]["title"]["text"] or "windows" in curve["layout"]["title"]["text"]
+    at.button(key="ppl_curve").click().run()
+    assert {p["n"] for p in at.session_state["ppl_points"]} == {1, 2}
+
+    at.button(key="gen").click().run()
+    no_errors(at)
+    assert at.session_state["gen_result"]["removed"] == list(fbs.removed)
+
+    root = Path(appstate.export_root())
+    bad = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
+    bad.set_value("../escape").run()
+    at.button(key="export").click().run()
+    assert any("'..'" in e.value for e in at.error)
+    assert not (root.parent / "escape").exists()
+    name = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
+    name.set_value("tiny-pruned").run()
+    at.button(key="export").click().run()
+    no_errors(at)
+    out = root / "tiny-pruned"
+    report = json.loads((out / "mi_prun.json").read_text())
+    assert report["removed"] == list(fbs.removed)
+    assert (out / "mergekit.yaml").is_file() and (out / "config.json").is_file()
+    labels = [d.label for d in at.get("download_button")]
+    assert "Download archive (.zip)" in labels and "mergekit.yaml" in labels
+    assert appstate.model_fingerprint(shared_model.model) == before
+
+
+def test_errors_show_as_st_error_and_the_page_keeps_working():
+    at = new_app().run()
+    at.radio(key="p_model_kind").set_value("Local folder").run()
+    at.text_input(key="p_local_dir").set_value("/nonexistent/model/folder").run()
+    at.button(key="run").click().run()
+    assert not at.exception
+    assert any("not found" in e.value for e in at.error)
+    at.radio(key="p_model_kind").set_value(f"Test model ({TEST_MODEL})").run()
+    at.number_input(key="p_tokens").set_value(4096).run()  # longer than the model's context
+    at.button(key="run").click().run()
+    assert not at.exception and any("exceed the context" in e.value for e in at.error)
+    at.number_input(key="p_tokens").set_value(64).run()
+    at.button(key="run").click().run()
+    no_errors(at)
+
+
+def test_pasted_text_and_cancel():
+    at = new_app().run()
+    at.radio(key="p_calib_kind").set_value("Paste text").run()
+    at.text_area(key="p_pasted").set_value("The quick brown fox jumps over the lazy dog. " * 200).run()
+    at.number_input(key="p_samples").set_value(4).run()
+    at.number_input(key="p_tokens").set_value(32).run()
+    at.session_state["cancel_requested"] = True  # as if Cancel was pressed during the run
+    at.button(key="run").click().run()
+    assert not at.exception
+    assert any("cancelled" in w.value.lower() for w in at.warning)
+    assert at.session_state["analysis"] if "analysis" in at.session_state else True
+    assert not at.session_state["cancel_requested"]
+    at.button(key="run").click().run()
+    no_errors(at)
+    assert at.session_state["analysis"].calibration["source"] == "text:<string>"
+
+
+def test_second_tab_reuses_the_cached_analysis_and_sessions_stay_apart():
+    a = analysed_app()
+    b = new_app().run()
+    assert "analysis" not in b.session_state  # B sees nothing of A's
+    b.button(key="run").click().run()
+    no_errors(b)
+    assert any("Reused" in s.value for s in b.success)  # not recomputed
+    assert b.session_state["analysis"] is not a.session_state["analysis"]  # its own copy
+    np.testing.assert_allclose(b.session_state["analysis"].block_mi, a.session_state["analysis"].block_mi)
+    # A different analysis in B leaves A's alone
+    b.number_input(key="p_samples").set_value(6).run()
+    b.button(key="run").click().run()
+    no_errors(b)
+    assert b.session_state["analysis"].calibration["n_samples"] == 6
+    assert a.session_state["analysis"].calibration["n_samples"] == 8
+
+
+def test_save_and_load_an_analysis_folder(tmp_path):
+    at = analysed_app()
+    at.text_input(key="p_save_name").set_value("my-analysis").run()
+    at.button(key="save_analysis").click().run()
+    no_errors(at)
+    saved = appstate.export_root() / "my-analysis"
+    assert (saved / "analysis.json").is_file()
+    other = new_app().run()
+    other.text_input(key="p_load_dir").set_value(str(saved)).run()
+    other.button(key="load_analysis").click().run()
+    no_errors(other)
+    np.testing.assert_allclose(other.session_state["analysis"].span, at.session_state["analysis"].span)
+    other.text_input(key="p_load_dir").set_value(str(tmp_path)).run()
+    other.button(key="load_analysis").click().run()
+    assert not other.exception and any("not a saved analysis" in e.value for e in other.error)
+
+
+def test_remote_code_checkbox_only_when_the_operator_allows_it(monkeypatch):
+    at = new_app().run()
+    assert not [c for c in at.checkbox if c.key == "p_trust_remote_code"]
+    monkeypatch.setenv("MI_PRUN_ALLOW_REMOTE_CODE", "1")
+    at = new_app().run()
+    box = [c for c in at.checkbox if c.key == "p_trust_remote_code"]
+    assert box and box[0].value is False  # offered, but off by default
+
+
+def test_pages_without_an_analysis_point_to_setup():
+    at = new_app().run()
+    for page in PAGES.values():
+        at.switch_page(page).run()
+        assert not at.exception
+        assert any("No analysis yet" in i.value for i in at.info)
+
+
+# ----------------------------------------------------------------------------------------------
+# concurrency: two sessions at once on the same cached model
+
+
+def test_concurrent_sessions_see_only_their_own_results(shared_model):
+    from mi_prun.evaluate import perplexity
+    from mi_prun.pipeline import AnalysisConfig
+    from mi_prun.prune import pruned_view
+
+    loaded = shared_model
+    before = appstate.model_fingerprint(loaded.model)
+    cfgs = [AnalysisConfig(n_samples=6, seq_len=48, max_positions=256, seed=s) for s in (1, 2)]
+    solo = [appstate.run_analysis(loaded, c) for c in cfgs]
+    results: dict = {}
+    errors: list = []
+
+    def session(k: int) -> None:
+        try:
+            for _ in range(2):
+                a = appstate.run_analysis(loaded, cfgs[k])
+                np.testing.assert_allclose(a.block_mi, solo[k].block_mi, rtol=1e-5)
+                view = pruned_view(loaded.model, [k + 1])
+                p = perplexity(view, loaded.tokenizer, "some text to score " * 40, seq_len=32, max_windows=2)
+                results.setdefault(k, []).append((a, p.ppl))
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert not np.allclose(solo[0].block_mi, solo[1].block_mi)  # the two sessions did differ
+    for k in (0, 1):
+        assert len({round(p, 6) for _, p in results[k]}) == 1  # the same answer every time
+    assert appstate.model_fingerprint(loaded.model) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# appstate helpers
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/../../b", "/etc/passwd", "a/b", "a\\b", "C:evil", ".hidden",
+                                  "", "   ", "x" * 101, "na\u2215me", "sp ace", "-rf", "a\x00b"])
+def test_export_path_sanitiser_refuses(name, tmp_path):
+    with pytest.raises(MiPrunError):
+        appstate.safe_export_path(name, tmp_path)
+
+
+def test_export_path_sanitiser_accepts_plain_names_and_stays_inside(tmp_path, monkeypatch):
+    assert appstate.safe_export_path("model-1.pruned_v2", tmp_path) == tmp_path / "model-1.pruned_v2"
+    monkeypatch.setenv("MI_PRUN_EXPORT_DIR", str(tmp_path / "ex"))
+    assert appstate.safe_export_path("m") == tmp_path / "ex" / "m"
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "link").symlink_to(tmp_path)  # a symlink planted inside the export folder
+    with pytest.raises(MiPrunError):
+        appstate.safe_export_path("link")
+    name = appstate.default_export_name("/some/path/My Model!", "fbs", [3, 4])
+    assert appstate.safe_export_path(name, tmp_path).parent == tmp_path
+
+
+def test_export_dir_default(monkeypatch):
+    monkeypatch.delenv("MI_PRUN_EXPORT_DIR")
+    assert appstate.export_root() == Path("exports").absolute()
+
+
+def test_uploads_are_only_decoded():
+    assert appstate.text_from_upload("a.txt", "héllo".encode()) == "héllo"
+    assert appstate.text_from_upload("a.jsonl", b'{"text": "a"}\n{"text": "b"}\n') == "a\n\nb"
+    with pytest.raises(MiPrunError, match="only"):
+        appstate.text_from_upload("a.pkl", b"\x80\x04K\x01.")
+    with pytest.raises(MiPrunError, match="binary"):
+        appstate.text_from_upload("a.txt", b"abc\x00def")
+    with pytest.raises(MiPrunError, match="20 MB"):
+        appstate.text_from_upload("a.txt", b"a" * (appstate.UPLOAD_LIMIT_BYTES + 1))
+    with pytest.raises(MiPrunError, match="line 1"):
+        appstate.text_from_upload("a.jsonl", b"not json")
+
+
+def test_progress_tracker_and_time_left():
+    now = [0.0]
+    tr = appstate.ProgressTracker(clock=lambda: now[0])
+    assert tr.update("load", 0.0, "loading") == "load"
+    assert tr.eta_text().startswith("estimating")
+    now[0] = 1.0
+    tr.update("load", 1.0)
+    now[0] = 3.0
+    assert tr.update("capture", 0.5, "batch 1/2") == "capture"
+    assert tr.fractions["load"] == 1.0 and tr.fractions["capture"] == 0.5
+    left = tr.seconds_left()
+    assert left is not None and left > 0
+    assert tr.update("span", 0.5) == "score"
+    assert tr.fractions["capture"] == 1.0 and 0 < tr.fractions["score"] < 1
+    tr.update("baselines", 1.0)
+    assert tr.overall() == pytest.approx(1.0)
+    assert tr.eta_text() == "almost done"
+
+
+def test_cancellable_progress_raises():
+    seen = []
+    flag = {"cancel": False}
+    cb = appstate.cancellable(lambda s, f, m: seen.append(s), lambda: flag["cancel"])
+    cb("capture", 0.5, "")
+    flag["cancel"] = True
+    with pytest.raises(appstate.Cancelled):
+        cb("capture", 0.6, "")
+    assert seen == ["capture"]
+
+
+def test_tables_and_archives(tmp_path):
+    import pandas as pd
+
+    from tests.test_viz import synthetic_analysis
+
+    a = synthetic_analysis()
+    df = appstate.ranking_frame(a)
+    assert list(df["block"]) == list(range(a.n_blocks))
+    assert df.loc[df["rank_mi"] == 1, "block"].item() == a.ranking()[0]
+    assert appstate.csv_bytes(df).decode().splitlines()[0].startswith("block,block_mi,rank_mi")
+    spans = appstate.span_frame(a)
+    assert len(spans) == (a.n_blocks + 1) * a.n_blocks // 2
+    assert not appstate.violations_frame(a).empty
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "mi_prun.json").write_text("{}")
+    (tmp_path / "m" / "sub").mkdir()
+    (tmp_path / "m" / "sub" / "x.txt").write_text("x")
+    with zipfile.ZipFile(BytesIO(appstate.zip_folder(tmp_path / "m"))) as zf:
+        assert sorted(zf.namelist()) == ["m/mi_prun.json", "m/sub/x.txt"]
+    assert isinstance(appstate.comparison_frame([{"method": "fbs", "removed": [1, 2]}]), pd.DataFrame)
+
+
+def test_memo_is_bounded_and_keyed_by_every_setting():
+    from mi_prun.pipeline import AnalysisConfig
+
+    m = appstate.Memo(maxsize=2)
+    for k in "abc":
+        m.put(k, k)
+    assert len(m) == 2 and m.get("a") is None and m.get("c") == "c"
+    k1 = appstate.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 1000))
+    k2 = appstate.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 999))
+    k3 = appstate.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 1000, seed=1))
+    assert len({k1, k2, k3}) == 3
