@@ -327,6 +327,176 @@ def drop_quantization_marker(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# memory: refuse a model that cannot fit before spending minutes loading it
+
+# Loading needs the weights plus working room (buffers, the tokenizer, the first forward pass).
+MEMORY_HEADROOM = 1.1
+SKIP_MEMORY_CHECK_ENV = "MI_PRUN_SKIP_MEMORY_CHECK"
+
+
+def _safetensors_numels(path: Path) -> list[tuple[str, int, int]]:
+    """(dtype, numel, stored bytes) of every tensor, read from the header only (no weights)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("header too small")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > 100 * 2**20:
+            raise ValueError("header too large")
+        header = json.loads(fh.read(n))
+    out = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        numel = 1
+        for dim in entry["shape"]:
+            numel *= int(dim)
+        start, end = entry["data_offsets"]
+        out.append((str(entry["dtype"]), numel, int(end) - int(start)))
+    return out
+
+
+# GGUF metadata value types -> struct format of a scalar (8: string, 9: array).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_numel(path: Path) -> int:
+    """Number of weights in a GGUF file, from its header (metadata and tensor infos) only."""
+    import struct
+
+    with open(path, "rb") as fh:
+        def read(fmt: str):
+            size = struct.calcsize("<" + fmt)
+            raw = fh.read(size)
+            if len(raw) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack("<" + fmt, raw)[0]
+
+        def skip_value(vtype: int) -> None:
+            if vtype in _GGUF_SCALARS:
+                fh.seek(struct.calcsize("<" + _GGUF_SCALARS[vtype]), 1)
+            elif vtype == 8:
+                fh.seek(read("Q"), 1)
+            elif vtype == 9:
+                item_type, count = read("I"), read("Q")
+                if item_type in _GGUF_SCALARS:
+                    fh.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item_type]), 1)
+                else:
+                    for _ in range(count):
+                        skip_value(item_type)
+            else:
+                raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if fh.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        if read("I") not in (2, 3):
+            raise ValueError("unsupported GGUF version")
+        n_tensors, n_kv = read("Q"), read("Q")
+        for _ in range(n_kv):
+            fh.seek(read("Q"), 1)  # key
+            skip_value(read("I"))
+        total = 0
+        for _ in range(n_tensors):
+            fh.seek(read("Q"), 1)  # name
+            numel = 1
+            for _ in range(read("I")):
+                numel *= read("Q")
+            read("I"), read("Q")  # type, offset
+            total += numel
+        return total
+
+
+def weights_bytes(source: str, gguf_file: str | None, dtype: torch.dtype) -> int | None:
+    """Bytes the weights of `source` will take in memory at `dtype`, from file headers only.
+
+    A local folder: safetensors headers (floating tensors counted at `dtype`), else the size of
+    `.bin`/`.pt` files. A GGUF file: its tensor counts, dequantised to `dtype`. A Hugging Face id:
+    the same from the local cache when the files are there. None when the size is unknown (the
+    check is then skipped, never guessed).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    try:
+        if gguf_file is not None:
+            return _gguf_numel(Path(source) / gguf_file) * itemsize
+        folder = Path(source)
+        if not folder.is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            for name in ("model.safetensors.index.json", "model.safetensors", "config.json"):
+                hit = try_to_load_from_cache(source, name)
+                if isinstance(hit, str):
+                    folder = Path(hit).parent
+                    break
+            else:
+                return None
+        files = sorted(folder.glob("*.safetensors"))
+        if files:
+            total = 0
+            for f in files:
+                for dt, numel, stored in _safetensors_numels(f):
+                    total += numel * itemsize if dt in ("F64", "F32", "F16", "BF16") else stored
+            return total
+        files = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+        return sum(f.stat().st_size for f in files) or None
+    except Exception as exc:  # unreadable header: leave the verdict to the loader's own error
+        log.debug("cannot estimate the size of %s: %s", source, exc)
+        return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes where the weights will live: GPU memory for cuda, RAM for cpu; None if unknown."""
+    try:
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free)
+        if device.type == "cpu":
+            try:
+                import psutil
+
+                return int(psutil.virtual_memory().available)
+            except ImportError:
+                return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except Exception as exc:
+        log.debug("cannot tell the free memory of %s: %s", device, exc)
+    return None
+
+
+def check_memory(spec: str, need: int | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before loading, weights larger than the free memory of `device` (with headroom).
+
+    Skipped when the size or the free memory is unknown, or `$MI_PRUN_SKIP_MEMORY_CHECK` is 1.
+    """
+    if need is None or os.environ.get(SKIP_MEMORY_CHECK_ENV, "") in ("1", "true", "yes"):
+        return
+    free = available_memory(device)
+    if free is None or need * MEMORY_HEADROOM <= free:
+        return
+    gib = 2**30
+    dt = str(dtype).replace("torch.", "")
+    raise MiPrunError(
+        f"{spec} needs about {need / gib:.2f} GiB for its weights in {dt}, but only {free / gib:.2f} GiB "
+        f"of {device.type} memory is free. Fix: use --device-map auto (spreads the model over GPUs "
+        "and CPU), a smaller --dtype (bfloat16 halves float32), or a smaller model; set "
+        f"{SKIP_MEMORY_CHECK_ENV}=1 (--skip-memory-check) to try anyway.")
+
+
+def _is_encoder_config(config: Any) -> bool:
+    """Encoder-only (bidirectional) or encoder-decoder: no causal block chain to prune.
+
+    An architecture with a masked-LM head is bidirectional; its causal-LM class is a decoder only
+    when the config says `is_decoder=True` (transformers' own rule for BERT-like models).
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES and \
+        not getattr(config, "is_decoder", False)
+
+
+# ----------------------------------------------------------------------------------------------
 # load
 
 def load_model(
@@ -337,6 +507,7 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     progress=None,
+    check_memory_first: bool = True,
 ) -> LoadedModel:
     """Load a decoder-only causal LM for analysis.
 
@@ -344,7 +515,8 @@ def load_model(
     Hugging Face id. device: `auto` | `cpu` | `cuda[:N]` | `mps`. dtype: `auto` (bfloat16 on a
     GPU, float32 on the CPU) or a name. device_map: passed to accelerate (`"auto"` spreads a model
     larger than one GPU); device is then ignored for placement. trust_remote_code stays off unless
-    the caller asks for it.
+    the caller asks for it. check_memory_first: refuse weights larger than the free memory of
+    the device before loading (skipped with a device_map, or when the size is unknown).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -391,19 +563,35 @@ def load_model(
             kwargs["gguf_file"] = gguf_file
         try:
             config = AutoConfig.from_pretrained(source, **kwargs)
-        except ValueError as exc:
+        except MiPrunError:
+            raise
+        except Exception as exc:
             msg = str(exc)
+            first = (msg.splitlines() or [type(exc).__name__])[0].rstrip(".")
             if "trust_remote_code" in msg:
                 raise MiPrunError(
                     f"{spec} needs custom code from its repository, and remote code is off. "
                     "Fix: review the code, then pass --trust-remote-code."
                 ) from exc
-            raise MiPrunError(f"cannot read the config of {spec}: {msg.splitlines()[0]}") from exc
-        except OSError as exc:
+            if gguf_file is not None:
+                # The GGUF reader fails on a damaged file with whatever error the bytes provoke.
+                raise MiPrunError(f"cannot read the GGUF file {spec}: {first}. Fix: the file may be "
+                                  "truncated or corrupt; download it again.") from exc
+            if isinstance(exc, OSError):
+                raise MiPrunError(
+                    f"cannot load {spec}: {first}. Fix: check the id or path; "
+                    "without internet only local folders, .gguf files and zoo names load."
+                ) from exc
+            if isinstance(exc, ValueError):
+                raise MiPrunError(f"cannot read the config of {spec}: {first}.") from exc
+            raise
+        if _is_encoder_config(config):
             raise MiPrunError(
-                f"cannot load {spec}: {str(exc).splitlines()[0]} Fix: check the id or path; "
-                "without internet only local folders, .gguf files and zoo names load."
-            ) from exc
+                f"{spec} ({getattr(config, 'model_type', '?')}) is not a causal language model "
+                "(encoder-only or seq2seq models have no block chain to prune). Fix: choose a "
+                "decoder-only LM.")
+        if check_memory_first and device_map is None:
+            check_memory(spec, weights_bytes(source, gguf_file, dt), dev, dt)
         kwargs["dtype"] = dt
         if device_map is not None:
             kwargs["device_map"] = device_map
@@ -418,9 +606,12 @@ def load_model(
                     "decoder-only LM."
                 ) from exc
             raise MiPrunError(f"cannot load the weights of {spec}: {msg}") from exc
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:
+            # safetensors reports a truncated or corrupt file as its own SafetensorError.
+            if not isinstance(exc, (OSError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
+                raise
             raise MiPrunError(
-                f"cannot load the weights of {spec}: {str(exc).splitlines()[0]} "
+                f"cannot load the weights of {spec}: {(str(exc).splitlines() or [type(exc).__name__])[0]} "
                 "Fix: the weights file may be truncated or corrupt; download or export it again."
             ) from exc
         if gguf_file:
