@@ -9,6 +9,7 @@ place at the end, so an interrupted save never leaves a folder that looks comple
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -88,7 +89,10 @@ class Analysis:
         target = Path(folder)
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise MiPrunError(f"{target} exists and is not empty. Fix: choose another folder or overwrite it.")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(target, exc) from exc
         meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
         arrays: dict[str, np.ndarray] = {}
         for f in fields(self):
@@ -101,7 +105,10 @@ class Analysis:
                     arrays[f"baseline.{name}"] = np.asarray(arr)
             else:
                 meta[f.name] = value
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        except OSError as exc:
+            raise _write_error(target, exc) from exc
         try:
             np.savez(tmp / "arrays.npz", **arrays)
             (tmp / "analysis.json").write_text(json.dumps(_jsonable(meta), indent=2, allow_nan=True))
@@ -111,10 +118,16 @@ class Analysis:
                 if old.exists():
                     shutil.rmtree(old)
                 target.rename(old)
-                tmp.rename(target)
+                try:
+                    tmp.rename(target)
+                except OSError:
+                    old.rename(target)  # put the previous analysis back
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(target)
+        except OSError as exc:
+            raise _write_error(target, exc) from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -162,6 +175,14 @@ class Analysis:
         if analysis.span.shape != (L + 1, L + 1):
             raise MiPrunError(f"{src} is inconsistent: span matrix {analysis.span.shape} for {L} blocks.")
         return analysis
+
+
+def _write_error(path: Path, exc: OSError) -> MiPrunError:
+    """A failed save (read-only folder, full disk) as one line; nothing is left at the target."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = "free disk space" if exc.errno == errno.ENOSPC else "choose a writable folder"
+    return MiPrunError(f"cannot save the analysis to {path}: {reason}. Fix: {hint}; the target was "
+                       "left as it was.")
 
 
 def _fsync_dir(folder: Path) -> None:
