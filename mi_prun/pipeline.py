@@ -47,6 +47,8 @@ class AnalysisConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MiPrunError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise MiPrunError(f"seed must be an integer in [0, 2^63), got {self.seed!r}.")
         if self.seq_len < 2:
             raise MiPrunError(f"tokens per sample must be at least 2, got {self.seq_len}.")
         if self.dpi_tol < 0:
