@@ -69,6 +69,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error format (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mi-prun: error: {message} (see `{self.prog} --help`)\n")
+
+
 # ---------------------------------------------------------------------------------------- helpers
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -80,6 +87,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--device-map", default=None, help="passed to accelerate, e.g. auto, for models larger than one GPU")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repository (off by default)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="load even when the weights look larger than the free memory")
 
 
 def _add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -102,7 +111,8 @@ def _load(args) -> Any:
     from mi_prun.models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code,
+                      check_memory_first=not args.skip_memory_check)
 
 
 def _config(args):
@@ -175,7 +185,16 @@ def format_analysis(analysis) -> str:
 
 # ---------------------------------------------------------------------------------------- commands
 
+def _refuse_nonempty(out: str | None, overwrite: bool) -> None:
+    """Fail before the slow work, not after it, when the output folder would be refused."""
+    if out and Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
+        raise MiPrunError(f"{out} exists and is not empty. Fix: choose another folder or pass --overwrite.")
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise MiPrunError(f"{out} is a file. Fix: give a folder path.")
+
+
 def cmd_analyze(args) -> int:
+    _refuse_nonempty(args.out, args.overwrite)
     progress = TqdmProgress(not args.quiet)
     _, analysis = _run_analysis(args, progress)
     progress.close()
@@ -260,11 +279,15 @@ def cmd_prune(args) -> int:
     from mi_prun.report import Analysis
     from mi_prun.select import select
 
+    from mi_prun.select import RUN_COSTS, get_selector
+
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise MiPrunError(f"{out} exists and is not empty. Fix: choose another folder or pass --overwrite.")
+    _refuse_nonempty(args.out, args.overwrite)
     progress = TqdmProgress(not args.quiet)
     kw = _selection_kwargs(args)
+    get_selector(kw["method"])  # unknown names fail before the model loads
+    if kw["run_cost"] not in RUN_COSTS:
+        raise MiPrunError(f"unknown run cost {kw['run_cost']!r}: choose one of {', '.join(sorted(RUN_COSTS))}.")
     if args.analysis:
         analysis = Analysis.load(args.analysis)
         loaded = _load(args)
@@ -316,7 +339,7 @@ def cmd_eval(args) -> int:
 # ---------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mi-prun", description="Find and remove redundant transformer "
+    parser = _Parser(prog="mi-prun", description="Find and remove redundant transformer "
                                      f"blocks with mutual information. {BLOCK_NOTE}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -364,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, printed on one line)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
@@ -389,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mi-prun: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug in mi-prun: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        first = (str(exc).splitlines() or [""])[0]
+        print(f"mi-prun: internal error: {type(exc).__name__}: {first} (rerun with --debug for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
