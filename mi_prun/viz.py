@@ -55,9 +55,11 @@ def label(method: str) -> str:
 
 def _layout(fig: go.Figure, title: str | None = None, height: int = 360) -> go.Figure:
     # Compact margins and a horizontal legend on top keep charts readable at 1366 x 768.
+    # The title sits at the very top and the legend just above the plot area, with room for both.
     fig.update_layout(template="plotly_white", height=height,
-                      margin=dict(l=50, r=20, t=60 if title else 30, b=45),
-                      font=dict(size=12), title=dict(text=title, x=0.0, font=dict(size=14)) if title else None,
+                      margin=dict(l=50, r=20, t=100 if title else 40, b=45),
+                      font=dict(size=12),
+                      title=dict(text=title, x=0.0, y=0.98, yanchor="top", font=dict(size=14)) if title else None,
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
     return fig
 
