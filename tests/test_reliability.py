@@ -179,6 +179,16 @@ def test_truncated_and_garbage_gguf_are_refused(tmp_path):
     assert_one_line_error(rc, err, "GGUF")
 
 
+def test_architecture_without_findable_blocks_cli(llama_dir, monkeypatch):
+    # An architecture neither in the table nor with a ModuleList of the configured length.
+    monkeypatch.setitem(models_mod.BLOCK_PATHS, "llama", "model.no_such_list")
+    monkeypatch.setattr(models_mod, "num_layers_of", lambda config: 99)
+    with pytest.raises(MiPrunError, match=r"cannot find the decoder blocks of LlamaForCausalLM.*BLOCK_PATHS"):
+        load_model(str(llama_dir), device="cpu")
+    rc, _, err = run_cli("analyze", "--model", str(llama_dir), *SMALL)
+    assert_one_line_error(rc, err, "cannot find the decoder blocks")
+
+
 def test_remote_code_stays_off_and_is_never_imported(tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()
