@@ -602,6 +602,12 @@ def test_ctrl_c_during_capture_leaves_no_hooks_and_cli_exits_130(loaded, monkeyp
         analyze(loaded, AnalysisConfig(calib="text:" + TEXT, n_samples=4, seq_len=16, batch_size=1),
                 progress=interrupt)
     assert count_hooks(loaded.model) == 0
+    # Also when the hooks sit on the model itself (isolate=False), not on a weight-sharing copy.
+    from mi_prun.capture import capture
+
+    with pytest.raises(KeyboardInterrupt):
+        capture(loaded.model, torch.randint(0, 250, (4, 12)), batch_size=1, progress=interrupt, isolate=False)
+    assert count_hooks(loaded.model) == 0
     import mi_prun.pipeline as pipeline_mod
 
     real_capture = pipeline_mod.capture
