@@ -72,11 +72,16 @@ SELECTOR_GRID = [
     ("exact", "info-loss", False),
     ("exact", "neg-log-nmi", False),
     ("exact", "neg-log-nmi", True),
+    ("exact", "neg-log-nmi", 0.1),
+    ("exact", "neg-mi", 0.1),
+    ("topk", "neg-mi", 0.1),
+    ("fbs", "neg-log-nmi", 0.1),
 ]
 
 
 def selector_label(selector: str, run_cost: str, protect: bool) -> str:
-    return (selector if selector == "topk" else f"{selector}/{run_cost}") + ("+protect" if protect else "")
+    tag = "" if protect is False else "+protect" if protect is True else f"+protect{protect:g}"
+    return (selector if selector == "topk" else f"{selector}/{run_cost}") + tag
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--name", default=None, help="results name (default: derived from model and protocol)")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--ppl-cache", default=None,
+                    help="JSON file of perplexities per removed set, reused across runs of the same protocol")
+    ap.add_argument("--dry-run", action="store_true", help="selections only: list the distinct removed sets")
     args = ap.parse_args(argv)
     if args.full:
         args.eval_seq_len, args.eval_windows = 1024, 80
@@ -135,10 +143,19 @@ def main(argv: list[str] | None = None) -> dict:
     calib = prepare_calibration(loaded, base_cfg)
 
     # -------------------------------------------------------------- perplexity, cached per set
-    ppl_cache: dict[tuple[int, ...], dict] = {}
+    # Perplexity per removed set; with --ppl-cache also on disk, keyed by the protocol, so a
+    # screening run and a final run of the same protocol evaluate each set once.
+    protocol_key = json.dumps([loaded.describe()["spec"], args.eval, args.eval_seq_len, args.eval_windows,
+                               args.dtype])
+    disk: dict = {}
+    if args.ppl_cache and Path(args.ppl_cache).is_file():
+        disk = json.loads(Path(args.ppl_cache).read_text()).get(protocol_key, {})
+    ppl_cache: dict[tuple[int, ...], dict] = {tuple(json.loads(k)): v for k, v in disk.items()}
 
     def ppl_of(removed) -> dict:
         key = tuple(sorted(int(b) for b in removed))
+        if args.dry_run:
+            ppl_cache.setdefault(key, {"ppl": math.nan, "windows": 0, "tokens": 0, "bos": False, "protocol": ""})
         if key not in ppl_cache:
             model = pruned_view(loaded.model, key) if key else loaded.model
             res = perplexity(model, loaded.tokenizer, eval_text, seq_len=args.eval_seq_len,
@@ -146,6 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
             ppl_cache[key] = {"ppl": res.ppl, "windows": res.windows, "tokens": res.tokens_scored,
                               "bos": res.bos, "protocol": res.protocol}
             log.info("ppl %8.2f  removed %s", res.ppl, list(key))
+            if args.ppl_cache:
+                path = Path(args.ppl_cache)
+                store = json.loads(path.read_text()) if path.is_file() else {}
+                store[protocol_key] = {json.dumps(list(k)): v for k, v in ppl_cache.items()}
+                path.write_text(json.dumps(store))
         return ppl_cache[key]
 
     dense = ppl_of(())
@@ -165,45 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(base_cfg, drop_first=drop_first)
         captures[drop_first] = (cfg, run_capture(loaded, calib, cfg))
         log.info("capture drop_first=%s: %.1fs", drop_first, captures[drop_first][1].seconds)
-    default_analysis = None
-    firsts = args.first_variants.split(",")
-    for label, est, opts in grid:
-        for drop_first in (True, False):
-            if not drop_first and args.first_variants != "all" and label not in firsts:
-                continue
-            cfg, cap = captures[drop_first]
-            cfg = replace(cfg, estimator=est, estimator_options=dict(opts))
-            t0 = time.perf_counter()
-            try:
-                analysis = analysis_from_capture(loaded, calib, cap, cfg)
-            except Exception as exc:  # an estimator failing is a result too
-                log.warning("estimator %s failed: %s", label, exc)
-                continue
-            analysis_s = cap.seconds + (time.perf_counter() - t0)
-            is_default_est = (est == defaults.ESTIMATOR and opts.get("preprocess") ==
-                              defaults.ESTIMATOR_OPTIONS.get("preprocess") and drop_first == defaults.DROP_FIRST)
-            if is_default_est:
-                default_analysis = analysis
-            for selector, run_cost, protect in sel_grid:
-                for n in ns:
-                    try:
-                        sel = select(analysis, selector, n=n, run_cost=run_cost, protect_ends=protect)
-                    except Exception as exc:
-                        log.warning("%s/%s n=%d failed: %s", label, selector, n, exc)
-                        continue
-                    is_default = is_default_est and (selector, run_cost, protect) == \
-                        (defaults.SELECTOR, defaults.RUN_COST, defaults.PROTECT_ENDS)
-                    name = (f"mi-prun {label}{'' if drop_first else ' +first'} {selector}"
-                            + (f"/{run_cost}" if selector != "topk" else "") + (" protect-ends" if protect else ""))
-                    add(name, "mi-prun", n, sel.removed, analysis_s=analysis_s, select_s=sel.seconds,
-                        objective=sel.objective, default=is_default,
-                        options={"estimator": est, "estimator_options": opts, "drop_first": drop_first,
-                                 "selector": selector, "run_cost": run_cost, "protect_ends": protect})
-
     # -------------------------------------------------------------- baselines, same capture
-    if default_analysis is None:  # --estimators without the default: score it for the baselines
-        cfg, cap = captures[defaults.DROP_FIRST]
-        default_analysis = analysis_from_capture(loaded, calib, cap, cfg)
+    # The baselines score the same capture (with the default first-position choice); they run
+    # first so that an interrupted run still has its reference rows (perplexities are cached).
+    cfg, cap = captures[defaults.DROP_FIRST]
+    default_analysis = analysis_from_capture(loaded, calib, cap, cfg)
     base_s = captures[defaults.DROP_FIRST][1].seconds
     for method in ("shortgpt", "angular"):
         for n in ns:
@@ -226,6 +214,38 @@ def main(argv: list[str] | None = None) -> dict:
                 add("sleb", "sleb", n, step["removed"], analysis_s=step["elapsed"], passes=passes,
                     options={"calibration": f"{args.sleb_samples} x {args.sleb_tokens} tokens of {args.calib}"})
 
+    firsts = args.first_variants.split(",")
+    for label, est, opts in grid:
+        for drop_first in (True, False):
+            if not drop_first and args.first_variants != "all" and label not in firsts:
+                continue
+            cfg, cap = captures[drop_first]
+            cfg = replace(cfg, estimator=est, estimator_options=dict(opts))
+            t0 = time.perf_counter()
+            try:
+                analysis = analysis_from_capture(loaded, calib, cap, cfg)
+            except Exception as exc:  # an estimator failing is a result too
+                log.warning("estimator %s failed: %s", label, exc)
+                continue
+            analysis_s = cap.seconds + (time.perf_counter() - t0)
+            is_default_est = (est == defaults.ESTIMATOR and opts.get("preprocess") ==
+                              defaults.ESTIMATOR_OPTIONS.get("preprocess") and drop_first == defaults.DROP_FIRST)
+            for selector, run_cost, protect in sel_grid:
+                for n in ns:
+                    try:
+                        sel = select(analysis, selector, n=n, run_cost=run_cost, protect_ends=protect)
+                    except Exception as exc:
+                        log.warning("%s/%s n=%d failed: %s", label, selector, n, exc)
+                        continue
+                    is_default = is_default_est and (selector, run_cost, protect) == \
+                        (defaults.SELECTOR, defaults.RUN_COST, defaults.PROTECT_ENDS)
+                    name = (f"mi-prun {label}{'' if drop_first else ' +first'} {selector}"
+                            + (f"/{run_cost}" if selector != "topk" else "") + ("" if protect is False else " protect-ends" if protect is True else f" protect-{protect:g}"))
+                    add(name, "mi-prun", n, sel.removed, analysis_s=analysis_s, select_s=sel.seconds,
+                        objective=sel.objective, default=is_default,
+                        options={"estimator": est, "estimator_options": opts, "drop_first": drop_first,
+                                 "selector": selector, "run_cost": run_cost, "protect_ends": protect})
+
     result = {
         "name": args.name,
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -242,6 +262,13 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": {"device": str(loaded.device), "threads": torch.get_num_threads(),
                         "platform": platform.platform(), **library_versions()},
     }
+    if args.dry_run:
+        sets = sorted({tuple(r["removed"]) for r in rows}, key=lambda k: (len(k), k))
+        print(f"{len(sets)} distinct removed sets; not yet evaluated: "
+              f"{sum(1 for k in sets if math.isnan(ppl_cache[k]['ppl']))}")
+        for r in rows:
+            print(f"{r['method']:60s} n={r['n']:2d} {r['removed']}")
+        return result
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")

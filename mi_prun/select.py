@@ -59,12 +59,12 @@ def _improves(new: float, old: float) -> bool:
 
 
 def resolve_n(n_blocks: int, n: int | None = None, ratio: float | None = None,
-              protect_ends: bool = False) -> int:
+              protect_ends: bool | int | float = False) -> int:
     """The number of blocks to remove: `n`, or round(ratio * n_blocks) (halves round up).
 
     Raises `MiPrunError` (saying how to fix it) when neither or both are given, ratio is outside
     (0, 1), the count is <= 0 or >= n_blocks (never remove every block), or exceeds the removable
-    blocks when block 0 and block L-1 are protected.
+    blocks when the ends are protected (see `n_protected`).
     """
     L = int(n_blocks)
     if L < 1:
@@ -95,17 +95,35 @@ def resolve_n(n_blocks: int, n: int | None = None, ratio: float | None = None,
     if count >= L:
         raise MiPrunError(f"{source} would remove all {L} blocks (blocks are numbered 0..{L - 1}). "
                           f"Fix: remove at most {L - 1}.")
-    removable = max(L - 2, 0) if protect_ends else L - 1
-    if protect_ends and count > removable:
-        raise MiPrunError(f"{source} exceeds the {removable} removable blocks when block 0 and block "
-                          f"{L - 1} are protected. Fix: remove at most {removable}, or drop protect_ends.")
+    k = n_protected(L, protect_ends)
+    removable = max(L - 2 * k, 0) if k else L - 1
+    if k and count > removable:
+        raise MiPrunError(f"{source} exceeds the {removable} removable blocks when the first and last {k} "
+                          f"block(s) are protected. Fix: remove at most {removable}, or protect fewer.")
     return count
 
 
-def _allowed_blocks(n_blocks: int, protect_ends: bool) -> list[int]:
-    if protect_ends:
-        return [b for b in range(n_blocks) if b not in (0, n_blocks - 1)]
-    return list(range(n_blocks))
+def n_protected(n_blocks: int, protect_ends: bool | int | float) -> int:
+    """Blocks protected at each end: False/0 none, True 1, an int k, or a fraction in (0, 0.5) of L
+    (rounded, at least 1) — the first and last blocks of most LLMs do work the middle ones do not."""
+    if isinstance(protect_ends, bool):
+        return int(protect_ends)
+    if isinstance(protect_ends, (int, np.integer)):
+        k = int(protect_ends)
+    elif isinstance(protect_ends, (float, np.floating)) and 0.0 < float(protect_ends) < 0.5:
+        k = max(1, math.floor(float(protect_ends) * n_blocks + 0.5))
+    else:
+        raise MiPrunError(f"protect_ends must be a bool, a block count or a fraction in (0, 0.5); "
+                          f"got {protect_ends!r}.")
+    if k < 0 or 2 * k >= n_blocks:
+        raise MiPrunError(f"cannot protect {k} block(s) at each end of a {n_blocks}-block model. "
+                          f"Fix: protect at most {(n_blocks - 1) // 2}.")
+    return k
+
+
+def _allowed_blocks(n_blocks: int, protect_ends: bool | int | float) -> list[int]:
+    k = n_protected(n_blocks, protect_ends)
+    return [b for b in range(n_blocks) if k <= b < n_blocks - k]
 
 
 # ==============================================================================================
@@ -717,13 +735,14 @@ def _check_analysis(analysis: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray |
 
 
 def select(analysis: Any, method: str, n: int | None = None, ratio: float | None = None,
-           run_cost: str = "neg-mi", protect_ends: bool = False, seed: int = 0,
+           run_cost: str = "neg-mi", protect_ends: bool | int | float = False, seed: int = 0,
            **options: Any) -> Selection:
     """Choose blocks to remove from an `Analysis` with `method` (see `SELECTORS`).
 
     Give exactly one of `n` and `ratio`. `run_cost` names the entry of `RUN_COSTS` that the MI
     objective uses (optimised by "fbs", "local", "exact", "exhaustive"; reported for every method).
-    `protect_ends` never removes block 0 or block L-1. `seed` drives "random" only; every other
+    `protect_ends` keeps the ends: True never removes block 0 or block L-1, an int k the first and
+    last k blocks, a float in (0, 0.5) that fraction of L. `seed` drives "random" only; every other
     method is deterministic. Method options (e.g. fbs: pool, k, max_iter) go in `options`.
     """
     sel = get_selector(method)
@@ -755,7 +774,7 @@ def select(analysis: Any, method: str, n: int | None = None, ratio: float | None
 def compare(analysis: Any, n: int | None = None, ratio: float | None = None,
             run_cost: str = "neg-mi",
             methods: Sequence[str] = ("fbs", "local", "exact", "exhaustive"),
-            protect_ends: bool = False, seed: int = 0,
+            protect_ends: bool | int | float = False, seed: int = 0,
             options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per method: removed, objective, gap to the exact optimum, time, feasibility.
 
@@ -794,7 +813,7 @@ def compare(analysis: Any, n: int | None = None, ratio: float | None = None,
 
 
 def sleb_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]], float],
-                protect_ends: bool = False, progress: Progress | None = None
+                protect_ends: bool | int | float = False, progress: Progress | None = None
                 ) -> tuple[tuple[int, ...], list[dict[str, Any]], int]:
     """SLEB-style greedy removal (Song et al., 2024): n steps; each removes the remaining block
     whose removal (on top of those already removed) gives the lowest calibration NLL.
@@ -871,7 +890,7 @@ def calibration_nll(model: Any, input_ids: Any, attention_mask: Any | None = Non
 
 
 def sleb_select(model: Any, input_ids: Any, n: int | None = None, attention_mask: Any | None = None,
-                batch_size: int = 8, protect_ends: bool = False, progress: Progress | None = None,
+                batch_size: int = 8, protect_ends: bool | int | float = False, progress: Progress | None = None,
                 *, ratio: float | None = None, analysis: Any | None = None,
                 run_cost: str = "neg-mi") -> Selection:
     """SLEB on a real model: `sleb_search` with the calibration NLL of `model` with blocks skipped.
