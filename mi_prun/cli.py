@@ -59,6 +59,18 @@ def _json_arg(text: str) -> dict:
     return value
 
 
+def _protect_arg(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 0.5:
+        return value
+    raise argparse.ArgumentTypeError(f"must be a block count >= 1 or a fraction in (0, 0.5), got {text}")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -227,8 +239,11 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n", type=int, default=None, help="number of blocks to remove")
     p.add_argument("--method", default=None, help="selector (default: the benchmark's winner; see `mi-prun select --help`)")
     p.add_argument("--run-cost", default=None, help="run cost for span-based selectors")
-    p.add_argument("--protect-ends", action=argparse.BooleanOptionalAction, default=None,
-                   help="never remove the first and last blocks")
+    p.add_argument("--protect-ends", nargs="?", const=True, default=None, type=_protect_arg, metavar="K",
+                   help="never remove the first and last block; with K, the first and last K blocks "
+                        "(an integer) or that fraction of the blocks (0 < K < 0.5)")
+    p.add_argument("--no-protect-ends", dest="protect_ends", action="store_const", const=False,
+                   help="allow removing any block")
 
 
 def _selection_kwargs(args) -> dict:

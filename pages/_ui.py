@@ -120,9 +120,29 @@ def n_slider(analysis: Any) -> int:
     n = c1.slider("Blocks to remove", min_value=1, max_value=L - 1, key="p_n_remove", persist_state="session",
                   help="Prune ratio = blocks removed / blocks. Blocks are numbered from 0.")
     c2.markdown(f"Prune ratio **{100.0 * n / L:.0f} %** ({n} of {L} blocks)")
-    c3.checkbox("Never remove the first and last block", key="p_protect_ends", value=defaults.PROTECT_ENDS,
-                persist_state="session")
+    c3.checkbox(f"Protect the ends ({protect_label(L)})", key="p_protect_ends",
+                value=bool(defaults.PROTECT_ENDS), persist_state="session",
+                help="The first and last blocks of most LLMs do work the middle ones do not; "
+                     "the benchmark measured that protecting them helps (benchmarks/RESULTS.md).")
     return int(n)
+
+
+def protect_setting() -> bool | int | float:
+    """What the protect switch means: the shipped default margin when on, nothing when off."""
+    if not st.session_state.get("p_protect_ends", bool(defaults.PROTECT_ENDS)):
+        return False
+    return defaults.PROTECT_ENDS if defaults.PROTECT_ENDS is not False else True
+
+
+def protect_label(n_blocks: int) -> str:
+    from mi_prun.errors import MiPrunError
+    from mi_prun.select import n_protected
+
+    try:
+        k = n_protected(n_blocks, defaults.PROTECT_ENDS if defaults.PROTECT_ENDS is not False else True)
+    except MiPrunError:
+        return "too few blocks to protect"
+    return f"never remove the first and last {k} block{'s' if k > 1 else ''}"
 
 
 def selection(analysis: Any, method: str, n: int) -> Any:
@@ -130,7 +150,7 @@ def selection(analysis: Any, method: str, n: int) -> Any:
     but pages rerun on every widget change)."""
     from mi_prun.select import select
 
-    protect = bool(st.session_state.get("p_protect_ends", defaults.PROTECT_ENDS))
+    protect = protect_setting()
     key = (st.session_state.get("analysis_key"), method, n, defaults.RUN_COST, protect)
     memo = st.session_state.setdefault("selections", {})
     if key not in memo:
@@ -141,7 +161,7 @@ def selection(analysis: Any, method: str, n: int) -> Any:
 def comparison(analysis: Any, n: int) -> list[dict]:
     from mi_prun.select import compare
 
-    protect = bool(st.session_state.get("p_protect_ends", defaults.PROTECT_ENDS))
+    protect = protect_setting()
     key = ("compare", st.session_state.get("analysis_key"), n, defaults.RUN_COST, protect)
     memo = st.session_state.setdefault("selections", {})
     if key not in memo:
