@@ -281,7 +281,13 @@ def cmd_select(args) -> int:
         import pandas as pd
 
         print(f"n = {n} of {analysis.n_blocks} blocks, run cost {kw['run_cost']}. {BLOCK_NOTE}")
-        print(pd.DataFrame(rows).to_string(index=False))
+        table = pd.DataFrame([r for r in rows if r.get("feasible", True)])
+        cols = [c for c in ("method", "removed", "objective", "gap", "rel_gap", "seconds", "span_lookups")
+                if c in table.columns]
+        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+        for r in rows:
+            if not r.get("feasible", True):
+                print(f"{r['method']}: not run: {r.get('reason')}")
         return 0
     sel = select(analysis, **kw)
     print(format_selection(sel))
