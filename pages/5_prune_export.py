@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mi_prun import appstate, viz
+from mi_prun import appstate, defaults, viz
 from mi_prun.errors import MiPrunError
 from pages._ui import (COMPARE_METHODS, chart, generate, model_for, n_slider, ppl, ppl_protocol_short, ppl_protocol_text,
                        require_analysis, selection, show_error, table)
@@ -24,7 +24,7 @@ st.caption(f"Removing **{appstate.ratio_text(n, L)}**. "
            "weights and leaves the original intact.")
 
 methods = st.multiselect("Methods to compare", list(COMPARE_METHODS),
-                         default=["fbs", "exact", "shortgpt", "angular", "random"], key="pr_methods",
+                         default=["exact", "fbs", "shortgpt", "angular", "random"], key="pr_methods",
                          format_func=viz.label, persist_state="session")
 try:
     sels = {m: selection(analysis, m, n) for m in methods}
@@ -77,8 +77,8 @@ with right:
 
 st.divider()
 c_gen, c_size = st.columns(2, gap="large")
-export_method = st.session_state.get("pr_export_method", "fbs")
-export_method = export_method if export_method in sels else (methods[0] if methods else "fbs")
+export_method = st.session_state.get("pr_export_method", defaults.SELECTOR)
+export_method = export_method if export_method in sels else (methods[0] if methods else defaults.SELECTOR)
 with c_gen:
     st.subheader("Generation before and after")
     prompt = st.text_input("Prompt", value="The history of the city begins", key="pr_prompt",
@@ -136,7 +136,7 @@ st.divider()
 st.subheader("Export")
 root = appstate.export_root()
 c1, c2, c3 = st.columns([1, 2, 1])
-export_method = c1.selectbox("Method", methods or ["fbs"], index=(methods or ["fbs"]).index(export_method),
+export_method = c1.selectbox("Method", methods or [defaults.SELECTOR], index=(methods or [defaults.SELECTOR]).index(export_method),
                              key="pr_export_method", format_func=viz.label)
 sel = sels.get(export_method) or selection(analysis, export_method, n)
 spec = analysis.model.get("spec") or "model"

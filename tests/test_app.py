@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mi_prun import appstate
+from mi_prun import appstate, defaults
 from mi_prun.errors import MiPrunError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_fbs_page_and_n_slider(shared_model):
     at.switch_page(PAGES["fbs"]).run()
     no_errors(at)
     n = at.slider(key="p_n_remove").value
-    fbs = select(analysis, "fbs", n=n)
+    fbs = select(analysis, "fbs", n=n, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS)
     obj = chart(at, "FBS objective")
     np.testing.assert_allclose(np.asarray(trace(obj, "MI-PRUN (FBS)")["y"], float),
                                [s["objective"] for s in fbs.trajectory])
@@ -190,7 +190,7 @@ def test_fbs_page_and_n_slider(shared_model):
     no_errors(at)
     metrics = {m.label: m.value for m in at.metric}
     assert len(metrics["FBS removes"].split(",")) == 3
-    assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3).removed))
+    assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS).removed))
     comp = chart(at, "MI objective of each method")
     assert len(comp["data"][0]["x"]) == 6  # MI-PRUN, exact and the baselines for the same n
 
@@ -205,9 +205,9 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     no_errors(at)
     at.slider(key="p_n_remove").set_value(2).run()
     col = chart(at, "Which blocks each method removes")
-    fbs = select(analysis, "fbs", n=2)
+    fbs = select(analysis, "fbs", n=2, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS)
     assert sorted(trace(col, "MI-PRUN (FBS) removed")["y"]) == list(fbs.removed)
-    assert sorted(trace(col, "ShortGPT (cosine BI) removed")["y"]) == list(select(analysis, "shortgpt", n=2).removed)
+    assert sorted(trace(col, "ShortGPT (cosine BI) removed")["y"]) == list(select(analysis, "shortgpt", n=2, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS).removed)
 
     at.button(key="ppl_now").click().run()
     no_errors(at)
