@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time

@@ -265,29 +265,15 @@ def analysis_key(model_spec: str, cfg: Any, text_sha: str | None = None) -> str:
 
 
 def run_analysis(loaded: Any, cfg: Any, progress: Callable[[str, float, str], None] | None = None) -> Any:
-    """The analysis of `loaded` under `cfg`, run on a private view of the model.
+    """The analysis of `loaded` under `cfg`; the shared model is only read.
 
-    The capture registers forward hooks on the blocks it runs. On a model shared by several
-    sessions (st.cache_resource), hooks of one session would fire during another session's
-    forward pass, so the capture runs on `pruned_view(model, [])`: a structural copy that shares
-    every weight tensor (no weight copy) but has modules of its own. The shared model is only read.
+    `capture` hooks a structural copy that shares the weights (`prune.pruned_view(model, [])`),
+    so hooks of one session never fire during another session's forward pass on the same
+    cached model.
     """
-    from dataclasses import replace
+    from mi_prun.pipeline import analyze
 
-    from mi_prun.pipeline import analysis_from_capture, prepare_calibration, run_capture
-    from mi_prun.prune import pruned_view
-
-    t0 = time.perf_counter()
-    private = replace(loaded, model=pruned_view(loaded.model, []))
-    calib = prepare_calibration(private, cfg)
-    t_tok = time.perf_counter() - t0
-    cap = run_capture(private, calib, cfg, progress=progress)
-    analysis = analysis_from_capture(private, calib, cap, cfg, progress=progress,
-                                     timings={"tokenize": t_tok, "load_model": loaded.load_seconds})
-    analysis.timings["total"] = time.perf_counter() - t0
-    # describe() of the view equals the original's; keep the user's spec, not the view's.
-    analysis.model = loaded.describe()
-    return analysis
+    return analyze(loaded, cfg, progress=progress)
 
 
 class Memo:

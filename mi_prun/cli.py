@@ -11,9 +11,8 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mi_prun.errors import MiPrunError
 

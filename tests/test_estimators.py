@@ -31,14 +31,7 @@ from mi_prun.estimators import (
 ALL = ["gaussian-channel", "gaussian-joint", "renyi-kernel", "binning", "ksg"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these tensors are small, and MKL's threaded LAPACK on a busy 2-core
-    machine was measured 400x slower (1.6 s instead of 4 ms for a 200 x 200 eigvalsh)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gaussian_mi(rhos) -> float:

@@ -30,14 +30,7 @@ ALL = ["gaussian-channel", "gaussian-joint", "renyi-kernel", "binning", "ksg"]
 TOL = (0.02, 0.01)  # DPI tolerance used on the chains: rtol 2 %, atol 0.01 nats
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these tensors are small, and MKL's threaded LAPACK on a busy 2-core
-    machine was measured 400x slower (1.6 s instead of 4 ms for a 200 x 200 eigvalsh)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rotation_chain(L: int = 5, m: int = 2000, d: int = 6, seed: int = 0) -> torch.Tensor:
