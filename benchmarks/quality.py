@@ -387,6 +387,12 @@ def plot(result: dict, ns: list[int], path: Path) -> None:
         ax.plot(xs, [e["ppl"][n] for n in xs], marker="o", label=e["method"] + (" (default)" if e["default"] else ""), **style)
     ax.axhline(result["dense_ppl"], color="grey", linestyle=":", label=f"dense ({result['dense_ppl']:.1f})")
     ax.set_yscale("log")
+    # Random removal explodes by orders of magnitude; clip the axis to the methods worth comparing.
+    shown = [v for e in default + best_mi + others if e["family"] != "random" for v in e["ppl"].values()]
+    if shown:
+        ax.set_ylim(result["dense_ppl"] * 0.9, max(shown) * 1.5)
+        ax.text(0.99, 0.01, "random removal: off the chart above (see table)", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7, color="grey")
     ax.set_xlabel("blocks removed")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title(f"{result['model']['spec']}: perplexity after pruning")

@@ -29,7 +29,7 @@ METHOD_COLORS: dict[str, str] = {
 }
 METHOD_LABELS: dict[str, str] = {
     "fbs": "MI-PRUN (FBS)",
-    "exact": "MI-PRUN (exact optimum)",
+    "exact": "MI exact optimum",
     "topk": "MI top-k",
     "local": "MI local search",
     "exhaustive": "MI exhaustive",

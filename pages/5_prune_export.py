@@ -24,7 +24,7 @@ st.caption(f"Removing **{appstate.ratio_text(n, L)}**. "
            "weights and leaves the original intact.")
 
 methods = st.multiselect("Methods to compare", list(COMPARE_METHODS),
-                         default=["exact", "fbs", "shortgpt", "angular", "random"], key="pr_methods",
+                         default=["fbs", "exact", "shortgpt", "angular", "random"], key="pr_methods",
                          format_func=viz.label, persist_state="session")
 try:
     sels = {m: selection(analysis, m, n) for m in methods}
