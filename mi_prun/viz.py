@@ -300,8 +300,12 @@ def ppl_curve_figure(points: Iterable[Mapping[str, Any]], dense_ppl: float | Non
                                  hovertemplate=f"{label(method)}<br>%{{x}} blocks removed<br>"
                                                "perplexity %{y:.2f}<extra></extra>"))
     if dense_ppl is not None and np.isfinite(dense_ppl):
-        fig.add_hline(y=dense_ppl, line=dict(color=color("dense"), dash="dot"),
-                      annotation_text=f"dense {dense_ppl:.2f}", annotation_position="bottom right")
+        # A trace, not add_hline: on a log axis Plotly reads shape coordinates as log10 values,
+        # which stretched the axis to 10^dense.
+        xs = [n for pts in by_method.values() for n, _ in pts] or [0]
+        fig.add_trace(go.Scatter(x=[min(xs) - 0.5, max(xs) + 0.5], y=[dense_ppl, dense_ppl], mode="lines",
+                                 name=f"dense {dense_ppl:.2f}", line=dict(color=color("dense"), dash="dot"),
+                                 hovertemplate=f"dense {dense_ppl:.2f}<extra></extra>"))
     fig.update_xaxes(title_text="blocks removed", dtick=1)
     fig.update_yaxes(title_text="perplexity (log scale, lower = better)", type="log")
     return _layout(fig, "Perplexity against blocks removed" + (f" - {protocol}" if protocol else ""),

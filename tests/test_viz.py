@@ -135,6 +135,9 @@ def test_ppl_curve_figure_sorts_points_per_method():
     assert f.line.color == viz.METHOD_COLORS["fbs"]
     assert fig.layout.yaxis.type == "log"
     assert "8 x 128 tokens" in fig.layout.title.text
+    # The dense line is drawn in data units (a shape on a log axis would read 10 as 10^10).
+    dense = trace(fig, "dense 10.00")
+    assert list(dense.y) == [10.0, 10.0] and not fig.layout.shapes
 
 
 def test_every_method_has_a_colour_and_a_label():
