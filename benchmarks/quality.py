@@ -257,8 +257,6 @@ def main(argv: list[str] | None = None) -> dict:
                 log.warning("estimator %s failed: %s", label, exc)
                 continue
             analysis_s = cap.seconds + (time.perf_counter() - t0)
-            is_default_est = (est == defaults.ESTIMATOR and opts.get("preprocess") ==
-                              defaults.ESTIMATOR_OPTIONS.get("preprocess") and drop_first == defaults.DROP_FIRST)
             for selector, run_cost, protect in sel_grid:
                 for n in ns:
                     try:
@@ -266,14 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
                     except Exception as exc:
                         log.warning("%s/%s n=%d failed: %s", label, selector, n, exc)
                         continue
-                    is_default = is_default_est and (selector, run_cost, protect) == \
-                        (defaults.SELECTOR, defaults.RUN_COST, defaults.PROTECT_ENDS)
+                    options = {"estimator": est, "estimator_options": opts, "drop_first": drop_first,
+                               "selector": selector, "run_cost": run_cost, "protect_ends": protect}
                     name = (f"mi-prun {label}{'' if drop_first else ' +first'} {selector}"
                             + (f"/{run_cost}" if selector != "topk" else "") + ("" if protect is False else " protect-ends" if protect is True else f" protect-{protect:g}"))
                     add(name, "mi-prun", n, sel.removed, analysis_s=analysis_s, select_s=sel.seconds,
-                        objective=sel.objective, default=is_default,
-                        options={"estimator": est, "estimator_options": opts, "drop_first": drop_first,
-                                 "selector": selector, "run_cost": run_cost, "protect_ends": protect})
+                        objective=sel.objective, default=is_default_row(options), options=options)
 
     result = {
         "name": args.name,
