@@ -151,7 +151,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if isolate:
-        from mi_prun.prune import pruned_view
+        from mi_prun.models.surgery import pruned_view
 
         model = pruned_view(model, [])
     n_samples, seq_len = input_ids.shape

@@ -13,7 +13,6 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from mi_prun.errors import MiPrunError
+from mi_prun.models.blocks import context_length
+from mi_prun.progress import Progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, float, str], None]
-
-# Config attributes naming the longest input a model accepts, in the order they are looked for.
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,7 @@ class PerplexityResult:
     bos: bool
     protocol: str
     seconds: float
+    source: str | None = None  # the evaluation text (e.g. "wikitext2 test"), where known
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,27 +61,57 @@ def _input_device(model: nn.Module) -> torch.device:
 
 def model_context(model: nn.Module) -> int | None:
     """The longest input (in tokens) the model's config allows, or None where it names none."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for key in _CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_length(getattr(model, "config", None))
 
 
 def _uses_bos(tokenizer: Any, add_bos: bool | str) -> bool:
+    from mi_prun.data import adds_bos
+
     if add_bos == "auto":
-        bos_id = getattr(tokenizer, "bos_token_id", None)
-        if bos_id is None:
-            return False
-        ids = tokenizer("a").input_ids
-        return bool(ids) and ids[0] == bos_id
+        return adds_bos(tokenizer)
     if add_bos is True and getattr(tokenizer, "bos_token_id", None) is None:
         raise MiPrunError("add_bos=True but the tokenizer has no BOS token. Fix: use add_bos='auto' "
                           "or False.")
     return bool(add_bos)
+
+
+def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = None, *, batch_size: int = 8,
+              progress: Progress | None = None, stage: str = "nll") -> tuple[float, int]:
+    """Summed next-token NLL (nats, float64) of `model` over `input_ids` (B, T) and the number of
+    tokens scored: every position t >= 1 whose token and predecessor are both unmasked, predicted
+    from positions < t of its own row (padding is never scored). The one NLL loop of mi-prun:
+    perplexity, SLEB-style search and verification all call it.
+
+    The log-softmax runs in float32 (bf16 logits lose the small probabilities that dominate NLL).
+    `progress(stage, fraction, message)` is called after every batch.
+    """
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise MiPrunError(f"input_ids must be (batch, length >= 2); got {tuple(ids.shape)}.")
+    mask = None if attention_mask is None else torch.as_tensor(attention_mask)
+    if mask is not None and mask.shape != ids.shape:
+        raise MiPrunError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}.")
+    device = _input_device(model)
+    bs = max(1, int(batch_size))
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, ids.shape[0], bs):
+            x = ids[start:start + bs].to(device)
+            m = None if mask is None else mask[start:start + bs].to(device)
+            logits = model(input_ids=x, attention_mask=m, use_cache=False).logits  # (B, T, V)
+            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                  x[:, 1:].reshape(-1).to(logits.device), reduction="none")
+            if m is None:
+                total += float(nll.double().sum())
+                count += nll.numel()
+            else:
+                valid = ((m[:, 1:] > 0) & (m[:, :-1] > 0)).reshape(-1).to(nll.device)
+                total += float(nll[valid].double().sum())
+                count += int(valid.sum())
+            if progress is not None:
+                done = min(start + bs, ids.shape[0])
+                progress(stage, done / ids.shape[0], f"batch {done}/{ids.shape[0]}")
+    return total, count
 
 
 def _warn_if_training(model: nn.Module) -> None:
@@ -134,13 +161,14 @@ def perplexity(
     Raises MiPrunError when the text is too short for one window (saying how many tokens are
     needed and found) or `seq_len` exceeds the model's context.
     """
-    if seq_len < 2:
-        raise MiPrunError(f"seq_len must be at least 2 (one token of context, one predicted), got "
-                          f"{seq_len}.")
-    if batch_size < 1:
-        raise MiPrunError(f"batch_size must be at least 1, got {batch_size}.")
-    if max_windows is not None and max_windows < 1:
-        raise MiPrunError(f"max_windows must be at least 1 or None, got {max_windows}.")
+    from mi_prun.config import as_int
+
+    seq_len = as_int(seq_len, "seq_len (one token of context, one predicted)", minimum=2)
+    batch_size = as_int(batch_size, "batch_size", minimum=1)
+    if max_windows is not None:
+        max_windows = as_int(max_windows, "max_windows", minimum=1)
+    if not isinstance(text, str):
+        raise MiPrunError(f"text must be a str, got {type(text).__name__}.")
     context = model_context(model)
     if context is not None and seq_len > context:
         raise MiPrunError(f"seq_len {seq_len} exceeds the model's context of {context} tokens "
@@ -148,7 +176,9 @@ def perplexity(
     t0 = time.perf_counter()
     bos = _uses_bos(tokenizer, add_bos)
     # verbose=False: a whole corpus is longer than model_max_length on purpose; it is windowed.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    from mi_prun.data import tokenize
+
+    ids = tokenize(tokenizer, text).tolist()
     per_window = seq_len - 1 if bos else seq_len
     n_windows = len(ids) // per_window
     if n_windows == 0:
@@ -163,21 +193,7 @@ def perplexity(
         tokens = torch.cat([bos_col, tokens], dim=1)
     # tokens: (windows, seq_len); position p predicts position p + 1.
     _warn_if_training(model)
-    device = _input_device(model)
-    total_nll = 0.0  # float64 accumulation: up to millions of terms
-    scored = 0
-    with torch.inference_mode():
-        for start in range(0, n_windows, batch_size):
-            batch = tokens[start:start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits  # (B, seq_len, V)
-            # float32 log-softmax: bf16 logits lose the small probabilities that dominate nll.
-            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                  batch[:, 1:].reshape(-1).to(logits.device), reduction="sum")
-            total_nll += float(nll)
-            scored += batch.shape[0] * (seq_len - 1)
-            if progress is not None:
-                done = min(start + batch_size, n_windows)
-                progress("perplexity", done / n_windows, f"window {done}/{n_windows}")
+    total_nll, scored = token_nll(model, tokens, batch_size=batch_size, progress=progress, stage="perplexity")
     mean = total_nll / scored
     if not math.isfinite(mean):
         log.warning("perplexity is not finite (nll %s): the model produced NaN/inf logits", mean)
@@ -189,6 +205,24 @@ def perplexity(
     return PerplexityResult(ppl=math.exp(mean) if mean < 700 else math.inf, nll=mean,
                             seq_len=seq_len, windows=n_windows, tokens_scored=scored, bos=bos,
                             protocol=protocol, seconds=time.perf_counter() - t0)
+
+
+def evaluate(model: nn.Module, tokenizer: Any, config: Any = None, *,
+             progress: Progress | None = None) -> PerplexityResult:
+    """Perplexity of `model` on the text and protocol of `config` (an `EvalConfig`; default: the
+    WikiText-2 test split, windows of 256 tokens, all of them)."""
+    from dataclasses import replace
+
+    from mi_prun.config import EvalConfig
+    from mi_prun.data import load_text
+
+    cfg = config if config is not None else EvalConfig()
+    if not isinstance(cfg, EvalConfig):
+        raise MiPrunError(f"config must be an EvalConfig, got {type(cfg).__name__}.")
+    text = load_text(cfg.data, purpose="evaluation")
+    res = perplexity(model, tokenizer, text.text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
+                     batch_size=cfg.batch_size, progress=progress)
+    return replace(res, source=text.source)
 
 
 def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:

@@ -8,57 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from mi_prun import defaults
-from mi_prun.capture import Capture, Progress, capture
+from mi_prun.capture import Capture, capture
+from mi_prun.config import AnalysisConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
-from mi_prun.models import LoadedModel
-from mi_prun.report import Analysis
+from mi_prun.progress import Progress
+from mi_prun.models import LoadedModel, context_length
+from mi_prun.results import Analysis
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AnalysisConfig:
-    """Every choice that decides an analysis; validated on construction.
-
-    Defaults are the ones the quality benchmark chose (benchmarks/RESULTS.md).
-    """
-
-    calib: str = "builtin"
-    n_samples: int = 32
-    seq_len: int = 256
-    max_positions: int = 4096
-    drop_first: bool = defaults.DROP_FIRST
-    estimator: str = defaults.ESTIMATOR
-    estimator_options: dict[str, Any] = field(default_factory=lambda: dict(defaults.ESTIMATOR_OPTIONS))
-    batch_size: int = 8
-    seed: int = 0
-    dpi_tol: float = 0.05
-    n_groups: int = 8
-
-    def __post_init__(self) -> None:
-        for name in ("n_samples", "seq_len", "max_positions", "batch_size", "n_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise MiPrunError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise MiPrunError(f"seed must be an integer in [0, 2^63), got {self.seed!r}.")
-        if self.seq_len < 2:
-            raise MiPrunError(f"tokens per sample must be at least 2, got {self.seq_len}.")
-        if self.dpi_tol < 0:
-            raise MiPrunError(f"DPI tolerance must be >= 0, got {self.dpi_tol}.")
-
-
 def check_context(loaded: LoadedModel, seq_len: int) -> None:
     """Refuse sequences longer than the model's context window."""
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or \
-        getattr(loaded.model.config, "n_positions", None)
+    limit = context_length(loaded.model.config)
     if isinstance(limit, int) and seq_len > limit:
         raise MiPrunError(f"{seq_len} tokens per sample exceed the context of {loaded.spec} ({limit} tokens). "
                           f"Fix: use at most {limit}.")
@@ -84,6 +50,10 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
     from mi_prun.scores import score_capture
 
     estimator = get_estimator(cfg.estimator, **cfg.estimator_options)
+    notes = []
+    noisy = estimator.check_samples(int(cap.hidden.shape[1]), int(cap.hidden.shape[2]))  # refuses too few
+    if noisy:
+        notes.append(noisy)
     t0 = time.perf_counter()
     parts = score_capture(cap.hidden, cap.sample_index, estimator, dpi_tol=cfg.dpi_tol,
                           n_groups=cfg.n_groups, seed=cfg.seed, progress=progress)
@@ -93,12 +63,16 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
     stage_timings["score"] = time.perf_counter() - t0
     calibration = {**calib.provenance, **cap.info()}
     return Analysis(model=loaded.describe(), calibration=calibration, estimator=estimator.name,
-                    estimator_options=dict(estimator.options), timings=stage_timings, **parts)
+                    estimator_options=dict(estimator.options), timings=stage_timings, notes=notes,
+                    **parts)
 
 
 def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
             progress: Progress | None = None) -> Analysis:
-    """Capture and score: the whole analysis of one model on one calibration set."""
+    """Capture and score: the whole analysis of one model on one calibration set.
+
+    `timings` holds seconds per stage; "total" covers tokenising, capture and scoring, and the
+    model's load time is reported apart as "load_model"."""
     cfg = cfg or AnalysisConfig()
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)
@@ -106,6 +80,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
     cap = run_capture(loaded, calib, cfg, progress=progress)
     analysis = analysis_from_capture(loaded, calib, cap, cfg, progress=progress,
                                      timings={"tokenize": t_tok, "load_model": loaded.load_seconds})
+    # "total": tokenize + capture + score, i.e. the analysis itself; the model load is "load_model".
     analysis.timings["total"] = time.perf_counter() - t0
     del cap
     if torch.cuda.is_available():

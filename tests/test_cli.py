@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mi_prun.cli import main
-from mi_prun.report import Analysis
+from mi_prun.results import Analysis
 
 TINY = ["--model", "tiny-llama", "--samples", "8", "--tokens", "48"]
 
@@ -41,13 +41,15 @@ def test_select_and_compare(analysis_dir, capsys):
 
 def test_prune_exports_loadable_model(analysis_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
-    assert main(["--quiet", "prune", *TINY, "--analysis", str(analysis_dir), "--n", "2", "--out", str(out)]) == 0
+    assert main(["--quiet", "prune", "--model", "tiny-llama", "--analysis", str(analysis_dir), "--n", "2",
+                 "--out", str(out)]) == 0
     report = json.loads((out / "mi_prun.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 4
     assert len(report["removed"] if "removed" in report else report["selection"]["removed"]) == 2
     # refusing to overwrite without --overwrite, and keeping the existing export
-    assert main(["--quiet", "prune", *TINY, "--analysis", str(analysis_dir), "--n", "1", "--out", str(out)]) == 2
+    assert main(["--quiet", "prune", "--model", "tiny-llama", "--analysis", str(analysis_dir), "--n", "1",
+                 "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
     assert main(["--quiet", "eval", "--model", str(out), "--data", "builtin", "--seq-len", "32",

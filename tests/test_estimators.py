@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -21,12 +22,14 @@ from mi_prun.estimators import (
     ESTIMATORS,
     PREPROCESS,
     Estimator,
+    describe_estimators,
     get_estimator,
     list_estimators,
     matrix_renyi_entropy,
     preprocess_layer,
     register,
 )
+from mi_prun.estimators.base import SAMPLES_FIX
 
 ALL = ["gaussian-channel", "gaussian-joint", "renyi-kernel", "binning", "ksg"]
 
@@ -272,17 +275,176 @@ def test_unknown_option_names_it_and_lists_valid_ones():
 
 @pytest.mark.parametrize("name, options", [
     ("gaussian-channel", {"preprocess": "zscore"}),
+    ("gaussian-channel", {"preprocess": 1}),
     ("gaussian-joint", {"k": 0}),
+    ("gaussian-joint", {"k": True}),  # bools are refused where integers are expected
+    ("gaussian-joint", {"k": 8.0}),
     ("gaussian-joint", {"shrinkage": 2.0}),
+    ("gaussian-joint", {"shrinkage": float("nan")}),
+    ("gaussian-joint", {"shrinkage": "0.1"}),
     ("renyi-kernel", {"bandwidth": "wide"}),
+    ("renyi-kernel", {"bandwidth": -1.0}),
+    ("renyi-kernel", {"bandwidth": float("inf")}),
+    ("renyi-kernel", {"bandwidth": True}),
     ("renyi-kernel", {"alpha": -1.0}),
+    ("renyi-kernel", {"alpha": 0}),
+    ("renyi-kernel", {"alpha": float("nan")}),
+    ("renyi-kernel", {"max_samples": 2}),
+    ("renyi-kernel", {"method": "fast"}),
+    ("renyi-kernel", {"seed": -1}),
     ("binning", {"bins": 1}),
+    ("binning", {"bins": 1000}),
+    ("binning", {"bins": False}),
+    ("binning", {"bins": 2.5}),
     ("ksg", {"k_neighbors": 0}),
+    ("ksg", {"k": 0}),
+    ("ksg", {"k": "8"}),
+    ("ksg", {"k_neighbors": 9, "max_samples": 10}),  # every point needs k_neighbors neighbours
 ])
 def test_bad_option_values_are_refused(name, options):
     with pytest.raises(MiPrunError) as err:
         get_estimator(name, **options)
-    assert next(iter(options)) in str(err.value)
+    msg = str(err.value)
+    key = next(iter(options))
+    assert key in msg and repr(options[key]) in msg and "Fix:" in msg, msg
+
+
+def test_numpy_integers_and_floats_are_accepted_and_stored_as_python_numbers():
+    est = get_estimator("ksg", k=np.int64(4), k_neighbors=np.int32(3), max_samples=np.int16(200))
+    assert est.options["k"] == 4 and type(est.options["k"]) is int
+    ren = get_estimator("renyi-kernel", alpha=np.float32(1.5), bandwidth=np.float64(2.0), max_samples=np.int64(50))
+    assert type(ren.options["alpha"]) is float and ren.options["alpha"] == 1.5
+    assert get_estimator("renyi-kernel", alpha=2).options["alpha"] == 2.0  # an int where a float is asked
+    assert get_estimator("renyi-kernel", bandwidth="2.5").options["bandwidth"] == 2.5  # text from a form
+    assert get_estimator("binning", bins=np.uint8(8)).options["bins"] == 8
+    json.dumps(est.options), json.dumps(ren.options)
+
+
+def test_options_are_checked_before_any_work():
+    class Counting(Estimator):
+        name = "counting-test-only"
+        defaults: ClassVar[dict[str, Any]] = {"preprocess": "none", "n": 1}
+        calls = 0
+
+        def _validate(self):
+            self._int_option("n", 1)
+
+        def _prepare(self, x):
+            Counting.calls += 1
+            return x
+
+        def _pair(self, px, py):
+            return 0.0, None
+
+    with pytest.raises(MiPrunError, match="n=0"):
+        Counting(n=0)
+    assert Counting.calls == 0
+
+
+def test_large_pca_k_never_allocates_beyond_width_or_samples():
+    # k = 10^12 would ask for terabytes if the PCA basis had k columns; it is capped at
+    # min(k, d, m - 1), so the result equals the one with k = d.
+    x, y = canonical_pairs(300, [0.8, 0.5], 5, seed=30)
+    H = torch.stack([x, y, x + y])
+    for name in ("ksg", "gaussian-joint"):
+        huge = get_estimator(name, preprocess="none", k=10**12)
+        exact = get_estimator(name, preprocess="none", k=5)
+        assert huge.mi(x, y) == pytest.approx(exact.mi(x, y), abs=1e-5), name
+        np.testing.assert_allclose(huge.span_matrix(H)[0], exact.span_matrix(H)[0], atol=1e-5)
+
+
+def test_describe_estimators_lists_options_defaults_and_help():
+    rows = describe_estimators()
+    assert [r["name"] for r in rows] == list_estimators()
+    for row in rows:
+        cls = ESTIMATORS[row["name"]]
+        assert row["description"] and row["description"] == cls.__doc__.strip().splitlines()[0]
+        assert {k: v[0] for k, v in row["options"].items()} == cls.default_options()
+        assert all(isinstance(h, str) and h for _, h in row["options"].values()), row
+    json.dumps(rows)
+
+
+# ----------------------------------------------------------------------------- default preprocessing
+
+def test_each_estimator_declares_its_defaults_and_get_estimator_uses_them():
+    for name in ALL:
+        cls = ESTIMATORS[name]
+        defaults = cls.default_options()
+        assert defaults["preprocess"] in PREPROCESS
+        assert get_estimator(name).options == defaults, name
+        defaults["preprocess"] = "changed"  # a copy: changing it changes nothing
+        assert cls.default_options()["preprocess"] != "changed"
+        json.dumps(cls.default_options())
+    assert get_estimator("gaussian-channel").options["preprocess"] == "none"
+
+
+def test_gaussian_channel_standardize_center_none_are_equivalent():
+    # Per-channel shift and scale do not change a correlation: on channels with very different
+    # means and scales, none / center / standardize agree to float32 rounding; rms (per token) does not.
+    g = torch.Generator().manual_seed(31)
+    scale = 10.0 ** torch.linspace(-2, 3, 12)
+    H = torch.stack([torch.randn(500, 12, generator=g) for _ in range(4)]).cumsum(0) * scale + 50.0 * scale
+    x, y = H[0], H[2]
+    ref = get_estimator("gaussian-channel")  # default: none
+    span, norm = ref.span_matrix(H)
+    for pre in ("center", "standardize"):
+        est = get_estimator("gaussian-channel", preprocess=pre)
+        s, n = est.span_matrix(H)
+        np.testing.assert_allclose(s, span, rtol=1e-5, atol=1e-6, err_msg=pre)
+        np.testing.assert_allclose(n, norm, rtol=1e-5, atol=1e-6, err_msg=pre)
+        assert est.mi(x, y) == pytest.approx(ref.mi(x, y), rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(est.block_mi(H), ref.block_mi(H), rtol=1e-5, atol=1e-6)
+    rms = get_estimator("gaussian-channel", preprocess="rms").span_matrix(H)[0]
+    assert np.nanmax(np.abs(rms - span)) > 1e-3
+
+
+# ----------------------------------------------------------------------------- sample counts
+
+@pytest.mark.parametrize("name", ALL)
+def test_one_or_two_samples_are_refused(name):
+    est = get_estimator(name)
+    for m in (1, 2):
+        H = torch.randn(3, m, 4)
+        with pytest.raises(MiPrunError) as err:
+            est.span_matrix(H)
+        msg = str(err.value)
+        assert f"got {m}" in msg and str(est.min_samples(4)) in msg and SAMPLES_FIX in msg, msg
+        with pytest.raises(MiPrunError):
+            est.mi(H[0], H[1])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sample_thresholds_noisy_warns_normal_is_silent(name, caplog):
+    est = get_estimator(name)
+    d = 4
+    low, noisy = est.min_samples(d), est.noisy_samples(d)
+    assert 3 <= low < noisy
+    with pytest.raises(MiPrunError):
+        est.check_samples(low - 1, d)
+    note = est.check_samples(low, d)
+    assert note and str(low) in note and SAMPLES_FIX in note
+    assert est.check_samples(noisy - 1, d) is not None
+    assert est.check_samples(noisy, d) is None
+    g = torch.Generator().manual_seed(32)
+    with caplog.at_level(logging.WARNING, logger="mi_prun.estimators"):
+        est.span_matrix(torch.randn(3, low, d, generator=g))
+    assert any("noisy" in r.getMessage() for r in caplog.records), name
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mi_prun.estimators"):
+        est.span_matrix(torch.randn(3, noisy, d, generator=g))
+    assert not any("noisy" in r.getMessage() for r in caplog.records), name
+
+
+def test_gaussian_joint_minimum_grows_with_pca_rank():
+    # m paired samples span m - 1 centred dimensions; two rank-r layers need 2 r of them, else
+    # canonical correlations of 1 are forced.
+    est = get_estimator("gaussian-joint", k=64)
+    assert est.min_samples(4) == 10 and est.min_samples(1000) == 130
+    x = torch.randn(9, 4)
+    with pytest.raises(MiPrunError, match="at least 10"):
+        est.mi(x, torch.randn(9, 4))
+    assert get_estimator("binning", bins=8).min_samples(4) == 16
+    assert get_estimator("ksg", k_neighbors=7).min_samples(4) == 9
 
 
 def test_registry_refuses_duplicate_names():

@@ -19,7 +19,7 @@ import yaml
 from mi_prun import prune as prune_mod
 from mi_prun.errors import MiPrunError
 from mi_prun.models import find_blocks
-from mi_prun.prune import export, kept_ranges, prune, pruned_view, remove_blocks_config
+from mi_prun.prune import export, mergekit_yaml, prune, pruned_view, remove_blocks_config
 from mi_prun.testing import FAMILIES, tiny_model
 
 REMOVE = [1, 3]
@@ -158,10 +158,10 @@ def test_export_reloads_without_mi_prun(tmp_path):
 def test_export_contents(tmp_path):
     model, tok = tiny_model("qwen3")
     selection = {"method": "fbs", "n": 2, "n_blocks": 6, "removed": [2, 3], "kept": [0, 1, 4, 5],
-                 "objective": 0.25, "run_cost": "span_mi", "trajectory": [{"P": [2, 3]}]}
-    meta = {"estimator": "gaussian", "calibration": {"source": "wikitext2-valid", "tokens": 4096}}
-    out = export(prune(model, [2, 3]), tok, selection, tmp_path / "x", source_model="org/model",
-                 analysis_meta=meta)
+                 "objective": 0.25, "run_cost": "span_mi", "trajectory": [{"P": [2, 3]}],
+                 "provenance": {"estimator": "gaussian",
+                                "calibration": {"source": "wikitext2-valid", "tokens": 4096}}}
+    out = export(prune(model, [2, 3]), tok, selection, tmp_path / "x", source_model="org/model")
     record = json.loads((out / "mi_prun.json").read_text())
     assert record["removed"] == [2, 3] and record["kept"] == [0, 1, 4, 5]
     assert "0-based" in record["block_numbering"]
@@ -177,9 +177,10 @@ def test_export_contents(tmp_path):
     assert not list(tmp_path.glob(".x.*"))  # no temporary folder left
 
 
-def test_kept_ranges():
-    assert kept_ranges([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 7), (9, 10)]
-    assert kept_ranges([]) == []
+def test_mergekit_yaml_slices_are_maximal_kept_ranges():
+    # half-open, 0-based, one slice per maximal run of kept blocks, in order whatever the input order
+    merge = yaml.safe_load(mergekit_yaml("org/model", [9, 5, 0, 1, 2, 6]))
+    assert [s["sources"][0]["layer_range"] for s in merge["slices"]] == [[0, 3], [5, 7], [9, 10]]
 
 
 def test_export_refuses_nonempty_and_overwrites(tmp_path):
@@ -189,10 +190,19 @@ def test_export_refuses_nonempty_and_overwrites(tmp_path):
     (target / "keep.txt").write_text("user data")
     with pytest.raises(MiPrunError, match="not empty"):
         export(pruned_view(model, [1]), tok, None, target)
-    assert (target / "keep.txt").read_text() == "user data"
-    export(pruned_view(model, [1]), tok, None, target, overwrite=True)
-    assert not (target / "keep.txt").exists()
-    assert json.loads((target / "mi_prun.json").read_text())["removed"] == [1]
+    # --overwrite replaces only an earlier mi-prun export: a user's folder is refused, kept whole
+    with pytest.raises(MiPrunError, match="not an earlier mi-prun pruned model"):
+        export(pruned_view(model, [1]), tok, None, target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    (target / "keep.txt").unlink()
+    export(pruned_view(model, [1]), tok, None, target)
+    export(pruned_view(model, [3]), tok, None, target, overwrite=True)  # an earlier export is replaced
+    assert json.loads((target / "mi_prun.json").read_text())["removed"] == [3]
+    (target / "notes.md").write_text("mine")  # a file the export did not write is never deleted
+    with pytest.raises(MiPrunError, match="notes.md"):
+        export(pruned_view(model, [1]), tok, None, target, overwrite=True)
+    assert (target / "notes.md").read_text() == "mine"
+    assert json.loads((target / "mi_prun.json").read_text())["removed"] == [3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -26,21 +26,36 @@ def test_smollm2_capture_2x32(smollm2):
     assert count_hooks(smollm2.model) == 0
 
 
-def test_fbs_gap_to_exact_on_smollm2(smollm2):
-    """FBS against the exact optimum on the built-in model's span matrix, n = 2..10 (the numbers
-    are a report, printed with -s; the test asserts the report exists and every gap is finite)."""
+def test_fbs_against_exact_on_smollm2(smollm2):
+    """FBS against the exact optimum on the built-in model's span matrix, n = 2..10, with the shipped
+    selection setting (run cost neg-log-nmi, 10 % of the blocks protected at each end).
+
+    Exact must never lose to FBS (that would mean the dynamic programme missed the optimum), FBS
+    must stay within 10 % of it, and every FBS set must be n blocks of the removable range 3..26.
+    Measured when this test was written: gaps 0-3.6 % except 9.5 % at n = 3 (a thin margin: a
+    change of estimator or analysis defaults can move it). The gaps are printed (-s) before any
+    assertion so that a failure still reports them.
+    """
     from mi_prun.pipeline import AnalysisConfig, analyze
-    from mi_prun.select import compare
+    from mi_prun.select import n_protected, select
 
     analysis = analyze(smollm2, AnalysisConfig(calib="builtin", n_samples=4, seq_len=64, max_positions=512))
-    report = []
+    L, protect = 30, 0.1
+    k = n_protected(L, protect)
+    assert k == 3
+    rows = []
     for n in range(2, 11):
-        rows = {r["method"]: r for r in compare(analysis, n=n, methods=("fbs", "exact"), run_cost="neg-log-nmi")}
-        assert rows["exact"]["gap"] == 0
-        gap = rows["fbs"]["gap"]
-        assert gap is not None and gap == gap and gap >= -1e-9 and gap != float("inf")
-        report.append((n, rows["fbs"]["objective"], rows["exact"]["objective"], rows["fbs"]["rel_gap"]))
-    print("\n n  fbs  exact  rel_gap")
-    for n, f, e, g in report:
-        print(f"{n:2d} {f:.4f} {e:.4f} {g:.3f}")
-    assert len(report) == 9
+        fbs = select(analysis, "fbs", n=n, run_cost="neg-log-nmi", protect_ends=protect)
+        exact = select(analysis, "exact", n=n, run_cost="neg-log-nmi", protect_ends=protect)
+        rows.append((n, fbs, exact, (fbs.objective - exact.objective) / abs(exact.objective)))
+    print("\n n  fbs  exact  rel_gap  fbs_removed")
+    for n, fbs, exact, rel in rows:
+        print(f"{n:2d} {fbs.objective:.4f} {exact.objective:.4f} {rel:.4f} {list(fbs.removed)}")
+    for n, fbs, exact, rel in rows:
+        assert exact.objective > 0  # neg-log-nmi costs are positive, so rel_gap is defined
+        tol = 1e-9 * abs(exact.objective)
+        assert fbs.objective >= exact.objective - tol, (n, fbs.removed, exact.removed)
+        assert rel <= 0.10, (n, rel)
+        for s in (fbs, exact):
+            assert len(s.removed) == len(set(s.removed)) == n
+            assert all(k <= b < L - k for b in s.removed), (n, s.method, s.removed)

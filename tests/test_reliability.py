@@ -29,7 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mi_prun.models as models_mod
-import mi_prun.report as report_mod
+import mi_prun.models.blocks as blocks_mod
+import mi_prun.models.memory as memory_mod
+import mi_prun.results as report_mod
 from mi_prun.capture import count_hooks
 from mi_prun.cli import main
 from mi_prun.data import load_text
@@ -38,7 +40,7 @@ from mi_prun.estimators import get_estimator, list_estimators
 from mi_prun.models import load_model, weights_bytes
 from mi_prun.pipeline import AnalysisConfig, analyze
 from mi_prun.prune import export, pruned_view
-from mi_prun.report import Analysis
+from mi_prun.results import Analysis
 from mi_prun.scores import score_capture
 from mi_prun.select import select
 from mi_prun.testing import tiny_model
@@ -97,8 +99,10 @@ def copy_folder(src: Path, dst: Path) -> Path:
     return dst
 
 
-def gguf_bytes(tensors: list[tuple[str, tuple[int, ...]]], kv: dict[str, str] | None = None) -> bytes:
-    """A minimal GGUF v3 header: string metadata and tensor infos (f32), no tensor data."""
+def gguf_bytes(tensors: list[tuple[str, tuple[int, ...]]], kv: dict[str, str] | None = None,
+               data: bool = False) -> bytes:
+    """A minimal GGUF v3 file: string metadata and tensor infos (f32), and zero tensor data (aligned
+    to 32 bytes) when `data`, else none (a header only)."""
     def s(text: str) -> bytes:
         raw = text.encode()
         return struct.pack("<Q", len(raw)) + raw
@@ -112,6 +116,8 @@ def gguf_bytes(tensors: list[tuple[str, tuple[int, ...]]], kv: dict[str, str] | 
         out += s(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in shape)
         out += struct.pack("<IQ", 0, offset)
         offset += 4 * math.prod(shape)
+    if data:
+        out += bytes(-len(out) % 32) + bytes(offset)
     return out
 
 
@@ -180,8 +186,8 @@ def test_truncated_and_garbage_gguf_are_refused(tmp_path):
 
 def test_architecture_without_findable_blocks_cli(llama_dir, monkeypatch):
     # An architecture neither in the table nor with a ModuleList of the configured length.
-    monkeypatch.setitem(models_mod.BLOCK_PATHS, "llama", "model.no_such_list")
-    monkeypatch.setattr(models_mod, "num_layers_of", lambda config: 99)
+    monkeypatch.setitem(blocks_mod.BLOCK_PATHS, "llama", "model.no_such_list")
+    monkeypatch.setattr(blocks_mod, "num_layers_of", lambda config: 99)
     with pytest.raises(MiPrunError, match=r"cannot find the decoder blocks of LlamaForCausalLM.*BLOCK_PATHS"):
         load_model(str(llama_dir), device="cpu")
     rc, _, err = run_cli("analyze", "--model", str(llama_dir), *SMALL)
@@ -225,7 +231,7 @@ def test_weights_size_is_read_from_headers(llama_dir, tmp_path):
     n_params = sum(p.numel() for p in model.parameters())
     assert weights_bytes(str(llama_dir), None, torch.float32) == 4 * n_params
     assert weights_bytes(str(llama_dir), None, torch.bfloat16) == 2 * n_params
-    (tmp_path / "m.gguf").write_bytes(gguf_bytes([("a", (32, 320)), ("b", (4, 8, 2))]))
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes([("a", (32, 320)), ("b", (4, 8, 2))], data=True))
     assert weights_bytes(str(tmp_path), "m.gguf", torch.float32) == 4 * (32 * 320 + 64)
     (tmp_path / "bad.gguf").write_bytes(b"nope")
     assert weights_bytes(str(tmp_path), "bad.gguf", torch.float32) is None  # unknown: no check
@@ -233,7 +239,7 @@ def test_weights_size_is_read_from_headers(llama_dir, tmp_path):
 
 
 def test_model_too_large_is_refused_before_loading(llama_dir, monkeypatch):
-    monkeypatch.setattr(models_mod, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: 10_000)
     from transformers import AutoModelForCausalLM
 
     def never(*a, **k):
@@ -251,12 +257,12 @@ def test_model_too_large_is_refused_before_loading(llama_dir, monkeypatch):
     monkeypatch.setenv("MI_PRUN_SKIP_MEMORY_CHECK", "1")
     assert load_model(str(llama_dir), device="cpu").n_blocks == 3
     monkeypatch.delenv("MI_PRUN_SKIP_MEMORY_CHECK")
-    monkeypatch.setattr(models_mod, "available_memory", lambda device: 10**12)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: 10**12)
     assert load_model(str(llama_dir), device="cpu").n_blocks == 3
 
 
 def test_memory_check_skip_flag_in_cli(llama_dir, monkeypatch):
-    monkeypatch.setattr(models_mod, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda device: 10_000)
     rc, _, err = run_cli("eval", "--model", str(llama_dir), "--skip-memory-check", "--data", "text:" + TEXT,
                          "--seq-len", "32", "--max-windows", "1")
     assert rc == 0, err
@@ -324,11 +330,11 @@ def test_select_settings_out_of_range_cli(analysis_dir):
     for args, fragment in [(["--ratio", "0"], "between 0 and 1"), (["--ratio", "1"], "between 0 and 1"),
                            (["--ratio", "-0.5"], "between 0 and 1"), (["--ratio", "nan"], "between 0 and 1"),
                            (["--ratio", "inf"], "between 0 and 1"), (["--ratio", "0.01"], "rounds to 0"),
-                           (["--n", "0"], "at least 1"), (["--n", "-3"], "at least 1"),
+                           (["--n", "0"], "positive integer"), (["--n", "-3"], "positive integer"),
                            (["--n", "6"], "would remove all 6 blocks"), (["--n", "600"], "remove all"),
-                           (["--n", "2", "--method", "nope"], "unknown selection method"),
-                           (["--n", "2", "--run-cost", "nope"], "unknown run cost"),
-                           (["--ratio", "abc"], "invalid float")]:
+                           (["--n", "2", "--method", "nope"], "invalid choice: 'nope'"),
+                           (["--n", "2", "--run-cost", "nope"], "invalid choice: 'nope'"),
+                           (["--ratio", "abc"], "is not a number")]:
         rc, _, err = run_cli("select", str(analysis_dir), *args)
         assert_one_line_error(rc, err, fragment)
 
@@ -336,12 +342,12 @@ def test_select_settings_out_of_range_cli(analysis_dir):
 def test_prune_refuses_bad_selector_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     rc, _, err = run_cli("prune", "--model", "tiny-llama", "--method", "nope", "--out", str(tmp_path / "o"))
-    assert_one_line_error(rc, err, "unknown selection method", "fbs")
+    assert_one_line_error(rc, err, "invalid choice: 'nope'", "fbs")
 
 
 def test_analysis_settings_are_validated(loaded):
     for kwargs, fragment in [({"n_samples": 0}, "n samples"), ({"n_samples": -4}, "n samples"),
-                             ({"seq_len": 1}, "at least 2"), ({"max_positions": 0}, "max positions"),
+                             ({"seq_len": 1}, "at least 2"), ({"max_positions": 0}, "positions must be at least 1"),
                              ({"batch_size": -1}, "batch size"), ({"seed": -1}, "seed"),
                              ({"seed": 2**70}, "seed"), ({"n_samples": 2.5}, "n samples")]:
         with pytest.raises(MiPrunError, match=fragment):
@@ -438,9 +444,9 @@ def test_read_only_folder_export_and_save(tmp_path, monkeypatch, analysis_dir):
     ro = tmp_path / "ro"
     ro.mkdir()
     _deny_mkdir_under(monkeypatch, ro)
-    with pytest.raises(MiPrunError, match=r"cannot write the export.*Permission denied.*writable folder"):
+    with pytest.raises(MiPrunError, match=r"cannot write the pruned model.*Permission denied.*writable folder"):
         export(pruned_view(model, [1]), tok, None, ro / "out")
-    with pytest.raises(MiPrunError, match=r"cannot save the analysis.*Permission denied.*writable folder"):
+    with pytest.raises(MiPrunError, match=r"cannot write the analysis.*Permission denied.*writable folder"):
         a.save(ro / "analysis")
     assert list(ro.iterdir()) == []
 
@@ -523,9 +529,10 @@ CHILD = textwrap.dedent("""
         P.mergekit_yaml = slow_yaml
         P.export(P.pruned_view(model, [1]), tok, None, target, overwrite=mode.endswith("overwrite"))
     else:
-        import mi_prun.report as R
+        import mi_prun.files as F
+        import mi_prun.results as R
         a = R.Analysis.load(sys.argv[3])
-        R._fsync_dir = stall  # both files are written, the rename has not happened
+        F.fsync_tree = stall  # both files are written, the rename has not happened
         a.save(target, overwrite=mode.endswith("overwrite"))
     print("FINISHED", flush=True)
 """)

@@ -13,12 +13,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mi_prun import select as S
+import functools
+import types
+
+import mi_prun.select as select_module
 from mi_prun.errors import MiPrunError
 from mi_prun.models import find_blocks
-from mi_prun.report import Analysis
+from mi_prun.results import Analysis
 
 RUN_COST_NAMES = ("neg-mi", "info-loss", "neg-log-nmi")
+
+# These tests check the selectors' mechanics on hand-made span matrices (many without normalised
+# MI) with every block removable, so they call the library with the raw settings below unless a
+# test says otherwise; the shipped defaults (SelectConfig) are tested in tests/test_defaults.py.
+RAW = {"run_cost": "neg-mi", "protect_ends": False}
+S = types.SimpleNamespace(**{name: getattr(select_module, name) for name in select_module.__all__})
+S.select = functools.partial(select_module.select, **RAW)
+S.compare = functools.partial(select_module.compare, **RAW)
+S.sleb_select = functools.partial(select_module.sleb_select, **RAW)
 
 
 def make_analysis(span: np.ndarray, span_norm: np.ndarray | None = None,
@@ -190,6 +202,77 @@ def test_fbs_monotone_never_worse_deterministic(seed, run_cost):
         (t["objective"] for t in local.trajectory), reverse=True)
 
 
+def hand_analysis() -> Analysis:
+    """L = 6 blocks, priced with run_cost="info-loss" (C[i, j] = 1 - NMI[i, j]).
+
+    Block MI (which orders the pools and the coarse scores -MI_b): 1.0, 3.0, 2.0, 1.5, 2.5, 0.5,
+    so the redundancy ranking is 1, 4, 2, 3, 0, 5. Run costs that matter:
+    single blocks 0..5: 0.40, 0.10, 0.30, 0.35, 0.15, 0.50;
+    pairs: C[1, 3] = 0.20 (blocks 1-2), C[2, 4] = 0.12 (blocks 2-3); every other run 0.50.
+    For n = 2: top-k removes {1, 4} at 0.10 + 0.15 = 0.25; the optimum is {2, 3} at 0.12.
+    """
+    L = 6
+    mi = [1.0, 3.0, 2.0, 1.5, 2.5, 0.5]
+    span = np.full((L + 1, L + 1), np.nan)
+    for i in range(L + 1):
+        for j in range(i + 1, L + 1):  # DPI-consistent MI: a span never exceeds its weakest block
+            span[i, j] = span[j, i] = min(mi[i:j]) * 0.9 ** (j - i - 1)
+    nmi = np.full((L + 1, L + 1), 0.5)
+    np.fill_diagonal(nmi, 1.0)
+    for (i, j), value in {(0, 1): 0.60, (1, 2): 0.90, (2, 3): 0.70, (3, 4): 0.65, (4, 5): 0.85,
+                          (5, 6): 0.50, (1, 3): 0.80, (2, 4): 0.88}.items():
+        nmi[i, j] = nmi[j, i] = value
+    a = make_analysis(span, nmi)
+    assert list(a.block_mi) == mi
+    return a
+
+
+def test_fbs_follows_the_procedure_by_hand():
+    # k = 1, pool = n = 2. Iteration 0: P = top-2 = {1, 4}, A = next 2 of the ranking = {2, 3}.
+    # Iteration 1: windows inside P u A = {1, 2, 3, 4}; best coarse single: block 1 (-3.0), best
+    # coarse pair: 1-2 (-5.0, ahead of 3-4 at -4.0 and 2-3 at -3.5); P's runs (4, 5) added.
+    # Combinations of exactly 2 blocks: {(1,2), (4,5)} = 0.25 or {(1,3)} = 0.20 -> P = {1, 2},
+    # A = {4, 3}. Iteration 2 measures the same windows, P's run (1, 3) is the best: no change, stop.
+    # Window 2-3 (the optimum) is never measured with k = 1: FBS is a heuristic, not the optimum.
+    a = hand_analysis()
+    s = S.select(a, "fbs", n=2, run_cost="info-loss", k=1)
+    t = s.trajectory
+    assert [x["iteration"] for x in t] == [0, 1, 2]
+    assert [x["P"] for x in t] == [[1, 4], [1, 2], [1, 2]]
+    assert [x["A"] for x in t] == [[2, 3], [3, 4], [3, 4]]
+    assert [x["changed"] for x in t] == [True, True, False]
+    assert [x["objective"] for x in t] == pytest.approx([0.25, 0.20, 0.20])
+
+    def cands(x):
+        return [(c["start"], c["end"], c["coarse"], c["source"], c["chosen"]) for c in x["candidates"]]
+
+    assert cands(t[0]) == [(1, 2, -3.0, "P", True), (4, 5, -2.5, "P", True)]
+    assert cands(t[1]) == [(1, 2, -3.0, "window", False), (1, 3, -5.0, "window", True),
+                           (4, 5, -2.5, "P", False)]
+    assert cands(t[2]) == [(1, 2, -3.0, "window", False), (1, 3, -5.0, "window", True)]
+    assert [c["cost"] for c in t[1]["candidates"]] == pytest.approx([0.10, 0.20, 0.15])
+    assert [c["span_mi"] for c in t[1]["candidates"]] == pytest.approx([3.0, 1.8, 2.5])
+    assert s.removed == (1, 2) and s.objective == pytest.approx(0.20)
+    assert s.span_lookups == 3  # (1,2), (4,5), (1,3): all that was read
+    exact = S.select(a, "exact", n=2, run_cost="info-loss")
+    assert exact.removed == (2, 3) and exact.objective == pytest.approx(0.12)
+
+
+def test_fbs_improves_on_topk_with_a_contiguous_run():
+    # Top-k removes the two highest-MI blocks 1 and 4: two runs, 0.25. With the default k every
+    # window inside P u A is measured, and FBS moves to the single run 2-3 (0.12), the optimum.
+    a = hand_analysis()
+    topk = S.select(a, "topk", n=2, run_cost="info-loss")
+    fbs = S.select(a, "fbs", n=2, run_cost="info-loss")
+    assert topk.removed == (1, 4) and topk.runs == [(1, 2), (4, 5)]
+    assert topk.objective == pytest.approx(0.25)
+    assert fbs.removed == (2, 3) and fbs.runs == [(2, 4)] and fbs.objective == pytest.approx(0.12)
+    assert [x["P"] for x in fbs.trajectory] == [[1, 4], [2, 3], [2, 3]]
+    assert fbs.objective == pytest.approx(S.select(a, "exact", n=2, run_cost="info-loss").objective)
+    measured = {(c["start"], c["end"]) for c in fbs.trajectory[1]["candidates"]}
+    assert measured == {(1, 2), (2, 3), (3, 4), (4, 5), (1, 3), (2, 4), (3, 5)}
+
+
 def test_fbs_options_and_iteration_cap():
     a = chain_analysis(np.random.default_rng(3), 16)
     s = S.select(a, "fbs", n=5, k=2, pool=3, max_iter=1)
@@ -313,6 +396,21 @@ def test_registries_refuse_duplicates():
         S.register_selector("exact")(lambda p: None)
     with pytest.raises(MiPrunError, match="already registered"):
         S.register_run_cost("neg-mi", S.RUN_COSTS["neg-mi"])
+
+
+def test_registered_run_cost_is_usable_and_described(monkeypatch):
+    from mi_prun.select import costs
+
+    assert set(S.RUN_COST_DESCRIPTIONS) == set(S.RUN_COSTS)
+    # fresh registries in the module that owns them, so the test leaves the real ones untouched
+    monkeypatch.setattr(costs, "RUN_COSTS", dict(costs.RUN_COSTS))
+    monkeypatch.setattr(costs, "RUN_COST_DESCRIPTIONS", dict(costs.RUN_COST_DESCRIPTIONS))
+    costs.register_run_cost("sqrt-length", lambda span, norm, i, j: np.sqrt(j - i), "sqrt of run length")
+    assert costs.RUN_COST_DESCRIPTIONS["sqrt-length"] == "sqrt of run length"
+    a = chain_analysis(np.random.default_rng(10), 7)
+    s = S.select(a, "exact", n=3, run_cost="sqrt-length")
+    # concave in the length: one run of 3 (sqrt 3) beats 1 + sqrt 2 and 3 singles
+    assert s.objective == pytest.approx(math.sqrt(3)) and len(s.runs) == 1
 
 
 # ---------------------------------------------------------------------------------------------

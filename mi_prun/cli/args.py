@@ -1,0 +1,234 @@
+"""The CLI's parser: every option shows its default, which comes from the library's configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mi_prun.cli.output import BLOCK_NOTE
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" after every option that has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS, False, True) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error format (no usage dump) and no abbreviations."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"mi-prun: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---------------------------------------------------------------------------------------- types
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"preprocess\": \"rms\"}'")
+    return value
+
+
+def protect_value(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 0.5:
+        return value
+    raise argparse.ArgumentTypeError(f"must be a block count >= 1 or a fraction in (0, 0.5), got {text}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def ratio_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def given(argv: list[str], parser: argparse.ArgumentParser, dests: set[str]) -> list[str]:
+    """The option strings in `argv` whose destination is in `dests` (abbreviations are off)."""
+    by_flag = {flag: a.dest for a in parser._actions for flag in a.option_strings}
+    found = []
+    for tok in argv:
+        flag = tok.split("=", 1)[0]
+        if flag in by_flag and by_flag[flag] in dests and flag not in found:
+            found.append(flag)
+    return found
+
+
+# ---------------------------------------------------------------------------------------- groups
+
+MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or Hugging Face id"
+ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
+                  "batch_size", "seed"}
+SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends"}
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from mi_prun.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=None if required else DEFAULT_MODEL, required=required,
+                   help=MODEL_HELP.format(default=DEFAULT_MODEL))
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cpu | cuda[:N] | mps")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--device-map", default=None, help="passed to accelerate, e.g. auto, for models larger "
+                                                      "than one GPU (default: none)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repository (off by default)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="load even when the weights look larger than the free memory")
+
+
+def add_analysis_args(p: argparse.ArgumentParser) -> None:
+    from mi_prun.config import AnalysisConfig
+
+    d = AnalysisConfig()
+    g = p.add_argument_group("analysis (capture and MI)")
+    g.add_argument("--calib", default=d.calib, help="builtin | wikitext2 | file.txt | file.jsonl | folder | text:<string>")
+    g.add_argument("--samples", type=positive_int, default=d.n_samples, help="calibration samples N")
+    g.add_argument("--tokens", type=positive_int, default=d.seq_len, help="tokens per sample T")
+    g.add_argument("--positions", type=positive_int, default=d.max_positions, help="token positions kept per layer (m)")
+    g.add_argument("--keep-first", action="store_true", help="keep each sample's first position (attention "
+                                                             "sink; dropped by default)")
+    g.add_argument("--estimator", default=d.estimator, help="MI estimator (`mi-prun estimators` lists them)")
+    g.add_argument("--estimator-options", type=json_object, default=None,
+                   help="JSON options of the estimator (default: the estimator's own, see `mi-prun estimators`)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="calibration samples per forward pass")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the calibration sampling")
+
+
+def _choices_help(intro: str, items: dict[str, str], default: str) -> str:
+    lines = [f"{intro} (default: {default}):"]
+    lines += [f"  {name}: {text}" for name, text in items.items()]
+    return "\n".join(lines)
+
+
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    from mi_prun.config import SelectConfig
+    from mi_prun.select import RUN_COST_DESCRIPTIONS, SELECTORS
+
+    d = SelectConfig()
+    g = p.add_argument_group("selection")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--ratio", type=ratio_value, default=None,
+                   help=f"fraction of blocks to remove, in (0, 1), rounded half up (default: {d.DEFAULT_RATIO})")
+    x.add_argument("--n", type=positive_int, default=None, help="number of blocks to remove (instead of --ratio)")
+    g.add_argument("--method", default=d.method, choices=sorted(SELECTORS), metavar="METHOD",
+                   help=_choices_help("selector", {k: s.description for k, s in SELECTORS.items()}, d.method))
+    g.add_argument("--run-cost", default=d.run_cost, choices=sorted(RUN_COST_DESCRIPTIONS), metavar="COST",
+                   help=_choices_help("cost of removing one contiguous run, from its span MI",
+                                      RUN_COST_DESCRIPTIONS, d.run_cost))
+    y = g.add_mutually_exclusive_group()
+    y.add_argument("--protect-ends", nargs="?", const=True, default=None, type=protect_value, metavar="K",
+                   help="never remove the first and last block; with K, the first and last K blocks (an "
+                        f"integer) or that fraction of the blocks (0 < K < 0.5) (default: {d.protect_ends})")
+    y.add_argument("--no-protect-ends", dest="protect_ends", action="store_const", const=False,
+                   help="allow removing any block")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mi_prun import __version__
+    from mi_prun.cli import commands as c
+    from mi_prun.config import EvalConfig
+
+    parser = Parser(prog="mi-prun", description="Find and remove redundant transformer blocks with "
+                                                f"mutual information. {BLOCK_NOTE}")
+    parser.add_argument("--version", action="version", version=f"mi-prun {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("analyze", help="capture hidden states and score every block and span")
+    add_model_args(p)
+    add_analysis_args(p)
+    p.add_argument("--out", default=None, help="folder to save the analysis in (default: not saved)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier mi-prun analysis in --out")
+    p.set_defaults(func=c.cmd_analyze)
+
+    p = sub.add_parser("show", help="print a saved analysis")
+    p.add_argument("folder", help="a folder written by `mi-prun analyze --out`")
+    p.set_defaults(func=c.cmd_show)
+
+    p = sub.add_parser("estimators", help="list the MI estimators with their options")
+    p.set_defaults(func=c.cmd_estimators)
+
+    p = sub.add_parser("select", help="choose blocks to remove from a saved analysis")
+    p.add_argument("analysis", help="a folder written by `mi-prun analyze --out`")
+    add_selection_args(p)
+    p.add_argument("--compare", action="store_true",
+                   help="FBS, local search, exact optimum and exhaustive side by side")
+    p.add_argument("--out", default=None, help="write the selection to this JSON file (for `prune --selection`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier selection file at --out")
+    p.set_defaults(func=c.cmd_select)
+
+    p = sub.add_parser("prune", help="remove blocks and export a model folder")
+    add_model_args(p)
+    add_analysis_args(p)
+    src = p.add_argument_group("what to remove")
+    src.add_argument("--analysis", default=None, help="saved analysis folder (default: the analysis runs first)")
+    src.add_argument("--selection", default=None, help="selection file from `mi-prun select --out` "
+                                                        "(then no selection flags)")
+    add_selection_args(p)
+    p.add_argument("--out", required=True, help="export folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier mi-prun export in --out")
+    p.add_argument("--force", action="store_true", help="accept an analysis or selection made on another "
+                                                        "model with the same number of blocks")
+    p.add_argument("--sample", default=None, help="prompt for a generation sample before and after")
+    p.set_defaults(func=c.cmd_prune)
+
+    e = EvalConfig()
+    p = sub.add_parser("eval", help="perplexity by the standard protocol")
+    add_model_args(p)
+    p.add_argument("--data", default=e.data, help="wikitext2 (test split) | builtin | file | folder | text:<string>")
+    p.add_argument("--seq-len", type=positive_int, default=e.seq_len, help="tokens per window")
+    p.add_argument("--max-windows", type=positive_int, default=e.max_windows,
+                   help="evaluate only the first windows (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=e.batch_size, help="windows per forward pass")
+    p.set_defaults(func=c.cmd_eval)
+    return parser
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parser, parser.parse_args(argv), argv

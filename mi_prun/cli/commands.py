@@ -1,0 +1,180 @@
+"""The CLI's commands: each builds the library's configs from its flags, calls the library and
+prints. No command knows a default or a rule of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mi_prun.cli.args import ANALYSIS_DESTS, SELECT_DESTS, given
+from mi_prun.cli.output import TqdmProgress, format_analysis, format_compare, format_selection
+from mi_prun.errors import MiPrunError
+
+
+def _load(args) -> Any:
+    from mi_prun.models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code,
+                      check_memory_first=not args.skip_memory_check)
+
+
+def analysis_config(args):
+    from mi_prun.config import AnalysisConfig
+
+    return AnalysisConfig(calib=args.calib, n_samples=args.samples, seq_len=args.tokens,
+                          max_positions=args.positions, drop_first=not args.keep_first,
+                          estimator=args.estimator, estimator_options=args.estimator_options or {},
+                          batch_size=args.batch_size, seed=args.seed)
+
+
+def select_config(args):
+    from mi_prun.config import SelectConfig
+
+    kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio}
+    if args.protect_ends is not None:
+        kw["protect_ends"] = args.protect_ends
+    return SelectConfig(**kw)
+
+
+def _analyze(args, progress: TqdmProgress):
+    from mi_prun.pipeline import analyze
+
+    cfg = analysis_config(args)  # settings are validated before the (slow) model load
+    progress("load", 0.0, args.model)
+    loaded = _load(args)
+    progress("load", 1.0, f"{loaded.n_blocks} blocks")
+    return loaded, analyze(loaded, cfg, progress=progress)
+
+
+def _refuse_flags(args, dests: set[str], why: str) -> None:
+    flags = given(args.argv_, args.parser_, dests)
+    if flags:
+        raise MiPrunError(f"{', '.join(flags)} would be ignored: {why}. Fix: drop "
+                          f"{'it' if len(flags) == 1 else 'them'}.")
+
+
+def cmd_analyze(args) -> int:
+    from mi_prun.files import ANALYSIS, check_output
+
+    analysis_config(args)  # bad settings fail before anything else
+    if args.out:
+        check_output(args.out, ANALYSIS, args.overwrite, inputs=[args.model])
+    progress = TqdmProgress(not args.quiet)
+    _, analysis = _analyze(args, progress)
+    progress.close()
+    print(format_analysis(analysis))
+    if args.out:
+        path = analysis.save(args.out, overwrite=args.overwrite, inputs=[args.model])
+        print(f"saved to {path}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from mi_prun.results import Analysis
+
+    print(format_analysis(Analysis.load(args.folder)))
+    return 0
+
+
+def cmd_estimators(args) -> int:
+    from mi_prun.estimators import describe_estimators
+
+    for row in describe_estimators():
+        print(f"{row['name']}: {row['description']}")
+        for opt, (default, text) in row["options"].items():
+            print(f"    {opt} (default: {default!r}): {text}")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from mi_prun.results import Analysis
+    from mi_prun.select import compare, resolve_n, select
+
+    cfg = select_config(args)
+    if args.out and args.compare:
+        raise MiPrunError("--out writes one selection; --compare prints several. Fix: drop one of them.")
+    analysis = Analysis.load(args.analysis)
+    if args.compare:
+        n = resolve_n(analysis.n_blocks, **cfg.count, protect_ends=cfg.protect_ends)
+        rows = compare(analysis, config=cfg)
+        print(format_compare(rows, n, analysis.n_blocks, cfg.run_cost))
+        return 0
+    sel = select(analysis, config=cfg)
+    print(format_selection(sel))
+    if args.out:
+        path = sel.save(args.out, overwrite=args.overwrite)
+        print(f"selection written to {path} (use it with `mi-prun prune --selection {path}`)")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from mi_prun.config import ExportConfig
+    from mi_prun.evaluate import generate_sample
+    from mi_prun.files import EXPORT, check_output
+    from mi_prun.models import prune
+    from mi_prun.prune import export
+    from mi_prun.results import Analysis
+    from mi_prun.select import Selection, select, sleb_select
+
+    if args.analysis and args.selection:
+        raise MiPrunError("give --analysis or --selection, not both (a selection file records its analysis).")
+    if args.analysis or args.selection:
+        _refuse_flags(args, ANALYSIS_DESTS, "the analysis is read from "
+                      + ("--analysis" if args.analysis else "--selection") + ", not run")
+    if args.selection:
+        _refuse_flags(args, SELECT_DESTS, "--selection already says which blocks to remove")
+    export_cfg = ExportConfig(overwrite=args.overwrite, force=args.force)
+    sel_cfg = None if args.selection else select_config(args)
+    acfg = None if (args.analysis or args.selection) else analysis_config(args)
+    check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
+    saved = Selection.load(args.selection) if args.selection else None
+    analysis = Analysis.load(args.analysis) if args.analysis else None
+    progress = TqdmProgress(not args.quiet)
+    if analysis is None and saved is None:
+        loaded, analysis = _analyze(args, progress)
+    else:
+        loaded = _load(args)
+    if saved is not None:
+        saved.check_model(loaded.model, force=export_cfg.force, where=f"selection {args.selection}")
+        sel = saved
+    else:
+        assert analysis is not None and sel_cfg is not None
+        analysis.check_model(loaded.model, force=export_cfg.force,
+                             where=f"analysis {args.analysis}" if args.analysis else "the analysis")
+        if sel_cfg.method == "sleb":
+            from mi_prun.pipeline import prepare_calibration
+
+            calib = prepare_calibration(loaded, acfg or analysis_config(args))
+            sel = sleb_select(loaded.model, calib.input_ids, calib.attention_mask, config=sel_cfg,
+                              analysis=analysis, progress=progress)
+        else:
+            sel = select(analysis, config=sel_cfg)
+    print(format_selection(sel))
+    pruned = prune(loaded.model, sel.removed)
+    path = export(pruned, loaded.tokenizer, sel, args.out, analysis=analysis, loaded=loaded,
+                  config=export_cfg, inputs=[args.model, args.analysis, args.selection])
+    progress.close()
+    print(f"exported to {path} (load it with AutoModelForCausalLM.from_pretrained({str(path)!r}))")
+    if args.sample:
+        print("before:", generate_sample(loaded.model, loaded.tokenizer, args.sample))
+        print("after: ", generate_sample(pruned, loaded.tokenizer, args.sample))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mi_prun.config import EvalConfig
+    from mi_prun.evaluate import evaluate
+
+    cfg = EvalConfig(data=args.data, seq_len=args.seq_len, max_windows=args.max_windows,
+                     batch_size=args.batch_size)
+    progress = TqdmProgress(not args.quiet)
+    loaded = _load(args)
+    res = evaluate(loaded.model, loaded.tokenizer, cfg, progress=progress)
+    progress.close()
+    print(f"perplexity {res.ppl:.3f} on {res.source}: seq_len {res.seq_len}, {res.windows} windows, "
+          f"{res.tokens_scored} tokens scored, BOS {'prepended' if res.bos else 'not used'} ({res.protocol})")
+    return 0
+
+
+__all__ = ["analysis_config", "select_config", "cmd_analyze", "cmd_eval", "cmd_estimators", "cmd_prune",
+           "cmd_select", "cmd_show"]

@@ -1,0 +1,109 @@
+"""What the CLI prints: progress bars and the text of analyses, selections and comparisons."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+BLOCK_NOTE = "Blocks are numbered from 0."
+
+
+class TqdmProgress:
+    """Adapts the library's progress(stage, fraction, message) callback to one tqdm bar per stage."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=1000, desc=stage, file=sys.stderr, leave=True,
+                                          bar_format="{desc:>9}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+        bar.n = int(max(0.0, min(1.0, fraction)) * 1000)
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        if fraction >= 1.0:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def format_analysis(analysis) -> str:
+    """Blocks ranked by redundancy (rank 0 = highest MI) next to the baselines' scores."""
+    import numpy as np
+    import pandas as pd
+
+    from mi_prun.results import rank_blocks
+
+    L = analysis.n_blocks
+    bi = analysis.baselines.get("cosine_bi")
+    ang = analysis.baselines.get("angular")
+    bi_rank = {b: r for r, b in enumerate(rank_blocks(bi, descending=False))} if bi is not None else {}
+    rows = []
+    for rank, b in enumerate(analysis.ranking()):
+        rows.append({
+            "rank": rank, "block": b, "MI (nats)": float(analysis.block_mi[b]),
+            "cosine BI": float(bi[b]) if bi is not None else np.nan,
+            "BI rank": bi_rank.get(b, -1),
+            "angular d(b,b+1)": float(ang[b, b + 1]) if ang is not None else np.nan,
+        })
+    table = pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    m, c = analysis.model, analysis.calibration
+    dpi = analysis.dpi or {}
+    tol = dpi.get("tolerance")
+    tol_text = (f"rtol {tol.get('rtol')}, atol {tol.get('atol')}" if isinstance(tol, dict) else str(tol))
+    lines = [
+        f"model: {m.get('spec')} ({m.get('architecture')}, {L} blocks)   estimator: {analysis.estimator} "
+        f"{json.dumps(analysis.estimator_options)}",
+        f"calibration: {c.get('source')} N={c.get('n_samples')} T={c.get('seq_len')} seed={c.get('seed')} "
+        f"positions kept={c.get('positions_kept')} drop_first={c.get('drop_first')}",
+        f"{BLOCK_NOTE} Rank 0 = most redundant (highest MI); BI rank 0 = lowest cosine Block "
+        "Influence (most redundant for ShortGPT).",
+        table,
+        f"DPI: {dpi.get('n_violations', '?')} of {dpi.get('n_cells', '?')} span cells break the inequality "
+        f"beyond tolerance ({tol_text})",
+    ]
+    tau = (analysis.stability or {}).get("kendall_tau_halves")
+    if tau is not None:
+        lines.append(f"stability: Kendall tau between block rankings of two calibration halves = {tau:.3f}")
+    for note in analysis.notes or []:
+        lines.append(f"note: {note}")
+    if analysis.timings:
+        lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in analysis.timings.items()
+                                          if isinstance(v, (int, float)) and not k.startswith("score_")))
+    return "\n".join(lines)
+
+
+def format_runs(runs) -> str:
+    return ", ".join(f"{s}-{e - 1}" if e - s > 1 else f"{s}" for s, e in runs)
+
+
+def format_selection(sel) -> str:
+    ratio = f" (ratio {sel.ratio})" if getattr(sel, "ratio", None) is not None else ""
+    lines = [f"method {sel.method}: remove {sel.n} of {sel.n_blocks} blocks{ratio}: {list(sel.removed)}",
+             f"runs: {format_runs(sel.runs)}   objective ({sel.run_cost}): {sel.objective:.6g}   "
+             f"time {sel.seconds * 1000:.1f} ms   forward passes {sel.forward_passes}"]
+    lines.append(BLOCK_NOTE)
+    return "\n".join(lines)
+
+
+def format_compare(rows, n: int, n_blocks: int, run_cost: str) -> str:
+    import pandas as pd
+
+    out = [f"n = {n} of {n_blocks} blocks, run cost {run_cost}. {BLOCK_NOTE}"]
+    table = pd.DataFrame([r for r in rows if r.get("feasible", True)])
+    cols = [c for c in ("method", "removed", "objective", "gap", "rel_gap", "seconds", "span_lookups")
+            if c in table.columns]
+    out.append(table[cols].to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+    for r in rows:
+        if not r.get("feasible", True):
+            out.append(f"{r['method']}: not run: {r.get('reason')}")
+    return "\n".join(out)

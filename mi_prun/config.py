@@ -1,0 +1,247 @@
+"""Typed, validated configs whose field defaults are the shipped defaults: the one source of truth.
+
+Every library function that takes one of these settings defaults to the field below, and the CLI
+and the app build the same configs, so a library call with default arguments gives the same answer
+as `mi-prun` and the app. The numbers behind each default are in benchmarks/RESULTS.md, with the
+command that produced them (`python benchmarks/quality.py ...` on smollm2-135m, WikiText-2).
+
+Analysis (`AnalysisConfig`):
+- gaussian-channel MI (mean over channels of -1/2 log(1 - rho^2)) with the estimator's own default
+  preprocessing (none: a correlation does not see per-channel centring or scaling): the only
+  estimator family whose rankings put the middle blocks first; the kernel Renyi estimator ranks the
+  last blocks as redundant and wrecks the model.
+- the first position of each sample is dropped: it carries the attention-sink activations.
+
+Selection (`SelectConfig`):
+- Fast-Block-Select on the span cost -log NMI(h_i, h_j): runs are judged by their own span MI (the
+  DPI part of the method); its sets gave lower perplexity than the exact optimum of the same
+  objective at n = 4, 8 and 10 (equal at 6).
+- the first and last 10 % of blocks are protected: their removal costs far more perplexity than
+  their MI suggests.
+- ratio 0.25 when neither n nor ratio is given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from mi_prun.errors import MiPrunError
+
+DPI_TOL: tuple[float, float] = (0.05, 0.05)  # (rtol, atol in nats) for DPI violation reports
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+def as_int(value: Any, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """`value` as a Python int (numpy integers accepted; bools, floats and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MiPrunError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}).")
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise MiPrunError(f"{name} must be at least {minimum}, got {v}.")
+    if maximum is not None and v > maximum:
+        raise MiPrunError(f"{name} must be at most {maximum}, got {v}.")
+    return v
+
+
+def as_float(value: Any, name: str, low: float | None = None, high: float | None = None,
+             open_low: bool = False, open_high: bool = False) -> float:
+    """`value` as a finite float within the bounds (numpy numbers accepted; bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MiPrunError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    v = float(value)
+    if not math.isfinite(v):
+        raise MiPrunError(f"{name} must be a finite number, got {value!r}.")
+    if low is not None and (v < low or (open_low and v == low)):
+        raise MiPrunError(f"{name} must be {'>' if open_low else '>='} {low}, got {v}.")
+    if high is not None and (v > high or (open_high and v == high)):
+        raise MiPrunError(f"{name} must be {'<' if open_high else '<='} {high}, got {v}.")
+    return v
+
+
+def as_path(value: Any, name: str) -> str:
+    """A str or os.PathLike as a str; anything else refused."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes) or not isinstance(value, str) or not value.strip():
+        raise MiPrunError(f"{name} must be a non-empty path or name, got {value!r}.")
+    return value
+
+
+def check_protect_ends(value: Any) -> bool | int | float:
+    """False/True, a block count >= 0, or a fraction in (0, 0.5)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return as_int(value, "protect_ends", minimum=0)
+    if isinstance(value, numbers.Real) and 0.0 < float(value) < 0.5:
+        return float(value)
+    raise MiPrunError(f"protect_ends must be a bool, a block count or a fraction in (0, 0.5); got {value!r}.")
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# ---------------------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Every choice that decides an analysis; validated on construction.
+
+    `estimator_options` are passed to the estimator; empty means the estimator's own defaults
+    (`mi-prun estimators` lists them). `dpi_tol` is (rtol, atol) or one number for both.
+    """
+
+    calib: str = "builtin"
+    n_samples: int = 32
+    seq_len: int = 256
+    max_positions: int = 4096
+    drop_first: bool = True
+    estimator: str = "gaussian-channel"
+    estimator_options: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
+    seed: int = 0
+    dpi_tol: float | tuple[float, float] = DPI_TOL
+    n_groups: int = 8
+
+    def __post_init__(self) -> None:
+        _set(self, "calib", as_path(self.calib, "calib"))
+        for name, label, low in (("n_samples", "calibration samples", 1), ("seq_len", "tokens per sample", 2),
+                                 ("max_positions", "positions", 1), ("batch_size", "batch size", 1),
+                                 ("n_groups", "stability groups", 2)):
+            _set(self, name, as_int(getattr(self, name), label, minimum=low))
+        _set(self, "seed", as_int(self.seed, "seed", minimum=0, maximum=2**63 - 1))
+        if not isinstance(self.drop_first, bool):
+            raise MiPrunError(f"drop_first must be True or False, got {self.drop_first!r}.")
+        if not isinstance(self.estimator, str):
+            raise MiPrunError(f"estimator must be a name, got {self.estimator!r}.")
+        if not isinstance(self.estimator_options, Mapping):
+            raise MiPrunError(f"estimator_options must be a mapping of option names to values (e.g. "
+                              f"{{'preprocess': 'rms'}}), got {self.estimator_options!r}.")
+        _set(self, "estimator_options", dict(self.estimator_options))
+        tol = self.dpi_tol
+        pair = (tol, tol) if isinstance(tol, numbers.Real) else tol
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise MiPrunError(f"dpi_tol must be a number or (rtol, atol), got {tol!r}.")
+        _set(self, "dpi_tol", tuple(as_float(v, "DPI tolerance", low=0.0) for v in pair))
+        from mi_prun.estimators import get_estimator
+
+        get_estimator(self.estimator, **self.estimator_options)  # unknown names and bad options fail here
+
+    def replace(self, **changes: Any) -> "AnalysisConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How blocks are chosen from an analysis; validated on construction.
+
+    Give `n` (blocks to remove) or `ratio` (fraction of the L blocks, rounded half up); with
+    neither, `ratio` = 0.25. `options` are the method's own options (e.g. fbs: pool, k, max_iter;
+    see `mi-prun select --help`).
+    """
+
+    method: str = "fbs"
+    run_cost: str = "neg-log-nmi"
+    protect_ends: bool | int | float = 0.1
+    n: int | None = None
+    ratio: float | None = None
+    seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    DEFAULT_RATIO = 0.25
+
+    def __post_init__(self) -> None:
+        from mi_prun.select import costs, registry
+
+        SELECTORS, RUN_COSTS = registry.SELECTORS, costs.RUN_COSTS
+        if not isinstance(self.method, str) or self.method not in SELECTORS:
+            raise MiPrunError(f"unknown selection method {self.method!r}: choose one of "
+                              f"{', '.join(sorted(SELECTORS))}.")
+        if not isinstance(self.run_cost, str) or self.run_cost not in RUN_COSTS:
+            raise MiPrunError(f"unknown run cost {self.run_cost!r}: choose one of {', '.join(sorted(RUN_COSTS))}.")
+        _set(self, "protect_ends", check_protect_ends(self.protect_ends))
+        if self.n is not None and self.ratio is not None:
+            raise MiPrunError(f"give n or ratio, not both (got n={self.n!r}, ratio={self.ratio!r}).")
+        if self.n is not None:
+            _set(self, "n", as_int(self.n, "n (blocks to remove)", minimum=1))
+        if self.ratio is not None:
+            _set(self, "ratio", as_float(self.ratio, "ratio", 0.0, 1.0, open_low=True, open_high=True))
+        _set(self, "seed", as_int(self.seed, "seed", minimum=0, maximum=2**63 - 1))
+        if not isinstance(self.options, Mapping):
+            raise MiPrunError(f"options must be a mapping, got {self.options!r}.")
+        _set(self, "options", dict(self.options))
+
+    @property
+    def count(self) -> dict[str, Any]:
+        """{"n": ...} or {"ratio": ...}: what `resolve_n` gets (the default ratio when neither)."""
+        if self.n is not None:
+            return {"n": self.n}
+        return {"ratio": self.ratio if self.ratio is not None else self.DEFAULT_RATIO}
+
+    def replace(self, **changes: Any) -> "SelectConfig":
+        if "n" in changes and changes["n"] is not None:
+            changes.setdefault("ratio", None)
+        if "ratio" in changes and changes["ratio"] is not None:
+            changes.setdefault("n", None)
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The perplexity protocol: non-overlapping windows of `seq_len` tokens of `data`, at most
+    `max_windows` of them (None: all), BOS per window when the tokenizer uses one.
+
+    `EvalConfig.quick()` is the short protocol the app uses for interactive curves."""
+
+    data: str = "wikitext2"
+    seq_len: int = 256
+    max_windows: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _set(self, "data", as_path(self.data, "evaluation data"))
+        _set(self, "seq_len", as_int(self.seq_len, "seq_len", minimum=2))
+        if self.max_windows is not None:
+            _set(self, "max_windows", as_int(self.max_windows, "max_windows", minimum=1))
+        _set(self, "batch_size", as_int(self.batch_size, "batch size", minimum=1))
+
+    @classmethod
+    def quick(cls, **changes: Any) -> "EvalConfig":
+        return cls(**{"seq_len": 128, "max_windows": 8, **changes})
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How a pruned model is written. `overwrite` replaces only an earlier mi-prun export (see
+    `mi_prun.files`); `force` exports even when the analysis was made on another model with the
+    same block count; `max_shard_size` is passed to `save_pretrained`."""
+
+    overwrite: bool = False
+    force: bool = False
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self) -> None:
+        for name in ("overwrite", "force"):
+            if not isinstance(getattr(self, name), bool):
+                raise MiPrunError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.max_shard_size, str) or not self.max_shard_size.strip():
+            raise MiPrunError(f"max_shard_size must be a size such as '5GB', got {self.max_shard_size!r}.")
+
+
+def describe_defaults() -> dict[str, dict[str, Any]]:
+    """Every shipped default, by config (for `mi-prun --version`-style reports and the docs)."""
+    out = {}
+    for cls in (AnalysisConfig, SelectConfig, EvalConfig, ExportConfig):
+        out[cls.__name__] = {f.name: (f.default_factory() if callable(f.default_factory)  # type: ignore[misc]
+                                      else f.default) for f in fields(cls)}
+    return out
+
+
+__all__ = ["AnalysisConfig", "DPI_TOL", "EvalConfig", "ExportConfig", "SelectConfig", "as_float", "as_int",
+           "as_path", "check_protect_ends", "describe_defaults"]

@@ -1,0 +1,52 @@
+"""Choose which blocks to remove: MI-based selectors, baselines and an exact optimum.
+
+Blocks are numbered from 0. Removing the maximal contiguous run of blocks i..j-1 means h_i feeds
+block j directly; the run is judged by its own span entry M[i, j] = I(h_i; h_j) through a *run cost*
+(lower = better). The objective of a removed set is the sum of the costs of its maximal runs, so two
+runs must be separated by at least one kept block (adjacent runs are one run, judged by one span).
+
+Pieces, each usable on its own (all importable from `mi_prun.select`):
+
+- `counts`: `resolve_n` turns `n` or `ratio` into a validated block count; `n_protected` reads
+  `protect_ends`.
+- `costs`: `RUN_COSTS` maps a run-cost name to a vectorised function of (span, span_norm, i, j)
+  and `RUN_COST_DESCRIPTIONS` to a line of help (`register_run_cost` adds one); `cost_matrix`
+  evaluates it once per problem into C[i, j] (i < j); `runs_of` and `set_cost` give the runs of a
+  removed set and its objective.
+- `selection`: the result type `Selection` (JSON round trip with `to_dict` / `from_dict`).
+- `registry`: `SELECTORS` (`register_selector`, `get_selector`) and the entry points
+  `select(analysis, method, ...)` -> `Selection` and `compare`, which tabulates each method's gap
+  to the exact optimum. Every `Selection` reports its MI objective under the chosen run cost, so
+  all methods are comparable.
+- `baselines`: "topk" and the baselines "shortgpt", "angular", "random".
+- `search`: "fbs" (Fast-Block-Select, with trajectory), "local", "exact" (dynamic programme,
+  O(L^2 n), optimal for any additive run cost), "exhaustive".
+- `sleb`: "sleb" needs a model and calibration tokens: `sleb_search` (the search, given any NLL
+  oracle) and `sleb_select` (runs the model with blocks skipped).
+
+`forward_passes` counts full passes over the calibration set (0 for score-based methods);
+`span_lookups` counts distinct span entries a method read (what a lazy span oracle would have had
+to estimate).
+"""
+
+from __future__ import annotations
+
+# Import order is registration order: SELECTORS lists topk, the baselines, the search methods, sleb.
+from mi_prun.select.costs import (RUN_COST_DESCRIPTIONS, RUN_COSTS, RunCostFn, cost_matrix,
+                                  register_run_cost, runs_of, set_cost)
+from mi_prun.select.counts import n_protected, resolve_n
+from mi_prun.select.registry import (SELECTORS, Problem, Selector, SelectorFn, SelectorOutput, compare,
+                                     get_selector, register_selector, select)
+from mi_prun.select.selection import Selection
+from mi_prun.select import baselines, search  # noqa: F401,E402  (importing them registers their selectors)
+from mi_prun.select.sleb import calibration_nll, sleb_search, sleb_select
+
+__all__ = [
+    "RUN_COST_DESCRIPTIONS", "RUN_COSTS", "RunCostFn", "cost_matrix", "register_run_cost", "runs_of",
+    "set_cost",
+    "n_protected", "resolve_n",
+    "Selection",
+    "SELECTORS", "Problem", "Selector", "SelectorFn", "SelectorOutput", "compare", "get_selector",
+    "register_selector", "select",
+    "calibration_nll", "sleb_search", "sleb_select",
+]

@@ -1,0 +1,244 @@
+"""The selector registry and the entry points that run it.
+
+A selector is `fn(problem, **options) -> SelectorOutput`, registered under a name with
+`register_selector` (its `defaults` list every option it takes). `select` builds the `Problem`
+(scores, cost matrix, removable blocks) from an `Analysis`, runs one selector and wraps its answer
+in a `Selection` with the MI objective; `compare` runs several against the exact optimum.
+The selectors themselves live in `baselines`, `search` and `sleb`; importing `mi_prun.select`
+registers them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from mi_prun.config import SelectConfig
+from mi_prun.errors import MiPrunError
+from mi_prun.select.costs import cost_matrix, set_cost
+from mi_prun.select.counts import allowed_blocks, resolve_n
+from mi_prun.select.selection import Selection, make_selection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a selector sees: scores, the cost matrix and the constraint, for one (analysis, cost)."""
+
+    n_blocks: int
+    n: int
+    block_mi: np.ndarray  # (L,)
+    span: np.ndarray  # (L+1, L+1)
+    C: np.ndarray  # (L+1, L+1) run costs, +inf off the upper triangle
+    allowed: tuple[int, ...]  # removable blocks (protect_ends drops 0 and L-1)
+    baselines: Mapping[str, np.ndarray]
+    seed: int
+
+
+@dataclass
+class SelectorOutput:
+    """A selector's answer; `select` adds the objective, timing and bookkeeping."""
+
+    removed: tuple[int, ...]
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    forward_passes: int = 0
+    span_lookups: int = 0
+
+
+SelectorFn = Callable[..., SelectorOutput]
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A registered selector: its function, accepted options with defaults, and a one-line description."""
+
+    name: str
+    fn: SelectorFn | None  # fn(problem, **options); None where a model is needed
+    defaults: Mapping[str, Any]
+    description: str
+    needs_model: bool = False
+
+
+SELECTORS: dict[str, Selector] = {}
+
+
+def register_selector(name: str, defaults: Mapping[str, Any] | None = None, description: str = "",
+                      needs_model: bool = False) -> Callable[[SelectorFn], SelectorFn]:
+    """Decorator adding `fn(problem, **options) -> SelectorOutput` under `name`; refuses duplicates.
+
+    `defaults` lists every option the selector accepts; `select` rejects any other.
+    """
+
+    def deco(fn: SelectorFn) -> SelectorFn:
+        if name in SELECTORS:
+            raise MiPrunError(f"selector {name!r} is already registered.")
+        SELECTORS[name] = Selector(name, None if needs_model else fn, dict(defaults or {}),
+                                   description, needs_model)
+        return fn
+
+    return deco
+
+
+def get_selector(name: str) -> Selector:
+    """The registered selector called `name`; `MiPrunError` listing the valid names otherwise."""
+    if name not in SELECTORS:
+        raise MiPrunError(f"unknown selection method {name!r}: choose one of "
+                          f"{', '.join(sorted(SELECTORS))}.")
+    return SELECTORS[name]
+
+
+def _validated_options(sel: Selector, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The selector's defaults updated by `options`, each checked against its default's type."""
+    from mi_prun.config import as_float, as_int
+
+    unknown = sorted(set(options) - set(sel.defaults))
+    if unknown:
+        valid = ", ".join(sorted(sel.defaults)) or "none"
+        raise MiPrunError(f"method {sel.name!r} does not take option(s) {', '.join(unknown)}; "
+                          f"its options: {valid}.")
+    out = dict(sel.defaults)
+    for key, value in options.items():
+        default, label = sel.defaults[key], f"option {key} of method {sel.name!r}"
+        if value is None and default is None:
+            out[key] = None
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise MiPrunError(f"{label} must be True or False, got {value!r}.")
+            out[key] = value
+        elif isinstance(default, int) or default is None:
+            out[key] = as_int(value, label, minimum=0)  # selectors check their own ranges
+        elif isinstance(default, float):
+            out[key] = as_float(value, label)
+        else:
+            out[key] = value
+    return out
+
+
+def check_analysis(analysis: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(block_mi, span, span_norm or None) of an `Analysis` as float64 arrays, shapes checked."""
+    block_mi = np.asarray(analysis.block_mi, dtype=np.float64)
+    span = np.asarray(analysis.span, dtype=np.float64)
+    L = block_mi.shape[0]
+    if block_mi.ndim != 1 or L < 1:
+        raise MiPrunError(f"block_mi must have shape (L,) with L >= 1; got {block_mi.shape}.")
+    if span.shape != (L + 1, L + 1):
+        raise MiPrunError(f"span matrix has shape {span.shape}; {L} blocks need ({L + 1}, {L + 1}).")
+    norm = getattr(analysis, "span_norm", None)
+    return block_mi, span, None if norm is None else np.asarray(norm, dtype=np.float64)
+
+
+def _config(method: Any, n: Any, ratio: Any, run_cost: str, protect_ends: Any, seed: Any,
+            options: Mapping[str, Any], config: Any) -> Any:
+    """One validated `SelectConfig` from either `config` (n/ratio may still override its count)
+    or the individual arguments."""
+    if isinstance(method, SelectConfig):
+        config, method = method, SelectConfig.method
+    if config is None:
+        return SelectConfig(method=method, run_cost=run_cost, protect_ends=protect_ends, n=n, ratio=ratio,
+                            seed=seed, options=options)
+    if not isinstance(config, SelectConfig):
+        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
+    d = SelectConfig()
+    if (method, run_cost, protect_ends, seed) != (d.method, d.run_cost, d.protect_ends, d.seed) or options:
+        raise MiPrunError("give the selection settings either in config or as arguments, not both "
+                          "(only n or ratio may override config's count).")
+    return config.replace(n=n, ratio=ratio) if (n is not None or ratio is not None) else config
+
+
+def _provenance(analysis: Any) -> dict[str, Any]:
+    """What a selection records of the analysis it came from (model identity included)."""
+    return {key: getattr(analysis, key, None) for key in ("model", "estimator", "estimator_options", "calibration")}
+
+
+def select(analysis: Any, method: str = SelectConfig.method, n: int | None = None, ratio: float | None = None,
+           run_cost: str = SelectConfig.run_cost, protect_ends: bool | int | float = SelectConfig.protect_ends,
+           seed: int = 0, *, config: Any = None, **options: Any) -> Selection:
+    """Choose blocks to remove from an `Analysis`; every default is `SelectConfig`'s (the shipped one).
+
+    Give the settings as a `SelectConfig` (`select(analysis, cfg)` or `config=cfg`) or as
+    arguments. `n` blocks, or `ratio` of the L blocks (rounded half up); with neither, the config's
+    default ratio. `method` is a name of `SELECTORS`; `run_cost` names the entry of `RUN_COSTS` that
+    the MI objective uses (optimised by "fbs", "local", "exact", "exhaustive"; reported for every
+    method). `protect_ends` keeps the ends: True never removes block 0 or block L-1, an int k the
+    first and last k blocks, a float in (0, 0.5) that fraction of L. `seed` drives "random" only.
+    Method options (e.g. fbs: pool, k, max_iter) go in `options`.
+    """
+    cfg = _config(method, n, ratio, run_cost, protect_ends, seed, options, config)
+    sel = get_selector(cfg.method)
+    if sel.needs_model:
+        raise MiPrunError(f"method {cfg.method!r} needs the model and calibration tokens, which an "
+                          "analysis does not hold. Fix: call mi_prun.select.sleb_select(model, "
+                          "input_ids, n) instead.")
+    opts = _validated_options(sel, cfg.options)
+    t0 = time.perf_counter()
+    block_mi, span, span_norm = check_analysis(analysis)
+    L = block_mi.shape[0]
+    count = resolve_n(L, **cfg.count, protect_ends=cfg.protect_ends)
+    C = cost_matrix(span, span_norm, cfg.run_cost)
+    problem = Problem(n_blocks=L, n=count, block_mi=block_mi, span=span, C=C,
+                      allowed=tuple(allowed_blocks(L, cfg.protect_ends)),
+                      baselines=dict(getattr(analysis, "baselines", {}) or {}), seed=cfg.seed)
+    assert sel.fn is not None
+    out = sel.fn(problem, **opts)
+    seconds = time.perf_counter() - t0
+    result = make_selection(cfg.method, count, L, out.removed, set_cost(out.removed, C), cfg.run_cost,
+                            seconds, forward_passes=out.forward_passes,
+                            span_lookups=out.span_lookups, ratio=cfg.count.get("ratio"),
+                            trajectory=out.trajectory,
+                            options={"protect_ends": cfg.protect_ends, "seed": cfg.seed, **opts},
+                            provenance=_provenance(analysis))
+    log.info("%s removed %s (objective %.6g, %s) in %.3fs", cfg.method, list(result.removed),
+             result.objective, cfg.run_cost, seconds)
+    return result
+
+
+COMPARE_METHODS = ("fbs", "local", "exact", "exhaustive")
+
+
+def compare(analysis: Any, n: int | None = None, ratio: float | None = None,
+            run_cost: str = SelectConfig.run_cost, methods: Sequence[str] = COMPARE_METHODS,
+            protect_ends: bool | int | float = SelectConfig.protect_ends, seed: int = 0,
+            options: Mapping[str, Mapping[str, Any]] | None = None, *, config: Any = None) -> list[dict[str, Any]]:
+    """One row per method: removed, objective, gap to the exact optimum, time, feasibility.
+
+    Settings as in `select` (a `SelectConfig` in `config`, whose method is ignored, or arguments).
+    Rows: {"method", "removed", "objective", "gap", "rel_gap", "seconds", "forward_passes",
+    "span_lookups", "feasible", "reason"}. gap = objective - exact objective (>= 0);
+    rel_gap = gap / |exact| (None when exact is 0). A method that refuses (e.g. exhaustive past
+    its limit, a missing baseline) gives a row with feasible False and the reason.
+    """
+    if config is not None:
+        config = _config(SelectConfig.method, n, ratio, SelectConfig.run_cost, SelectConfig.protect_ends, 0, {},
+                         config)
+    else:
+        config = _config(SelectConfig.method, n, ratio, run_cost, protect_ends, seed, {}, None)
+    L = int(np.asarray(analysis.block_mi).shape[0])
+    count = resolve_n(L, **config.count, protect_ends=config.protect_ends)  # bad n fails once, up front
+    base = config.replace(n=count, ratio=None)
+    options = options or {}
+
+    def run(method: str) -> Selection:
+        return select(analysis, config=base.replace(method=method, options=dict(options.get(method, {}))))
+
+    exact = run("exact")
+    rows = []
+    for method in methods:
+        try:
+            s = exact if method == "exact" else run(method)
+        except MiPrunError as exc:
+            rows.append({"method": method, "removed": None, "objective": None, "gap": None,
+                         "rel_gap": None, "seconds": None, "forward_passes": None,
+                         "span_lookups": None, "feasible": False, "reason": str(exc)})
+            continue
+        gap = s.objective - exact.objective
+        rel = gap / abs(exact.objective) if exact.objective != 0 else None
+        rows.append({"method": method, "removed": list(s.removed), "objective": s.objective,
+                     "gap": gap, "rel_gap": rel, "seconds": s.seconds,
+                     "forward_passes": s.forward_passes, "span_lookups": s.span_lookups,
+                     "feasible": True, "reason": None})
+    return rows

@@ -1,0 +1,188 @@
+"""The result of a selection: `Selection` (which blocks, how chosen, at what cost), its JSON form,
+and `make_selection`, which every selector's answer goes through so that results are checked and
+serialisable alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+
+from mi_prun.errors import MiPrunError
+from mi_prun.files import dump_json, jsonable
+from mi_prun.select.costs import runs_of
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which blocks to remove, how they were chosen, and what it cost. Blocks numbered from 0.
+
+    objective: sum of run costs of `removed` under `run_cost` (lower = better); NaN only where no
+        span matrix was available (e.g. `sleb_select` without an analysis).
+    forward_passes: full passes over the calibration set (0 for score-based methods).
+    span_lookups: distinct span entries the method read.
+    trajectory: method-specific steps (JSON-serialisable), e.g. FBS iterations or SLEB steps.
+    """
+
+    method: str
+    n: int
+    n_blocks: int
+    removed: tuple[int, ...]
+    kept: tuple[int, ...]
+    runs: list[tuple[int, int]]
+    objective: float
+    run_cost: str
+    seconds: float
+    forward_passes: int = 0
+    span_lookups: int = 0
+    ratio: float | None = None
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # the analysis: model (with identity), estimator, calibration
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; non-finite floats become None (strict JSON has no NaN)."""
+        return jsonable({
+            "method": self.method, "n": self.n, "n_blocks": self.n_blocks,
+            "removed": list(self.removed), "kept": list(self.kept),
+            "runs": [list(r) for r in self.runs], "objective": self.objective,
+            "run_cost": self.run_cost, "seconds": self.seconds,
+            "forward_passes": self.forward_passes, "span_lookups": self.span_lookups,
+            "ratio": self.ratio, "trajectory": self.trajectory, "options": self.options,
+            "provenance": self.provenance,
+        })
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
+        """Inverse of `to_dict`."""
+        try:
+            objective = d["objective"]
+            return cls(
+                method=str(d["method"]), n=int(d["n"]), n_blocks=int(d["n_blocks"]),
+                removed=tuple(int(b) for b in d["removed"]), kept=tuple(int(b) for b in d["kept"]),
+                runs=[(int(s), int(e)) for s, e in d["runs"]],
+                objective=math.nan if objective is None else float(objective),
+                run_cost=str(d["run_cost"]), seconds=float(d["seconds"]),
+                forward_passes=int(d.get("forward_passes", 0)),
+                span_lookups=int(d.get("span_lookups", 0)),
+                ratio=None if d.get("ratio") is None else float(d["ratio"]),
+                trajectory=list(d.get("trajectory", [])), options=dict(d.get("options", {})),
+                provenance=dict(d.get("provenance") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MiPrunError(f"not a saved selection ({type(exc).__name__}: {exc}).") from exc
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the selection as a JSON file (atomically); an existing file is replaced only with
+        `overwrite` and only if it is an earlier selection file."""
+        from mi_prun.config import as_path
+
+        target = Path(as_path(path, "selection file")).expanduser().absolute()
+        if target.is_dir():
+            raise MiPrunError(f"{target} is a folder. Fix: give a file name such as selection.json.")
+        if target.exists():
+            if not overwrite:
+                raise MiPrunError(f"{target} exists. Fix: choose another file name or pass --overwrite.")
+            if _read(target, quiet=True) is None:
+                raise MiPrunError(f"{target} is not an earlier mi-prun selection; --overwrite replaces only "
+                                  "those. Fix: choose another file name.")
+        record = {"format": SELECTION_FORMAT, "format_version": 1, **self.to_dict()}
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            dump_json(record, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise MiPrunError(f"cannot write the selection to {target}: {exc.strerror or exc}. Fix: "
+                              "choose a writable location.") from exc
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Selection":
+        """Read a selection file written by `save` (or `mi-prun select --out`), checked."""
+        from mi_prun.config import as_path
+
+        src = Path(as_path(path, "selection file"))
+        if not src.is_file():
+            raise MiPrunError(f"selection file {src} not found. Fix: give a file written by "
+                              "`mi-prun select --out`.")
+        record = _read(src)
+        assert record is not None
+        sel = cls.from_dict(record)
+        L = sel.n_blocks
+        if L < 1 or len(set(sel.removed)) != sel.n or not 0 < sel.n < L or \
+                any(not 0 <= b < L for b in sel.removed) or \
+                tuple(sorted(set(range(L)) - set(sel.removed))) != sel.kept or runs_of(sel.removed) != sel.runs:
+            raise MiPrunError(f"selection file {src} is inconsistent (removed {list(sel.removed)} of "
+                              f"{L} blocks). Fix: write it again with `mi-prun select --out`.")
+        return sel
+
+    def check_model(self, model: Any, force: bool = False, where: str = "the selection") -> None:
+        """Refuse to apply this selection to a model other than the one its analysis was made on
+        (`force=True` accepts another model with the same block count)."""
+        from mi_prun.models import find_blocks
+        from mi_prun.results import identity_mismatch
+
+        n = len(find_blocks(model))
+        if n != self.n_blocks:
+            raise MiPrunError(f"{where} is for a model of {self.n_blocks} blocks; this one has {n}. "
+                              "Fix: select blocks from an analysis of this model.")
+        model_meta = self.provenance.get("model") if isinstance(self.provenance.get("model"), dict) else {}
+        why = identity_mismatch(model_meta.get("identity"), model)
+        if why and not force:
+            raise MiPrunError(f"{where} was made for another model ({model_meta.get('spec')}): {why}. "
+                              "Fix: use a selection of this model, or pass --force (force=True) if you "
+                              "know the two share a structure.")
+
+
+SELECTION_FORMAT = "mi-prun-selection"
+
+
+def _read(path: Path, quiet: bool = False) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        if quiet:
+            return None
+        raise MiPrunError(f"selection file {path} cannot be read ({type(exc).__name__}). Fix: write it "
+                          "again with `mi-prun select --out`.") from exc
+    if not isinstance(record, dict) or record.get("format") != SELECTION_FORMAT:
+        if quiet:
+            return None
+        raise MiPrunError(f"{path} is not a mi-prun selection file. Fix: give a file written by "
+                          "`mi-prun select --out`.")
+    return record
+
+
+def make_selection(method: str, n: int, L: int, removed: Iterable[int], objective: float,
+                   run_cost: str, seconds: float, *, forward_passes: int = 0, span_lookups: int = 0,
+                   ratio: float | None = None, trajectory: list[dict[str, Any]] | None = None,
+                   options: dict[str, Any] | None = None,
+                   provenance: dict[str, Any] | None = None) -> Selection:
+    """A checked `Selection`: `removed` sorted, kept and runs derived, extras made JSON-safe.
+
+    Raises AssertionError when `removed` is not n distinct blocks of 0..L-1 (a selector bug).
+    """
+    rem = tuple(sorted(int(b) for b in removed))
+    if len(set(rem)) != n or any(b < 0 or b >= L for b in rem):
+        # A selector bug, not a user problem: fail loudly.
+        raise AssertionError(f"{method} returned {rem}, expected {n} distinct blocks in 0..{L - 1}")
+    gone = set(rem)
+    kept = tuple(b for b in range(L) if b not in gone)
+    return Selection(method=method, n=n, n_blocks=L, removed=rem, kept=kept, runs=runs_of(rem),
+                     objective=float(objective), run_cost=run_cost, seconds=float(seconds),
+                     forward_passes=int(forward_passes), span_lookups=int(span_lookups),
+                     ratio=None if ratio is None else float(ratio),
+                     trajectory=jsonable(trajectory or []), options=jsonable(options or {}),
+                     provenance=jsonable(provenance or {}))
+
