@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mi_prun.config import EvalConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import context_length
 from mi_prun.progress import Progress
@@ -126,9 +127,9 @@ def perplexity(
     tokenizer: Any,
     text: str,
     *,
-    seq_len: int = 256,
-    max_windows: int | None = None,
-    batch_size: int = 4,
+    seq_len: int = EvalConfig.seq_len,
+    max_windows: int | None = EvalConfig.max_windows,
+    batch_size: int = EvalConfig.batch_size,
     add_bos: bool | str = "auto",
     progress: Progress | None = None,
 ) -> PerplexityResult:
@@ -213,7 +214,6 @@ def evaluate(model: nn.Module, tokenizer: Any, config: Any = None, *,
     WikiText-2 test split, windows of 256 tokens, all of them)."""
     from dataclasses import replace
 
-    from mi_prun.config import EvalConfig
     from mi_prun.data import load_text
 
     cfg = config if config is not None else EvalConfig()

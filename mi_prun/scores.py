@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mi_prun.config import DPI_TOL
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import Estimator, get_estimator
 
 log = logging.getLogger(__name__)
 
-DPI_TOL: tuple[float, float] = (0.02, 0.01)  # (rtol, atol nats), see dpi_report
 N_GROUPS = 8
 _MEM_BUDGET = 256 * 2**20  # bytes for the largest temporary of the batched baseline passes
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def _run_cost_fn(name: str) -> RunCostFn:
 
 
 def cost_matrix(span: np.ndarray, span_norm: np.ndarray | None = None,
-                run_cost: str = "neg-mi") -> np.ndarray:
+                run_cost: str = SelectConfig.run_cost) -> np.ndarray:
     """C[i, j] = cost of removing the run i..j-1, for 0 <= i < j <= L; +inf elsewhere.
 
     A non-finite cost (a missing or broken span estimate) becomes +inf, so no selector removes
