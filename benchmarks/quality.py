@@ -13,6 +13,16 @@ x `--sleb-tokens`, 8 x 128 by default) because it costs O(L n) forward passes; t
 `--estimators`, `--selectors` and `--first-variants` restrict the grid (a screening run with few
 windows, then a final run of the finalists, is how RESULTS.md was made).
 
+Labels name what is computed: `gauss-ch` is gaussian-channel with no preprocessing, the shipped
+default estimate; centring or standardising each channel first gives the same estimate (a
+correlation ignores per-channel shift and scale), so the grid has one row for the three. Results
+written before the rename call it `gauss-ch/std`; `--estimators` and `--first-variants` still accept
+that name, and `--rerender` rewrites it in a results file (the recorded options and every number
+stay as they were measured).
+
+"Analysis s" in the table is the capture plus the scoring of that capture (tokenising and the model
+load excluded); selection times are in the JSON (`select_seconds`, milliseconds).
+
 Writes benchmarks/results/<name>.json (one row per method x n), <name>.md (table) and <name>.png
 (perplexity against removed blocks).
 """
@@ -36,21 +46,25 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mi_prun import defaults  # noqa: E402
+from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
 from mi_prun.data import load_text  # noqa: E402
+from mi_prun.errors import MiPrunError  # noqa: E402
+from mi_prun.estimators import get_estimator  # noqa: E402
 from mi_prun.evaluate import perplexity  # noqa: E402
 from mi_prun.models import load_model  # noqa: E402
-from mi_prun.pipeline import AnalysisConfig, analysis_from_capture, prepare_calibration, run_capture  # noqa: E402
+from mi_prun.pipeline import analysis_from_capture, prepare_calibration, run_capture  # noqa: E402
 from mi_prun.prune import pruned_view  # noqa: E402
-from mi_prun.report import library_versions  # noqa: E402
+from mi_prun.results import library_versions  # noqa: E402
 from mi_prun.select import select, sleb_select  # noqa: E402
 
 log = logging.getLogger("quality")
 
-# (label, estimator, options): every estimator x preprocessing worth trying.
+# (label, estimator, options): every distinct estimate worth trying (estimator x preprocessing).
+# gaussian-channel is a per-channel correlation, blind to per-channel centring and scaling: "none",
+# "center" and "standardize" are one estimate, listed once as "gauss-ch" (no preprocessing, the
+# estimator's own default and the shipped one).
 ESTIMATOR_GRID = [
-    ("gauss-ch/none", "gaussian-channel", {"preprocess": "none"}),
-    ("gauss-ch/std", "gaussian-channel", {"preprocess": "standardize"}),
+    ("gauss-ch", "gaussian-channel", {"preprocess": "none"}),
     ("gauss-ch/rms", "gaussian-channel", {"preprocess": "rms"}),
     ("gauss-joint/std", "gaussian-joint", {"preprocess": "standardize"}),
     ("gauss-joint/rms", "gaussian-joint", {"preprocess": "rms"}),
@@ -59,6 +73,11 @@ ESTIMATOR_GRID = [
     ("binning/std", "binning", {"preprocess": "standardize"}),
     ("ksg/rms", "ksg", {"preprocess": "rms", "max_samples": 1024}),
 ]
+# Former labels, still accepted on the command line and rewritten by --rerender.
+LABEL_ALIASES = {"gauss-ch/std": "gauss-ch", "gauss-ch/none": "gauss-ch"}
+# Preprocessings that give the same estimate as another, per estimator (see ESTIMATOR_GRID).
+SAME_ESTIMATE = {"gaussian-channel": {"center": "none", "standardize": "none"}}
+
 # (selector, run cost, protect_ends)
 SELECTOR_GRID = [
     ("topk", "neg-mi", False),
@@ -100,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--estimators", default="all", help="comma-separated labels from the grid, or all")
     ap.add_argument("--selectors", default="all",
                     help="comma-separated selector labels (topk, topk+protect, fbs/neg-mi, exact/info-loss, ...), or all")
-    ap.add_argument("--first-variants", default="gauss-ch/std,gauss-ch/rms",
+    ap.add_argument("--first-variants", default="gauss-ch,gauss-ch/rms",
                     help="estimator labels also scored with the first position kept ('all' for every one)")
     ap.add_argument("--sleb-tokens", type=int, default=128, help="tokens per SLEB calibration sample")
     ap.add_argument("--full", action="store_true", help="published protocol: 1024-token windows, 80 windows")
@@ -112,8 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="JSON file of perplexities per removed set, reused across runs of the same protocol")
     ap.add_argument("--dry-run", action="store_true", help="selections only: list the distinct removed sets")
     ap.add_argument("--rerender", default=None, metavar="JSON",
-                    help="re-mark the shipped defaults (mi_prun/defaults.py) in a results JSON and rewrite "
-                         "its table and plot; no measurement")
+                    help="re-mark the shipped defaults (mi_prun.config) and rename former labels in a results "
+                         "JSON, and rewrite its table and plot; no measurement")
     args = ap.parse_args(argv)
     if args.full:
         args.eval_seq_len, args.eval_windows = 1024, 80
@@ -122,28 +141,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.calib, args.eval = "builtin", "builtin"
         args.samples, args.tokens, args.eval_seq_len, args.eval_windows = 8, 64, 64, 4
         args.ns, args.sleb_samples, args.sleb_tokens, args.random_seeds = "1,2", 2, 32, 1
-        args.estimators = "gauss-ch/std"
+        args.estimators = "gauss-ch"
     args.name = args.name or (f"quality-{args.model.replace('/', '_')}" + ("-full" if args.full else "")
                               + ("-quick" if args.quick else ""))
     return args
 
 
+def canonical_label(label: str) -> str:
+    return LABEL_ALIASES.get(label, label)
+
+
+def label_list(value: str) -> list[str]:
+    """Comma-separated estimator labels, former names mapped to the current ones."""
+    return [canonical_label(x.strip()) for x in value.split(",") if x.strip()]
+
+
+def estimate_key(estimator: str, options: dict) -> tuple:
+    """What decides an estimate: the estimator and its resolved options (its own defaults filled
+    in), with preprocessings that give the same estimate merged (SAME_ESTIMATE)."""
+    try:
+        resolved = dict(get_estimator(estimator, **dict(options)).options)
+    except MiPrunError:  # a results file from an older version: compare what it recorded
+        resolved = dict(options)
+    pre = resolved.get("preprocess")
+    if pre is not None:
+        resolved["preprocess"] = SAME_ESTIMATE.get(estimator, {}).get(pre, pre)
+    return estimator, tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in resolved.items()))
+
+
+def shipped_defaults() -> dict:
+    """The shipped defaults, read from the config types (mi_prun.config), in a row's option keys."""
+    a, s = AnalysisConfig(), SelectConfig()
+    return {"estimator": a.estimator, "estimator_options": dict(a.estimator_options),
+            "estimator_options_resolved": dict(get_estimator(a.estimator, **a.estimator_options).options),
+            "drop_first": a.drop_first, "selector": s.method, "run_cost": s.run_cost,
+            "protect_ends": s.protect_ends}
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    # protect_ends True, 1 and 1.0 mean different things; so do False and 0.
+    return type(a) is type(b) and a == b
+
+
 def is_default_row(options: dict) -> bool:
-    """Whether a row's configuration is the one mi_prun/defaults.py ships."""
-    return (options.get("estimator") == defaults.ESTIMATOR
-            and options.get("estimator_options", {}).get("preprocess") == defaults.ESTIMATOR_OPTIONS.get("preprocess")
-            and options.get("drop_first") == defaults.DROP_FIRST and options.get("selector") == defaults.SELECTOR
-            and options.get("run_cost") == defaults.RUN_COST and options.get("protect_ends") == defaults.PROTECT_ENDS)
+    """Whether a row's configuration is the shipped one (AnalysisConfig() and SelectConfig()).
+
+    The estimate is compared, not the spelling of its options: gaussian-channel with preprocess
+    none, center or standardize (or none given) is the default estimate."""
+    d = shipped_defaults()
+    if "estimator" not in options:
+        return False
+    return (estimate_key(options["estimator"], options.get("estimator_options", {}))
+            == estimate_key(d["estimator"], d["estimator_options"])
+            and all(_same_setting(options.get(k), d[k]) for k in ("drop_first", "selector", "run_cost", "protect_ends")))
+
+
+def relabel(method: str) -> str:
+    """An MI row's method name with a former estimator label renamed (`mi-prun <label> ...`)."""
+    parts = method.split(" ", 2)
+    if len(parts) >= 2 and parts[0] == "mi-prun" and parts[1] in LABEL_ALIASES:
+        parts[1] = LABEL_ALIASES[parts[1]]
+    return " ".join(parts)
 
 
 def rerender(path: Path, ns: list[int], plot_it: bool = True) -> dict:
-    """Mark the current defaults in an existing results file and rewrite its Markdown and plot."""
+    """Mark the current defaults in an existing results file, rename former estimator labels, and
+    rewrite its Markdown and plot. Options, sets and every number stay as they were measured."""
     result = json.loads(path.read_text())
+    renamed = dict(result.get("relabelled", {}))
     for row in result["rows"]:
         row["default"] = row["family"] == "mi-prun" and is_default_row(row["options"])
-    result["defaults"] = {"estimator": defaults.ESTIMATOR, "estimator_options": defaults.ESTIMATOR_OPTIONS,
-                          "drop_first": defaults.DROP_FIRST, "selector": defaults.SELECTOR,
-                          "run_cost": defaults.RUN_COST, "protect_ends": defaults.PROTECT_ENDS}
+        new = relabel(row["method"])
+        if new != row["method"]:
+            old_label, new_label = row["method"].split(" ", 2)[1], new.split(" ", 2)[1]
+            renamed[old_label] = new_label
+            row["method"] = new
+    if renamed:
+        result["relabelled"] = renamed
+    result["defaults"] = shipped_defaults()
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
     md = markdown(result, ns)
     path.with_suffix(".md").write_text(md)
@@ -161,8 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     ns = [int(x) for x in args.ns.split(",")]
     grid = ESTIMATOR_GRID if args.estimators == "all" else \
-        [g for g in ESTIMATOR_GRID if g[0] in args.estimators.split(",")]
-    sel_grid = [("fbs", defaults.RUN_COST, defaults.PROTECT_ENDS)] if args.quick else \
+        [g for g in ESTIMATOR_GRID if g[0] in label_list(args.estimators)]
+    shipped = SelectConfig()
+    sel_grid = [(shipped.method, shipped.run_cost, shipped.protect_ends)] if args.quick else \
         [g for g in SELECTOR_GRID if args.selectors == "all" or selector_label(*g) in args.selectors.split(",")]
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     L = loaded.n_blocks
@@ -219,21 +295,23 @@ def main(argv: list[str] | None = None) -> dict:
     # -------------------------------------------------------------- baselines, same capture
     # The baselines score the same capture (with the default first-position choice); they run
     # first so that an interrupted run still has its reference rows (perplexities are cached).
-    cfg, cap = captures[defaults.DROP_FIRST]
+    # They run as published, every block removable: protect_ends=False is explicit because
+    # select() and sleb_select() default to the shipped SelectConfig, which protects the ends.
+    cfg, cap = captures[base_cfg.drop_first]
     default_analysis = analysis_from_capture(loaded, calib, cap, cfg)
-    base_s = captures[defaults.DROP_FIRST][1].seconds
+    base_s = cap.seconds
     for method in ("shortgpt", "angular"):
         for n in ns:
-            sel = select(default_analysis, method, n=n)
+            sel = select(default_analysis, method, n=n, protect_ends=False)
             add(method, "baseline", n, sel.removed, analysis_s=base_s, select_s=sel.seconds, options={})
     for seed in range(args.random_seeds):
         for n in ns:
-            sel = select(default_analysis, "random", n=n, seed=seed)
+            sel = select(default_analysis, "random", n=n, seed=seed, protect_ends=False)
             add(f"random (seed {seed})", "random", n, sel.removed, analysis_s=0.0, options={"seed": seed})
     if args.sleb_samples > 0:
         sleb_cfg = replace(base_cfg, n_samples=args.sleb_samples, seq_len=args.sleb_tokens, seed=1)
         sleb_calib = prepare_calibration(loaded, sleb_cfg)
-        sel = sleb_select(loaded.model, sleb_calib.input_ids, n=max(ns))
+        sel = sleb_select(loaded.model, sleb_calib.input_ids, n=max(ns), protect_ends=False)
         # SLEB is greedy and incremental: the set after step t is its answer for n = t + 1.
         passes = 0
         for step in sel.trajectory:
@@ -243,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
                 add("sleb", "sleb", n, step["removed"], analysis_s=step["elapsed"], passes=passes,
                     options={"calibration": f"{args.sleb_samples} x {args.sleb_tokens} tokens of {args.calib}"})
 
-    firsts = args.first_variants.split(",")
+    firsts = label_list(args.first_variants)
     for label, est, opts in grid:
         for drop_first in (True, False):
             if not drop_first and args.first_variants != "all" and label not in firsts:
@@ -279,9 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "eval_windows": dense["windows"], "eval_tokens": dense["tokens"], "bos": dense["bos"],
                      "perplexity_protocol": dense["protocol"],
                      "sleb_calibration": f"{args.sleb_samples} x {args.sleb_tokens} tokens"},
-        "defaults": {"estimator": defaults.ESTIMATOR, "estimator_options": defaults.ESTIMATOR_OPTIONS,
-                     "drop_first": defaults.DROP_FIRST, "selector": defaults.SELECTOR,
-                     "run_cost": defaults.RUN_COST, "protect_ends": defaults.PROTECT_ENDS},
+        "defaults": shipped_defaults(),
         "dense_ppl": dense["ppl"],
         "rows": rows,
         "environment": {"device": str(loaded.device), "threads": torch.get_num_threads(),
@@ -335,6 +411,11 @@ def markdown(result: dict, ns: list[int]) -> str:
             f"{'prepended' if p['bos'] else 'not used'}). Calibration: {p['calibration']['n_samples']} x "
             f"{p['calibration']['seq_len']} tokens of {p['calibration']['source']}. Blocks numbered from 0.\n\n"
             f"Command: `{result['command']}`\n\n")
+    if result.get("relabelled"):
+        names = ", ".join(f"`{a}` is now `{b}`" for a, b in result["relabelled"].items())
+        head += (f"Estimator labels renamed after this run ({names}): the recorded options and every number are "
+                 f"as measured; gaussian-channel gives one estimate with or without per-channel centring or "
+                 f"standardisation.\n\n")
     cols = " | ".join(f"n={n}" for n in ns)
     lines = [head, f"| method | {cols} | geo. mean | analysis s | forward passes |",
              "|---|" + "---|" * len(ns) + "---|---|---|"]

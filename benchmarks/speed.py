@@ -16,10 +16,14 @@ Sections (each a ratio where a ratio is the honest form):
            the peak increase during the capture, each N in a fresh process (CPU, except --quick: VmHWM reset
            through /proc/self/clear_refs, and ru_maxrss), or torch.cuda.max_memory_allocated (GPU).
   select   Fast-Block-Select against the exact optimum (dynamic programme) against exhaustive
-           enumeration on the span matrix of a real analysis: time, objective, gap, per n.
-  e2e      end-to-end analysis time against SLEB-style selection (sleb_select) on the same
-           calibration tokens; SLEB is greedy, so its first 4 steps are exactly its n=4 answer, and one
-           n=8 run times both.
+           enumeration on the span matrix of a real analysis: time, objective, gap, per n. The
+           shipped run cost (SelectConfig().run_cost), every block removable (no end protection),
+           so the search space is C(L, n).
+  e2e      end-to-end analysis time (tokenise + capture + score, the model load excluded: the
+           analysis's timings["total"]; its load is timings["load_model"]) plus FBS, against
+           SLEB-style selection (sleb_select) on the same calibration tokens, both with every block
+           removable; SLEB is greedy, so its first 4 steps are exactly its n=4 answer, and one n=8
+           run times both.
 
 `--model random-llama2-7b` builds a randomly initialised model of Llama-2-7B's shape from a
 LlamaConfig (no download; timing needs no trained weights) and feeds random token ids;
@@ -46,8 +50,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mi_prun import defaults
 from mi_prun.capture import capture
+from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.models import LoadedModel, load_model, resolve_device, resolve_dtype
 
@@ -184,7 +188,7 @@ def bench_capture(loaded: LoadedModel, calib: Calibration, batch_size: int, repe
             body(input_ids=x, attention_mask=m, use_cache=False)
 
     def run_capture() -> None:
-        capture(model, ids, mask, max_positions=max_positions, drop_first=defaults.DROP_FIRST,
+        capture(model, ids, mask, max_positions=max_positions, drop_first=AnalysisConfig().drop_first,
                 seed=0, batch_size=batch_size)
 
     kinds = {"forward": forward_full, "forward_body": forward_body, "capture": run_capture}
@@ -338,7 +342,7 @@ def memory_child(spec: str, device: str, dtype: str, calib: str, n: int, t: int,
         rss0 = _rss_kib()
         maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cap = capture(loaded.model, cal.input_ids, cal.attention_mask, max_positions=max_positions,
-                  drop_first=defaults.DROP_FIRST, seed=0, batch_size=batch_size)
+                  drop_first=AnalysisConfig().drop_first, seed=0, batch_size=batch_size)
     out["capture_bytes"] = int(cap.hidden.element_size() * cap.hidden.nelement())
     out["positions_kept"] = cap.m
     out["seconds"] = cap.seconds
@@ -364,7 +368,7 @@ def bench_memory(args: argparse.Namespace, loaded: LoadedModel, sizes: dict[str,
     t = sizes["mem_t"]
     ns = sizes["mem_ns"]
     # Keep m fixed for every N: the smallest calibration must already fill it.
-    max_positions = min(ns) * (t - 1 if defaults.DROP_FIRST else t)
+    max_positions = min(ns) * (t - 1 if AnalysisConfig().drop_first else t)
     batch_size = min(8, min(ns))
     rows: list[dict[str, Any]] = []
     fresh = loaded.device.type != "cuda" and sizes.get("mem_fresh_process", True)
@@ -413,13 +417,16 @@ def bench_select(analysis: Any, sizes: dict[str, Any], log: Callable[[str], None
 
     L = int(np.asarray(analysis.block_mi).shape[0])
     reps = sizes["select_repeats"]
+    run_cost = SelectConfig().run_cost
+    # Every block removable: the search space is C(L, n), the "combinations" reported per row.
+    protect_ends = False
     rows = []
     for n in sizes["select_ns"]:
         if n >= L:
             continue
         exact_times = []
         for _ in range(reps):
-            exact = select(analysis, "exact", n=n, run_cost=defaults.RUN_COST)
+            exact = select(analysis, "exact", n=n, run_cost=run_cost, protect_ends=protect_ends)
             exact_times.append(exact.seconds)
         row: dict[str, Any] = {"n": n, "combinations": math.comb(L, n), "exact": {
             "removed": list(exact.removed), "objective": exact.objective,
@@ -431,7 +438,7 @@ def bench_select(analysis: Any, sizes: dict[str, Any], log: Callable[[str], None
             try:
                 times, s = [], None
                 for _ in range(1 if method == "exhaustive" else reps):
-                    s = select(analysis, method, n=n, run_cost=defaults.RUN_COST, **opts)
+                    s = select(analysis, method, n=n, run_cost=run_cost, protect_ends=protect_ends, **opts)
                     times.append(s.seconds)
             except MiPrunError:
                 row[method] = {"refused": f"refused (C({L},{n})={math.comb(L, n):,} > "
@@ -452,7 +459,8 @@ def bench_select(analysis: Any, sizes: dict[str, Any], log: Callable[[str], None
             parts.append(f"{method} " + (r["refused"] if "refused" in r else
                                          f"{r['seconds'] * 1e3:.2f} ms gap {r.get('gap', 0.0):.3g}"))
         log(f"  select n={n}: " + "; ".join(parts))
-    return {"L": L, "run_cost": defaults.RUN_COST, "timing": f"median of {reps} calls (exhaustive: 1)",
+    return {"L": L, "run_cost": run_cost, "protect_ends": protect_ends,
+            "timing": f"median of {reps} calls (exhaustive: 1)",
             "max_combinations": sizes["max_combinations"], "rows": rows}
 
 
@@ -461,7 +469,7 @@ def bench_select(analysis: Any, sizes: dict[str, Any], log: Callable[[str], None
 
 
 def run_analysis(loaded: LoadedModel, cfg: Any, calib: Calibration) -> tuple[Any, float]:
-    """The whole analysis (tokenise, capture, score) as `pipeline.analyze` runs it."""
+    """The whole analysis (tokenise, capture, score; not the model load) as `pipeline.analyze` runs it."""
     from mi_prun.pipeline import analysis_from_capture, analyze, run_capture
 
     dev = loaded.device
@@ -477,7 +485,6 @@ def run_analysis(loaded: LoadedModel, cfg: Any, calib: Calibration) -> tuple[Any
 
 def bench_e2e(loaded: LoadedModel, args: argparse.Namespace, sizes: dict[str, Any],
               log: Callable[[str], None]) -> dict[str, Any]:
-    from mi_prun.pipeline import AnalysisConfig
     from mi_prun.select import select, sleb_select
 
     n_s, t_s = sizes["e2e_calib"]
@@ -486,11 +493,13 @@ def bench_e2e(loaded: LoadedModel, args: argparse.Namespace, sizes: dict[str, An
     calib = get_calibration(loaded, args.calib, n_s, t_s, seed=cfg.seed)  # = analyze's tokens
     analysis, a_secs = run_analysis(loaded, cfg, calib)
     ns = sorted(sizes["sleb_ns"])
-    fbs = {n: select(analysis, "fbs", n=n, run_cost=defaults.RUN_COST) for n in ns}
+    run_cost = SelectConfig().run_cost
+    fbs = {n: select(analysis, "fbs", n=n, run_cost=run_cost, protect_ends=False) for n in ns}
     log(f"  analysis {n_s}x{t_s}: {a_secs:.2f} s; SLEB n={ns[-1]} running ...")
     sleb_secs, sleb = timed(lambda: sleb_select(loaded.model, calib.input_ids, n=ns[-1],
                                                 attention_mask=calib.attention_mask, batch_size=bs,
-                                                analysis=analysis), loaded.device)
+                                                protect_ends=False, analysis=analysis, run_cost=run_cost),
+                            loaded.device)
     L = sleb.n_blocks
     rows = []
     for n in ns:
@@ -507,8 +516,11 @@ def bench_e2e(loaded: LoadedModel, args: argparse.Namespace, sizes: dict[str, An
     return {
         "calibration": {"n_samples": n_s, "seq_len": t_s, "tokens": int(calib.attention_mask.sum()),
                         "source": calib.provenance.get("source"), "batch_size": bs},
-        "note": ("the same calibration tokens for both; SLEB is greedy, so one n=%d run gives the n<%d "
-                 "answers as its first steps (times read from its trajectory)" % (ns[-1], ns[-1])),
+        "note": ("the same calibration tokens for both, every block removable; SLEB is greedy, so one n=%d "
+                 "run gives the n<%d answers as its first steps (times read from its trajectory); "
+                 "analysis_seconds is tokenise + capture + score, the model load excluded "
+                 "(analysis_timings: total vs load_model)" % (ns[-1], ns[-1])),
+        "run_cost": run_cost, "protect_ends": False,
         "analysis_timings": {k: float(v) for k, v in analysis.timings.items()},
         "rows": rows,
     }
@@ -602,7 +614,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"capture {r['capture_tokens_per_s']:.0f} tokens/s")
     if "span" in sections:
         log("span-matrix scaling (synthetic captures):")
-        result["span_scaling"] = bench_span(device, sizes, defaults.ESTIMATOR, dict(defaults.ESTIMATOR_OPTIONS), log)
+        shipped = AnalysisConfig()
+        result["span_scaling"] = bench_span(device, sizes, shipped.estimator, dict(shipped.estimator_options), log)
         marks["span"] = time.perf_counter() - t_all - sum(marks.values())
     if "memory" in sections:
         assert loaded is not None
@@ -611,8 +624,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         marks["memory"] = time.perf_counter() - t_all - sum(marks.values())
     if "select" in sections or "e2e" in sections:
         assert loaded is not None
-        from mi_prun.pipeline import AnalysisConfig
-
         sel_spec = args.select_model or ("smollm2-135m" if args.model == "random-llama2-7b" else args.model)
         sel_loaded = loaded if sel_spec == args.model else get_model(sel_spec, args.device, args.dtype)
         if "select" in sections:

@@ -6,11 +6,13 @@
 One draw of subsets x samples chunks of seq_len tokens (`calibration_tokens`, non-overlapping
 chunks, seed 0) is split into `subsets` disjoint groups: group k is the k-th run of the drawn chunks
 in text order, so the groups come from different parts of the corpus. Each group is captured on its
-own; per group the script scores every block with the default MI estimator (`mi_prun.defaults`,
-high MI = redundant) and with cosine Block Influence (ShortGPT, low BI = redundant), then reports
-per method: Kendall tau-b of the block scores for every pair of groups and their mean, the overlap
-of the top-k most redundant blocks, and the overlap of the blocks the default selector removes at
-the default ratio (MI) or ShortGPT removes (BI). Writes benchmarks/results/stability.json.
+own; per group the script scores every block with the shipped MI estimator (`AnalysisConfig()`'s
+estimator and options, first position dropped as it ships; high MI = redundant) and with cosine
+Block Influence (ShortGPT, low BI = redundant), then reports per method: Kendall tau-b of the block
+scores for every pair of groups and their mean, the overlap of the top-k most redundant blocks, and
+the overlap of the blocks the shipped selection (`SelectConfig()`: method, run cost, end protection)
+removes at the default ratio (MI) or ShortGPT removes with every block removable (BI). Writes
+benchmarks/results/stability.json.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mi_prun import defaults
 from mi_prun.capture import capture
+from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.data import calibration_tokens, load_text
 from mi_prun.models import load_model
 
@@ -98,23 +100,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     L = loaded.n_blocks
     k = min(args.top, L - 1)
-    n_remove = resolve_n(L, ratio=defaults.RATIO)
+    shipped, shipped_sel = AnalysisConfig(), SelectConfig()
+    n_remove = resolve_n(L, **shipped_sel.count, protect_ends=shipped_sel.protect_ends)
+    sel_cfg = shipped_sel.replace(n=n_remove)
     total = args.subsets * args.samples
     calib = calibration_tokens(loaded.tokenizer, load_text(args.calib, purpose="calibration"), total,
                                args.seq_len, seed=args.seed)
-    est = get_estimator(defaults.ESTIMATOR, **defaults.ESTIMATOR_OPTIONS)
+    est = get_estimator(shipped.estimator, **shipped.estimator_options)
     subsets = []
     for s in range(args.subsets):
         rows = slice(s * args.samples, (s + 1) * args.samples)
         cap = capture(loaded.model, calib.input_ids[rows], calib.attention_mask[rows],
-                      max_positions=args.max_positions, drop_first=defaults.DROP_FIRST, seed=args.seed,
+                      max_positions=args.max_positions, drop_first=shipped.drop_first, seed=args.seed,
                       batch_size=args.batch_size)
         H = cap.hidden
         span, span_norm = est.span_matrix(H)
         mi = np.array([span[b, b + 1] for b in range(L)])
         bi = cosine_block_influence(H)
         analysis = SimpleNamespace(block_mi=mi, span=span, span_norm=span_norm, baselines={"cosine_bi": bi})
-        chosen = select(analysis, defaults.SELECTOR, n=n_remove, run_cost=defaults.RUN_COST)
+        chosen = select(analysis, config=sel_cfg)
         subsets.append({"subset": s, "samples": [s * args.samples, (s + 1) * args.samples - 1],
                         "positions": cap.m, "capture_seconds": cap.seconds,
                         "block_mi": mi.tolist(), "cosine_bi": bi.tolist(),
@@ -123,13 +127,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "mi_removed": list(chosen.removed),
                         "bi_removed": top_redundant(bi, n_remove, high_is_redundant=False)})
         print(f"subset {s}: {cap.m} positions, MI top-{k} {subsets[-1]['mi_top']}, "
-              f"BI top-{k} {subsets[-1]['bi_top']}, {defaults.SELECTOR} removes {list(chosen.removed)}",
+              f"BI top-{k} {subsets[-1]['bi_top']}, {sel_cfg.method} removes {list(chosen.removed)}",
               flush=True)
         del cap, H
     methods = {
         f"mi:{est.name}": {"scores": "block_mi", "top": "mi_top", "removed": "mi_removed",
                            "redundant": "high MI",
-                           "removed_by": f"{defaults.SELECTOR} (run cost {defaults.RUN_COST}), n={n_remove}"},
+                           "removed_by": f"{sel_cfg.method} (run cost {sel_cfg.run_cost}, protect_ends "
+                                         f"{sel_cfg.protect_ends}), n={n_remove}"},
         "cosine_bi": {"scores": "cosine_bi", "top": "bi_top", "removed": "bi_removed", "redundant": "low BI",
                       "removed_by": f"ShortGPT (the lowest BI), n={n_remove}"},
     }

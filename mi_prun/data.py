@@ -45,10 +45,6 @@ class Text:
     source: str
     sha256: str
 
-    @property
-    def n_chars(self) -> int:
-        return len(self.text)
-
 
 def _make(text: str, source: str) -> Text:
     if not text or not text.strip():

@@ -14,7 +14,6 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -253,14 +252,6 @@ def model_size(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())  # deduplicated by identity, so tied weights count once
     return {"parameters": sum(p.numel() for p in params),
             "bytes": sum(p.numel() * p.element_size() for p in params)}
-
-
-def bytes_on_disk(folder: str | Path) -> int:
-    """Total size of the files under `folder` (an exported model)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise MiPrunError(f"{path} is not a folder. Fix: give an exported model folder.")
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _sync(device: torch.device) -> None:

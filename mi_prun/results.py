@@ -74,7 +74,9 @@ def model_identity(model: Any) -> dict[str, Any]:
     with torch.no_grad():
         for i in picks:
             flat = params[int(i)][1].detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE_VALUES, flat.numel())).long()
+            k = min(_SAMPLE_VALUES, flat.numel())
+            # integer arithmetic: float32 positions round past the end of tensors over 2^24 elements
+            idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
             sample += [float(v) for v in flat[idx.to(flat.device)].float().cpu()]
     cfg = model.config
     return {"architecture": type(model).__name__, "model_type": getattr(cfg, "model_type", None),

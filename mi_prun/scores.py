@@ -48,12 +48,6 @@ def block_mi_from_span(span: np.ndarray) -> np.ndarray:
     return np.array([span[b, b + 1] for b in range(span.shape[0] - 1)], dtype=float)
 
 
-def compute_span(H: torch.Tensor, estimator: Estimator | str,
-                 progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(span (L+1, L+1), span_norm or None) of capture H with `estimator` (instance or name)."""
-    return _estimator(estimator).span_matrix(_capture(H), progress=progress)
-
-
 # ----------------------------------------------------------------------------- DPI
 
 def _tolerance(tol: float | tuple[float, float]) -> tuple[float, float]:
@@ -239,11 +233,6 @@ def angular_distance_matrix(H: torch.Tensor) -> np.ndarray:
     out = (out + out.T) / 2
     np.fill_diagonal(out, 0.0)
     return out
-
-
-def random_scores(L: int, seed: int) -> np.ndarray:
-    """(L,) uniform [0, 1) scores from `seed`, used like block MI (high = remove first)."""
-    return np.random.default_rng(seed).random(L)
 
 
 # ----------------------------------------------------------------------------- all together

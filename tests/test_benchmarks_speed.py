@@ -70,7 +70,12 @@ def test_speed_quick_writes_every_section(speed_result):
 
 
 def test_speed_quick_select_and_sleb_rows(speed_result):
+    from mi_prun.config import SelectConfig
+
     sel = speed_result["select"]
+    # The shipped run cost, every block removable (the search space is C(L, n)).
+    assert sel["run_cost"] == SelectConfig().run_cost and sel["protect_ends"] is False
+    assert all(row["combinations"] == math.comb(sel["L"], row["n"]) for row in sel["rows"])
     assert [row["n"] for row in sel["rows"]] == [2, 3]
     for row in sel["rows"]:
         assert row["fbs"]["gap"] >= -1e-9  # never better than the optimum
@@ -95,6 +100,11 @@ def test_stability_quick(tmp_path):
     assert r["command"].startswith("python benchmarks/stability.py --quick")
     assert len(r["subsets"]) == 3
     assert len(r["methods"]) == 2 and "cosine_bi" in r["methods"]
+    from mi_prun.config import AnalysisConfig, SelectConfig
+
+    assert r["estimator"] == AnalysisConfig().estimator
+    mi = r["methods"][f"mi:{r['estimator']}"]
+    assert mi["removed_by"].startswith(f"{SelectConfig().method} (run cost {SelectConfig().run_cost}")
     for m in r["methods"].values():
         assert len(m["kendall_tau"]["pairs"]) == 3
         assert -1.0 <= m["kendall_tau"]["mean"] <= 1.0

@@ -17,7 +17,7 @@ def tok():
 
 def test_builtin_corpus_is_offline_and_large():
     text = load_text("builtin")
-    assert text.n_chars > 100_000 and len(text.sha256) == 64
+    assert len(text.text) > 100_000 and len(text.sha256) == 64
 
 
 def test_same_seed_same_samples(tok):

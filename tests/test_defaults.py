@@ -210,3 +210,18 @@ def test_capture_equals_a_reference_forward(loaded):
         torch.testing.assert_close(cap.hidden[b], ref[b][rows, cols].float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cap.hidden[L], seen["h_L"][rows, cols].float(), rtol=1e-5, atol=1e-5)
     assert (cols > 0).all()  # the attention-sink position was dropped
+
+
+def test_model_identity_samples_large_tensors_inside_their_bounds():
+    """A tensor of more than 2^24 elements (an LLM's embedding) must not index past its end."""
+    from mi_prun.results import model_identity
+    from mi_prun.testing import tiny_model
+
+    model, _ = tiny_model("llama", n_layers=2)
+    big = torch.nn.Embedding(2**24 + 3, 1)
+    with torch.no_grad():
+        big.weight.zero_()
+        big.weight[-1] = 7.0
+    model.model.embed_tokens = big
+    ident = model_identity(model)
+    assert 7.0 in ident["weight_sample"]  # the last element is sampled, not one past it

@@ -13,15 +13,13 @@ import torch
 
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import get_estimator, list_estimators
-from mi_prun.report import Analysis
+from mi_prun.results import Analysis
 from mi_prun.scores import (
     angular_distance_matrix,
     block_mi_from_span,
-    compute_span,
     cosine_block_influence,
     dpi_report,
     kendall_tau,
-    random_scores,
     score_capture,
     stability,
 )
@@ -154,7 +152,7 @@ def test_dpi_report_skips_nan_and_refuses_bad_input():
 def test_span_matrix_equals_pairwise_loop_for_every_estimator():
     H = residual_chain(L=3, m=200, d=4, seed=1)
     for est in small_estimators():
-        span, norm = compute_span(H, est)
+        span, norm = est.span_matrix(H)
         n = H.shape[0]
         loop = np.array([[est.mi(H[i], H[j]) if i != j else np.nan for j in range(n)] for i in range(n)])
         np.testing.assert_allclose(span, loop, rtol=1e-4, atol=1e-5, err_msg=repr(est))
@@ -167,7 +165,7 @@ def test_span_matrix_equals_pairwise_loop_for_every_estimator():
 def test_span_shape_symmetry_diagonal_and_block_mi():
     H = residual_chain(L=4, m=400, d=4, seed=2)
     for name in list_estimators():
-        span, norm = compute_span(H, name)
+        span, norm = get_estimator(name).span_matrix(H)
         assert span.shape == (5, 5)
         assert np.isnan(np.diag(span)).all()
         off = ~np.eye(5, dtype=bool)
@@ -249,12 +247,6 @@ def test_angular_matches_per_pair_loop():
             cos = torch.nn.functional.cosine_similarity(H[i].double(), H[j].double(), dim=1)
             ref = float(torch.arccos(cos.clamp(-1, 1)).mean() / math.pi)
             assert ang[i, j] == pytest.approx(ref, abs=1e-9)
-
-
-def test_random_scores_are_seeded():
-    np.testing.assert_array_equal(random_scores(6, 3), random_scores(6, 3))
-    assert not np.array_equal(random_scores(6, 3), random_scores(6, 4))
-    assert random_scores(6, 0).shape == (6,)
 
 
 # ----------------------------------------------------------------------------- score_capture

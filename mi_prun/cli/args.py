@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from mi_prun.cli.output import BLOCK_NOTE
 
@@ -226,9 +225,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=e.batch_size, help="windows per forward pass")
     p.set_defaults(func=c.cmd_eval)
     return parser
-
-
-def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return parser, parser.parse_args(argv), argv

@@ -176,7 +176,8 @@ def _select_local(p: Problem, max_iter: int) -> SelectorOutput:
                    description="Fast-Block-Select (MI-PRUN): refine a prune pool by measuring the "
                                "span MI of the coarsely best contiguous candidates")
 def _select_fbs(p: Problem, pool: int | None, k: int, max_iter: int) -> SelectorOutput:
-    """Fast-Block-Select, as DESIGN.md section 3 reads the paper's Algorithm 1.
+    """Fast-Block-Select, as this project reads Algorithm 1 of the MI-PRUN paper (Zhang et al.,
+    arXiv 2601.07212; the paper publishes no code).
 
     P (prune pool, the current choice) starts as the n most redundant blocks; A (alternative pool)
     holds the next `pool` blocks of the redundancy ranking (default n). Each iteration builds every
