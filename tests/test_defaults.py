@@ -225,3 +225,14 @@ def test_model_identity_samples_large_tensors_inside_their_bounds():
     model.model.embed_tokens = big
     ident = model_identity(model)
     assert 7.0 in ident["weight_sample"]  # the last element is sampled, not one past it
+
+
+def test_public_api_is_reexported():
+    import mi_prun
+
+    for name in mi_prun.__all__:
+        assert getattr(mi_prun, name) is not None, name
+    assert mi_prun.SelectConfig is SelectConfig and mi_prun.analyze is analyze
+    import mi_prun.select as select_module  # a submodule name is never shadowed by a function
+
+    assert select_module.select is select and "select" not in mi_prun.__all__
