@@ -1,8 +1,9 @@
 """mi-prun app: the entry point (`streamlit run app.py`).
 
 Sets the wide layout, declares the pages (st.navigation) and draws the sidebar that every page
-shares (what the current analysis is). The pages only render and call `mi_prun` functions; see
-pages/_ui.py for what is cached and shared between sessions.
+shares (what the current analysis is). The pages only render and call `mi_prun` functions; their
+helpers live in the `mi_prun_app` package (see mi_prun_app/ui.py for what is cached and shared
+between sessions).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from pages._ui import PAGES, analysis_summary, current_analysis
+from mi_prun_app.ui import PAGES, analysis_summary, current_analysis
 
 ROOT = Path(__file__).resolve().parent
 
@@ -40,7 +41,7 @@ def sidebar() -> None:
             st.caption("No analysis yet: run one on *Set up and run*.")
         else:
             st.caption(analysis_summary(analysis))
-        st.caption("Blocks are numbered from 0 everywhere.")
+        st.caption("Blocks and ranks are numbered from 0 everywhere (rank 0 = most redundant).")
 
 
 try:

@@ -158,6 +158,10 @@ def export(
     check_output(out_dir, EXPORT, cfg.overwrite, inputs)  # before any work
     sel = _as_dict(selection)
     info = _resolve_blocks(pruned, sel)
+    if loaded is not None and analysis is not None:  # never export one model's analysis on another
+        analysis.check_model(loaded.model, force=cfg.force)
+    elif loaded is not None and hasattr(selection, "check_model"):
+        selection.check_model(loaded.model, force=cfg.force)
     provenance = sel.get("provenance") if isinstance(sel.get("provenance"), dict) else {}
     if analysis is not None:
         provenance = {"model": analysis.model, "estimator": analysis.estimator,

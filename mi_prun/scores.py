@@ -4,14 +4,13 @@ calibration samples, and the baseline criteria (cosine Block Influence, angular 
 Input contract (as in `mi_prun.estimators`): `H` (L+1, m, d) float tensor, `H[b]` = m token
 positions of h_b (h_0 = input of block 0, h_{b+1} = output of block b); `batch_index` (m,) long
 tensor, the calibration sample (0..N-1) each position came from. Blocks are numbered from 0.
-Everything returned is numpy (or plain JSON types), ready for `report.Analysis`.
+Everything returned is numpy (or plain JSON types), ready for `mi_prun.results.Analysis`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from mi_prun.config import DPI_TOL
 from mi_prun.errors import MiPrunError
+from mi_prun.progress import Progress
 from mi_prun.estimators import Estimator, get_estimator
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 N_GROUPS = 8
 _MEM_BUDGET = 256 * 2**20  # bytes for the largest temporary of the batched baseline passes
 
-ProgressFn = Callable[[str, float, str], None]
 
 
 def _estimator(estimator: Estimator | str) -> Estimator:
@@ -239,8 +238,8 @@ def angular_distance_matrix(H: torch.Tensor) -> np.ndarray:
 
 def score_capture(H: torch.Tensor, batch_index: torch.Tensor, estimator: Estimator | str, *,
                   dpi_tol: float | tuple[float, float] = DPI_TOL, n_groups: int = N_GROUPS, seed: int = 0,
-                  progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Every score of one capture: exactly the `report.Analysis` fields scoring fills.
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Every score of one capture: exactly the `mi_prun.results.Analysis` fields scoring fills.
 
     Returns {"block_mi" (L,), "span", "span_norm", "dpi" (see dpi_report; plus
     "estimator_promises_dpi"), "block_mi_batches" (L, B), "stability", "baselines"

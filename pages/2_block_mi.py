@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from mi_prun import appstate, viz
-from pages._ui import chart, require_analysis, table
+from mi_prun_app import tables, viz
+from mi_prun_app.ui import chart, n_remove, require_analysis, table
 
 analysis = require_analysis()
 st.title("Block MI")
@@ -16,7 +16,7 @@ st.caption("MI_b = I(h_b; h_b+1): how much of block b's input survives in its ou
            "Gromov et al., where **low = redundant**.")
 
 mark_top = st.toggle("Outline the most redundant blocks by MI", value=True, key="bm_outline")
-n_mark = int(st.session_state.get("p_n_remove", 1))
+n_mark = n_remove(analysis)
 removed = analysis.ranking()[:n_mark] if mark_top else []
 chart(viz.block_scores_figure(analysis, removed=removed), "block_scores",
       "Each bar is one block (numbered from 0). Look for blocks that all three criteria call redundant "
@@ -25,9 +25,10 @@ chart(viz.block_scores_figure(analysis, removed=removed), "block_scores",
       "highest-MI blocks (the FBS and prune pages set how many).")
 
 st.subheader("Rankings side by side")
-df = appstate.ranking_frame(analysis)
+df = tables.ranking_frame(analysis)
 table(df.sort_values("rank_mi"), "block_rankings", "rankings",
-      "Rank 1 = removed first by that criterion. Sorted by the MI rank.")
+      "Rank 0 = most redundant (removed first by that criterion); ranks are numbered from 0, like "
+      "blocks. Sorted by the MI rank.")
 
 st.subheader("Stability across calibration text")
 stab = analysis.stability or {}
@@ -43,4 +44,4 @@ chart(viz.stability_figure(analysis), "stability",
       "Each column is block MI measured on a different group of calibration samples. Rows that keep their "
       "colour across columns mean the ranking does not hinge on which text was used; a tau near 1 says the "
       "same in one number. Low agreement: use more samples.")
-table(appstate.stability_frame(analysis), "block_mi_per_group", "stability_table")
+table(tables.stability_frame(analysis), "block_mi_per_group", "stability_table")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from mi_prun import appstate, defaults, viz
+from mi_prun.config import SelectConfig
 from mi_prun.select import cost_matrix
-from pages._ui import chart, require_analysis, table
+from mi_prun_app import tables, viz
+from mi_prun_app.ui import chart, require_analysis, table
 
 analysis = require_analysis()
 L = analysis.n_blocks
@@ -33,20 +34,22 @@ with right:
     span = np.asarray(analysis.span, dtype=float)
     bound = dpi.get("bound")
     b = float(np.asarray(bound)[i, j]) if bound is not None else float("nan")
-    C = cost_matrix(span, analysis.span_norm, defaults.RUN_COST)
+    run_cost = SelectConfig().run_cost
+    C = cost_matrix(span, analysis.span_norm, run_cost)
     block_mi = np.asarray(analysis.block_mi, dtype=float)
     m = st.columns(2)
     m[0].metric(f"Span MI M[{i}, {j}]", f"{span[i, j]:.4f} nats")
     m[1].metric("DPI bound (min over sub-spans)", "-" if not np.isfinite(b) else f"{b:.4f}")
     m = st.columns(2)
-    m[0].metric(f"Removal cost ({defaults.RUN_COST})", f"{C[i, j]:.4f}",
+    m[0].metric(f"Removal cost ({run_cost})", f"{C[i, j]:.4f}",
                 help="The run cost the selectors minimise (lower = cheaper to remove).")
     m[1].metric("Sum of the blocks' own MI", f"{block_mi[i:j].sum():.4f}",
                 help="What a per-block criterion would add up instead of measuring the span.")
-    same_len = sorted((C[s, s + (j - i)], s) for s in range(L - (j - i) + 1))
-    rank = [s for _, s in same_len].index(i) + 1
-    st.caption(f"Covers {j - i} block(s): {', '.join(str(x) for x in range(i, j))}. Among the "
-               f"{len(same_len)} runs of {j - i} block(s), this one is the {rank}. cheapest to remove.")
+    width = j - i
+    cheaper = sum(1 for s in range(L - width + 1) if C[s, s + width] < C[i, j])
+    st.caption(f"Covers {width} block(s): {', '.join(str(x) for x in range(i, j))}. Of the other "
+               f"{L - width} runs of {width} block(s), {cheaper} cost less to remove"
+               + (" (this is the cheapest)." if cheaper == 0 else "."))
     if np.isfinite(b) and span[i, j] > b + 1e-12:
         st.warning("This span carries more MI than one of its sub-spans: the estimate breaks DPI here.",
                    icon=":material/warning:")
@@ -68,11 +71,11 @@ st.markdown(f"**{dpi.get('n_violations', 0)}** of {dpi.get('n_cells', 0)} span c
             f"tolerance ({tol.get('rule', 'n/a')}, rtol {tol.get('rtol', '-')}, atol {tol.get('atol', '-')}). "
             + ("This estimator does not promise DPI (a mean of per-channel MIs), so small violations are "
                "expected." if dpi.get("estimator_promises_dpi") is False else ""))
-viol = appstate.violations_frame(analysis)
+viol = tables.violations_frame(analysis)
 if viol.empty:
     st.caption("No violations.")
 else:
     table(viol, "dpi_violations", "violations", "The worst violations: value, its bound and the sub-span "
           "that gives the bound.")
 with st.expander("All spans as a table"):
-    table(appstate.span_frame(analysis), "span_matrix", "spans")
+    table(tables.span_frame(analysis), "span_matrix", "spans")

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import streamlit as st
 
-from mi_prun import appstate, viz
 from mi_prun.errors import MiPrunError
-from pages._ui import chart, comparison, n_slider, require_analysis, selection, show_error, table
+from mi_prun_app import state, tables, viz
+from mi_prun_app.ui import chart, comparison, n_slider, require_analysis, selection, show_error, table
 
 analysis = require_analysis()
 L = analysis.n_blocks
 st.title("Fast-Block-Select")
 n = n_slider(analysis)
-st.caption(f"Removing **{appstate.ratio_text(n, L)}** . FBS starts from the n most redundant "
+st.caption(f"Removing **{state.ratio_text(n, L)}**. FBS starts from the n most redundant "
            "blocks (prune pool P), keeps the next candidates in an alternative pool A, measures the real span MI "
            "of the best contiguous candidate runs and swaps in a cheaper combination until P stops changing. "
            "The objective is the sum of the removed runs' costs (lower = better). The exact optimum comes from "
@@ -32,9 +32,10 @@ gap = fbs.objective - exact.objective
 m = st.columns(4)
 m[0].metric("FBS removes", ", ".join(map(str, fbs.removed)))
 m[1].metric("Exact optimum removes", ", ".join(map(str, exact.removed)))
-m[2].metric("Gap to the optimum", f"{gap:.4f}", help="FBS objective minus the exact objective (0 = optimal).")
+m[2].metric("Gap to the optimum", f"{gap:.4f}", help="FBS objective minus the exact objective (0 = FBS reached the optimum of the objective, "
+                 "which is a proxy for perplexity).")
 m[3].metric("Iterations", max(len(fbs.trajectory) - 1, 0),
-            help=f"FBS took {appstate.fmt_seconds(fbs.seconds)}; the exact DP {appstate.fmt_seconds(exact.seconds)}.")
+            help=f"FBS took {state.fmt_seconds(fbs.seconds)}; the exact DP {state.fmt_seconds(exact.seconds)}.")
 
 T = len(fbs.trajectory)
 left, right = st.columns(2, gap="large")
@@ -43,8 +44,11 @@ with left:
                    help="Step through the search; the play button under the right chart animates it.") if T > 1 else 0
     chart(viz.fbs_objective_figure(fbs, exact_objective=exact.objective, current=it), "fbs_objective",
           "The objective can only go down: FBS accepts a new prune pool only if it is strictly cheaper. "
-          "Where the line ends above the dashed exact optimum, FBS stopped in a local optimum; the gap is "
-          "the price of its speed.")
+          "Where the line ends above the dashed exact optimum, FBS stopped in a local optimum of the "
+          "objective. That gap buys no speed (the exact programme is the faster of the two), and a lower "
+          "objective does not mean a better model: the objective is only a proxy for perplexity, and on "
+          "the benchmark FBS's sets, built from the most redundant single blocks, gave lower perplexity "
+          "than the exact optimum at several n (benchmarks/RESULTS.md). The prune page measures both.")
 with right:
     chart(viz.fbs_pools_figure(fbs, current=it), "fbs_pools",
           "Columns are iterations, rows are blocks. Dark: the blocks FBS would remove at that iteration (P); "
@@ -54,7 +58,7 @@ with right:
 step = fbs.trajectory[min(it, T - 1)] if T else {}
 st.markdown(f"**Iteration {it}:** P = {step.get('P', [])}, A = {step.get('A', [])}, objective "
             f"{step.get('objective', float('nan')):.4f}")
-cands = appstate.candidates_frame(step)
+cands = tables.candidates_frame(step)
 table(cands, f"fbs_candidates_iter{it}", "fbs_candidates",
       "Candidate runs measured at this iteration: coarse = sum of single-block scores (used to rank), "
       "span_mi = the measured span MI, cost = run cost; chosen = part of the new P.")
@@ -62,11 +66,11 @@ table(cands, f"fbs_candidates_iter{it}", "fbs_candidates",
 st.subheader(f"All methods for the same {n} blocks")
 c1, c2 = st.columns([3, 2], gap="large")
 with c1:
-    table(appstate.comparison_frame(rows), f"methods_n{n}", "comparison",
+    table(tables.comparison_frame(rows), f"methods_n{n}", "comparison",
           "gap = objective minus the exact optimum's (0 = optimal for the MI objective). Baselines do not "
           "optimise this objective, so their gap shows how differently they choose.")
 with c2:
     chart(viz.comparison_figure(rows), "fbs_comparison",
           "Lower bars reach a lower MI objective. Colours are the same for each method on every page.")
 with st.expander("FBS trajectory as a table"):
-    table(appstate.trajectory_frame(fbs), "fbs_trajectory", "trajectory")
+    table(tables.trajectory_frame(fbs), "fbs_trajectory", "trajectory")

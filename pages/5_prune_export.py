@@ -10,21 +10,24 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mi_prun import appstate, defaults, viz
+from mi_prun.config import ExportConfig, SelectConfig
 from mi_prun.errors import MiPrunError
-from pages._ui import (COMPARE_METHODS, chart, generate, model_for, n_slider, ppl, ppl_protocol_short, ppl_protocol_text,
-                       require_analysis, selection, show_error, table)
+from mi_prun_app import state, viz
+from mi_prun_app.ui import (COMPARE_METHODS, chart, generate, model_for, n_slider, ppl, ppl_protocol_short,
+                            ppl_protocol_text, require_analysis, selection, show_error, table)
+
+DEFAULT_METHOD = SelectConfig.method
 
 analysis = require_analysis()
 L = analysis.n_blocks
 st.title("Prune and export")
 n = n_slider(analysis)
-st.caption(f"Removing **{appstate.ratio_text(n, L)}**. "
+st.caption(f"Removing **{state.ratio_text(n, L)}**. "
            "Pruning never touches the shared model: every pruned model here is a view that shares its "
            "weights and leaves the original intact.")
 
 methods = st.multiselect("Methods to compare", list(COMPARE_METHODS),
-                         default=["fbs", "exact", "shortgpt", "angular", "random"], key="pr_methods",
+                         default=[m for m in COMPARE_METHODS if m != "topk"], key="pr_methods",
                          format_func=viz.label, persist_state="session")
 try:
     sels = {m: selection(analysis, m, n) for m in methods}
@@ -77,8 +80,8 @@ with right:
 
 st.divider()
 c_gen, c_size = st.columns(2, gap="large")
-export_method = st.session_state.get("pr_export_method", defaults.SELECTOR)
-export_method = export_method if export_method in sels else (methods[0] if methods else defaults.SELECTOR)
+export_method = st.session_state.get("pr_export_method", DEFAULT_METHOD)
+export_method = export_method if export_method in sels else (methods[0] if methods else DEFAULT_METHOD)
 with c_gen:
     st.subheader("Generation before and after")
     prompt = st.text_input("Prompt", value="The history of the city begins", key="pr_prompt",
@@ -105,7 +108,7 @@ with c_size:
     st.subheader("Size and speed")
     try:
         from mi_prun.evaluate import compare_speed, model_size
-        from mi_prun.prune import pruned_view
+        from mi_prun.models import pruned_view
 
         loaded = model_for(analysis)
         removed = selection(analysis, export_method, n).removed
@@ -134,30 +137,33 @@ with c_size:
 
 st.divider()
 st.subheader("Export")
-root = appstate.export_root()
+root = state.export_root()
 c1, c2, c3 = st.columns([1, 2, 1])
-export_method = c1.selectbox("Method", methods or [defaults.SELECTOR], index=(methods or [defaults.SELECTOR]).index(export_method),
+export_methods = methods or [DEFAULT_METHOD]
+export_method = c1.selectbox("Method", export_methods, index=export_methods.index(export_method),
                              key="pr_export_method", format_func=viz.label)
 sel = sels.get(export_method) or selection(analysis, export_method, n)
 spec = analysis.model.get("spec") or "model"
-name = c2.text_input(f"Folder name (inside {root})", value=appstate.default_export_name(spec, export_method, sel.removed),
+name = c2.text_input(f"Folder name (inside {root})", value=state.default_export_name(spec, export_method, sel.removed),
                      key=f"pr_export_name_{export_method}_{n}",
                      help="A plain name: letters, digits, '.', '_' and '-'. Exports never leave the export folder.")
-overwrite = c3.checkbox("Replace an existing export", value=False, key="pr_overwrite")
+overwrite = c3.checkbox("Replace an existing export", value=ExportConfig().overwrite, key="pr_overwrite",
+                        help="overwrite: replaces only an earlier mi-prun export of that name; a folder "
+                             "holding anything else is never replaced.")
 st.caption(f"Removes blocks {list(sel.removed)} (numbered from 0). The folder holds the model "
-           "(safetensors, config, tokenizer), mi_prun.json (what was removed and why) and mergekit.yaml.")
+           "(safetensors, config, tokenizer), mi_prun.json (what was removed and why) and mergekit.yaml "
+           "(rebuilds the same model from the original's Hugging Face id).")
 if st.button("Export", type="primary", key="export", icon=":material/save:"):
     try:
-        from mi_prun.prune import export, pruned_view
+        from mi_prun.models import pruned_view
+        from mi_prun.prune import export
 
-        target = appstate.safe_export_path(name, root)
+        target = state.safe_export_path(name, root)
         loaded = model_for(analysis)
         with st.spinner(f"Writing {target}..."):
             out = export(pruned_view(loaded.model, list(sel.removed)), loaded.tokenizer, sel, target,
-                         overwrite=overwrite, source_model=loaded.source,
-                         analysis_meta={"model": analysis.model, "estimator": analysis.estimator,
-                                        "estimator_options": analysis.estimator_options,
-                                        "calibration": analysis.calibration})
+                         analysis=analysis, loaded=loaded, config=ExportConfig(overwrite=bool(overwrite)),
+                         inputs=[st.session_state.get("analysis_folder")])
         st.session_state["export_path"] = str(out)
     except MiPrunError as exc:
         show_error(exc)
@@ -167,7 +173,7 @@ if path and Path(path).is_dir():
     out = Path(path)
     st.success(f"Exported to {out}", icon=":material/check_circle:")
     d = st.columns(3)
-    d[0].download_button("Download archive (.zip)", data=lambda: appstate.zip_folder(out), file_name=f"{out.name}.zip",
+    d[0].download_button("Download archive (.zip)", data=lambda: state.zip_folder(out), file_name=f"{out.name}.zip",
                          mime="application/zip", key="dl_zip", icon=":material/folder_zip:")
     report = (out / "mi_prun.json").read_text()
     d[1].download_button("mi_prun.json", data=report, file_name="mi_prun.json", mime="application/json",

@@ -1,6 +1,7 @@
 """The Streamlit app, headless (streamlit.testing.v1.AppTest), on the tiny random model chosen by
-MI_PRUN_TEST_MODEL; plus unit tests of its Streamlit-free helpers (mi_prun.appstate) and the
-concurrency guarantees (sessions see only their own results; the cached model never changes)."""
+MI_PRUN_TEST_MODEL; plus unit tests of its Streamlit-free helpers (mi_prun_app.state and .tables),
+the concurrency guarantees (sessions see only their own results; the cached model never changes)
+and the "one source of truth" guarantee (the app, the library and the CLI choose the same blocks)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from mi_prun import appstate, defaults
+from mi_prun.config import AnalysisConfig, EvalConfig, ExportConfig, SelectConfig
 from mi_prun.errors import MiPrunError
+from mi_prun_app import state, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -74,6 +77,23 @@ def no_errors(at) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def model_fingerprint(model) -> dict:
+    """What must never change on a shared model: block count, config, hooks, weight identities
+    and a checksum of the weights (compared before and after sessions use it)."""
+    import torch
+
+    from mi_prun.capture import count_hooks
+    from mi_prun.models import find_blocks, num_layers_of
+
+    blocks = find_blocks(model)
+    with torch.no_grad():
+        checksum = float(sum(float(p.double().abs().sum()) for p in model.parameters()))
+    return {"n_blocks": len(blocks), "config_layers": num_layers_of(model.config),
+            "hooks": count_hooks(model), "block_ids": [id(b) for b in blocks.blocks],
+            "param_ptrs": [p.data_ptr() for p in model.parameters()], "checksum": checksum,
+            "training": bool(model.training)}
+
+
 @pytest.fixture(autouse=True)
 def _env(monkeypatch, tmp_path):
     monkeypatch.setenv("MI_PRUN_TEST_MODEL", TEST_MODEL)
@@ -105,7 +125,7 @@ def shared_model():
     import os
 
     os.environ.setdefault("MI_PRUN_TEST_MODEL", TEST_MODEL)
-    from pages._ui import get_model  # noqa: E402  (the app's own cached loader)
+    from mi_prun_app.ui import get_model
 
     return get_model(TEST_MODEL, False)
 
@@ -115,22 +135,34 @@ def shared_model():
 
 
 def test_setup_default_flow_runs_the_tiny_model(shared_model):
-    before = appstate.model_fingerprint(shared_model.model)
+    from mi_prun.estimators import get_estimator
+
+    before = model_fingerprint(shared_model.model)
     at = new_app().run()
     no_errors(at)
     assert at.title[0].value == "Set up and run"
     assert at.radio(key="p_model_kind").value == f"Test model ({TEST_MODEL})"  # env var picks the default
-    assert at.selectbox(key="p_estimator").value == "gaussian-channel"  # the shipped default
+    # Every starting value is the library's: AnalysisConfig's fields, the estimator's own options.
+    d = AnalysisConfig()
+    assert at.selectbox(key="p_estimator").value == d.estimator
+    own = get_estimator(d.estimator).options
+    assert at.selectbox(key=f"p_opt_{d.estimator}_preprocess").value == own["preprocess"]
+    assert at.checkbox(key="p_drop_first").value == d.drop_first
+    assert at.number_input(key="p_batch").value == d.batch_size and at.number_input(key="p_seed").value == d.seed
     at.button(key="run").click().run()
     no_errors(at)
     analysis = at.session_state["analysis"]
     assert analysis.model["spec"] == TEST_MODEL and analysis.n_blocks == 6
-    assert analysis.calibration["n_samples"] == 8 and analysis.calibration["seq_len"] == 64
+    assert analysis.calibration["n_samples"] == 8 and analysis.calibration["seq_len"] == 64  # test mode
+    assert analysis.estimator == d.estimator and analysis.estimator_options == own
+    # The memo key is that of the plain config: untouched option widgets add no options.
+    assert at.session_state["analysis_key"] == state.analysis_key(
+        TEST_MODEL, d.replace(**state.TEST_MODE_SIZES))
     assert at.status[0].label.startswith(("Analysis finished", "Analysing"))
     assert [p.value for p in at.get("progress")] in ([], [100, 100, 100])
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Blocks"] == "6"
-    assert appstate.model_fingerprint(shared_model.model) == before
+    assert model_fingerprint(shared_model.model) == before
 
 
 def test_block_mi_page(shared_model):
@@ -173,14 +205,17 @@ def test_dpi_page_span_selection(shared_model):
 
 
 def test_fbs_page_and_n_slider(shared_model):
-    from mi_prun.select import select
+    from mi_prun.select import resolve_n, select
 
     at = analysed_app()
     analysis = at.session_state["analysis"]
     at.switch_page(PAGES["fbs"]).run()
     no_errors(at)
+    d = SelectConfig()
     n = at.slider(key="p_n_remove").value
-    fbs = select(analysis, "fbs", n=n, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS)
+    assert n == resolve_n(analysis.n_blocks, **d.count, protect_ends=d.protect_ends)  # the library's count
+    assert at.checkbox(key="p_protect_ends").value == bool(d.protect_ends)
+    fbs = select(analysis, "fbs", n=n)
     obj = chart(at, "FBS objective")
     np.testing.assert_allclose(np.asarray(trace(obj, "MI-PRUN (FBS)")["y"], float),
                                [s["objective"] for s in fbs.trajectory])
@@ -190,32 +225,46 @@ def test_fbs_page_and_n_slider(shared_model):
     no_errors(at)
     metrics = {m.label: m.value for m in at.metric}
     assert len(metrics["FBS removes"].split(",")) == 3
-    assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS).removed))
+    assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3).removed))
     comp = chart(at, "MI objective of each method")
     assert len(comp["data"][0]["x"]) == 6  # MI-PRUN, exact and the baselines for the same n
+    assert not any("price of its speed" in c.value for c in at.caption)
+    at.checkbox(key="p_protect_ends").set_value(False).run()  # the switch reaches the selection
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3, protect_ends=False).removed))
 
 
 def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
+    from mi_prun.evaluate import evaluate
+    from mi_prun.models import pruned_view
     from mi_prun.select import select
 
-    before = appstate.model_fingerprint(shared_model.model)
+    before = model_fingerprint(shared_model.model)
     at = analysed_app()
     analysis = at.session_state["analysis"]
     at.switch_page(PAGES["prune"]).run()
     no_errors(at)
     at.slider(key="p_n_remove").set_value(2).run()
     col = chart(at, "Which blocks each method removes")
-    fbs = select(analysis, "fbs", n=2, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS)
+    fbs = select(analysis, "fbs", n=2)
     assert sorted(trace(col, "MI-PRUN (FBS) removed")["y"]) == list(fbs.removed)
-    assert sorted(trace(col, "ShortGPT (cosine BI) removed")["y"]) == list(select(analysis, "shortgpt", n=2, run_cost=defaults.RUN_COST, protect_ends=defaults.PROTECT_ENDS).removed)
+    assert sorted(trace(col, "ShortGPT (cosine BI) removed")["y"]) == list(select(analysis, "shortgpt", n=2).removed)
 
     at.button(key="ppl_now").click().run()
     no_errors(at)
     points = at.session_state["ppl_points"]
     assert {p["method"] for p in points} == {"fbs", "exact", "shortgpt", "angular", "random"}
     assert all(p["n"] == 2 and np.isfinite(p["ppl"]) for p in points)
+    # The app's short protocol is the library's EvalConfig.quick() (on the text available here).
+    quick = EvalConfig.quick()
+    cfg = state.eval_config()
+    assert (cfg.seq_len, cfg.max_windows) == (quick.seq_len, quick.max_windows)
     curve = chart(at, "Perplexity against blocks removed")
-    assert "128 tokens" in curve["layout"]["title"]["text"] or "windows" in curve["layout"]["title"]["text"]
+    assert f"{quick.max_windows} windows x {quick.seq_len} tokens" in curve["layout"]["title"]["text"]
+    fbs_point = next(p for p in points if p["method"] == "fbs")
+    expected = evaluate(pruned_view(shared_model.model, list(fbs.removed)), shared_model.tokenizer, cfg)
+    assert fbs_point["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
     at.button(key="ppl_curve").click().run()
     assert {p["n"] for p in at.session_state["ppl_points"]} == {1, 2}
 
@@ -223,7 +272,7 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     no_errors(at)
     assert at.session_state["gen_result"]["removed"] == list(fbs.removed)
 
-    root = Path(appstate.export_root())
+    root = Path(state.export_root())
     bad = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
     bad.set_value("../escape").run()
     at.button(key="export").click().run()
@@ -236,10 +285,33 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     out = root / "tiny-pruned"
     report = json.loads((out / "mi_prun.json").read_text())
     assert report["removed"] == list(fbs.removed)
+    # Provenance filled by the library from the analysis; the mergekit source is never a local path
+    # (the tiny random model has no hub id, so the library writes its placeholder and a note).
+    assert report["estimator"] == analysis.estimator and report["calibration"] == json.loads(
+        json.dumps(analysis.calibration))
+    assert report["source_model"] == (shared_model.hub_id or "<original model id>")
+    recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert {src["model"] for sl in recipe["slices"] for src in sl["sources"]} == {report["source_model"]}
     assert (out / "mergekit.yaml").is_file() and (out / "config.json").is_file()
     labels = [d.label for d in at.get("download_button")]
     assert "Download archive (.zip)" in labels and "mergekit.yaml" in labels
-    assert appstate.model_fingerprint(shared_model.model) == before
+
+    # Exporting again: refused without "replace", done with it (an earlier mi-prun export only).
+    assert at.checkbox(key="pr_overwrite").value == ExportConfig().overwrite
+    at.button(key="export").click().run()
+    assert any("tiny-pruned" in e.value for e in at.error)
+    at.checkbox(key="pr_overwrite").set_value(True).run()
+    at.button(key="export").click().run()
+    no_errors(at)
+    assert json.loads((out / "mi_prun.json").read_text())["removed"] == list(fbs.removed)
+    other = root / "not-an-export"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    name = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
+    name.set_value("not-an-export").run()
+    at.button(key="export").click().run()
+    assert at.error and (other / "notes.txt").read_text() == "mine"  # never replaced
+    assert model_fingerprint(shared_model.model) == before
 
 
 def test_errors_show_as_st_error_and_the_page_keeps_working():
@@ -297,7 +369,7 @@ def test_save_and_load_an_analysis_folder(tmp_path):
     at.text_input(key="p_save_name").set_value("my-analysis").run()
     at.button(key="save_analysis").click().run()
     no_errors(at)
-    saved = appstate.export_root() / "my-analysis"
+    saved = state.export_root() / "my-analysis"
     assert (saved / "analysis.json").is_file()
     other = new_app().run()
     other.text_input(key="p_load_dir").set_value(str(saved)).run()
@@ -332,25 +404,25 @@ def test_pages_without_an_analysis_point_to_setup():
 
 def test_concurrent_sessions_see_only_their_own_results(shared_model):
     from mi_prun.evaluate import perplexity
-    from mi_prun.pipeline import AnalysisConfig
-    from mi_prun.prune import pruned_view
+    from mi_prun.models import pruned_view
+    from mi_prun.pipeline import analyze
 
     loaded = shared_model
-    before = appstate.model_fingerprint(loaded.model)
+    before = model_fingerprint(loaded.model)
     cfgs = [AnalysisConfig(n_samples=6, seq_len=48, max_positions=256, seed=s) for s in (1, 2)]
-    solo = [appstate.run_analysis(loaded, c) for c in cfgs]
+    solo = [analyze(loaded, c) for c in cfgs]
     results: dict = {}
     errors: list = []
 
     def session(k: int) -> None:
         try:
             for _ in range(2):
-                a = appstate.run_analysis(loaded, cfgs[k])
+                a = analyze(loaded, cfgs[k])
                 np.testing.assert_allclose(a.block_mi, solo[k].block_mi, rtol=1e-5)
                 view = pruned_view(loaded.model, [k + 1])
                 p = perplexity(view, loaded.tokenizer, "some text to score " * 40, seq_len=32, max_windows=2)
                 results.setdefault(k, []).append((a, p.ppl))
-        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=session, args=(k,)) for k in (0, 1)]
@@ -362,53 +434,53 @@ def test_concurrent_sessions_see_only_their_own_results(shared_model):
     assert not np.allclose(solo[0].block_mi, solo[1].block_mi)  # the two sessions did differ
     for k in (0, 1):
         assert len({round(p, 6) for _, p in results[k]}) == 1  # the same answer every time
-    assert appstate.model_fingerprint(loaded.model) == before
+    assert model_fingerprint(loaded.model) == before
 
 
 # ----------------------------------------------------------------------------------------------
-# appstate helpers
+# mi_prun_app.state and mi_prun_app.tables
 
 
 @pytest.mark.parametrize("name", ["..", "../x", "a/../../b", "/etc/passwd", "a/b", "a\\b", "C:evil", ".hidden",
                                   "", "   ", "x" * 101, "na\u2215me", "sp ace", "-rf", "a\x00b"])
 def test_export_path_sanitiser_refuses(name, tmp_path):
     with pytest.raises(MiPrunError):
-        appstate.safe_export_path(name, tmp_path)
+        state.safe_export_path(name, tmp_path)
 
 
 def test_export_path_sanitiser_accepts_plain_names_and_stays_inside(tmp_path, monkeypatch):
-    assert appstate.safe_export_path("model-1.pruned_v2", tmp_path) == tmp_path / "model-1.pruned_v2"
+    assert state.safe_export_path("model-1.pruned_v2", tmp_path) == tmp_path / "model-1.pruned_v2"
     monkeypatch.setenv("MI_PRUN_EXPORT_DIR", str(tmp_path / "ex"))
-    assert appstate.safe_export_path("m") == tmp_path / "ex" / "m"
+    assert state.safe_export_path("m") == tmp_path / "ex" / "m"
     (tmp_path / "ex").mkdir()
     (tmp_path / "ex" / "link").symlink_to(tmp_path)  # a symlink planted inside the export folder
     with pytest.raises(MiPrunError):
-        appstate.safe_export_path("link")
-    name = appstate.default_export_name("/some/path/My Model!", "fbs", [3, 4])
-    assert appstate.safe_export_path(name, tmp_path).parent == tmp_path
+        state.safe_export_path("link")
+    name = state.default_export_name("/some/path/My Model!", "fbs", [3, 4])
+    assert state.safe_export_path(name, tmp_path).parent == tmp_path
 
 
 def test_export_dir_default(monkeypatch):
     monkeypatch.delenv("MI_PRUN_EXPORT_DIR")
-    assert appstate.export_root() == Path("exports").absolute()
+    assert state.export_root() == Path("exports").absolute()
 
 
 def test_uploads_are_only_decoded():
-    assert appstate.text_from_upload("a.txt", "héllo".encode()) == "héllo"
-    assert appstate.text_from_upload("a.jsonl", b'{"text": "a"}\n{"text": "b"}\n') == "a\n\nb"
+    assert state.text_from_upload("a.txt", "héllo".encode()) == "héllo"
+    assert state.text_from_upload("a.jsonl", b'{"text": "a"}\n{"text": "b"}\n') == "a\n\nb"
     with pytest.raises(MiPrunError, match="only"):
-        appstate.text_from_upload("a.pkl", b"\x80\x04K\x01.")
+        state.text_from_upload("a.pkl", b"\x80\x04K\x01.")
     with pytest.raises(MiPrunError, match="binary"):
-        appstate.text_from_upload("a.txt", b"abc\x00def")
+        state.text_from_upload("a.txt", b"abc\x00def")
     with pytest.raises(MiPrunError, match="20 MB"):
-        appstate.text_from_upload("a.txt", b"a" * (appstate.UPLOAD_LIMIT_BYTES + 1))
+        state.text_from_upload("a.txt", b"a" * (state.UPLOAD_LIMIT_BYTES + 1))
     with pytest.raises(MiPrunError, match="line 1"):
-        appstate.text_from_upload("a.jsonl", b"not json")
+        state.text_from_upload("a.jsonl", b"not json")
 
 
 def test_progress_tracker_and_time_left():
     now = [0.0]
-    tr = appstate.ProgressTracker(clock=lambda: now[0])
+    tr = state.ProgressTracker(clock=lambda: now[0])
     assert tr.update("load", 0.0, "loading") == "load"
     assert tr.eta_text().startswith("estimating")
     now[0] = 1.0
@@ -428,10 +500,10 @@ def test_progress_tracker_and_time_left():
 def test_cancellable_progress_raises():
     seen = []
     flag = {"cancel": False}
-    cb = appstate.cancellable(lambda s, f, m: seen.append(s), lambda: flag["cancel"])
+    cb = state.cancellable(lambda s, f, m: seen.append(s), lambda: flag["cancel"])
     cb("capture", 0.5, "")
     flag["cancel"] = True
-    with pytest.raises(appstate.Cancelled):
+    with pytest.raises(state.Cancelled):
         cb("capture", 0.6, "")
     assert seen == ["capture"]
 
@@ -439,33 +511,86 @@ def test_cancellable_progress_raises():
 def test_tables_and_archives(tmp_path):
     import pandas as pd
 
+    from mi_prun.results import rank_blocks
     from tests.test_viz import synthetic_analysis
 
     a = synthetic_analysis()
-    df = appstate.ranking_frame(a)
+    df = tables.ranking_frame(a)
     assert list(df["block"]) == list(range(a.n_blocks))
-    assert df.loc[df["rank_mi"] == 1, "block"].item() == a.ranking()[0]
-    assert appstate.csv_bytes(df).decode().splitlines()[0].startswith("block,block_mi,rank_mi")
-    spans = appstate.span_frame(a)
+    # Ranks are 0-based like blocks (rank 0 = most redundant) and follow the library's rank_blocks.
+    for col in ("rank_mi", "rank_cosine_bi", "rank_angular"):
+        assert sorted(df[col]) == list(range(a.n_blocks))
+    assert df.loc[df["rank_mi"] == 0, "block"].item() == a.ranking()[0]
+    assert list(df.sort_values("rank_mi")["block"]) == rank_blocks(a.block_mi) == a.ranking()
+    assert list(df.sort_values("rank_cosine_bi")["block"]) == rank_blocks(a.baselines["cosine_bi"], descending=False)
+    single = [a.baselines["angular"][b, b + 1] for b in range(a.n_blocks)]
+    np.testing.assert_allclose(df["angular_distance"], single)
+    assert list(df.sort_values("rank_angular")["block"]) == rank_blocks(single, descending=False)
+    assert tables.csv_bytes(df).decode().splitlines()[0].startswith("block,block_mi,rank_mi")
+    spans = tables.span_frame(a)
     assert len(spans) == (a.n_blocks + 1) * a.n_blocks // 2
-    assert not appstate.violations_frame(a).empty
+    assert not tables.violations_frame(a).empty
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "mi_prun.json").write_text("{}")
     (tmp_path / "m" / "sub").mkdir()
     (tmp_path / "m" / "sub" / "x.txt").write_text("x")
-    with zipfile.ZipFile(BytesIO(appstate.zip_folder(tmp_path / "m"))) as zf:
+    with zipfile.ZipFile(BytesIO(state.zip_folder(tmp_path / "m"))) as zf:
         assert sorted(zf.namelist()) == ["m/mi_prun.json", "m/sub/x.txt"]
-    assert isinstance(appstate.comparison_frame([{"method": "fbs", "removed": [1, 2]}]), pd.DataFrame)
+    assert isinstance(tables.comparison_frame([{"method": "fbs", "removed": [1, 2]}]), pd.DataFrame)
 
 
 def test_memo_is_bounded_and_keyed_by_every_setting():
-    from mi_prun.pipeline import AnalysisConfig
-
-    m = appstate.Memo(maxsize=2)
+    m = state.Memo(maxsize=2)
     for k in "abc":
         m.put(k, k)
     assert len(m) == 2 and m.get("a") is None and m.get("c") == "c"
-    k1 = appstate.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 1000))
-    k2 = appstate.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 999))
-    k3 = appstate.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 1000, seed=1))
+    k1 = state.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 1000))
+    k2 = state.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 999))
+    k3 = state.analysis_key("tiny-llama", AnalysisConfig(calib="text:" + "x" * 1000, seed=1))
     assert len({k1, k2, k3}) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# one source of truth: the app, the library and the CLI choose the same blocks
+
+
+def test_app_library_and_cli_remove_the_same_blocks_by_default(tmp_path, monkeypatch):
+    """For one saved analysis, the app's default selection (its helpers and its FBS / prune pages)
+    equals `select(analysis)` with default arguments and `mi-prun select` with no flags."""
+    from mi_prun.cli import main
+    from mi_prun.models import load_model
+    from mi_prun.pipeline import analyze
+    from mi_prun.results import Analysis
+    from mi_prun.select import Selection, select
+
+    folder = tmp_path / "analysis"
+    analyze(load_model(TEST_MODEL), AnalysisConfig(n_samples=8, seq_len=48)).save(folder)
+    analysis = Analysis.load(folder)
+    L = analysis.n_blocks
+
+    library = select(analysis)  # every default is SelectConfig's
+    monkeypatch.chdir(tmp_path)
+    assert main(["select", str(folder), "--out", "sel.json"]) == 0
+    cli = Selection.load(tmp_path / "sel.json")
+
+    n = state.default_n_remove(L)
+    app = select(analysis, config=state.select_config(SelectConfig.method, n, protect=True))
+    assert library.removed == cli.removed == app.removed
+    assert (app.method, app.run_cost, app.n) == (library.method, library.run_cost, library.n)
+    assert app.options == library.options == cli.options
+
+    # The same through the app's pages: load the folder, read the FBS metric and the prune page.
+    at = new_app().run()
+    at.text_input(key="p_load_dir").set_value(str(folder)).run()
+    at.button(key="load_analysis").click().run()
+    no_errors(at)
+    at.switch_page(PAGES["fbs"]).run()
+    no_errors(at)
+    assert at.slider(key="p_n_remove").value == n
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["FBS removes"] == ", ".join(map(str, library.removed))
+    at.switch_page(PAGES["prune"]).run()
+    no_errors(at)
+    assert at.selectbox(key="pr_export_method").value == SelectConfig.method
+    col = chart(at, "Which blocks each method removes")
+    assert sorted(trace(col, "MI-PRUN (FBS) removed")["y"]) == list(library.removed)

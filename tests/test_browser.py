@@ -11,6 +11,7 @@ Needs /usr/bin/chromium (`make browser-deps` apt-installs it; never `playwright 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -127,6 +128,9 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                 _settled(page)
                 _no_exception(page)
                 assert page.locator("[data-testid=stPlotlyChart]").count() >= 1
+                if title == "Block MI":
+                    # Ranks are 0-based like blocks, and the page says so.
+                    page.get_by_text("Rank 0 = most redundant", exact=False).first.wait_for(timeout=30_000)
                 if title == "Fast-Block-Select":
                     # Move the blocks-to-remove slider with the keyboard: one more block removed.
                     before = page.locator("[data-testid=stMetric]").first.inner_text()
@@ -157,9 +161,13 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                     dl.value.save_as(archive)
                     with zipfile.ZipFile(archive) as zf:
                         names = zf.namelist()
-                    assert any(n.endswith("/mi_prun.json") for n in names)
+                        report = json.loads(zf.read(next(n for n in names if n.endswith("/mi_prun.json"))))
                     assert any(n.endswith("/mergekit.yaml") for n in names)
                     assert any(n.endswith(".safetensors") for n in names)
+                    # The library filled the provenance; mergekit gets a hub id (or the library's
+                    # placeholder), never the server's local cache path.
+                    assert report["estimator"] and report["calibration"]
+                    assert not os.path.isabs(report["source_model"]), report["source_model"]
                 name = f"{k}_{title.lower().replace(' ', '_').replace('-', '_')}.png"
                 _shot(page, shots / name)
                 saved[title] = shots / name

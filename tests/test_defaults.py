@@ -236,3 +236,18 @@ def test_public_api_is_reexported():
     import mi_prun.select as select_module  # a submodule name is never shadowed by a function
 
     assert select_module.select is select and "select" not in mi_prun.__all__
+
+
+def test_export_refuses_an_analysis_of_another_model_unless_forced(saved, tmp_path):
+    from mi_prun.config import ExportConfig
+
+    analysis, _ = saved  # of tiny-llama; tiny-qwen2 has the same 6 blocks
+    other = load_model("tiny-qwen2", device="cpu")
+    sel = select(analysis, n=1)
+    with pytest.raises(MiPrunError, match="another model"):
+        export(prune(other.model, sel.removed), other.tokenizer, sel, tmp_path / "x", analysis=analysis,
+               loaded=other)
+    assert not (tmp_path / "x").exists()
+    out = export(prune(other.model, sel.removed), other.tokenizer, sel, tmp_path / "x", analysis=analysis,
+                 loaded=other, config=ExportConfig(force=True))
+    assert json.loads((out / "mi_prun.json").read_text())["removed"] == list(sel.removed)

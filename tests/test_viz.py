@@ -1,16 +1,19 @@
-"""Figure builders (mi_prun.viz): right data in the right traces, one colour per method, no
-Streamlit in the core. Uses a synthetic analysis, so no model is loaded."""
+"""Figure builders of the app (mi_prun_app.viz): right data in the right traces, one colour per
+method; no Streamlit and no app code in the core. Uses a synthetic analysis, so no model is loaded."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mi_prun import viz
-from mi_prun.report import Analysis
+from mi_prun.results import Analysis
+from mi_prun_app import viz
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_analysis(L: int = 8, B: int = 4, seed: int = 0) -> Analysis:
@@ -149,6 +152,18 @@ def test_every_method_has_a_colour_and_a_label():
 
 
 def test_core_and_app_helpers_never_import_streamlit():
-    code = ("import sys, mi_prun.viz, mi_prun.appstate, mi_prun.pipeline, mi_prun.select, mi_prun.prune;"
+    # The app's Streamlit-free helpers and the core; only mi_prun_app.ui (the pages' glue) may.
+    code = ("import sys, mi_prun_app, mi_prun_app.state, mi_prun_app.tables, mi_prun_app.viz, mi_prun.pipeline, "
+            "mi_prun.select, mi_prun.prune, mi_prun.cli;"
             "sys.exit(1 if 'streamlit' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_the_core_holds_no_app_code():
+    """mi_prun/ never imports Streamlit or the app package, and its old app modules are gone."""
+    core = ROOT / "mi_prun"
+    assert not (core / "appstate.py").exists() and not (core / "viz.py").exists()
+    for path in core.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for banned in ("import streamlit", "from streamlit", "mi_prun_app", "plotly"):
+            assert banned not in text, f"{path.relative_to(ROOT)} mentions {banned!r}"

@@ -9,18 +9,24 @@ What is shared between sessions and what is not:
   field, so a second tab asking for the same analysis reuses it; a session only ever sees the
   analysis it ran or loaded (its own `st.session_state`);
 - perplexity and generation: `st.cache_data`, keyed by the removed set (returns copies).
+
+Settings come from the library's configs (see `mi_prun_app.state`): a selection here is
+`select(analysis, config=SelectConfig(...))`, perplexity follows `EvalConfig.quick()`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from mi_prun import appstate, defaults
+from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
+from mi_prun_app import state
+from mi_prun_app.tables import csv_bytes
 
 PAGES = {
     "setup": "pages/1_setup.py",
@@ -29,9 +35,10 @@ PAGES = {
     "fbs": "pages/4_fast_block_select.py",
     "prune": "pages/5_prune_export.py",
 }
-# Methods compared on the FBS and prune pages (MI-PRUN first). SLEB is left to the CLI/benchmarks:
-# its O(L^2) forward passes would block the page for minutes on a real model.
-COMPARE_METHODS = ("fbs", "exact", "topk", "shortgpt", "angular", "random")
+# Methods compared on the FBS and prune pages (the default method first). SLEB is left to the
+# CLI/benchmarks: its O(L^2) forward passes would block the page for minutes on a real model.
+COMPARE_METHODS = tuple(dict.fromkeys((SelectConfig.method, "fbs", "exact", "topk", "shortgpt", "angular",
+                                       "random")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,30 +56,27 @@ def get_model(spec: str, trust_remote_code: bool = False):
 
 
 @st.cache_resource(show_spinner=False)
-def analysis_memo() -> appstate.Memo:
-    return appstate.Memo(maxsize=16)
+def analysis_memo() -> state.Memo:
+    return state.Memo(maxsize=16)
 
 
-def set_analysis(analysis: Any, key: str, source: str, trust_remote_code: bool = False) -> None:
-    """Make `analysis` this session's current analysis (and forget results tied to the last one)."""
+def set_analysis(analysis: Any, key: str, source: str, trust_remote_code: bool = False,
+                 folder: str | None = None) -> None:
+    """Make `analysis` this session's current analysis (and forget results tied to the last one).
+    `folder`: where it was loaded from (an export never replaces it)."""
     st.session_state["analysis"] = analysis
     st.session_state["analysis_key"] = key
     st.session_state["analysis_source"] = source
+    st.session_state["analysis_folder"] = folder
     st.session_state["trust_remote_code"] = trust_remote_code
     st.session_state["selections"] = {}
     st.session_state["ppl_points"] = []
     st.session_state.pop("export_path", None)
-    L = analysis.n_blocks
-    if L >= 2:
-        from mi_prun.select import resolve_n
-
-        try:
-            n = resolve_n(L, ratio=defaults.RATIO)
-        except MiPrunError:
-            n = 1
+    st.session_state.pop("model_checked", None)
+    if analysis.n_blocks >= 2:
         # The slider lives on the FBS and prune pages, never on the page that sets an analysis,
         # so its state may be written here.
-        st.session_state["p_n_remove"] = n
+        st.session_state["p_n_remove"] = state.default_n_remove(analysis.n_blocks)
 
 
 def current_analysis() -> Any | None:
@@ -89,22 +93,31 @@ def require_analysis() -> Any:
     return analysis
 
 
+def _spec(analysis: Any) -> str:
+    return analysis.model.get("spec") or analysis.model.get("source")
+
+
+def _trust_remote_code() -> bool:
+    return bool(st.session_state.get("trust_remote_code", False)) and state.remote_code_allowed()
+
+
 def model_for(analysis: Any):
-    """The cached model an analysis was computed on (loaded if this server has not yet)."""
-    spec = analysis.model.get("spec") or analysis.model.get("source")
-    trc = bool(st.session_state.get("trust_remote_code", False)) and appstate.remote_code_allowed()
+    """The cached model an analysis was computed on (loaded if this server has not yet), checked
+    by the library to be that model (`Analysis.check_model`)."""
+    spec = _spec(analysis)
     with st.spinner(f"Loading {spec} (once per server)..."):
-        loaded = get_model(spec, trc)
-    if loaded.n_blocks != analysis.n_blocks:
-        raise MiPrunError(f"the analysis has {analysis.n_blocks} blocks but {spec} has {loaded.n_blocks}. "
-                          "Fix: run the analysis again on this model.")
+        loaded = get_model(spec, _trust_remote_code())
+    checked = (st.session_state.get("analysis_key"), id(loaded))
+    if st.session_state.get("model_checked") != checked:
+        analysis.check_model(loaded.model, where="this analysis")
+        st.session_state["model_checked"] = checked
     return loaded
 
 
 def n_remove(analysis: Any) -> int:
     """Blocks to remove (the session's choice, clamped to this analysis), without a widget."""
     L = analysis.n_blocks
-    n = int(st.session_state.get("p_n_remove", 1))
+    n = int(st.session_state.get("p_n_remove", state.default_n_remove(L)))
     return min(max(n, 1), max(L - 1, 1))
 
 
@@ -121,52 +134,52 @@ def n_slider(analysis: Any) -> int:
                   help="Prune ratio = blocks removed / blocks. Blocks are numbered from 0.")
     c2.markdown(f"Prune ratio **{100.0 * n / L:.0f} %** ({n} of {L} blocks)")
     c3.checkbox(f"Protect the ends ({protect_label(L)})", key="p_protect_ends",
-                value=bool(defaults.PROTECT_ENDS), persist_state="session",
+                value=bool(SelectConfig().protect_ends), persist_state="session",
                 help="The first and last blocks of most LLMs do work the middle ones do not; "
                      "the benchmark measured that protecting them helps (benchmarks/RESULTS.md).")
     return int(n)
 
 
-def protect_setting() -> bool | int | float:
-    """What the protect switch means: the shipped default margin when on, nothing when off."""
-    if not st.session_state.get("p_protect_ends", bool(defaults.PROTECT_ENDS)):
-        return False
-    return defaults.PROTECT_ENDS if defaults.PROTECT_ENDS is not False else True
+def protect_on() -> bool:
+    return bool(st.session_state.get("p_protect_ends", bool(SelectConfig().protect_ends)))
 
 
 def protect_label(n_blocks: int) -> str:
-    from mi_prun.errors import MiPrunError
     from mi_prun.select import n_protected
 
     try:
-        k = n_protected(n_blocks, defaults.PROTECT_ENDS if defaults.PROTECT_ENDS is not False else True)
+        k = n_protected(n_blocks, state.protect_margin())
     except MiPrunError:
         return "too few blocks to protect"
     return f"never remove the first and last {k} block{'s' if k > 1 else ''}"
 
 
+def select_config(method: str, n: int) -> SelectConfig:
+    """This session's selection settings for `method` and `n` blocks."""
+    return state.select_config(method, n, protect=protect_on())
+
+
 def selection(analysis: Any, method: str, n: int) -> Any:
-    """`select.select` for this session's analysis, memoised in the session (milliseconds each,
-    but pages rerun on every widget change)."""
+    """`select(analysis, config=...)` for this session's analysis, memoised in the session
+    (milliseconds each, but pages rerun on every widget change)."""
     from mi_prun.select import select
 
-    protect = protect_setting()
-    key = (st.session_state.get("analysis_key"), method, n, defaults.RUN_COST, protect)
+    cfg = select_config(method, n)
+    key = (st.session_state.get("analysis_key"), repr(cfg))
     memo = st.session_state.setdefault("selections", {})
     if key not in memo:
-        memo[key] = select(analysis, method, n=n, run_cost=defaults.RUN_COST, protect_ends=protect, seed=0)
+        memo[key] = select(analysis, config=cfg)
     return memo[key]
 
 
 def comparison(analysis: Any, n: int) -> list[dict]:
     from mi_prun.select import compare
 
-    protect = protect_setting()
-    key = ("compare", st.session_state.get("analysis_key"), n, defaults.RUN_COST, protect)
+    cfg = select_config(SelectConfig.method, n)
+    key = ("compare", st.session_state.get("analysis_key"), repr(cfg))
     memo = st.session_state.setdefault("selections", {})
     if key not in memo:
-        memo[key] = compare(analysis, n=n, run_cost=defaults.RUN_COST, methods=COMPARE_METHODS,
-                            protect_ends=protect, seed=0)
+        memo[key] = compare(analysis, config=cfg, methods=COMPARE_METHODS)
     return memo[key]
 
 
@@ -175,9 +188,14 @@ def comparison(analysis: Any, n: int) -> list[dict]:
 
 
 def ppl_protocol_text() -> str:
-    return (f"perplexity on {appstate.eval_source()} text, first {appstate.PPL_WINDOWS} windows of "
-            f"{appstate.PPL_SEQ_LEN} tokens (short protocol for exploring; use `mi-prun eval` for "
-            "the full one)")
+    cfg = state.eval_config()
+    return (f"perplexity on {cfg.data} text, first {cfg.max_windows} windows of {cfg.seq_len} tokens "
+            "(short protocol for exploring; use `mi-prun eval` for the full one)")
+
+
+def ppl_protocol_short() -> str:
+    cfg = state.eval_config()
+    return f"{cfg.max_windows} windows x {cfg.seq_len} tokens of {cfg.data}"
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -187,30 +205,29 @@ def eval_text(source: str, max_chars: int) -> str:
     return load_text(source, purpose="evaluation").text[:max_chars]
 
 
-def ppl_protocol_short() -> str:
-    return f"{appstate.PPL_WINDOWS} windows x {appstate.PPL_SEQ_LEN} tokens of {appstate.eval_source()}"
-
-
 @st.cache_data(show_spinner=False, max_entries=512)
-def perplexity_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], source: str,
-                  seq_len: int, windows: int) -> dict:
+def perplexity_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], data: str,
+                  seq_len: int, max_windows: int, batch_size: int) -> dict:
+    """Perplexity of `spec` without `removed`, under the protocol of an `EvalConfig` (its fields
+    are the arguments, so that the cache key is plain data)."""
     from mi_prun.evaluate import perplexity
-    from mi_prun.prune import pruned_view
+    from mi_prun.models import pruned_view
 
     loaded = get_model(spec, trust_remote_code)
     model = pruned_view(loaded.model, list(removed)) if removed else loaded.model
-    # Only the first `windows` windows are scored, so only the head of the text is tokenised:
+    # Only the first `max_windows` windows are scored, so only the head of the text is tokenised:
     # 16 characters per token is more than any tokenizer needs (byte-level: 1, BPE: about 4), and
     # the windows scored are the same as with the whole text.
-    text = eval_text(source, windows * seq_len * 16)
-    return perplexity(model, loaded.tokenizer, text, seq_len=seq_len, max_windows=windows).to_dict()
+    text = eval_text(data, max_windows * seq_len * 16)
+    return perplexity(model, loaded.tokenizer, text, seq_len=seq_len, max_windows=max_windows,
+                      batch_size=batch_size).to_dict()
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def generation_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], prompt: str,
                   max_new_tokens: int) -> str:
     from mi_prun.evaluate import generate_sample
-    from mi_prun.prune import pruned_view
+    from mi_prun.models import pruned_view
 
     loaded = get_model(spec, trust_remote_code)
     model = pruned_view(loaded.model, list(removed)) if removed else loaded.model
@@ -218,18 +235,16 @@ def generation_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], 
 
 
 def ppl(analysis: Any, removed: Sequence[int]) -> dict:
-    spec = analysis.model.get("spec") or analysis.model.get("source")
-    trc = bool(st.session_state.get("trust_remote_code", False)) and appstate.remote_code_allowed()
-    model_for(analysis)  # loads with a spinner and checks the block count
-    return perplexity_of(spec, trc, tuple(sorted(int(b) for b in removed)), appstate.eval_source(),
-                         appstate.PPL_SEQ_LEN, appstate.PPL_WINDOWS)
+    cfg = state.eval_config()
+    model_for(analysis)  # loads with a spinner and checks it is the analysed model
+    return perplexity_of(_spec(analysis), _trust_remote_code(), tuple(sorted(int(b) for b in removed)),
+                         cfg.data, cfg.seq_len, int(cfg.max_windows), cfg.batch_size)
 
 
 def generate(analysis: Any, removed: Sequence[int], prompt: str, max_new_tokens: int) -> str:
-    spec = analysis.model.get("spec") or analysis.model.get("source")
-    trc = bool(st.session_state.get("trust_remote_code", False)) and appstate.remote_code_allowed()
     model_for(analysis)
-    return generation_of(spec, trc, tuple(sorted(int(b) for b in removed)), prompt, max_new_tokens)
+    return generation_of(_spec(analysis), _trust_remote_code(), tuple(sorted(int(b) for b in removed)),
+                         prompt, max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +261,7 @@ def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, hei
     """A table with a CSV download button under it."""
     st.dataframe(df, width="stretch", hide_index=True, key=f"df_{key}", height=height)
     cols = st.columns([1, 3])
-    cols[0].download_button("Download CSV", data=appstate.csv_bytes(df), file_name=f"{name}.csv",
+    cols[0].download_button("Download CSV", data=csv_bytes(df), file_name=f"{name}.csv",
                             mime="text/csv", key=f"csv_{key}", icon=":material/download:")
     if caption:
         cols[1].caption(caption)
