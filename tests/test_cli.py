@@ -31,12 +31,22 @@ def test_analyze_prints_ranking_and_saves(analysis_dir, capsys):
 
 
 def test_select_and_compare(analysis_dir, capsys):
+    from mi_prun.config import SelectConfig
+    from mi_prun.select import compare, select
+
+    a = Analysis.load(analysis_dir)
     assert main(["select", str(analysis_dir), "--n", "2", "--method", "exact"]) == 0
-    assert "remove 2 of 6 blocks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"remove 2 of 6 blocks: {list(select(a, 'exact', n=2).removed)}" in out
     assert main(["select", str(analysis_dir), "--ratio", "0.34", "--compare"]) == 0
     out = capsys.readouterr().out
+    rows = {r["method"]: r for r in compare(a, config=SelectConfig(ratio=0.34))}
+    lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
     for method in ("fbs", "local", "exact", "exhaustive"):
-        assert method in out
+        r = rows[method]
+        assert str(r["removed"]) in lines[method]  # the library's set, on the method's own row
+        assert f"{r['objective']:.6g}" in lines[method]
+    assert rows["exact"]["gap"] == 0 and rows["exhaustive"]["gap"] == pytest.approx(0, abs=1e-12)
 
 
 def test_prune_exports_loadable_model(analysis_dir, tmp_path, capsys):
