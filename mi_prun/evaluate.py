@@ -67,6 +67,8 @@ def model_context(model: nn.Module) -> int | None:
 def _uses_bos(tokenizer: Any, add_bos: bool | str) -> bool:
     from mi_prun.data import adds_bos
 
+    if not (add_bos is True or add_bos is False or add_bos == "auto"):
+        raise MiPrunError(f"add_bos must be True, False or 'auto', got {add_bos!r}.")
     if add_bos == "auto":
         return adds_bos(tokenizer)
     if add_bos is True and getattr(tokenizer, "bos_token_id", None) is None:

@@ -119,6 +119,8 @@ class Analysis:
       baselines       name -> array: "cosine_bi" (L,) ShortGPT Block Influence, 1 - mean cos(h_b,
                       h_{b+1}), high = important; "angular" (L+1, L+1) mean angular distance
                       arccos(cos(h_i, h_j)) / pi, the cost of removing the window i..j-1
+      span_unexplained (L+1, L+1) share of h_j's variance the best linear map from h_i leaves
+                      unexplained, in [0, 1] (not symmetric), or None in older analyses
     `model` describes the analysed model; its "identity" (see `model_identity`) lets `prune`
     refuse to apply the analysis to another model.
     """
@@ -137,6 +139,7 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
     notes: list[str] = field(default_factory=list)
+    span_unexplained: np.ndarray | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -200,6 +203,9 @@ class Analysis:
                               "Fix: give a folder written by `mi-prun analyze --out`.")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except PermissionError as exc:
+            raise MiPrunError(f"cannot read {meta_path}: permission denied. Fix: check the file's "
+                              "permissions (chmod u+r).") from exc
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             raise MiPrunError(f"{meta_path} cannot be read ({type(exc).__name__}). Fix: run the "
                               "analysis again.") from exc
@@ -212,6 +218,9 @@ class Analysis:
         try:
             with np.load(arr_path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
+        except PermissionError as exc:
+            raise MiPrunError(f"cannot read {arr_path}: permission denied. Fix: check the file's "
+                              "permissions (chmod u+r).") from exc
         except Exception as exc:  # zipfile/ValueError/OSError: all mean a damaged file
             raise MiPrunError(f"{arr_path} is corrupt ({type(exc).__name__}). Fix: run the analysis again.") from exc
         names = {f.name for f in fields(cls)}
@@ -228,12 +237,37 @@ class Analysis:
             if key in kwargs and not isinstance(kwargs[key], typ):
                 raise MiPrunError(f"{meta_path}: '{key}' must be a {typ.__name__}, got "
                                   f"{type(kwargs[key]).__name__}. Fix: run the analysis again.")
+        _check_scalars(kwargs, meta_path)
         try:
             analysis = cls(**kwargs)
         except TypeError as exc:
             raise MiPrunError(f"{src} is missing fields ({exc}). Fix: run the analysis again.") from exc
         validate_arrays(analysis, str(src))
         return analysis
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_scalars(kwargs: dict[str, Any], meta_path: Path) -> None:
+    """The numbers that reports print must be numbers (a hand-edited JSON is refused, not shown)."""
+    bad = [f"timings.{k}" for k, v in (kwargs.get("timings") or {}).items() if not _is_number(v)]
+    tau = (kwargs.get("stability") or {}).get("kendall_tau_halves")
+    if tau is not None and not _is_number(tau):
+        bad.append("stability.kendall_tau_halves")
+    dpi = kwargs.get("dpi") or {}
+    for key in ("n_violations", "n_cells", "max_excess"):
+        if key in dpi and dpi[key] is not None and not _is_number(dpi[key]):
+            bad.append(f"dpi.{key}")
+    if "tolerance" in dpi and not isinstance(dpi["tolerance"], (dict, int, float, list)):
+        bad.append("dpi.tolerance")
+    notes = kwargs.get("notes") or []
+    if not all(isinstance(n, str) for n in notes):
+        bad.append("notes")
+    if bad:
+        raise MiPrunError(f"{meta_path}: {', '.join(bad[:4])} must be numbers (or text for notes); the "
+                          "analysis is damaged or was edited. Fix: run the analysis again.")
 
 
 def _refuse(where: str, name: str, problem: str) -> MiPrunError:
@@ -279,6 +313,10 @@ def validate_arrays(analysis: Analysis, where: str = "analysis") -> None:
             raise _refuse(where, "span_norm", "holds values outside [0, 1]")
         if np.abs(sn - sn.T)[off].max(initial=0.0) > _SYM_TOL:
             raise _refuse(where, "span_norm", "is not symmetric")
+    if analysis.span_unexplained is not None:
+        su = _numeric(where, "span_unexplained", analysis.span_unexplained, (L + 1, L + 1))
+        if not np.isfinite(su).all() or (su < -1e-6).any() or (su > 1 + 1e-6).any():
+            raise _refuse(where, "span_unexplained", "holds values outside [0, 1]")
     if analysis.block_mi_batches is not None:
         b = np.asarray(analysis.block_mi_batches)
         if b.ndim != 2 or b.shape[0] != L:

@@ -7,6 +7,7 @@ with status 2; `--debug` shows the traceback. Blocks are numbered from 0 in all 
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args.parser_ = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     _quiet_libraries(args.debug)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a full disk shows here, inside the handlers below
+        return status
     except MiPrunError as exc:
         if args.debug:
             raise
@@ -60,13 +63,26 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except OSError as exc:
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            if args.debug:
+                raise
+            return _internal(exc)
+        # e.g. `mi-prun show x > /dev/full`: the output cannot be written
+        print(f"mi-prun: error: cannot write the output: {exc.strerror}. Fix: free disk space or "
+              "redirect the output elsewhere.", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug in mi-prun: still one line, the traceback with --debug
         if args.debug:
             raise
-        first = (str(exc).splitlines() or [""])[0]
-        print(f"mi-prun: internal error: {type(exc).__name__}: {first} (rerun with --debug for the "
-              "traceback, and please report it)", file=sys.stderr)
-        return 1
+        return _internal(exc)
+
+
+def _internal(exc: BaseException) -> int:
+    first = (str(exc).splitlines() or [""])[0]
+    print(f"mi-prun: internal error: {type(exc).__name__}: {first} (rerun with --debug for the "
+          "traceback, and please report it)", file=sys.stderr)
+    return 1
 
 
 __all__ = ["BLOCK_NOTE", "build_parser", "format_analysis", "format_selection", "main"]

@@ -51,10 +51,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise MiPrunError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MiPrunError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise MiPrunError(f"device {device!r} asked for but MPS (Apple GPU) is not available: use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise MiPrunError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 
@@ -279,6 +284,10 @@ def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) ->
             ) from exc
         if isinstance(exc, ValueError):
             raise MiPrunError(f"cannot read the config of {spec}: {first}.") from exc
+        if isinstance(exc, (TypeError, AttributeError, KeyError)) or type(exc).__name__.startswith("StrictDataclass"):
+            detail = " ".join(msg.split())[:300].rstrip(".")  # a field of the wrong type or value
+            raise MiPrunError(f"cannot read the config of {spec}: {detail}. Fix: config.json is damaged "
+                              "or was edited by hand; export or download the model again.") from exc
         raise
 
 
@@ -328,10 +337,12 @@ def load_model(
 
     t0 = time.perf_counter()
     is_path = isinstance(spec, os.PathLike)
-    spec = os.fspath(spec)
-    if not isinstance(spec, str):
+    spec = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
+    if not isinstance(spec, str) or not spec.strip():
         raise MiPrunError(f"model spec must be a name or a path, got {spec!r}.")
     dev = resolve_device(device)
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        resolve_device(device_map)  # a device name: an unknown or missing device fails here, in one line
     dt = resolve_dtype(dtype, dev)
     info: dict = {}
     family = None if is_path else tiny_family(spec)
