@@ -93,7 +93,16 @@ def _read_file(path: Path) -> str:
     if size > MAX_TEXT_BYTES:
         raise MiPrunError(f"{path} is {size / 2**20:.0f} MiB; the limit is {MAX_TEXT_BYTES / 2**20:.0f} MiB. "
                           "Fix: calibration needs a few hundred kB; give a smaller file.")
-    text = decode_bytes(path.read_bytes(), str(path))
+    try:  # read at most one byte past the limit: a file that grows meanwhile cannot flood memory
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TEXT_BYTES + 1)
+    except OSError as exc:
+        raise MiPrunError(f"cannot read {path}: {exc.strerror or exc}. Fix: check that the file exists "
+                          "and that you may read it (chmod u+r).") from exc
+    if len(raw) > MAX_TEXT_BYTES:
+        raise MiPrunError(f"{path} is larger than the limit of {MAX_TEXT_BYTES / 2**20:.0f} MiB. "
+                          "Fix: calibration needs a few hundred kB; give a smaller file.")
+    text = decode_bytes(raw, str(path))
     if path.suffix.lower() == ".jsonl":
         text = parse_jsonl(text, str(path))
     return text
@@ -153,6 +162,9 @@ def load_text(source: str, purpose: str = "calibration") -> Text:
         return _make("\n\n".join(_read_file(p) for p in files), f"folder:{path}")
     if path.is_file():
         return _make(_read_file(path), f"file:{path}")
+    if path.exists():  # /dev/zero, a FIFO, a socket: reading could block or never end
+        raise MiPrunError(f"text source {source!r} is not a regular file (a device, FIFO or socket). "
+                          "Fix: save the text to a file and give its path.")
     raise MiPrunError(f"text source {source!r} not found: it is no file or folder and not one of "
                       f"{', '.join(BUILTIN_SOURCES)}, text:<string>.")
 
@@ -220,4 +232,75 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
         "seed": seed, "bos": use_bos, "text_tokens": int(stream.numel()),
         "chunks_available": int(n_chunks),
     }
+    return Calibration(input_ids=chunks.contiguous(), attention_mask=torch.ones_like(chunks), provenance=provenance)
+
+
+def calibration_text(calibration: dict[str, Any]) -> Text:
+    """The calibration text an analysis was captured on, reloaded from its provenance
+    (`analysis.calibration`) and checked against the recorded sha256."""
+    source = str(calibration.get("source") or "")
+    if source.startswith("builtin:"):
+        spec = "builtin"
+    elif source.startswith(("file:", "folder:")):
+        spec = source.split(":", 1)[1]
+    elif source in ("wikitext2-valid", "wikitext2-test"):
+        spec = source
+    else:
+        raise MiPrunError(f"the calibration text {source or '(unrecorded)'!r} cannot be reloaded from the "
+                          "analysis. Fix: pass verification tokens explicitly (tokens=...), or skip "
+                          "verification (verify_passes=0, --verify-passes 0).")
+    text = load_text(spec, purpose="calibration")
+    if calibration.get("sha256") and text.sha256 != calibration["sha256"]:
+        raise MiPrunError(f"the calibration text {source} changed since the analysis (sha256 differs). "
+                          "Fix: restore it, or pass verification tokens explicitly (tokens=...).")
+    return text
+
+
+def verification_tokens(tokenizer: Any, text: Text, calibration: dict[str, Any], n_samples: int,
+                        seq_len: int) -> Calibration:
+    """N x T token samples of `text` that share no token with the capture's samples.
+
+    `calibration` is the capture's provenance (`analysis.calibration`: seed, n_samples, seq_len,
+    bos). With the capture's sample length the chunks are the rest of the capture's permutation
+    (`randperm(n_chunks)` with its seed, after its first n_samples); with another length a
+    permutation of the new chunk grid (same seed) is filtered to chunks overlapping no captured
+    chunk. Deterministic; too little text raises an error with the tokens needed and found.
+    """
+    if not isinstance(n_samples, int) or n_samples <= 0:
+        raise MiPrunError(f"number of verification samples must be a positive integer, got {n_samples!r}.")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise MiPrunError(f"verification tokens per sample must be an integer >= 2, got {seq_len!r}.")
+    if calibration.get("sha256") and text.sha256 != calibration["sha256"]:
+        raise MiPrunError(f"{text.source} is not the text the analysis was captured on (sha256 differs). "
+                          "Fix: give the analysis's calibration text.")
+    use_bos = bool(calibration.get("bos", adds_bos(tokenizer)))
+    seed, n_cap, len_cap = int(calibration.get("seed", 0)), int(calibration["n_samples"]), int(calibration["seq_len"])
+    stream = tokenize(tokenizer, text.text)
+    body_cap, body = (len_cap - 1, seq_len - 1) if use_bos else (len_cap, seq_len)
+    n_cap_chunks = stream.numel() // body_cap
+    captured = torch.randperm(n_cap_chunks, generator=torch.Generator().manual_seed(seed))
+    if body == body_cap:
+        order = captured[n_cap:].tolist()
+    else:
+        used = torch.zeros(stream.numel(), dtype=torch.bool)
+        for c in captured[:n_cap].tolist():
+            used[c * body_cap:(c + 1) * body_cap] = True
+        n_chunks = stream.numel() // body
+        perm = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(seed)).tolist()
+        order = [c for c in perm if not used[c * body:(c + 1) * body].any()]
+    if len(order) < n_samples:
+        raise MiPrunError(
+            f"not enough calibration text in {text.source} for verification: {n_samples} samples x "
+            f"{seq_len} tokens apart from the capture's {n_cap} x {len_cap} need about "
+            f"{(n_samples * body + n_cap * body_cap):,} text tokens; {len(order)} free chunks of {body} "
+            f"found in {stream.numel():,}. Fix: fewer or shorter verification samples, or more text.")
+    chosen = torch.tensor(sorted(order[:n_samples]), dtype=torch.long)
+    chunks = stream[: (stream.numel() // body) * body].view(-1, body)[chosen]
+    if use_bos:
+        bos = torch.full((n_samples, 1), tokenizer.bos_token_id, dtype=torch.long)
+        chunks = torch.cat([bos, chunks], dim=1)
+    provenance = {"source": text.source, "sha256": text.sha256, "n_samples": n_samples, "seq_len": seq_len,
+                  "seed": seed, "bos": use_bos, "purpose": "verification",
+                  "disjoint_from": {"n_samples": n_cap, "seq_len": len_cap},
+                  "chunks": chosen.tolist()}
     return Calibration(input_ids=chunks.contiguous(), attention_mask=torch.ones_like(chunks), provenance=provenance)

@@ -75,6 +75,16 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def ratio_value(text: str) -> float:
     try:
         value = float(text)
@@ -101,7 +111,7 @@ def given(argv: list[str], parser: argparse.ArgumentParser, dests: set[str]) -> 
 MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or Hugging Face id"
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
-SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends"}
+SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -163,6 +173,30 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         f"integer) or that fraction of the blocks (0 < K < 0.5) (default: {d.protect_ends})")
     y.add_argument("--no-protect-ends", dest="protect_ends", action="store_const", const=False,
                    help="allow removing any block")
+    g.add_argument("--verify-passes", type=nonneg_int, default=d.verify_passes, metavar="N",
+                   help="check the MI answer against every criterion's candidate sets by at most N forward "
+                        f"passes of the pruned model on {d.verify_samples} x {d.verify_seq_len} calibration "
+                        "tokens kept apart from the capture's; 0 = the one-pass answer (needs the model: "
+                        "`select` takes --model)")
+
+
+HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}
+
+
+def add_heal_args(p: argparse.ArgumentParser) -> None:
+    from mi_prun.config import HealConfig
+
+    d = HealConfig()
+    g = p.add_argument_group("healing (a closed-form linear bridge per removed run, folded into the weights)")
+    g.add_argument("--heal", action="store_true", help="bridge every removed run with a least-squares map fitted "
+                                                        "on calibration tokens and folded into the block before it")
+    g.add_argument("--heal-ridge", type=nonneg_float, default=None, metavar="LAMBDA",
+                   help="ridge lambda relative to the mean diagonal of M^T M (default: chosen per run from "
+                        f"{list(d.ridge_grid)} on {d.holdout:g} of the calibration samples held out)")
+    g.add_argument("--heal-calib", default=None, help="healing calibration text (default: --calib when the "
+                                                      f"analysis runs here, else {d.calib})")
+    g.add_argument("--heal-samples", type=positive_int, default=None,
+                   help=f"healing calibration samples (default: --samples when the analysis runs here, else {d.n_samples})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="choose blocks to remove from a saved analysis")
     p.add_argument("analysis", help="a folder written by `mi-prun analyze --out`")
     add_selection_args(p)
+    m = p.add_argument_group("model (for --verify-passes; without it the one-pass answer, said to be unverified)")
+    m.add_argument("--model", default=None, help="the analysed model: " + MODEL_HELP.format(default="smollm2-135m"))
+    m.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cpu | cuda[:N] | mps")
+    m.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
+    p.set_defaults(device_map=None, trust_remote_code=False, skip_memory_check=False)
     p.add_argument("--compare", action="store_true",
                    help="FBS, local search, exact optimum and exhaustive side by side")
     p.add_argument("--out", default=None, help="write the selection to this JSON file (for `prune --selection`)")
@@ -213,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="accept an analysis or selection made on another "
                                                         "model with the same number of blocks")
     p.add_argument("--sample", default=None, help="prompt for a generation sample before and after")
+    add_heal_args(p)
     p.set_defaults(func=c.cmd_prune)
 
     e = EvalConfig()

@@ -30,10 +30,30 @@ def analysis_config(args):
 def select_config(args):
     from mi_prun.config import SelectConfig
 
-    kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio}
+    kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio,
+                          "verify_passes": args.verify_passes}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
     return SelectConfig(**kw)
+
+
+def heal_config(args, acfg):
+    """The `HealConfig` of `prune --heal`: the analysis's calibration when it runs here, then the
+    --heal-* flags; None without --heal (and --heal-* flags refused)."""
+    from mi_prun.cli.args import HEAL_DESTS
+    from mi_prun.config import HealConfig
+
+    if not args.heal:
+        _refuse_flags(args, HEAL_DESTS, "healing is off")
+        return None
+    kw: dict[str, Any] = {}
+    if acfg is not None:
+        kw.update(calib=acfg.calib, n_samples=acfg.n_samples, seq_len=acfg.seq_len, seed=acfg.seed,
+                  batch_size=acfg.batch_size, drop_first=acfg.drop_first)
+    for flag, name in (("heal_calib", "calib"), ("heal_samples", "n_samples"), ("heal_ridge", "ridge")):
+        if getattr(args, flag) is not None:
+            kw[name] = getattr(args, flag)
+    return HealConfig(**kw)
 
 
 def _analyze(args, progress: TqdmProgress):
@@ -99,7 +119,12 @@ def cmd_select(args) -> int:
         rows = compare(analysis, config=cfg)
         print(format_compare(rows, n, analysis.n_blocks, cfg.run_cost))
         return 0
-    sel = select(analysis, config=cfg)
+    loaded, progress = None, TqdmProgress(not args.quiet)
+    if args.model is not None:
+        loaded = _load(args)
+        analysis.check_model(loaded.model, where=f"analysis {args.analysis}")
+    sel = select(analysis, config=cfg, model=loaded, progress=progress)
+    progress.close()
     print(format_selection(sel))
     if args.out:
         path = sel.save(args.out, overwrite=args.overwrite)
@@ -126,6 +151,7 @@ def cmd_prune(args) -> int:
     export_cfg = ExportConfig(overwrite=args.overwrite, force=args.force)
     sel_cfg = None if args.selection else select_config(args)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
+    hcfg = heal_config(args, acfg)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
     saved = Selection.load(args.selection) if args.selection else None
     analysis = Analysis.load(args.analysis) if args.analysis else None
@@ -148,11 +174,23 @@ def cmd_prune(args) -> int:
             sel = sleb_select(loaded.model, calib.input_ids, calib.attention_mask, config=sel_cfg,
                               analysis=analysis, progress=progress)
         else:
-            sel = select(analysis, config=sel_cfg)
+            sel = select(analysis, config=sel_cfg, model=loaded, progress=progress)
     print(format_selection(sel))
-    pruned = prune(loaded.model, sel.removed)
+    healing = None
+    if hcfg is not None:
+        from mi_prun.heal import check_healable, heal, heal_calibration
+
+        check_healable(loaded.model, sel.removed)  # the one-line refusal, before any forward pass
+        pruned, healing = heal(loaded.model, sel.removed, heal_calibration(loaded, hcfg), config=hcfg,
+                               progress=progress)
+        for run in healing.runs:
+            print(f"healed blocks {run.start}-{run.end - 1} into {run.module}: unexplained variance at "
+                  f"h_{run.end} {run.unexplained_unhealed:.4f} -> {run.unexplained_healed:.4f} "
+                  f"(ridge {run.ridge:g}, {run.ridge_choice})")
+    else:
+        pruned = prune(loaded.model, sel.removed)
     path = export(pruned, loaded.tokenizer, sel, args.out, analysis=analysis, loaded=loaded,
-                  config=export_cfg, inputs=[args.model, args.analysis, args.selection])
+                  config=export_cfg, inputs=[args.model, args.analysis, args.selection], healing=healing)
     progress.close()
     print(f"exported to {path} (load it with AutoModelForCausalLM.from_pretrained({str(path)!r}))")
     if args.sample:

@@ -91,8 +91,25 @@ def format_selection(sel) -> str:
     lines = [f"method {sel.method}: remove {sel.n} of {sel.n_blocks} blocks{ratio}: {list(sel.removed)}",
              f"runs: {format_runs(sel.runs)}   objective ({sel.run_cost}): {sel.objective:.6g}   "
              f"time {sel.seconds * 1000:.1f} ms   forward passes {sel.forward_passes}"]
+    lines += format_verification(sel)
     lines.append(BLOCK_NOTE)
     return "\n".join(lines)
+
+
+def format_verification(sel) -> list[str]:
+    """Lines on the verified search: passes spent, the winner's proposer, the one-pass answer's gap."""
+    v = getattr(sel, "verification", None) or {}
+    if not getattr(sel, "verified", False):
+        return ["unverified (no --model): one-pass answer"] if v.get("note") else []
+    lines = [f"verified: {v.get('passes')} of {v.get('budget')} forward passes on {v.get('tokens', {}).get('n_samples')} "
+             f"x {v.get('tokens', {}).get('seq_len')} verification tokens (+{v.get('dense_passes', 0)} dense pass "
+             f"for the prefix cache); winner proposed by {sel.winner_source}, NLL {sel.nll:.4f}"]
+    if sel.one_pass_nll is not None:
+        same = tuple(sel.one_pass_removed or ()) == tuple(sel.removed)
+        lines.append(f"one-pass answer {list(sel.one_pass_removed or [])}: NLL {sel.one_pass_nll:.4f}"
+                     + (" (the winner)" if same else f", {v.get('one_pass_gap_nats', 0):.4f} nats worse "
+                        f"(perplexity x{v.get('one_pass_ppl_ratio', 1):.3f})"))
+    return lines
 
 
 def format_compare(rows, n: int, n_blocks: int, run_cost: str) -> str:

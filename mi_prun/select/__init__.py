@@ -23,6 +23,11 @@ Pieces, each usable on its own (all importable from `mi_prun.select`):
   O(L^2 n), optimal for any additive run cost), "exhaustive".
 - `sleb`: "sleb" needs a model and calibration tokens: `sleb_search` (the search, given any NLL
   oracle) and `sleb_select` (runs the model with blocks skipped).
+- `candidates`, `verify`: the verified search (the default when a model is at hand,
+  `SelectConfig.verify_passes`): every criterion's candidate sets (`propose`, with
+  `k_best_combinations`, the exact programme's k best sets) scored by forward passes on
+  verification tokens (`verified_select`, `NLLCache`). `guided`: SLEB's greedy steps trying only
+  the c most redundant blocks by MI and BI (`guided_select`).
 
 `forward_passes` counts full passes over the calibration set (0 for score-based methods);
 `span_lookups` counts distinct span entries a method read (what a lazy span oracle would have had
@@ -40,6 +45,9 @@ from mi_prun.select.registry import (SELECTORS, Problem, Selector, SelectorFn, S
 from mi_prun.select.selection import Selection
 from mi_prun.select import baselines, search  # noqa: F401,E402  (importing them registers their selectors)
 from mi_prun.select.sleb import calibration_nll, sleb_search, sleb_select
+from mi_prun.select.candidates import k_best_combinations, propose
+from mi_prun.select.verify import NLLCache, verified_select
+from mi_prun.select.guided import guided_search, guided_select
 
 __all__ = [
     "RUN_COST_DESCRIPTIONS", "RUN_COSTS", "RunCostFn", "cost_matrix", "register_run_cost", "runs_of",
@@ -49,4 +57,5 @@ __all__ = [
     "SELECTORS", "Problem", "Selector", "SelectorFn", "SelectorOutput", "compare", "get_selector",
     "register_selector", "select",
     "calibration_nll", "sleb_search", "sleb_select",
+    "k_best_combinations", "propose", "NLLCache", "verified_select", "guided_search", "guided_select",
 ]

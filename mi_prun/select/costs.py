@@ -95,13 +95,22 @@ def _cost_neg_log_nmi(span: np.ndarray, span_norm: np.ndarray | None, i: Any, j:
     return -np.log(nmi)
 
 
+def _cost_linear_unexplained(span: np.ndarray, span_norm: np.ndarray | None, i: Any, j: Any, *,
+                             span_unexplained: np.ndarray) -> Any:
+    return span_unexplained[i, j]
+
+
 # name -> cost(span, span_norm, i, j). i and j may be integer arrays (numpy indexing): functions
 # must be vectorised so that `cost_matrix` evaluates a whole problem in one call.
 RUN_COSTS: dict[str, RunCostFn] = {
     "neg-mi": _cost_neg_mi,
     "info-loss": _cost_info_loss,
     "neg-log-nmi": _cost_neg_log_nmi,
+    "linear-unexplained": _cost_linear_unexplained,
 }
+
+# name -> the analysis statistics (`cost_matrix(..., stats=)`) a run cost takes as keywords.
+RUN_COST_NEEDS: dict[str, tuple[str, ...]] = {"linear-unexplained": ("span_unexplained",)}
 
 # name -> one line for help texts (same keys as RUN_COSTS).
 RUN_COST_DESCRIPTIONS: dict[str, str] = {
@@ -109,15 +118,25 @@ RUN_COST_DESCRIPTIONS: dict[str, str] = {
     "info-loss": "1 - NMI[i, j]: the share of information the run loses (needs normalised MI)",
     "neg-log-nmi": "-log NMI[i, j]: nearly additive along the chain, so contiguous runs compete with "
                    "scattered blocks (needs normalised MI)",
+    "linear-unexplained": "share of h_j's variance the best linear map from h_i leaves unexplained: what "
+                          "healing cannot give back (needs an analysis with span_unexplained)",
 }
 
 
-def register_run_cost(name: str, fn: RunCostFn, description: str = "") -> None:
-    """Add a run cost (with a one-line `description` for help texts); refuses a name that is taken."""
+def register_run_cost(name: str, fn: RunCostFn, description: str = "", needs: tuple[str, ...] = ()) -> None:
+    """Add a run cost (with a one-line `description` for help texts); refuses a name that is taken.
+    `needs`: names of analysis statistics (e.g. "span_unexplained") passed to `fn` as keywords."""
     if name in RUN_COSTS:
         raise MiPrunError(f"run cost {name!r} is already registered.")
     RUN_COSTS[name] = fn
     RUN_COST_DESCRIPTIONS[name] = description
+    if needs:
+        RUN_COST_NEEDS[name] = tuple(needs)
+
+
+def analysis_stats(analysis: Any) -> dict[str, Any]:
+    """The statistics of an `Analysis` that run costs may need (see `RUN_COST_NEEDS`)."""
+    return {name: getattr(analysis, name, None) for names in RUN_COST_NEEDS.values() for name in names}
 
 
 def _run_cost_fn(name: str) -> RunCostFn:
@@ -127,7 +146,7 @@ def _run_cost_fn(name: str) -> RunCostFn:
 
 
 def cost_matrix(span: np.ndarray, span_norm: np.ndarray | None = None,
-                run_cost: str = SelectConfig.run_cost) -> np.ndarray:
+                run_cost: str = SelectConfig.run_cost, stats: Any = None) -> np.ndarray:
     """C[i, j] = cost of removing the run i..j-1, for 0 <= i < j <= L; +inf elsewhere.
 
     A non-finite cost (a missing or broken span estimate) becomes +inf, so no selector removes
@@ -140,8 +159,17 @@ def cost_matrix(span: np.ndarray, span_norm: np.ndarray | None = None,
     if norm is not None and norm.shape != span.shape:
         raise MiPrunError(f"span_norm has shape {norm.shape}, span {span.shape}; they must match.")
     fn = _run_cost_fn(run_cost)
+    extra = {}
+    for name in RUN_COST_NEEDS.get(run_cost, ()):
+        value = (stats or {}).get(name)
+        if value is None:
+            raise MiPrunError(f"run cost {run_cost!r} needs analysis.{name}, which this analysis lacks. Fix: "
+                              "run the analysis again with this mi-prun version, or use another run cost.")
+        extra[name] = np.asarray(value, dtype=np.float64)
+        if extra[name].shape != span.shape:
+            raise MiPrunError(f"analysis.{name} has shape {extra[name].shape}, span {span.shape}; they must match.")
     iu, ju = np.triu_indices(span.shape[0], k=1)
-    values = np.asarray(fn(span, norm, iu, ju), dtype=np.float64)
+    values = np.asarray(fn(span, norm, iu, ju, **extra), dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
         log.warning("%d of %d span entries give a non-finite %s cost; those runs are never chosen",

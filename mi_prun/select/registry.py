@@ -19,7 +19,7 @@ import numpy as np
 
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.select.costs import cost_matrix, set_cost
+from mi_prun.select.costs import analysis_stats, cost_matrix, set_cost
 from mi_prun.select.counts import allowed_blocks, resolve_n
 from mi_prun.select.selection import Selection, make_selection
 
@@ -121,6 +121,9 @@ def _validated_options(sel: Selector, options: Mapping[str, Any]) -> dict[str, A
 
 def check_analysis(analysis: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(block_mi, span, span_norm or None) of an `Analysis` as float64 arrays, shapes checked."""
+    if not hasattr(analysis, "block_mi") or not hasattr(analysis, "span"):
+        raise MiPrunError(f"selection needs an Analysis, got {type(analysis).__name__}. Fix: pass "
+                          "mi_prun.analyze(...) or Analysis.load(folder).")
     block_mi = np.asarray(analysis.block_mi, dtype=np.float64)
     span = np.asarray(analysis.span, dtype=np.float64)
     L = block_mi.shape[0]
@@ -155,9 +158,25 @@ def _provenance(analysis: Any) -> dict[str, Any]:
     return {key: getattr(analysis, key, None) for key in ("model", "estimator", "estimator_options", "calibration")}
 
 
+def make_problem(analysis: Any, cfg: SelectConfig) -> Problem:
+    """The `Problem` of one validated config on one analysis (count resolved, cost matrix built)."""
+    block_mi, span, span_norm = check_analysis(analysis)
+    L = block_mi.shape[0]
+    count = resolve_n(L, **cfg.count, protect_ends=cfg.protect_ends)
+    return Problem(n_blocks=L, n=count, block_mi=block_mi, span=span,
+                   C=cost_matrix(span, span_norm, cfg.run_cost, stats=analysis_stats(analysis)), allowed=tuple(allowed_blocks(L, cfg.protect_ends)),
+                   baselines=dict(getattr(analysis, "baselines", {}) or {}), seed=cfg.seed)
+
+
+# The selectors whose answer the verified search checks (it optimises the MI objective); the
+# baselines and "random" are returned as they are: they are what a verified answer is compared to.
+VERIFIABLE = ("fbs", "exact", "local", "exhaustive", "topk")
+
+
 def select(analysis: Any, method: str = SelectConfig.method, n: int | None = None, ratio: float | None = None,
            run_cost: str = SelectConfig.run_cost, protect_ends: bool | int | float = SelectConfig.protect_ends,
-           seed: int = 0, *, config: Any = None, **options: Any) -> Selection:
+           seed: int = 0, *, config: Any = None, model: Any = None, tokens: Any = None, cache: Any = None,
+           progress: Any = None, **options: Any) -> Selection:
     """Choose blocks to remove from an `Analysis`; every default is `SelectConfig`'s (the shipped one).
 
     Give the settings as a `SelectConfig` (`select(analysis, cfg)` or `config=cfg`) or as
@@ -167,8 +186,17 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     method). `protect_ends` keeps the ends: True never removes block 0 or block L-1, an int k the
     first and last k blocks, a float in (0, 0.5) that fraction of L. `seed` drives "random" only.
     Method options (e.g. fbs: pool, k, max_iter) go in `options`.
+
+    Verification: with `config.verify_passes` > 0 and a method of `VERIFIABLE`, a `model` (a
+    `LoadedModel`, or a module with `tokens`) lets `mi_prun.select.verify.verified_select` check
+    candidate sets by forward passes (`tokens`, `cache`, `progress` go to it). Without a model the
+    answer is the one-pass one, with `verified` False and a note saying so.
     """
     cfg = _config(method, n, ratio, run_cost, protect_ends, seed, options, config)
+    if model is not None and cfg.verify_passes > 0 and cfg.method in VERIFIABLE:
+        from mi_prun.select.verify import verified_select
+
+        return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress)
     sel = get_selector(cfg.method)
     if sel.needs_model:
         raise MiPrunError(f"method {cfg.method!r} needs the model and calibration tokens, which an "
@@ -179,7 +207,7 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     block_mi, span, span_norm = check_analysis(analysis)
     L = block_mi.shape[0]
     count = resolve_n(L, **cfg.count, protect_ends=cfg.protect_ends)
-    C = cost_matrix(span, span_norm, cfg.run_cost)
+    C = cost_matrix(span, span_norm, cfg.run_cost, stats=analysis_stats(analysis))
     problem = Problem(n_blocks=L, n=count, block_mi=block_mi, span=span, C=C,
                       allowed=tuple(allowed_blocks(L, cfg.protect_ends)),
                       baselines=dict(getattr(analysis, "baselines", {}) or {}), seed=cfg.seed)
@@ -194,6 +222,12 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
                             provenance=_provenance(analysis))
     log.info("%s removed %s (objective %.6g, %s) in %.3fs", cfg.method, list(result.removed),
              result.objective, cfg.run_cost, seconds)
+    if cfg.verify_passes > 0 and cfg.method in VERIFIABLE:
+        from dataclasses import replace
+
+        result = replace(result, verification={
+            "budget": cfg.verify_passes,
+            "note": "unverified (no model given): the one-pass answer; give a model to check it"})
     return result
 
 

@@ -28,6 +28,12 @@ class Selection:
     forward_passes: full passes over the calibration set (0 for score-based methods).
     span_lookups: distinct span entries the method read.
     trajectory: method-specific steps (JSON-serialisable), e.g. FBS iterations or SLEB steps.
+    verified: True when forward passes on verification tokens chose `removed` among candidate
+        sets (`mi_prun.select.verify`); then `nll` is its verification NLL, `candidates` lists every
+        scored set ({"removed", "proposers", "objective", "nll", "cached", "stage"}),
+        `winner_source` the criterion that proposed the winner, `one_pass_removed` /
+        `one_pass_nll` the one-pass answer and its NLL, and `verification` the budget, passes,
+        dense NLL and tokens. Unverified selections may carry `verification["note"]` saying why.
     """
 
     method: str
@@ -45,6 +51,13 @@ class Selection:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)  # the analysis: model (with identity), estimator, calibration
+    verified: bool = False
+    nll: float | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    winner_source: str | None = None
+    one_pass_removed: tuple[int, ...] | None = None
+    one_pass_nll: float | None = None
+    verification: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; non-finite floats become None (strict JSON has no NaN)."""
@@ -55,7 +68,10 @@ class Selection:
             "run_cost": self.run_cost, "seconds": self.seconds,
             "forward_passes": self.forward_passes, "span_lookups": self.span_lookups,
             "ratio": self.ratio, "trajectory": self.trajectory, "options": self.options,
-            "provenance": self.provenance,
+            "provenance": self.provenance, "verified": self.verified, "nll": self.nll,
+            "candidates": self.candidates, "winner_source": self.winner_source,
+            "one_pass_removed": None if self.one_pass_removed is None else list(self.one_pass_removed),
+            "one_pass_nll": self.one_pass_nll, "verification": self.verification,
         })
 
     @classmethod
@@ -74,6 +90,12 @@ class Selection:
                 ratio=None if d.get("ratio") is None else float(d["ratio"]),
                 trajectory=list(d.get("trajectory", [])), options=dict(d.get("options", {})),
                 provenance=dict(d.get("provenance") or {}),
+                verified=bool(d.get("verified", False)), nll=_opt_float(d.get("nll")),
+                candidates=list(d.get("candidates") or []), winner_source=d.get("winner_source"),
+                one_pass_removed=None if d.get("one_pass_removed") is None else
+                tuple(int(b) for b in d["one_pass_removed"]),
+                one_pass_nll=_opt_float(d.get("one_pass_nll")),
+                verification=dict(d.get("verification") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MiPrunError(f"not a saved selection ({type(exc).__name__}: {exc}).") from exc
@@ -146,6 +168,10 @@ class Selection:
 
 
 SELECTION_FORMAT = "mi-prun-selection"
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _read(path: Path, quiet: bool = False) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import numpy as np
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
-from mi_prun.select.costs import cost_matrix, set_cost
+from mi_prun.select.costs import analysis_stats, cost_matrix, set_cost
 from mi_prun.select.counts import allowed_blocks, resolve_n
 from mi_prun.select.registry import Problem, SelectorOutput, check_analysis, register_selector
 from mi_prun.select.selection import Selection, make_selection
@@ -124,7 +124,7 @@ def sleb_select(model: Any, input_ids: Any, n: int | None = None, attention_mask
         block_mi, span, span_norm = check_analysis(analysis)
         if block_mi.shape[0] != L:
             raise MiPrunError(f"the analysis has {block_mi.shape[0]} blocks, the model {L}.")
-        objective = set_cost(removed, cost_matrix(span, span_norm, run_cost))
+        objective = set_cost(removed, cost_matrix(span, span_norm, run_cost, stats=analysis_stats(analysis)))
     return make_selection("sleb", count, L, removed, objective, run_cost, time.perf_counter() - t0,
                           forward_passes=passes, ratio=ratio, trajectory=traj,
                           provenance={} if analysis is None else {

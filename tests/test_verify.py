@@ -1,0 +1,228 @@
+"""The verified search: candidates checked by forward passes (mi_prun.select.verify).
+
+A tiny model built so that every one-pass criterion is wrong (a block that barely changes the
+hidden state but whose removal ruins the logits); the pass budget; the prefix cache against full
+passes; the NLL cache across n; determinism; the k-best dynamic programme against enumeration;
+verification tokens disjoint from the capture's; the CLI; the benchmark's quick mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mi_prun.config import AnalysisConfig, SelectConfig
+from mi_prun.errors import MiPrunError
+from mi_prun.models import find_blocks, load_model
+from mi_prun.models.loading import LoadedModel
+from mi_prun.pipeline import analyze
+from mi_prun.select import NLLCache, Selection, guided_select, k_best_combinations, select
+from mi_prun.select.costs import set_cost
+from mi_prun.select.search import best_combination
+from mi_prun.select.verify import PrefixScorer, resolve_tokens
+
+CFG = SelectConfig(verify_seq_len=64)  # short verification samples: the tiny models' tests stay fast
+
+
+def adversarial_model(weak: int = 2, channel: int = 0, shift: float = 1.0, amp: float = 50.0) -> LoadedModel:
+    """A tiny Llama whose block `weak` is an almost exact identity (its attention and MLP weights
+    scaled by 1e-3) plus a constant -`shift` on one channel, which the embeddings set to about
+    `shift` and no other block writes; the LM head reads that channel `amp` times stronger.
+    Every one-pass criterion calls `weak` the most redundant block (highest MI, lowest BI); removing
+    it leaves `shift` on the channel, and the amplified logits ruin the NLL."""
+    from mi_prun.testing import tiny_model
+
+    model, tok = tiny_model("llama", n_layers=6, seed=0, mlp_bias=True, tie_word_embeddings=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, channel] = shift + 0.01 * torch.randn(emb.shape[0], generator=gen)
+        for b, block in enumerate(find_blocks(model).blocks):
+            block.mlp.down_proj.bias.zero_()
+            block.self_attn.o_proj.weight[channel].zero_()
+            block.mlp.down_proj.weight[channel].zero_()
+            if b == weak:
+                block.self_attn.o_proj.weight.mul_(1e-3)
+                block.mlp.down_proj.weight.mul_(1e-3)
+                block.mlp.down_proj.bias[channel] = -shift
+        model.lm_head.weight[:, channel] *= amp
+    return LoadedModel(model=model, tokenizer=tok, spec="adversarial", source="test", model_type="llama",
+                       device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def adversarial():
+    loaded = adversarial_model()
+    return loaded, analyze(loaded, AnalysisConfig(n_samples=8, seq_len=48))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    loaded = load_model("tiny-llama", device="cpu")
+    return loaded, analyze(loaded, AnalysisConfig(n_samples=8, seq_len=48))
+
+
+def _nll(model, removed, ids):
+    """Full-pass reference: the pruned view's mean NLL, no prefix cache."""
+    from mi_prun.models.surgery import pruned_view
+    from mi_prun.select import calibration_nll
+
+    return calibration_nll(pruned_view(model, removed), ids)
+
+
+def test_verified_search_fixes_a_one_pass_criterion_wrong_by_construction(adversarial):
+    loaded, analysis = adversarial
+    assert int(np.argmax(analysis.block_mi)) == 2 and int(np.argmin(analysis.baselines["cosine_bi"])) == 2
+    cfg = CFG.replace(n=1)
+    one = select(analysis, config=cfg)
+    assert one.removed == (2,) and not one.verified and "unverified" in one.verification["note"]
+    for method in ("shortgpt", "angular"):  # the baselines are fooled too
+        assert select(analysis, config=cfg.replace(method=method, verify_passes=0)).removed == (2,)
+    v = select(analysis, config=cfg, model=loaded)
+    ids = resolve_tokens(None, loaded.tokenizer, analysis, cfg)[0]
+    truth = {b: _nll(loaded.model, (b,), ids) for b in range(1, 5)}  # every removable block (ends protected)
+    assert v.verified and v.removed == (min(truth, key=truth.get),) and v.removed != (2,)
+    assert v.one_pass_removed == (2,) and v.one_pass_nll == pytest.approx(truth[2])
+    assert v.nll == pytest.approx(truth[v.removed[0]]) and v.one_pass_nll > v.nll + 1.0
+    assert v.verification["one_pass_gap_nats"] == pytest.approx(v.one_pass_nll - v.nll)
+    assert v.winner_source and v.winner_source != "fbs"
+    assert {tuple(c["removed"]) for c in v.candidates} == {(b,) for b in range(1, 5)}
+
+
+@pytest.mark.parametrize("budget", [1, 3, 100])
+def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget):
+    loaded, analysis = tiny
+    v = select(analysis, config=CFG.replace(n=2, verify_passes=budget), model=loaded)
+    assert v.forward_passes == v.verification["passes"] == len(v.candidates) <= budget
+    assert not any(c["cached"] for c in v.candidates)
+    assert len({tuple(c["removed"]) for c in v.candidates}) == len(v.candidates)
+    assert v.candidates[0]["removed"] == list(v.one_pass_removed)  # the one-pass answer comes first
+    best = min(v.candidates, key=lambda c: c["nll"])
+    assert list(v.removed) == best["removed"] and v.nll == best["nll"]
+    assert all(0 < b < 5 for b in v.removed)  # protect_ends holds for the verified answer too
+    if budget == 100:
+        assert v.forward_passes < 100  # candidates and refinement ran out before the budget
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon", "gemma3"])
+def test_prefix_cache_gives_the_full_pass_nll(family):
+    from mi_prun.testing import tiny_model
+
+    model, _ = tiny_model(family, n_layers=5)
+    ids = torch.randint(0, 250, (5, 24), generator=torch.Generator().manual_seed(0))
+    scorer = PrefixScorer(model, ids, None, batch_size=2, starts=range(5), cache=NLLCache())
+    for removed in [(1,), (2, 3), (3, 4), (0, 2), (4,)]:
+        full = _nll(model, removed, ids)
+        assert scorer.nll(removed) == pytest.approx(full, rel=1e-5, abs=1e-6), removed
+    assert scorer.dense_passes == 1
+    assert scorer.dense() == pytest.approx(_nll(model, (), ids), rel=1e-5)
+
+
+def test_deterministic_and_nll_cache_reused_across_n(tiny):
+    loaded, analysis = tiny
+    a = select(analysis, config=CFG.replace(n=2), model=loaded)
+    b = select(analysis, config=CFG.replace(n=2), model=loaded)
+    assert a.removed == b.removed and [c["nll"] for c in a.candidates] == [c["nll"] for c in b.candidates]
+    cache = NLLCache()
+    first = select(analysis, config=CFG.replace(n=2), model=loaded, cache=cache)
+    select(analysis, config=CFG.replace(n=3), model=loaded, cache=cache)
+    again = select(analysis, config=CFG.replace(n=2), model=loaded, cache=cache)  # the slider comes back
+    assert again.forward_passes == 0 and again.removed == first.removed and again.verification["dense_passes"] == 0
+    assert all(c["cached"] for c in again.candidates)
+    assert select(analysis, config=CFG.replace(n=2, verify_passes=0), model=loaded).removed == a.one_pass_removed
+
+
+def test_k_best_dynamic_programme_matches_enumeration():
+    rng = np.random.default_rng(3)
+    L, n = 8, 3
+    C = np.full((L + 1, L + 1), np.inf)
+    iu = np.triu_indices(L + 1, 1)
+    C[iu] = rng.normal(size=len(iu[0]))
+    windows = {i: [(j, float(C[i, j])) for j in range(i + 1, min(i + n, L) + 1)] for i in range(L)}
+    best = k_best_combinations(L, n, windows, 6)
+    assert best[0][0] == pytest.approx(best_combination(L, n, windows)[0])
+    brute = sorted(set_cost(s, C) for s in itertools.combinations(range(L), n))
+    assert [c for c, _ in best] == pytest.approx(brute[:6])
+    sets = [tuple(b for s, e in runs for b in range(s, e)) for _, runs in best]
+    assert len(set(sets)) == 6 and all(len(s) == n for s in sets)
+
+
+def test_verification_tokens_are_disjoint_from_the_capture(tiny):
+    from mi_prun.data import calibration_text, tokenize, verification_tokens
+
+    loaded, analysis = tiny
+    cal = analysis.calibration
+    text = calibration_text(cal)
+    stream = tokenize(loaded.tokenizer, text.text)
+    body = cal["seq_len"] - 1  # the byte tokenizer adds BOS
+    captured = torch.randperm(stream.numel() // body, generator=torch.Generator().manual_seed(cal["seed"]))
+    used = set()
+    for c in captured[: cal["n_samples"]].tolist():
+        used |= set(range(c * body, (c + 1) * body))
+    for seq_len in (cal["seq_len"], 64):
+        tok = verification_tokens(loaded.tokenizer, text, cal, 8, seq_len)
+        assert tuple(tok.input_ids.shape) == (8, seq_len)
+        positions = {c * (seq_len - 1) + i for c in tok.provenance["chunks"] for i in range(seq_len - 1)}
+        assert not positions & used
+        assert tok.input_ids[:, 1:].reshape(-1).tolist() == [int(stream[p]) for p in sorted(positions)]
+    with pytest.raises(MiPrunError, match="not enough calibration text"):
+        verification_tokens(loaded.tokenizer, text, cal, 10**6, 64)
+    with pytest.raises(MiPrunError, match="cannot be reloaded"):
+        calibration_text({"source": "text:<string>"})
+
+
+def test_selection_round_trip_and_old_files(tiny, tmp_path):
+    loaded, analysis = tiny
+    v = select(analysis, config=CFG.replace(n=2, verify_passes=3), model=loaded)
+    back = Selection.load(v.save(tmp_path / "v.json"))
+    assert back.verified and back.removed == v.removed and back.candidates == v.to_dict()["candidates"]
+    assert back.one_pass_removed == v.one_pass_removed and back.nll == pytest.approx(v.nll)
+    old = {k: val for k, val in v.to_dict().items()
+           if k not in ("verified", "nll", "candidates", "winner_source", "one_pass_removed", "one_pass_nll",
+                        "verification")}
+    assert not Selection.from_dict(old).verified
+
+
+def test_mi_guided_greedy_tries_c_blocks_a_step(tiny):
+    loaded, analysis = tiny
+    g = guided_select(loaded, analysis, CFG.replace(n=2), c=2)
+    assert g.method == "mi-guided" and len(g.removed) == 2 and g.forward_passes <= 2 * 2
+    assert all(len(step["candidates"]) <= 2 for step in g.trajectory)
+
+
+def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_path, capsys):
+    from mi_prun.cli import main
+
+    _, analysis = tiny
+    folder = analysis.save(tmp_path / "a")
+    assert main(["--quiet", "select", str(folder), "--n", "2"]) == 0
+    assert "unverified (no --model): one-pass answer" in capsys.readouterr().out
+    assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3",
+                 "--out", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "verified: " in out and " of 3 forward passes" in out and "one-pass answer" in out
+    sel = Selection.load(tmp_path / "s.json")
+    assert sel.verified and sel.forward_passes <= 3
+    assert main(["--quiet", "select", str(folder), "--n", "2", "--verify-passes", "0"]) == 0
+    assert "unverified" not in capsys.readouterr().out
+    assert main(["select", str(folder), "--verify-passes", "-1"]) == 2
+
+
+def test_benchmark_quick_mode_runs_every_method():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verify_bench.py"
+    spec = importlib.util.spec_from_file_location("verify_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench._quick()
+    methods = {r["method"] for r in rows}
+    assert methods == {"verified", "mi-guided", "fbs (one pass)", "shortgpt", "angular", "random", "sleb"}
+    for r in rows:
+        assert len(r["removed"]) == r["n"] and r["seconds"] >= 0 and math.isfinite(r["forward_passes"])
+    assert all(r["forward_passes"] <= SelectConfig().verify_passes for r in rows if r["method"] == "verified")
