@@ -57,8 +57,13 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
     t0 = time.perf_counter()
     parts = score_capture(cap.hidden, cap.sample_index, estimator, dpi_tol=cfg.dpi_tol,
                           n_groups=cfg.n_groups, seed=cfg.seed, progress=progress)
+    t_lin = time.perf_counter()
+    from mi_prun.scores import span_unexplained
+
+    parts["span_unexplained"] = span_unexplained(cap.hidden)  # for the linear-unexplained run cost
     stage_timings = dict(timings or {})
     stage_timings.update({f"score_{k}": v for k, v in parts.pop("timings", {}).items()})
+    stage_timings["score_span_unexplained"] = time.perf_counter() - t_lin
     stage_timings["capture"] = cap.seconds
     stage_timings["score"] = time.perf_counter() - t0
     calibration = {**calib.provenance, **cap.info()}

@@ -124,6 +124,7 @@ def export(
     overwrite: bool | None = None,
     source_model: str | None = None,
     inputs: Iterable[str | os.PathLike | None] = (),
+    healing: Any = None,
 ) -> Path:
     """Write `pruned` as a folder that plain transformers loads; return its path.
 
@@ -137,7 +138,8 @@ def export(
     `Analysis`; else the selection's own record of it) and `loaded` (the `LoadedModel` pruned: its
     hub id is the mergekit source; `source_model` overrides it). `config`: an `ExportConfig`
     (`overwrite` overrides its field). `inputs`: paths that must survive (the model folder, the
-    analysis), refused as targets.
+    analysis), refused as targets. `healing`: the `mi_prun.heal.Healing` record of a healed model
+    (default: the record `heal` attached to `pruned`), written to `mi_prun.json` as "healing".
 
     Atomic and exclusive (see `mi_prun.files.write_folder`): an interrupted export leaves no folder
     that looks complete, and `overwrite` replaces only an earlier mi-prun export. `pruned` is not
@@ -211,6 +213,19 @@ def export(
     }
     if source_note:
         record["source_note"] = source_note
+    from mi_prun.heal import healing_of
+
+    heal_rec = healing if healing is not None else healing_of(pruned)
+    mergekit_note = source_note
+    if heal_rec is not None:
+        heal_dict = heal_rec.to_dict() if hasattr(heal_rec, "to_dict") else dict(heal_rec)
+        if list(heal_dict.get("removed", [])) != list(info.removed):
+            raise MiPrunError(f"the healing record bridges removed blocks {heal_dict.get('removed')}, but the "
+                              f"model lacks {list(info.removed)}. Fix: export the model `heal` returned.")
+        record["healing"] = heal_dict
+        heal_note = ("this export is healed (bridges folded into the weights, see mi_prun.json); a "
+                     "passthrough merge rebuilds only the unhealed pruned model")
+        mergekit_note = f"{source_note}; {heal_note}" if source_note else heal_note
 
     def fill(tmp: Path) -> None:
         try:
@@ -224,7 +239,7 @@ def export(
             tokenizer.save_pretrained(tmp)
         else:
             log.warning("export without a tokenizer: AutoTokenizer will not load %s", out_dir)
-        (tmp / "mergekit.yaml").write_text(mergekit_yaml(source, info.kept, dtype, source_note), encoding="utf-8")
+        (tmp / "mergekit.yaml").write_text(mergekit_yaml(source, info.kept, dtype, mergekit_note), encoding="utf-8")
         dump_json({**record, "files": folder_files(tmp) + [EXPORT.marker]}, tmp / EXPORT.marker)
 
     out = write_folder(out_dir, EXPORT, fill, overwrite=cfg.overwrite, inputs=inputs)

@@ -234,6 +234,73 @@ def angular_distance_matrix(H: torch.Tensor) -> np.ndarray:
     return out
 
 
+# ----------------------------------------------------------------------------- linear predictability
+
+SPAN_LINEAR_RANK = 64  # principal directions per layer: bounds the cost for large d
+SPAN_LINEAR_RIDGE = 1e-3  # ridge lambda relative to the mean eigenvalue, as in mi_prun.heal
+
+
+def _top_eigen(C: torch.Tensor, r: int, seed: int = 0, iters: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The r largest eigenvalues (descending) and eigenvectors (d, r) of the PSD matrix C (float64):
+    exact for small d, else seeded randomized subspace iteration (O(d^2 r) per iteration)."""
+    d = C.shape[0]
+    if d <= 2 * r + 16:
+        e, W = torch.linalg.eigh(C)
+        return e.flip(0)[:r], W.flip(1)[:, :r]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Q = torch.linalg.qr(C @ torch.randn(d, r + 16, generator=gen, dtype=C.dtype).to(C.device)).Q
+    for _ in range(iters):
+        Q = torch.linalg.qr(C @ Q).Q
+    e, V = torch.linalg.eigh(Q.T @ C @ Q)
+    return e.flip(0)[:r], (Q @ V.flip(1))[:, :r]
+
+
+def span_unexplained(H: torch.Tensor, rank: int = SPAN_LINEAR_RANK, ridge: float = SPAN_LINEAR_RIDGE,
+                     progress: Callable[[float], None] | None = None) -> np.ndarray:
+    """(L+1, L+1) U[i, j]: the fraction of h_j's variance that the best linear map from h_i leaves
+    unexplained (0 = h_j is a linear function of h_i; 1 = no linear relation). Not symmetric;
+    U[i, i] = 0. For i < j it predicts how much of the removed run i..j-1 a linear bridge (the
+    healing of `mi_prun.heal`) can give back.
+
+    Per layer b, centred X_b (m, d) has principal directions u_bc (unit vectors in sample space)
+    with eigenvalues e_bc, c = 1..r, r = min(rank, d, m - 1). The ridge regression of X_j on the
+    top-r principal components of X_i with lambda = ridge x mean eigenvalue shrinks component c
+    by f_c = e_c / (e_c + lambda) and explains sum_c f_c (2 - f_c) |u_ic^T X_j|^2 of X_j's
+    variance. Both sides are kept to their top r components (exact when r = d): U is the share of
+    the variance in h_j's top-r principal subspace left unexplained. All pairs come from one
+    ((L+1) r x (L+1) r) product: O((L+1) m d^2 + m (L+1)^2 r^2) flops in all.
+    """
+    H = _capture(H)
+    n, m, d = H.shape
+    r = max(1, min(int(rank), d, m - 1))
+    bases, scores, total = [], [], []
+    for b in range(n):
+        X = H[b].float()
+        X = X - X.mean(0)
+        C = (X.T @ X).double()
+        e, W = _top_eigen(C, r, seed=b)
+        e = e.clamp_min(0.0)
+        S = X @ W.float()  # (m, r) principal component scores; S[:, c] = sqrt(e_c) u_c
+        lam = ridge * float(torch.diagonal(C).sum()) / d
+        f = e / (e + lam) if lam > 0 else (e > 0).double()
+        inv = torch.where(e > 0, e.rsqrt(), torch.zeros_like(e))
+        bases.append(S * (inv * (f * (2 - f)).sqrt()).float())  # sqrt(weight_c) u_c
+        scores.append(S)
+        total.append(float(e.sum()))
+        if progress:
+            progress(0.8 * (b + 1) / n)
+    G = torch.cat(bases, 1).T @ torch.cat(scores, 1)  # ((L+1) r, (L+1) r)
+    explained = (G.double() ** 2).reshape(n, r, n, r).sum(dim=(1, 3))  # [i, j]
+    tot = torch.tensor(total, dtype=torch.float64, device=explained.device)
+    out = torch.where(tot[None, :] > 0, 1.0 - explained / tot.clamp_min(1e-300)[None, :],
+                      torch.zeros_like(explained))
+    out = out.clamp(0.0, 1.0).cpu().numpy()
+    np.fill_diagonal(out, 0.0)
+    if progress:
+        progress(1.0)
+    return out
+
+
 # ----------------------------------------------------------------------------- all together
 
 def score_capture(H: torch.Tensor, batch_index: torch.Tensor, estimator: Estimator | str, *,
