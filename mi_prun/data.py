@@ -293,7 +293,8 @@ def verification_tokens(tokenizer: Any, text: Text, calibration: dict[str, Any],
             f"not enough calibration text in {text.source} for verification: {n_samples} samples x "
             f"{seq_len} tokens apart from the capture's {n_cap} x {len_cap} need about "
             f"{(n_samples * body + n_cap * body_cap):,} text tokens; {len(order)} free chunks of {body} "
-            f"found in {stream.numel():,}. Fix: fewer or shorter verification samples, or more text.")
+            f"found in {stream.numel():,}. Fix: fewer or shorter verification samples (--verify-samples, "
+            "--verify-tokens), more text, or no verification (--verify-passes 0).")
     chosen = torch.tensor(sorted(order[:n_samples]), dtype=torch.long)
     chunks = stream[: (stream.numel() // body) * body].view(-1, body)[chosen]
     if use_bos:

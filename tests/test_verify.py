@@ -226,3 +226,22 @@ def test_benchmark_quick_mode_runs_every_method():
     for r in rows:
         assert len(r["removed"]) == r["n"] and r["seconds"] >= 0 and math.isfinite(r["forward_passes"])
     assert all(r["forward_passes"] <= SelectConfig().verify_passes for r in rows if r["method"] == "verified")
+
+
+def test_prune_verifies_with_inline_calibration_text(tmp_path, capsys):
+    """`prune --calib text:...` runs the analysis in the same command: the text is at hand for the
+    verification tokens even though an analysis cannot reload inline text."""
+    from mi_prun.cli import main
+
+    words = " ".join(f"word{i % 97} and more text number {i}." for i in range(400))
+    out = tmp_path / "p"
+    assert main(["--quiet", "prune", "--model", "tiny-llama", "--calib", f"text:{words}", "--samples", "4",
+                 "--tokens", "48", "--n", "1", "--verify-samples", "2", "--verify-tokens", "64",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verified" in printed and (out / "mi_prun.json").is_file()
+    short = tmp_path / "q"
+    assert main(["--quiet", "prune", "--model", "tiny-llama", "--calib", f"text:{words[:1500]}", "--samples", "4",
+                 "--tokens", "48", "--n", "1", "--out", str(short)]) == 2
+    err = capsys.readouterr().err
+    assert "--verify-passes 0" in err and not short.exists()

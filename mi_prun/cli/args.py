@@ -111,7 +111,8 @@ def given(argv: list[str], parser: argparse.ArgumentParser, dests: set[str]) -> 
 MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or Hugging Face id"
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
-SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes"}
+SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes", "verify_samples",
+                "verify_tokens"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -178,6 +179,9 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         f"passes of the pruned model on {d.verify_samples} x {d.verify_seq_len} calibration "
                         "tokens kept apart from the capture's; 0 = the one-pass answer (needs the model: "
                         "`select` takes --model)")
+    g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
+                   help="verification samples (drawn from the calibration text, apart from the capture's)")
+    g.add_argument("--verify-tokens", type=positive_int, default=d.verify_seq_len, help="tokens per verification sample")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}

@@ -31,7 +31,8 @@ def select_config(args):
     from mi_prun.config import SelectConfig
 
     kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio,
-                          "verify_passes": args.verify_passes}
+                          "verify_passes": args.verify_passes, "verify_samples": args.verify_samples,
+                          "verify_seq_len": args.verify_tokens}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
     return SelectConfig(**kw)
@@ -174,7 +175,15 @@ def cmd_prune(args) -> int:
             sel = sleb_select(loaded.model, calib.input_ids, calib.attention_mask, config=sel_cfg,
                               analysis=analysis, progress=progress)
         else:
-            sel = select(analysis, config=sel_cfg, model=loaded, progress=progress)
+            tokens = None
+            if acfg is not None and sel_cfg.verify_passes > 0:
+                # the analysis ran here: its text is at hand even when it cannot be reloaded (text:...)
+                from mi_prun.data import load_text, verification_tokens
+
+                tokens = verification_tokens(loaded.tokenizer, load_text(acfg.calib, purpose="calibration"),
+                                             analysis.calibration, sel_cfg.verify_samples,
+                                             sel_cfg.verify_seq_len).input_ids
+            sel = select(analysis, config=sel_cfg, model=loaded, tokens=tokens, progress=progress)
     print(format_selection(sel))
     healing = None
     if hcfg is not None:
