@@ -45,6 +45,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
 from mi_prun.data import load_text  # noqa: E402
@@ -130,6 +131,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ppl-cache", default=None,
                     help="JSON file of perplexities per removed set, reused across runs of the same protocol")
     ap.add_argument("--dry-run", action="store_true", help="selections only: list the distinct removed sets")
+    ap.add_argument("--suite", choices=("grid", "verified"), default="grid",
+                    help="grid: the estimator x selector grid (RESULTS.md, first table); verified: the verified "
+                         "default beside the MI-guided greedy, the one-pass default, ShortGPT, angular, random and "
+                         "SLEB-style on the same verification tokens (see benchmarks/verified_suite.py)")
+    ap.add_argument("--heal", action="store_true", help="with --suite verified: healed rows for every method")
     ap.add_argument("--rerender", default=None, metavar="JSON",
                     help="re-mark the shipped defaults (mi_prun.config) and rename former labels in a results "
                          "JSON, and rewrite its table and plot; no measurement")
@@ -142,7 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.samples, args.tokens, args.eval_seq_len, args.eval_windows = 8, 64, 64, 4
         args.ns, args.sleb_samples, args.sleb_tokens, args.random_seeds = "1,2", 2, 32, 1
         args.estimators = "gauss-ch"
-    args.name = args.name or (f"quality-{args.model.replace('/', '_')}" + ("-full" if args.full else "")
+    suite = "" if args.suite == "grid" else f"-{args.suite}" + ("-heal" if args.heal else "")
+    args.name = args.name or (f"quality-{args.model.replace('/', '_')}{suite}" + ("-full" if args.full else "")
                               + ("-quick" if args.quick else ""))
     return args
 
@@ -255,25 +262,39 @@ def main(argv: list[str] | None = None) -> dict:
     disk: dict = {}
     if args.ppl_cache and Path(args.ppl_cache).is_file():
         disk = json.loads(Path(args.ppl_cache).read_text()).get(protocol_key, {})
-    ppl_cache: dict[tuple[int, ...], dict] = {tuple(json.loads(k)): v for k, v in disk.items()}
+    ppl_cache: dict[tuple, dict] = {tuple(json.loads(k)): v for k, v in disk.items()}
 
-    def ppl_of(removed) -> dict:
+    def ppl_of(removed, kind: str = "plain") -> dict:
+        """Perplexity of the model without `removed`; kind "healed": with the closed-form bridges
+        (HealConfig() fitted on the analysis's calibration tokens), cached apart."""
         key = tuple(sorted(int(b) for b in removed))
+        ckey = key if kind == "plain" else ("healed",) + key
         if args.dry_run:
-            ppl_cache.setdefault(key, {"ppl": math.nan, "windows": 0, "tokens": 0, "bos": False, "protocol": ""})
-        if key not in ppl_cache:
-            model = pruned_view(loaded.model, key) if key else loaded.model
+            ppl_cache.setdefault(ckey, {"ppl": math.nan, "windows": 0, "tokens": 0, "bos": False, "protocol": ""})
+        if ckey not in ppl_cache:
+            extra: dict = {}
+            if kind == "healed":
+                from mi_prun.heal import heal
+
+                t0 = time.perf_counter()
+                model, record = heal(loaded.model, key, calib)
+                extra = {"heal_seconds": time.perf_counter() - t0,
+                         "heal_runs": [{"blocks": [r.start, r.end - 1], "ridge": r.ridge,
+                                        "unexplained_unhealed": r.unexplained_unhealed,
+                                        "unexplained_healed": r.unexplained_healed} for r in record.runs]}
+            else:
+                model = pruned_view(loaded.model, key) if key else loaded.model
             res = perplexity(model, loaded.tokenizer, eval_text, seq_len=args.eval_seq_len,
                              max_windows=args.eval_windows, batch_size=4)
-            ppl_cache[key] = {"ppl": res.ppl, "windows": res.windows, "tokens": res.tokens_scored,
-                              "bos": res.bos, "protocol": res.protocol}
-            log.info("ppl %8.2f  removed %s", res.ppl, list(key))
+            ppl_cache[ckey] = {"ppl": res.ppl, "windows": res.windows, "tokens": res.tokens_scored,
+                               "bos": res.bos, "protocol": res.protocol, **extra}
+            log.info("ppl %8.2f  %s removed %s", res.ppl, kind, list(key))
             if args.ppl_cache:
                 path = Path(args.ppl_cache)
                 store = json.loads(path.read_text()) if path.is_file() else {}
                 store[protocol_key] = {json.dumps(list(k)): v for k, v in ppl_cache.items()}
                 path.write_text(json.dumps(store))
-        return ppl_cache[key]
+        return ppl_cache[ckey]
 
     dense = ppl_of(())
     rows: list[dict[str, Any]] = []
@@ -298,8 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
     # They run as published, every block removable: protect_ends=False is explicit because
     # select() and sleb_select() default to the shipped SelectConfig, which protects the ends.
     cfg, cap = captures[base_cfg.drop_first]
+    t_an = time.perf_counter()
     default_analysis = analysis_from_capture(loaded, calib, cap, cfg)
     base_s = cap.seconds
+    if args.suite == "verified":
+        return _verified(args, loaded, default_analysis, ppl_of, dense, ns,
+                         base_s + time.perf_counter() - t_an, calib, argv)
     for method in ("shortgpt", "angular"):
         for n in ns:
             sel = select(default_analysis, method, n=n, protect_ends=False)
@@ -377,6 +402,32 @@ def main(argv: list[str] | None = None) -> dict:
     (out_dir / f"{args.name}.md").write_text(md)
     if not args.no_plot:
         plot(result, ns, out_dir / f"{args.name}.png")
+    print(md)
+    return result
+
+
+def _verified(args, loaded, analysis, ppl_of, dense: dict, ns: list[int], analysis_s: float, calib,
+              argv) -> dict:
+    """--suite verified (benchmarks/verified_suite.py): one results file, its table and bars."""
+    from verified_suite import run_suite, suite_markdown
+
+    suite = run_suite(args, loaded, analysis, ppl_of, ns)
+    result = {
+        "name": args.name,
+        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": {k: v for k, v in loaded.describe().items() if k != "identity"},
+        "protocol": {"calibration": calib.provenance, "eval_source": args.eval, "eval_seq_len": args.eval_seq_len,
+                     "eval_windows": dense["windows"], "eval_tokens": dense["tokens"], "bos": dense["bos"],
+                     "perplexity_protocol": dense["protocol"]},
+        "defaults": shipped_defaults(), "dense_ppl": dense["ppl"], "analysis_seconds": analysis_s, **suite,
+        "environment": {"device": str(loaded.device), "threads": torch.get_num_threads(),
+                        "platform": platform.platform(), **library_versions()},
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    md = suite_markdown(result, ns)
+    (out_dir / f"{args.name}.md").write_text(md)
     print(md)
     return result
 
