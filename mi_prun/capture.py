@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError, NonFiniteError
+from mi_prun.progress import Progress
 from mi_prun.models import find_blocks
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, float, str], None]  # (stage, fraction in [0, 1], message)
 
 
 @dataclass

@@ -336,11 +336,18 @@ def validate_arrays(analysis: Analysis, where: str = "analysis") -> None:
             raise _refuse(where, "baseline.angular", "holds values outside [0, 1]")
 
 
-def rank_blocks(scores: Any, descending: bool = True) -> list[int]:
-    """Block indices ordered by score (highest first when `descending`), ties by lower index.
-    Ranks are positions in this list: rank 0 is the first (0-based, like block numbers)."""
+def rank_blocks(scores: Any, descending: bool = True, among: Iterable[int] | None = None) -> list[int]:
+    """Block indices ordered by score (highest first when `descending`), NaN last, ties by lower
+    index; only the blocks in `among` when given. The one ranking of mi-prun (CLI, app, selectors):
+    ranks are positions in this list, so rank 0 is the first (0-based, like block numbers)."""
     s = np.asarray(scores, dtype=np.float64)
-    return sorted(range(s.shape[0]), key=lambda b: ((-s[b] if descending else s[b]), b))
+    blocks = range(s.shape[0]) if among is None else among
+
+    def key(b: int) -> tuple:
+        nan = bool(np.isnan(s[b]))
+        return (nan, 0.0 if nan else (-s[b] if descending else s[b]), b)
+
+    return sorted((int(b) for b in blocks), key=key)
 
 
 __all__ = ["Analysis", "FORMAT", "FORMAT_VERSION", "identity_mismatch", "library_versions",

@@ -18,7 +18,7 @@ import torch
 
 from mi_prun.config import DPI_TOL
 from mi_prun.errors import MiPrunError
-from mi_prun.progress import Progress
+from mi_prun.progress import FractionProgress, Progress
 from mi_prun.estimators import Estimator, get_estimator
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def _top_eigen(C: torch.Tensor, r: int, seed: int = 0, iters: int = 3) -> tuple[
 
 
 def span_unexplained(H: torch.Tensor, rank: int = SPAN_LINEAR_RANK, ridge: float = SPAN_LINEAR_RIDGE,
-                     progress: Callable[[float], None] | None = None) -> np.ndarray:
+                     progress: FractionProgress | None = None) -> np.ndarray:
     """(L+1, L+1) U[i, j]: the fraction of h_j's variance that the best linear map from h_i leaves
     unexplained (0 = h_j is a linear function of h_i; 1 = no linear relation). Not symmetric;
     U[i, i] = 0. For i < j it predicts how much of the removed run i..j-1 a linear bridge (the

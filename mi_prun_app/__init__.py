@@ -9,6 +9,11 @@ rules of its own.
 - `tables`: the DataFrames behind every table (each downloadable as CSV).
 - `viz`: the Plotly figures, one colour per selection method.
 - `ui`: the Streamlit glue the pages share (cached models, the session's analysis and selections,
-  cached perplexity and generation, chart and table helpers). The only module here that imports
-  Streamlit; `state`, `tables` and `viz` are unit-tested without it.
+  cached perplexity and generation, chart and table helpers).
+- `search`: the verified search in the pages (one pass / verified control, the server's NLL cache
+  per analysis, progress and cancel, the candidates shown).
+- `healing`: the prune page's "heal with a linear bridge" switch (refusals, healed models and
+  their perplexity, cached per removed set).
+
+`ui`, `search` and `healing` import Streamlit; `state`, `tables` and `viz` are unit-tested without it.
 """

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mi_prun.config import AnalysisConfig, EvalConfig, SelectConfig
+from mi_prun.config import AnalysisConfig, EvalConfig, HealConfig, SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
 
@@ -113,10 +113,25 @@ def protect_margin() -> bool | int | float:
     return margin if margin else True
 
 
-def select_config(method: str = SelectConfig.method, n: int | None = None, protect: bool = True) -> SelectConfig:
-    """The selection settings of the app's widgets: a method, n blocks and the protect switch; the
-    run cost, seed and method options are SelectConfig's defaults."""
-    return SelectConfig(method=method, n=n, protect_ends=protect_margin() if protect else False)
+# Test mode also shrinks the verification tokens and the healing calibration (tiny model, seconds).
+TEST_MODE_VERIFY = {"verify_samples": 4, "verify_seq_len": 64}
+TEST_MODE_HEAL = {"n_samples": 8, "seq_len": 64}
+
+
+def select_config(method: str = SelectConfig.method, n: int | None = None, protect: bool = True,
+                  verify_passes: int = 0) -> SelectConfig:
+    """The selection settings of the app's widgets: a method, n blocks, the protect switch and the
+    verification budget (0 = the one-pass answer); the run cost, seed, method options and
+    verification tokens are SelectConfig's defaults (smaller tokens in test mode)."""
+    cfg = SelectConfig(method=method, n=n, protect_ends=protect_margin() if protect else False,
+                       verify_passes=int(verify_passes))
+    return cfg.replace(**TEST_MODE_VERIFY) if test_model() else cfg
+
+
+def heal_config() -> HealConfig:
+    """The healing settings: `HealConfig()`, with a smaller calibration set in test mode."""
+    cfg = HealConfig()
+    return cfg.replace(**TEST_MODE_HEAL) if test_model() else cfg
 
 
 def default_n_remove(n_blocks: int) -> int:

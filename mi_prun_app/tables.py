@@ -117,3 +117,41 @@ def comparison_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         r["removed"] = " ".join(map(str, r["removed"])) if r.get("removed") is not None else ""
         out.append(r)
     return pd.DataFrame(out)
+
+
+def verified_candidates_frame(selection: Any) -> pd.DataFrame:
+    """The sets the verified search scored, in the order it scored them: blocks removed, who
+    proposed each (the first proposer counts), its MI objective, its verification NLL and the
+    perplexity exp(NLL) on the verification tokens, whether it was cached, and which set won."""
+    winner = list(selection.removed)
+    one = None if selection.one_pass_removed is None else list(selection.one_pass_removed)
+    cols = ["order", "removed", "proposed_by", "proposers", "stage", "objective", "nll", "ppl",
+            "nll_vs_winner", "cached", "winner", "one_pass"]
+    rows = []
+    for k, c in enumerate(selection.candidates or []):
+        nll = c.get("nll")
+        rows.append({"order": k, "removed": " ".join(map(str, c["removed"])),
+                     "proposed_by": (c.get("proposers") or [None])[0],
+                     "proposers": "; ".join(c.get("proposers") or []), "stage": c.get("stage"),
+                     "objective": c.get("objective"), "nll": nll,
+                     "ppl": None if nll is None else float(np.exp(nll)),
+                     "nll_vs_winner": None if nll is None or selection.nll is None else nll - selection.nll,
+                     "cached": bool(c.get("cached")), "winner": list(c["removed"]) == winner,
+                     "one_pass": one is not None and list(c["removed"]) == one})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def ppl_frame(points: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Perplexity points as one row per (method, n, removed set, verified): unhealed and healed
+    perplexity side by side, and healed / unhealed (below 1 = the bridge recovered quality)."""
+    cols = ["n", "method", "verified", "removed", "ppl", "ppl_healed", "healed_ratio"]
+    merged: dict[tuple, dict[str, Any]] = {}
+    for p in points:
+        key = (int(p["n"]), str(p["method"]), bool(p.get("verified", False)), str(p.get("removed", "")))
+        row = merged.setdefault(key, dict(zip(cols[:4], key), ppl=None, ppl_healed=None, healed_ratio=None))
+        row["ppl_healed" if p.get("healed") else "ppl"] = float(p["ppl"])
+    for row in merged.values():
+        if row["ppl"] and row["ppl_healed"] is not None:
+            row["healed_ratio"] = row["ppl_healed"] / row["ppl"]
+    return pd.DataFrame(list(merged.values()), columns=cols).sort_values(["n", "method", "verified"],
+                                                                          ignore_index=True)

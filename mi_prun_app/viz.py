@@ -55,6 +55,11 @@ def label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
+def sel_label(method: str, verified: bool = False, healed: bool = False) -> str:
+    """A method's label, marked when its selection was verified by forward passes or healed."""
+    return label(method) + (" verified" if verified else "") + (" healed" if healed else "")
+
+
 def _layout(fig: go.Figure, title: str | None = None, height: int = 360) -> go.Figure:
     # Compact margins and a horizontal legend on top keep charts readable at 1366 x 768.
     # The title sits at the very top and the legend just above the plot area, with room for both.
@@ -261,49 +266,87 @@ def fbs_pools_figure(selection: Any, current: int | None = None, animate: bool =
 
 def blocks_column_figure(n_blocks: int, removed_by_method: Mapping[str, Sequence[int]]) -> go.Figure:
     """The model as a column of blocks per method (block 0 at the bottom, next to the embeddings);
-    removed blocks in the method's colour, kept blocks grey."""
+    removed blocks in the method's colour, kept blocks grey. A key `method|verified` is that
+    method's verified selection (labelled so, same colour, diamond markers)."""
     fig = go.Figure()
     size = max(6, min(22, int(420 / max(n_blocks, 1))))
-    for method, removed in removed_by_method.items():
-        name = label(method)
+    for key, removed in removed_by_method.items():
+        method, _, tag = key.partition("|")
+        verified = tag == "verified"
+        name = sel_label(method, verified)
         removed = sorted(int(b) for b in removed)
         kept = [b for b in range(n_blocks) if b not in set(removed)]
         fig.add_trace(go.Scatter(x=[name] * len(kept), y=kept, mode="markers", name=f"{name} kept",
                                  showlegend=False, marker=dict(symbol="square", size=size, color=KEPT_COLOR),
                                  hovertemplate=f"{name}<br>block %{{y}} kept<extra></extra>"))
         fig.add_trace(go.Scatter(x=[name] * len(removed), y=removed, mode="markers", name=f"{name} removed",
-                                 marker=dict(symbol="square", size=size, color=color(method),
-                                             line=dict(color="#000000", width=1)),
+                                 marker=dict(symbol="diamond" if verified else "square", size=size,
+                                             color=color(method), line=dict(color="#000000", width=1)),
                                  hovertemplate=f"{name}<br>block %{{y}} removed<extra></extra>"))
     fig.update_yaxes(title_text="block (0 = first)", range=[-0.7, n_blocks - 0.3], dtick=max(1, n_blocks // 15))
     fig.update_xaxes(title_text=None)
-    return _layout(fig, "Which blocks each method removes", height=max(320, min(560, 13 * n_blocks + 150)))
+    fig = _layout(fig, "Which blocks each method removes", height=max(320, min(560, 13 * n_blocks + 150)))
+    fig.update_layout(showlegend=False, margin=dict(t=50))  # the x axis names every column
+    return fig
 
 
 def ppl_curve_figure(points: Iterable[Mapping[str, Any]], dense_ppl: float | None = None,
                      protocol: str | None = None) -> go.Figure:
-    """Perplexity against the number of removed blocks, one line per method (log scale)."""
-    by_method: dict[str, list[tuple[int, float]]] = {}
+    """Perplexity against the number of removed blocks, one line per method (log scale); a point
+    with `verified` True belongs to the method's verified line (diamonds), one with `healed` True
+    to its healed line (dashed, same colour)."""
+    by_line: dict[tuple[str, bool, bool], list[tuple[int, float]]] = {}
     for p in points:
-        by_method.setdefault(str(p["method"]), []).append((int(p["n"]), float(p["ppl"])))
+        key = (str(p["method"]), bool(p.get("verified", False)), bool(p.get("healed", False)))
+        by_line.setdefault(key, []).append((int(p["n"]), float(p["ppl"])))
     fig = go.Figure()
-    for method, pts in by_method.items():
+    for (method, verified, healed), pts in sorted(by_line.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         pts = sorted(set(pts))
-        fig.add_trace(go.Scatter(x=[n for n, _ in pts], y=[v for _, v in pts], mode="lines+markers",
-                                 name=label(method), line=dict(color=color(method), width=2),
-                                 hovertemplate=f"{label(method)}<br>%{{x}} blocks removed<br>"
+        name = sel_label(method, verified, healed)
+        fig.add_trace(go.Scatter(x=[n for n, _ in pts], y=[v for _, v in pts], mode="lines+markers", name=name,
+                                 line=dict(color=color(method), width=3 if verified else 2,
+                                           dash="dash" if healed else "solid"),
+                                 marker=dict(symbol="diamond" if verified else "circle", size=8 if verified else 6),
+                                 hovertemplate=f"{name}<br>%{{x}} blocks removed<br>"
                                                "perplexity %{y:.2f}<extra></extra>"))
     if dense_ppl is not None and np.isfinite(dense_ppl):
         # A trace, not add_hline: on a log axis Plotly reads shape coordinates as log10 values,
         # which stretched the axis to 10^dense.
-        xs = [n for pts in by_method.values() for n, _ in pts] or [0]
+        xs = [n for pts in by_line.values() for n, _ in pts] or [0]
         fig.add_trace(go.Scatter(x=[min(xs) - 0.5, max(xs) + 0.5], y=[dense_ppl, dense_ppl], mode="lines",
                                  name=f"dense {dense_ppl:.2f}", line=dict(color=color("dense"), dash="dot"),
                                  hovertemplate=f"dense {dense_ppl:.2f}<extra></extra>"))
     fig.update_xaxes(title_text="blocks removed", dtick=1)
     fig.update_yaxes(title_text="perplexity (log scale, lower = better)", type="log")
     return _layout(fig, "Perplexity against blocks removed" + (f" - {protocol}" if protocol else ""),
-                   height=360)
+                   height=380)
+
+
+def candidates_figure(selection: Any) -> go.Figure:
+    """The verified search's candidate sets by their verification NLL (lower = better), best first:
+    the winner in MI-PRUN's colour, sets found by local refinement lighter, the one-pass answer
+    circled in black; the dotted line is the dense model's NLL."""
+    rows = sorted(selection.candidates or [], key=lambda r: (r.get("nll") is None, r.get("nll") or 0.0))
+    winner = list(selection.removed)
+    one = None if selection.one_pass_removed is None else list(selection.one_pass_removed)
+    xs = [" ".join(map(str, r["removed"])) for r in rows]
+    colours = [color("fbs") if list(r["removed"]) == winner else
+               ("#F6C6A8" if r.get("stage") == "refinement" else "#BBBBBB") for r in rows]
+    outline = ["#000000" if one is not None and list(r["removed"]) == one else "rgba(0,0,0,0)" for r in rows]
+    custom = [[", ".join(r.get("proposers") or []), r.get("stage") or "", "yes" if r.get("cached") else "no"]
+              for r in rows]
+    fig = go.Figure(go.Scatter(
+        x=xs, y=[r.get("nll") for r in rows], mode="markers", name="candidate sets", customdata=custom,
+        marker=dict(size=14, color=colours, symbol="diamond", line=dict(color=outline, width=2)),
+        hovertemplate=("removes %{x}<br>NLL %{y:.4f}<br>proposed by %{customdata[0]}<br>"
+                       "stage %{customdata[1]}, cached %{customdata[2]}<extra></extra>")))
+    dense = (selection.verification or {}).get("dense_nll")
+    if dense is not None and xs and np.isfinite(dense):
+        fig.add_trace(go.Scatter(x=[xs[0], xs[-1]], y=[dense, dense], mode="lines", name=f"dense NLL {dense:.4f}",
+                                 line=dict(color=color("dense"), dash="dot"), hoverinfo="skip"))
+    fig.update_xaxes(title_text="removed blocks (best first)", type="category")
+    fig.update_yaxes(title_text="verification NLL (nats/token, lower = better)")
+    return _layout(fig, "Verified search: every candidate set checked by a forward pass", height=340)
 
 
 def comparison_figure(rows: Iterable[Mapping[str, Any]]) -> go.Figure:

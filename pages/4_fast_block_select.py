@@ -1,19 +1,22 @@
 """Fast-Block-Select: the trajectory (objective per iteration, prune and alternative pools per
 iteration, a slider and a play button to step through), the exact optimum and FBS's gap to it,
-and the baselines' choices for the same number of blocks."""
+the verified search (FBS's answer and every criterion's candidates checked by forward passes) and
+the baselines' choices for the same number of blocks."""
 
 from __future__ import annotations
 
 import streamlit as st
 
+from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun_app import state, tables, viz
+from mi_prun_app import search, state, tables, viz
 from mi_prun_app.ui import chart, comparison, n_slider, require_analysis, selection, show_error, table
 
 analysis = require_analysis()
 L = analysis.n_blocks
 st.title("Fast-Block-Select")
 n = n_slider(analysis)
+passes = search.search_controls()
 st.caption(f"Removing **{state.ratio_text(n, L)}**. FBS starts from the n most redundant "
            "blocks (prune pool P), keeps the next candidates in an alternative pool A, measures the real span MI "
            "of the best contiguous candidate runs and swaps in a cheaper combination until P stops changing. "
@@ -37,6 +40,19 @@ m[2].metric("Gap to the optimum", f"{gap:.4f}", help="FBS objective minus the ex
 m[3].metric("Iterations", max(len(fbs.trajectory) - 1, 0),
             help=f"FBS took {state.fmt_seconds(fbs.seconds)}; the exact DP {state.fmt_seconds(exact.seconds)}.")
 
+st.subheader("Checked by forward passes" if passes else "One-pass answer")
+if passes:
+    verified = search.verified(analysis, search.DEFAULT_METHOD, n, passes)
+    if verified is not None:
+        search.verified_section(verified, n)
+    else:
+        search.notice(search.DEFAULT_METHOD, n, passes)
+else:
+    st.caption(f"FBS's answer above is final: no forward pass checks it. Choose *Verified* to score it and the "
+               f"other criteria's candidate sets on held-out calibration tokens (up to "
+               f"{max(SelectConfig().verify_passes, 1)} forward passes).")
+
+st.subheader("The search, step by step")
 T = len(fbs.trajectory)
 left, right = st.columns(2, gap="large")
 with left:

@@ -1,6 +1,8 @@
 """Prune and export: the model as a column of blocks per method, perplexity on demand (cached per
-removed set) and a perplexity-against-blocks-removed curve, a generation sample before and after,
-parameter count and speed, and export to a folder and as a downloadable archive."""
+removed set) and a perplexity-against-blocks-removed curve, unhealed and healed, a generation sample
+before and after, parameter count and speed, and export (healed or not) to a folder and as a
+downloadable archive. MI-PRUN's selection is the library's default: verified by forward passes
+(for the current n only) unless the user picks the one-pass answer."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import streamlit as st
 
 from mi_prun.config import ExportConfig, SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun_app import state, viz
+from mi_prun.heal import HealRefused
+from mi_prun_app import healing, search, state, tables, viz
 from mi_prun_app.ui import (COMPARE_METHODS, chart, generate, model_for, n_slider, ppl, ppl_protocol_short,
                             ppl_protocol_text, require_analysis, selection, show_error, table)
 
@@ -22,6 +25,7 @@ analysis = require_analysis()
 L = analysis.n_blocks
 st.title("Prune and export")
 n = n_slider(analysis)
+passes = search.search_controls()
 st.caption(f"Removing **{state.ratio_text(n, L)}**. "
            "Pruning never touches the shared model: every pruned model here is a view that shares its "
            "weights and leaves the original intact.")
@@ -29,52 +33,105 @@ st.caption(f"Removing **{state.ratio_text(n, L)}**. "
 methods = st.multiselect("Methods to compare", list(COMPARE_METHODS),
                          default=[m for m in COMPARE_METHODS if m != "topk"], key="pr_methods",
                          format_func=viz.label, persist_state="session")
+verify_area = st.container()
 try:
     sels = {m: selection(analysis, m, n) for m in methods}
 except MiPrunError as exc:
     show_error(exc)
     st.stop()
+verified = None
+if passes and (DEFAULT_METHOD in methods or not methods):
+    verified = search.verified(analysis, DEFAULT_METHOD, n, passes, verify_area)
+    if verified is None:
+        with verify_area:
+            search.notice(DEFAULT_METHOD, n, passes)
 
+
+def chosen(method: str, k: int = n):
+    """The selection this page uses for `method` at k blocks: MI-PRUN's verified one where this
+    session has it (the current n is verified above; other n are never verified here)."""
+    if method == DEFAULT_METHOD and passes:
+        found = verified if k == n else search.known_verified(DEFAULT_METHOD, k, passes)
+        if found is not None:
+            return found
+    return sels[method] if k == n and method in sels else selection(analysis, method, k)
+
+
+columns = {}
+for m, s in sels.items():
+    columns[m] = s.removed
+    if m == DEFAULT_METHOD and verified is not None:
+        columns[f"{m}|verified"] = verified.removed
 left, right = st.columns([2, 3], gap="large")
 with left:
-    chart(viz.blocks_column_figure(L, {m: s.removed for m, s in sels.items()}), "blocks_column",
-          "Each column is the model, block 0 at the bottom. Coloured squares are the blocks a method removes. "
-          "MI-PRUN tends to remove runs of neighbouring blocks (judged by their span MI); per-block "
-          "baselines may scatter their choice.")
+    chart(viz.blocks_column_figure(L, columns), "blocks_column",
+          "Each column is the model, block 0 at the bottom. Coloured squares are the blocks a method removes "
+          "(diamonds: MI-PRUN's verified answer). MI-PRUN tends to remove runs of neighbouring blocks (judged "
+          "by their span MI); per-block baselines may scatter their choice.")
+    if verified is not None:
+        st.caption(f"MI-PRUN verified removes {list(verified.removed)} (proposed by {verified.winner_source}, "
+                   f"{verified.forward_passes} new forward passes); its one-pass answer was "
+                   f"{list(verified.one_pass_removed or [])}. Candidates and NLLs: *Fast-Block-Select* page.")
 
 with right:
     st.subheader("Perplexity")
-    st.caption(ppl_protocol_text() + ". Lower is better; each removed set is computed once and cached.")
+    heal_on = st.toggle("Heal with a linear bridge", key="pr_heal", persist_state="session",
+                        help="Adds healed lines: " + healing.heal_text() + ". Export then writes the healed model.")
+    refused: dict[str, list[str]] = {}
+    if heal_on:
+        try:
+            for m in methods:
+                why = healing.refusal(analysis, chosen(m).removed)
+                if why:
+                    refused.setdefault(why, []).append(viz.sel_label(m, chosen(m).verified))
+        except MiPrunError as exc:
+            show_error(exc)
+        for why, who in refused.items():
+            st.warning(f"{', '.join(who)}: {why}", icon=":material/healing:")
+    st.caption(ppl_protocol_text() + ". Lower is better; each removed set is computed once and cached"
+               + (" (healed: a few more forward passes per set to fit the bridges)." if heal_on else "."))
     points: list = st.session_state.setdefault("ppl_points", [])
     b1, b2 = st.columns(2)
     do_now = b1.button(f"Compute perplexity for n = {n}", key="ppl_now", icon=":material/calculate:")
     do_curve = b2.button(f"Fill the curve for n = 1..{n}", key="ppl_curve", icon=":material/show_chart:",
-                         help="Perplexity of every method for each number of removed blocks up to n.")
+                         help="Perplexity of every method for each number of removed blocks up to n. MI-PRUN's "
+                              "verified line gets points only at the n this session verified (no new passes).")
     dense = None
     if do_now or do_curve or points:
+        skipped_heal: set[int] = set()
         try:
             with st.spinner("Perplexity of the dense model..."):
                 dense = ppl(analysis, ())
             todo = [(m, k) for k in (range(1, n + 1) if do_curve else [n]) for m in methods] if (do_now or do_curve) else []
             bar = st.progress(0, text="perplexity") if todo else None
             for t, (m, k) in enumerate(todo):
-                s = sels[m] if k == n else selection(analysis, m, k)
-                bar.progress(int(100 * t / len(todo)), text=f"{viz.label(m)}, {k} blocks removed")
-                res = ppl(analysis, s.removed)
-                point = {"method": m, "n": k, "removed": " ".join(map(str, s.removed)), "ppl": res["ppl"]}
-                if point not in points:
-                    points.append(point)
+                s = chosen(m, k)
+                bar.progress(int(100 * t / len(todo)), text=f"{viz.sel_label(m, s.verified)}, {k} blocks removed")
+                base = {"method": m, "n": k, "removed": " ".join(map(str, s.removed)), "verified": bool(s.verified)}
+                for healed in ((False, True) if heal_on else (False,)):
+                    try:
+                        res = healing.healed_ppl(analysis, s.removed) if healed else ppl(analysis, s.removed)
+                    except HealRefused:
+                        skipped_heal.add(k)
+                        continue
+                    point = {**base, "healed": healed, "ppl": res["ppl"]}
+                    if point not in points:
+                        points.append(point)
             if bar is not None:
                 bar.empty()
         except MiPrunError as exc:
             show_error(exc)
+        if skipped_heal:
+            st.caption(f"No healed point where the library refuses to heal (n = {sorted(skipped_heal)}).")
     if points:
-        df = pd.DataFrame(points).sort_values(["n", "method"])
         chart(viz.ppl_curve_figure(points, dense_ppl=dense["ppl"] if dense else None,
                                     protocol=ppl_protocol_short()), "ppl_curve_chart",
-              "Each line is a method; the dotted line is the unpruned model. A flatter line keeps quality "
-              "longer as blocks are removed. Points are added as you explore (this session only).")
-        table(df, "perplexity", "ppl_table", ppl_protocol_text())
+              "Each line is a method; dashed lines are the same selections healed with a linear bridge, "
+              "diamonds MI-PRUN's verified selection; the dotted line is the unpruned model. A flatter line "
+              "keeps quality longer as blocks are removed; the gap between a solid and a dashed line is what "
+              "healing recovers. Points are added as you explore (this session only).")
+        table(tables.ppl_frame(points), "perplexity", "ppl_table",
+              ppl_protocol_text() + "; healed_ratio = healed / unhealed perplexity (below 1 = recovered).")
     else:
         st.caption("Press a button to compute perplexity.")
 
@@ -89,18 +146,26 @@ with c_gen:
     max_new = st.slider("New tokens", 8, 64, 24, key="pr_max_new", persist_state="session")
     if st.button("Generate", key="gen", icon=":material/edit_note:"):
         try:
-            removed = selection(analysis, export_method, n).removed
+            gen_sel = chosen(export_method)
+            removed = gen_sel.removed
             with st.spinner("Generating (greedy)..."):
                 before = generate(analysis, (), prompt, int(max_new))
                 after = generate(analysis, removed, prompt, int(max_new))
+            healed_text = None
+            if heal_on and healing.refusal(analysis, removed) is None:
+                healed_text = healing.healed_generation(analysis, removed, prompt, int(max_new))
             st.session_state["gen_result"] = {"prompt": prompt, "before": before, "after": after,
-                                              "method": export_method, "removed": list(removed)}
+                                              "healed": healed_text, "method": export_method,
+                                              "verified": bool(gen_sel.verified), "removed": list(removed)}
         except MiPrunError as exc:
             show_error(exc)
     g = st.session_state.get("gen_result")
     if g:
+        who = viz.sel_label(g["method"], g.get("verified", False))
         st.markdown(f"**Dense:** {g['prompt']} *{g['before']}*")
-        st.markdown(f"**{viz.label(g['method'])} without blocks {g['removed']}:** {g['prompt']} *{g['after']}*")
+        st.markdown(f"**{who} without blocks {g['removed']}:** {g['prompt']} *{g['after']}*")
+        if g.get("healed") is not None:
+            st.markdown(f"**{who}, healed:** {g['prompt']} *{g['healed']}*")
         st.caption("Greedy decoding. A pruned model that still continues the prompt sensibly has kept most "
                    "of its ability; fine-tuning after pruning usually recovers more.")
 
@@ -111,12 +176,12 @@ with c_size:
         from mi_prun.models import pruned_view
 
         loaded = model_for(analysis)
-        removed = selection(analysis, export_method, n).removed
+        removed = chosen(export_method).removed
         pruned = pruned_view(loaded.model, list(removed))
         dense_size, pruned_size = model_size(loaded.model), model_size(pruned)
         m = st.columns(2)
         m[0].metric("Parameters (dense)", f"{dense_size['parameters'] / 1e6:.2f} M")
-        m[1].metric(f"Parameters ({viz.label(export_method)})", f"{pruned_size['parameters'] / 1e6:.2f} M",
+        m[1].metric(f"Parameters ({viz.sel_label(export_method, chosen(export_method).verified)})", f"{pruned_size['parameters'] / 1e6:.2f} M",
                     delta=f"{100 * (pruned_size['parameters'] / dense_size['parameters'] - 1):.1f} %",
                     delta_color="off")
         if st.button("Measure speed", key="speed", icon=":material/speed:",
@@ -141,8 +206,9 @@ root = state.export_root()
 c1, c2, c3 = st.columns([1, 2, 1])
 export_methods = methods or [DEFAULT_METHOD]
 export_method = c1.selectbox("Method", export_methods, index=export_methods.index(export_method),
-                             key="pr_export_method", format_func=viz.label)
-sel = sels.get(export_method) or selection(analysis, export_method, n)
+                             key="pr_export_method",
+                             format_func=lambda m: viz.sel_label(m, m == DEFAULT_METHOD and verified is not None))
+sel = chosen(export_method)
 spec = analysis.model.get("spec") or "model"
 name = c2.text_input(f"Folder name (inside {root})", value=state.default_export_name(spec, export_method, sel.removed),
                      key=f"pr_export_name_{export_method}_{n}",
@@ -150,9 +216,12 @@ name = c2.text_input(f"Folder name (inside {root})", value=state.default_export_
 overwrite = c3.checkbox("Replace an existing export", value=ExportConfig().overwrite, key="pr_overwrite",
                         help="overwrite: replaces only an earlier mi-prun export of that name; a folder "
                              "holding anything else is never replaced.")
-st.caption(f"Removes blocks {list(sel.removed)} (numbered from 0). The folder holds the model "
-           "(safetensors, config, tokenizer), mi_prun.json (what was removed and why) and mergekit.yaml "
-           "(rebuilds the same model from the original's Hugging Face id).")
+st.caption(f"Removes blocks {list(sel.removed)} (numbered from 0)"
+           + (f", the verified answer ({sel.forward_passes} new forward passes)" if sel.verified else "")
+           + ". The folder holds the model (safetensors, config, tokenizer), mi_prun.json (what was removed and "
+           "why) and mergekit.yaml (rebuilds the same model from the original's Hugging Face id)."
+           + (" Healing is on: the bridges are folded into the saved weights and recorded in mi_prun.json "
+              "(mergekit.yaml rebuilds only the unhealed model)." if heal_on else ""))
 if st.button("Export", type="primary", key="export", icon=":material/save:"):
     try:
         from mi_prun.models import pruned_view
@@ -160,9 +229,11 @@ if st.button("Export", type="primary", key="export", icon=":material/save:"):
 
         target = state.safe_export_path(name, root)
         loaded = model_for(analysis)
+        model, record = (healing.healed_model(analysis, sel.removed) if heal_on
+                         else (pruned_view(loaded.model, list(sel.removed)), None))
         with st.spinner(f"Writing {target}..."):
-            out = export(pruned_view(loaded.model, list(sel.removed)), loaded.tokenizer, sel, target,
-                         analysis=analysis, loaded=loaded, config=ExportConfig(overwrite=bool(overwrite)),
+            out = export(model, loaded.tokenizer, sel, target, analysis=analysis, loaded=loaded,
+                         config=ExportConfig(overwrite=bool(overwrite)), healing=record,
                          inputs=[st.session_state.get("analysis_folder")])
         st.session_state["export_path"] = str(out)
     except MiPrunError as exc:

@@ -262,15 +262,21 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     assert (cfg.seq_len, cfg.max_windows) == (quick.seq_len, quick.max_windows)
     curve = chart(at, "Perplexity against blocks removed")
     assert f"{quick.max_windows} windows x {quick.seq_len} tokens" in curve["layout"]["title"]["text"]
+    # MI-PRUN's point is the library's default selection with the model at hand: verified.
+    verified = select(analysis, config=state.select_config("fbs", 2, True, SelectConfig().verify_passes),
+                      model=shared_model)
     fbs_point = next(p for p in points if p["method"] == "fbs")
-    expected = evaluate(pruned_view(shared_model.model, list(fbs.removed)), shared_model.tokenizer, cfg)
+    assert fbs_point["verified"] and fbs_point["removed"] == " ".join(map(str, verified.removed))
+    assert sorted(trace(chart(at, "Which blocks each method removes"), "MI-PRUN (FBS) verified removed")["y"]) \
+        == list(verified.removed)
+    expected = evaluate(pruned_view(shared_model.model, list(verified.removed)), shared_model.tokenizer, cfg)
     assert fbs_point["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
     at.button(key="ppl_curve").click().run()
     assert {p["n"] for p in at.session_state["ppl_points"]} == {1, 2}
 
     at.button(key="gen").click().run()
     no_errors(at)
-    assert at.session_state["gen_result"]["removed"] == list(fbs.removed)
+    assert at.session_state["gen_result"]["removed"] == list(verified.removed)
 
     root = Path(state.export_root())
     bad = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
@@ -284,7 +290,8 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     no_errors(at)
     out = root / "tiny-pruned"
     report = json.loads((out / "mi_prun.json").read_text())
-    assert report["removed"] == list(fbs.removed)
+    assert report["removed"] == list(verified.removed) and report["selection"]["verified"]
+    assert "healing" not in report  # the heal switch is off by default
     # Provenance filled by the library from the analysis; the mergekit source is never a local path
     # (the tiny random model has no hub id, so the library writes its placeholder and a note).
     assert report["estimator"] == analysis.estimator and report["calibration"] == json.loads(
@@ -303,7 +310,7 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     at.checkbox(key="pr_overwrite").set_value(True).run()
     at.button(key="export").click().run()
     no_errors(at)
-    assert json.loads((out / "mi_prun.json").read_text())["removed"] == list(fbs.removed)
+    assert json.loads((out / "mi_prun.json").read_text())["removed"] == list(verified.removed)
     other = root / "not-an-export"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -312,6 +319,206 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     at.button(key="export").click().run()
     assert at.error and (other / "notes.txt").read_text() == "mine"  # never replaced
     assert model_fingerprint(shared_model.model) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# verified search and healing in the pages
+
+
+@pytest.fixture
+def fresh_nll_caches():
+    """Each test starts with no NLL measured (the server-wide cache outlives AppTest sessions)."""
+    from mi_prun_app import search
+
+    search._nll_caches.clear()
+    yield
+    search._nll_caches.clear()
+
+
+def metrics_of(at) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+def nll_cache_of(at):
+    from mi_prun_app import search
+
+    return search.nll_cache(at.session_state["analysis_key"])[0]
+
+
+def library_verified(analysis, model, n: int, protect: bool = True):
+    """What the app's verified line must be: the library's default selection with the model."""
+    from mi_prun.select import select
+
+    cfg = state.select_config(SelectConfig.method, n, protect=protect, verify_passes=SelectConfig().verify_passes)
+    return select(analysis, config=cfg, model=model)
+
+
+def test_verify_control_defaults_to_the_config_and_says_the_cost(shared_model, fresh_nll_caches):
+    at = analysed_app()
+    d = SelectConfig()
+    for page in (PAGES["fbs"], PAGES["prune"]):  # the same control, with the same state, on both pages
+        at.switch_page(page).run()
+        no_errors(at)
+        assert at.radio(key="p_search").value == ("Verified" if d.verify_passes > 0 else "One pass")
+        assert at.number_input(key="p_verify_passes").value == d.verify_passes
+        assert any(f"{d.verify_passes} forward passes" in c.value for c in at.caption)
+    at.number_input(key="p_verify_passes").set_value(3).run()
+    at.switch_page(PAGES["fbs"]).run()
+    assert at.number_input(key="p_verify_passes").value == 3  # kept across pages
+    at.radio(key="p_search").set_value("One pass").run()
+    no_errors(at)
+    assert "Verified answer removes" not in metrics_of(at)
+    assert any("no forward pass" in c.value for c in at.caption)
+
+
+def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fresh_nll_caches):
+    from mi_prun.select import select
+
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    at.switch_page(PAGES["fbs"]).run()
+    at.slider(key="p_n_remove").set_value(2).run()
+    no_errors(at)
+    lib = library_verified(analysis, shared_model, 2)
+    assert lib.verified and lib.forward_passes > 0
+    m = metrics_of(at)
+    assert m["Verified answer removes"] == ", ".join(map(str, lib.removed))
+    assert m["Winner proposed by"] == lib.winner_source
+    assert m["Forward passes"] == f"{lib.forward_passes} of {SelectConfig().verify_passes}"
+    assert m["One-pass answer removes"] == ", ".join(map(str, select(analysis, "fbs", n=2).removed))
+    assert m["FBS removes"] == m["One-pass answer removes"]  # FBS's own answer is still shown
+    assert any("1 dense pass" in c.value for c in at.caption)  # the dense pass is said
+    frame = next(df.value for df in at.dataframe if "proposers" in df.value.columns)
+    assert len(frame) == len(lib.candidates) and frame["winner"].sum() == 1
+    assert frame.loc[frame["winner"], "removed"].item() == " ".join(map(str, lib.removed))
+    np.testing.assert_allclose(frame["nll"], [c["nll"] for c in lib.candidates], rtol=1e-6)
+    fig = chart(at, "Verified search")
+    assert sorted(trace(fig, "candidate sets")["y"]) == pytest.approx(sorted(c["nll"] for c in lib.candidates))
+
+
+def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_nll_caches):
+    a = analysed_app()
+    a.switch_page(PAGES["fbs"]).run()
+    a.slider(key="p_n_remove").set_value(2).run()
+    no_errors(a)
+    first = metrics_of(a)
+    assert not first["Forward passes"].startswith("0 ")
+    seen = len(nll_cache_of(a))
+    a.slider(key="p_n_remove").set_value(3).run()  # another n measures new sets...
+    no_errors(a)
+    assert len(nll_cache_of(a)) > seen
+    seen = len(nll_cache_of(a))
+    a.slider(key="p_n_remove").set_value(2).run()  # ...coming back costs nothing
+    no_errors(a)
+    assert metrics_of(a)["Verified answer removes"] == first["Verified answer removes"]
+    assert len(nll_cache_of(a)) == seen and not a.status  # nothing recomputed: no progress shown
+    # A second tab on the same analysis runs the search again, on the server's NLL cache: 0 passes.
+    b = analysed_app()
+    assert b.session_state["analysis_key"] == a.session_state["analysis_key"]
+    b.switch_page(PAGES["prune"]).run()
+    b.slider(key="p_n_remove").set_value(2).run()
+    b.switch_page(PAGES["fbs"]).run()
+    no_errors(b)
+    m = metrics_of(b)
+    assert m["Forward passes"] == f"0 of {SelectConfig().verify_passes}"
+    assert m["Verified answer removes"] == first["Verified answer removes"]
+    assert len(nll_cache_of(b)) == seen
+
+
+def test_cancel_during_verification_leaves_the_page_usable(shared_model, fresh_nll_caches, monkeypatch):
+    from mi_prun_app import search
+
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    calls = {"n": 0}
+
+    def cancel_during_the_fourth_pass() -> bool:
+        # Checked once before the first pass and after every pass: the 5th check comes after the
+        # 4th pass, as if Cancel was pressed while it ran.
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    monkeypatch.setattr(search, "_cancel_requested", cancel_during_the_fourth_pass)
+    at.switch_page(PAGES["fbs"]).run()
+    at.slider(key="p_n_remove").set_value(2).run()
+    no_errors(at)
+    assert any("cancelled" in w.value for w in at.warning)
+    m = metrics_of(at)
+    assert "Verified answer removes" not in m and m["FBS removes"]  # the one-pass answer is shown
+    assert len(nll_cache_of(at)) == 4  # the passes done before the cancel are kept
+    monkeypatch.undo()
+    at.slider(key="p_n_remove").set_value(3).run()  # the page still works
+    no_errors(at)
+    assert "Verified answer removes" in metrics_of(at)
+    at.slider(key="p_n_remove").set_value(2).run()
+    assert any("cancelled" in w.value for w in at.warning)  # not restarted behind the user's back
+    at.button(key="verify_retry").click().run()
+    no_errors(at)
+    lib = library_verified(analysis, shared_model, 2)
+    m = metrics_of(at)
+    assert m["Verified answer removes"] == ", ".join(map(str, lib.removed))
+    assert int(m["Forward passes"].split()[0]) < lib.forward_passes  # resumed on the cached passes
+
+
+def test_heal_switch_adds_healed_lines_and_a_healed_export(shared_model, fresh_nll_caches):
+    at = analysed_app()
+    at.switch_page(PAGES["prune"]).run()
+    at.slider(key="p_n_remove").set_value(2).run()
+    at.multiselect(key="pr_methods").set_value(["fbs", "shortgpt"]).run()
+    assert at.toggle(key="pr_heal").value is False
+    at.button(key="ppl_now").click().run()
+    assert not any(p["healed"] for p in at.session_state["ppl_points"])
+    at.toggle(key="pr_heal").set_value(True).run()
+    at.button(key="ppl_now").click().run()
+    no_errors(at)
+    points = at.session_state["ppl_points"]
+    healed = {p["method"]: p for p in points if p["healed"]}
+    plain = {p["method"]: p for p in points if not p["healed"]}
+    assert set(healed) == set(plain) == {"fbs", "shortgpt"}
+    assert healed["fbs"]["removed"] == plain["fbs"]["removed"] and healed["fbs"]["verified"]
+    assert all(np.isfinite(p["ppl"]) for p in points)
+    fig = chart(at, "Perplexity against blocks removed")
+    assert trace(fig, "MI-PRUN (FBS) verified healed")["line"]["dash"] == "dash"
+    assert trace(fig, "ShortGPT (cosine BI) healed")["line"]["color"] == trace(fig, "ShortGPT (cosine BI)")["line"]["color"]
+    frame = next(df.value for df in at.dataframe if "ppl_healed" in df.value.columns)
+    assert frame["ppl_healed"].notna().all() and frame["healed_ratio"].notna().all()
+    name = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
+    name.set_value("tiny-healed").run()
+    at.button(key="export").click().run()
+    no_errors(at)
+    report = json.loads((state.export_root() / "tiny-healed" / "mi_prun.json").read_text())
+    removed = [int(b) for b in plain["fbs"]["removed"].split()]
+    assert report["removed"] == removed and report["selection"]["verified"]
+    assert report["healing"]["removed"] == removed and report["healing"]["runs"]
+    assert report["healing"]["runs"][0]["start"] == removed[0]
+
+
+def test_heal_refusal_is_the_library_one_line(shared_model, fresh_nll_caches):
+    """A set starting at block 0 cannot be healed: the page says why, keeps the other lines and
+    refuses a healed export of it."""
+    from mi_prun.heal import HealRefused, check_healable
+
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    analysis.baselines["cosine_bi"][0] = -1.0  # this session's copy: ShortGPT now removes block 0 first
+    at.session_state["selections"] = {}
+    at.switch_page(PAGES["prune"]).run()
+    at.checkbox(key="p_protect_ends").set_value(False).run()
+    at.slider(key="p_n_remove").set_value(1).run()
+    at.multiselect(key="pr_methods").set_value(["exact", "shortgpt"]).run()
+    at.toggle(key="pr_heal").set_value(True).run()
+    no_errors(at)
+    with pytest.raises(HealRefused) as refused:
+        check_healable(shared_model.model, [0])
+    assert [w.value for w in at.warning] == [f"ShortGPT (cosine BI): {refused.value}"]
+    at.button(key="ppl_now").click().run()
+    no_errors(at)
+    points = at.session_state["ppl_points"]
+    assert {(p["method"], p["healed"]) for p in points} == {("exact", False), ("exact", True), ("shortgpt", False)}
+    at.selectbox(key="pr_export_method").set_value("shortgpt").run()
+    at.button(key="export").click().run()
+    assert any("starts at block 0" in e.value for e in at.error) and not at.exception
+    assert "export_path" not in at.session_state
 
 
 def test_errors_show_as_st_error_and_the_page_keeps_working():
@@ -345,6 +552,13 @@ def test_pasted_text_and_cancel():
     at.button(key="run").click().run()
     no_errors(at)
     assert at.session_state["analysis"].calibration["source"] == "text:<string>"
+    # Pasted text cannot be reloaded to draw verification tokens: the library's reason is shown and
+    # the page keeps the one-pass answer.
+    at.switch_page(PAGES["fbs"]).run()
+    assert not at.exception and not at.error
+    assert any("Verification is not possible here" in w.value and "cannot be reloaded" in w.value
+               for w in at.warning)
+    assert "FBS removes" in {m.label for m in at.metric} and at.button(key="verify_retry")
 
 
 def test_second_tab_reuses_the_cached_analysis_and_sessions_stay_apart():
@@ -594,3 +808,13 @@ def test_app_library_and_cli_remove_the_same_blocks_by_default(tmp_path, monkeyp
     assert at.selectbox(key="pr_export_method").value == SelectConfig.method
     col = chart(at, "Which blocks each method removes")
     assert sorted(trace(col, "MI-PRUN (FBS) removed")["y"]) == list(library.removed)
+    # With the model at hand the default is verified: the app's verified line is the library's and the
+    # CLI's `select --model` answer (same budget and verification tokens).
+    cfg = state.select_config(SelectConfig.method, n, protect=True, verify_passes=SelectConfig().verify_passes)
+    lib_verified = select(analysis, config=cfg, model=load_model(TEST_MODEL))
+    assert main(["select", str(folder), "--model", TEST_MODEL, "--verify-samples", str(cfg.verify_samples),
+                 "--verify-tokens", str(cfg.verify_seq_len), "--out", "sel_v.json"]) == 0
+    cli_verified = Selection.load(tmp_path / "sel_v.json")
+    assert lib_verified.verified and cli_verified.verified
+    assert sorted(trace(col, "MI-PRUN (FBS) verified removed")["y"]) == list(lib_verified.removed) \
+        == list(cli_verified.removed)

@@ -147,6 +147,9 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                     _settled(page)
                     after = page.locator("[data-testid=stMetric]").first.inner_text()
                     assert len(after.split(",")) == len(before.split(",")) + 1, (before, after)
+                    # The library's default search is verified: the page shows its winner and passes.
+                    page.get_by_text("Verified answer removes", exact=True).wait_for(timeout=LONG)
+                    page.get_by_text("Forward passes", exact=True).wait_for(timeout=LONG)
                 if title == "Prune and export":
                     page.get_by_role("button", name="Compute perplexity").click()
                     page.locator("[data-testid=stPlotlyChart]").get_by_text("Perplexity against blocks removed", exact=False).first.wait_for(timeout=LONG)

@@ -167,3 +167,65 @@ def test_the_core_holds_no_app_code():
         text = path.read_text(encoding="utf-8")
         for banned in ("import streamlit", "from streamlit", "mi_prun_app", "plotly"):
             assert banned not in text, f"{path.relative_to(ROOT)} mentions {banned!r}"
+
+
+def _verified_selection():
+    """A verified Selection as `verified_select` returns it (no model needed to draw it)."""
+    from mi_prun.select.selection import make_selection
+    from dataclasses import replace
+
+    sel = make_selection("fbs", 2, 8, (2, 3), 0.5, "neg-mi", 0.1, forward_passes=3)
+    cands = [{"removed": [4, 5], "proposers": ["fbs", "topk"], "objective": 0.4, "nll": 3.2, "cached": False,
+              "stage": "candidate"},
+             {"removed": [2, 3], "proposers": ["exact:neg-mi#2"], "objective": 0.5, "nll": 3.0, "cached": True,
+              "stage": "candidate"},
+             {"removed": [2, 4], "proposers": ["swap:exact:neg-mi#2"], "objective": 0.7, "nll": 3.1,
+              "cached": False, "stage": "refinement"}]
+    return replace(sel, verified=True, nll=3.0, candidates=cands, winner_source="exact:neg-mi#2",
+                   one_pass_removed=(4, 5), one_pass_nll=3.2,
+                   verification={"budget": 16, "passes": 3, "dense_passes": 1, "dense_nll": 2.5,
+                                 "one_pass_gap_nats": 0.2, "candidates_proposed": 3})
+
+
+def test_candidates_figure_and_table():
+    from mi_prun_app import tables
+
+    sel = _verified_selection()
+    fig = viz.candidates_figure(sel)
+    dots = trace(fig, "candidate sets")
+    assert list(dots.x) == ["2 3", "2 4", "4 5"] and list(dots.y) == [3.0, 3.1, 3.2]  # best first
+    assert dots.marker.color[0] == viz.METHOD_COLORS["fbs"]  # the winner
+    assert dots.marker.line.color[2] == "#000000"  # the one-pass answer is circled
+    assert list(trace(fig, "dense NLL 2.5000").y) == [2.5, 2.5]
+    df = tables.verified_candidates_frame(sel)
+    assert list(df["removed"]) == ["4 5", "2 3", "2 4"]  # scoring order
+    assert list(df["winner"]) == [False, True, False] and list(df["one_pass"]) == [True, False, False]
+    assert df["proposed_by"][0] == "fbs" and df["proposers"][0] == "fbs; topk"
+    np.testing.assert_allclose(df["nll_vs_winner"], [0.2, 0.0, 0.1], atol=1e-12)
+    np.testing.assert_allclose(df["ppl"], np.exp([3.2, 3.0, 3.1]))
+
+
+def test_ppl_curve_draws_verified_and_healed_lines_and_the_table_pairs_them():
+    from mi_prun_app import tables
+
+    pts = [{"method": "fbs", "n": 1, "ppl": 20.0, "removed": "3", "verified": True, "healed": False},
+           {"method": "fbs", "n": 1, "ppl": 15.0, "removed": "3", "verified": True, "healed": True},
+           {"method": "fbs", "n": 2, "ppl": 40.0, "removed": "3 4", "verified": False, "healed": False},
+           {"method": "shortgpt", "n": 1, "ppl": 30.0, "removed": "5", "verified": False, "healed": False}]
+    fig = viz.ppl_curve_figure(pts)
+    assert trace(fig, "MI-PRUN (FBS) verified").marker.symbol == "diamond"
+    healed = trace(fig, "MI-PRUN (FBS) verified healed")
+    assert healed.line.dash == "dash" and healed.line.color == viz.METHOD_COLORS["fbs"] and list(healed.y) == [15.0]
+    assert list(trace(fig, "MI-PRUN (FBS)").x) == [2]  # the one-pass point is its own line
+    df = tables.ppl_frame(pts)
+    assert len(df) == 3
+    row = df[(df["method"] == "fbs") & df["verified"]].iloc[0]
+    assert (row["ppl"], row["ppl_healed"], row["healed_ratio"]) == (20.0, 15.0, 0.75)
+    assert df[df["method"] == "shortgpt"]["ppl_healed"].isna().all()
+
+
+def test_blocks_column_marks_the_verified_selection():
+    fig = viz.blocks_column_figure(6, {"fbs": [3, 4], "fbs|verified": [2, 3]})
+    ver = trace(fig, "MI-PRUN (FBS) verified removed")
+    assert sorted(ver.y) == [2, 3] and ver.marker.symbol == "diamond"
+    assert ver.marker.color == viz.METHOD_COLORS["fbs"]

@@ -3,35 +3,29 @@
 "topk" takes the n blocks with the highest block MI (the starting point that "fbs" and "local"
 refine); the baselines, computed from the same capture, are "shortgpt" (lowest cosine Block
 Influence), "angular" (the contiguous window with the smallest angular distance, Gromov et al.) and
-"random" (seeded). `rank_ascending` is the block ordering they share with the search methods.
+"random" (seeded). `mi_prun.results.rank_blocks` is the block ordering they share with the search methods.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import numpy as np
 
 from mi_prun.errors import MiPrunError
+from mi_prun.results import rank_blocks
 from mi_prun.select.registry import Problem, SelectorOutput, register_selector
-
-
-def rank_ascending(values: np.ndarray, blocks: Iterable[int]) -> list[int]:
-    """Blocks by value ascending, NaN last, ties by index."""
-    return sorted(blocks, key=lambda b: (bool(np.isnan(values[b])), float(values[b]) if
-                                         not np.isnan(values[b]) else 0.0, b))
 
 
 @register_selector("topk", description="the n blocks with the highest block MI (lowest importance)")
 def _select_topk(p: Problem) -> SelectorOutput:
-    return SelectorOutput(tuple(rank_ascending(-p.block_mi, p.allowed)[: p.n]))
+    return SelectorOutput(tuple(rank_blocks(p.block_mi, among=p.allowed)[: p.n]))
 
 
 @register_selector("shortgpt", description="ShortGPT: the n blocks with the lowest cosine Block Influence")
 def _select_shortgpt(p: Problem) -> SelectorOutput:
     bi = _baseline(p, "cosine_bi", (p.n_blocks,))
-    return SelectorOutput(tuple(rank_ascending(bi, p.allowed)[: p.n]))
+    return SelectorOutput(tuple(rank_blocks(bi, descending=False, among=p.allowed)[: p.n]))
 
 
 @register_selector("angular", description="Gromov et al.: the contiguous window of n blocks with the "

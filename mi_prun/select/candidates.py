@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from mi_prun.errors import MiPrunError
-from mi_prun.select.baselines import rank_ascending
+from mi_prun.results import rank_blocks
 from mi_prun.select.costs import RUN_COSTS, cost_matrix, set_cost
 from mi_prun.select.registry import Problem, SELECTORS
 
@@ -171,7 +171,7 @@ def neighbours(removed: Sequence[int], problem: Problem) -> list[tuple[int, ...]
     the most redundant (by MI) kept block, within the removable blocks; ordered by MI objective."""
     cur = set(removed)
     allowed = set(problem.allowed)
-    ranking = [b for b in rank_ascending(-problem.block_mi, problem.allowed) if b not in cur]
+    ranking = [b for b in rank_blocks(problem.block_mi, among=problem.allowed) if b not in cur]
     nxt = ranking[0] if ranking else None
     out: dict[tuple[int, ...], float] = {}
     for b in sorted(cur):

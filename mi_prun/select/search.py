@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mi_prun.errors import MiPrunError
-from mi_prun.select.baselines import rank_ascending
+from mi_prun.results import rank_blocks
 from mi_prun.select.costs import SpanOracle, improves, runs_of
 from mi_prun.select.registry import Problem, SelectorOutput, register_selector
 
@@ -148,7 +148,7 @@ def _select_exhaustive(p: Problem, max_combinations: int, chunk: int) -> Selecto
 def _select_local(p: Problem, max_iter: int) -> SelectorOutput:
     oracle = SpanOracle(p.C)
     t0 = time.perf_counter()
-    current = rank_ascending(-p.block_mi, p.allowed)[: p.n]
+    current = rank_blocks(p.block_mi, among=p.allowed)[: p.n]
     obj = oracle.set_cost(current)
     traj = [{"iteration": 0, "removed": sorted(current), "swap": None, "objective": obj,
              "elapsed": time.perf_counter() - t0}]
@@ -195,7 +195,7 @@ def _select_fbs(p: Problem, pool: int | None, k: int, max_iter: int) -> Selector
         raise MiPrunError(f"fbs options must satisfy pool >= 0, k >= 1, max_iter >= 0; got "
                           f"pool={pool}, k={k}, max_iter={max_iter}.")
     score = -np.asarray(p.block_mi, dtype=np.float64)  # importance; low = redundant
-    ranking = rank_ascending(score, p.allowed)
+    ranking = rank_blocks(score, descending=False, among=p.allowed)
     # NaN scores rank last for the pools; in coarse sums they count as +inf (least attractive).
     coarse_score = np.where(np.isnan(score), np.inf, score)
     oracle = SpanOracle(p.C)

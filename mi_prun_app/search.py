@@ -1,0 +1,242 @@
+"""Streamlit glue of the verified search (`mi_prun.select.verify`), shared by the FBS and prune pages.
+
+- `search_controls`: "One pass" or "Verified" and the pass budget (defaults: `SelectConfig()`), with
+  the cost said in the UI. Same keys on both pages, kept for the session.
+- `nll_cache`: one `NLLCache` per analysis for the whole server (a `Memo` like the analyses', with a
+  lock so that two tabs never verify on one cache at once): a removed set measured once, at any n
+  and in any tab, costs no forward pass again, so moving the slider back and forth is free.
+- `verified`: the verified selection of the current n only (never every n at once), memoised in the
+  session, computed with a progress bar and a cancel button; a cancel or a refusal leaves the page
+  on the one-pass answer with a button to verify again.
+- `verified_section`: the winner, where it came from, the passes spent, the one-pass answer and its
+  gap, and every candidate with its NLL (chart and table).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import streamlit as st
+
+from mi_prun.config import SelectConfig
+from mi_prun.errors import MiPrunError
+from mi_prun_app import state, tables, viz
+from mi_prun_app.ui import chart, model_for, protect_on, selection, table
+
+SEARCH_MODES = ("One pass", "Verified")
+DEFAULT_METHOD = SelectConfig.method
+_NEW_CACHE = threading.Lock()
+
+
+def default_mode() -> str:
+    return SEARCH_MODES[1] if SelectConfig().verify_passes > 0 else SEARCH_MODES[0]
+
+
+def budget() -> int:
+    """The session's verification budget without a widget: 0 in one-pass mode."""
+    if st.session_state.get("p_search", default_mode()) != SEARCH_MODES[1]:
+        return 0
+    return int(st.session_state.get("p_verify_passes", max(SelectConfig().verify_passes, 1)))
+
+
+def cost_text(passes: int) -> str:
+    cfg = state.select_config(DEFAULT_METHOD, None, True, passes)
+    measured = st.session_state.get("verify_s_per_pass")
+    speed = (f"Measured here: about {state.fmt_seconds(measured)} per pass, so up to "
+             f"{state.fmt_seconds(measured * (passes + 1))} for a new n." if measured else
+             "Each pass is one forward pass of the pruned model: about 6 s for SmolLM2-135M on a CPU.")
+    return (f"Verified: the one-pass answer is checked against every criterion's candidate sets by at most "
+            f"**{passes} forward passes** of the pruned model on {cfg.verify_samples} x {cfg.verify_seq_len} "
+            "calibration tokens kept apart from the analysis's (plus one dense pass, once). "
+            f"{speed} Only the current n is verified; sets measured before (any n, any tab) are free.")
+
+
+def search_controls() -> int:
+    """The search choice and the pass budget; returns `verify_passes` (0 = one pass)."""
+    d = SelectConfig()
+    c1, c2, c3 = st.columns([2, 1, 4], vertical_alignment="bottom")
+    mode = c1.radio("Search", SEARCH_MODES, index=SEARCH_MODES.index(default_mode()), key="p_search",
+                    horizontal=True, persist_state="session",
+                    help="One pass: MI-PRUN's answer from the analysis alone (milliseconds). Verified: "
+                         "that answer and the other criteria's candidates scored by forward passes; the "
+                         "lowest loss wins (the library's default when the model is at hand).")
+    passes = c2.number_input("Pass budget", min_value=1, max_value=1000, value=max(d.verify_passes, 1), step=1,
+                             key="p_verify_passes", persist_state="session", disabled=mode != SEARCH_MODES[1],
+                             help="At most this many forward passes per n (SelectConfig.verify_passes).")
+    if mode == SEARCH_MODES[1]:
+        c3.caption(cost_text(int(passes)))
+        return int(passes)
+    c3.caption("One pass: no forward pass; the answer comes from the analysis alone.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the NLL cache and the verified selection
+
+
+@st.cache_resource(show_spinner=False)
+def _nll_caches() -> state.Memo:
+    return state.Memo(maxsize=8)
+
+
+def nll_cache(key: str) -> tuple[Any, threading.Lock]:
+    """The server's (NLLCache, lock) for one analysis key (created on first use)."""
+    from mi_prun.select import NLLCache
+
+    memo = _nll_caches()
+    with _NEW_CACHE:
+        entry = memo.get(key)
+        if entry is None:
+            entry = (NLLCache(), threading.Lock())
+            memo.put(key, entry)
+    return entry
+
+
+def _cancel_requested() -> bool:
+    return bool(st.session_state.get("verify_cancel_requested"))
+
+
+def _request_cancel() -> None:
+    st.session_state["verify_cancel_requested"] = True
+
+
+def _forget(key: tuple) -> None:
+    st.session_state.setdefault("verify_skipped", {}).pop(key, None)
+
+
+def _key(method: str, n: int, passes: int) -> tuple:
+    cfg = state.select_config(method, n, protect_on(), passes)
+    return (st.session_state.get("analysis_key"), repr(cfg), "verified"), cfg
+
+
+def known_verified(method: str, n: int, passes: int) -> Any | None:
+    """The verified selection if this session already has it (no pass spent), else None."""
+    return st.session_state.setdefault("selections", {}).get(_key(method, n, passes)[0])
+
+
+def verified(analysis: Any, method: str, n: int, passes: int, area: Any = None) -> Any | None:
+    """The verified selection of `method` for n blocks, or None when it was cancelled or refused
+    (then `notice` says why). Computed here, with progress and a cancel button, if this session
+    does not have it yet; the server's NLL cache makes sets seen before free."""
+    from mi_prun.select import select
+
+    key, cfg = _key(method, n, passes)
+    memo = st.session_state.setdefault("selections", {})
+    skipped = st.session_state.setdefault("verify_skipped", {})
+    if key in memo or key in skipped:
+        st.session_state["verify_cancel_requested"] = False  # a click after the run ended
+        return memo.get(key)
+    area = area if area is not None else st.container()
+    status = None
+    try:
+        loaded = model_for(analysis)
+        cache, lock = nll_cache(str(st.session_state.get("analysis_key")))
+        status = area.status(f"Verifying {n} blocks removed: up to {passes} forward passes...", expanded=True)
+        with status:
+            bar = st.progress(0, text="preparing the verification tokens and the candidates")
+            st.button("Cancel verification", key="verify_cancel", on_click=_request_cancel, icon=":material/stop:")
+
+        def on_progress(stage: str, fraction: float, message: str = "") -> None:
+            bar.progress(int(round(100 * min(max(fraction, 0.0), 1.0))), text=message or stage)
+
+        progress = state.cancellable(on_progress, _cancel_requested)
+        progress("verify", 0.0, "preparing the verification tokens and the candidates")  # a cancel already clicked
+        if not lock.acquire(blocking=False):
+            bar.progress(0, text="waiting for another tab verifying on this analysis")
+            lock.acquire()
+        try:
+            sel = select(analysis, config=cfg, model=loaded, cache=cache, progress=progress)
+        finally:
+            lock.release()
+    except state.Cancelled:
+        st.session_state["verify_cancel_requested"] = False
+        skipped[key] = "cancelled"
+        if status is not None:
+            status.update(label="Verification cancelled", state="error", expanded=False)
+        return None
+    except MiPrunError as exc:
+        skipped[key] = str(exc)
+        if status is not None:
+            status.update(label="Verification not possible", state="error", expanded=False)
+        return None
+    spent = sel.forward_passes + int((sel.verification or {}).get("dense_passes") or 0)
+    if spent:
+        st.session_state["verify_s_per_pass"] = sel.seconds / spent
+    status.update(label=f"Verified in {state.fmt_seconds(sel.seconds)}: {sel.forward_passes} new forward "
+                        f"passes ({len(sel.candidates) - sel.forward_passes} sets were cached)",
+                  state="complete", expanded=False)
+    memo[key] = sel
+    return sel
+
+
+def notice(method: str, n: int, passes: int) -> None:
+    """Why the verified answer is missing (cancelled or refused), and a button to try again."""
+    key, _ = _key(method, n, passes)
+    why = st.session_state.get("verify_skipped", {}).get(key)
+    if why is None:
+        return
+    if why == "cancelled":
+        st.warning(f"Verification of {n} blocks was cancelled: showing the one-pass answer. Sets measured "
+                   "before the cancel are kept, so verifying again costs fewer passes.", icon=":material/cancel:")
+    else:
+        st.warning(f"Verification is not possible here: {why} Showing the one-pass answer.",
+                   icon=":material/warning:")
+    st.button(f"Verify {n} blocks", key="verify_retry", on_click=_forget, args=(key,), icon=":material/replay:")
+
+
+def default_selection(analysis: Any, n: int, passes: int, area: Any = None) -> tuple[Any, Any | None]:
+    """(the one-pass selection of the default method, its verified selection or None)."""
+    one = selection(analysis, DEFAULT_METHOD, n)
+    if not passes:
+        return one, None
+    return one, verified(analysis, DEFAULT_METHOD, n, passes, area)
+
+
+# ----------------------------------------------------------------------------------------------
+# display
+
+
+def _blocks(removed: Any) -> str:
+    return ", ".join(map(str, removed)) if removed else "-"
+
+
+def verified_section(sel: Any, n: int) -> None:
+    """The verified answer: winner, proposer, passes, one-pass answer and gap, every candidate."""
+    v = sel.verification or {}
+    gap = v.get("one_pass_gap_nats")
+    ratio = v.get("one_pass_ppl_ratio")
+    m = st.columns(5)
+    m[0].metric("Verified answer removes", _blocks(sel.removed),
+                help=f"Verification NLL {sel.nll:.4f} nats/token (perplexity {math.exp(sel.nll):.2f} on the "
+                     "verification tokens).")
+    m[1].metric("Winner proposed by", sel.winner_source or "-",
+                help="The first criterion that proposed the winning set (all of them are in the table).")
+    m[2].metric("Forward passes", f"{sel.forward_passes} of {v.get('budget', '?')}",
+                help=f"New passes this search spent; sets measured before cost none. Dense passes this time: "
+                     f"{v.get('dense_passes', 0)} (its hidden states are cached, each candidate's pass starts "
+                     f"at its first removed block). {len(sel.candidates)} of {v.get('candidates_proposed', '?')} "
+                     "proposed sets scored.")
+    m[3].metric("One-pass answer removes", _blocks(sel.one_pass_removed),
+                help=None if sel.one_pass_nll is None else f"Verification NLL {sel.one_pass_nll:.4f}.")
+    m[4].metric("One-pass gap", "-" if gap is None else f"{gap:+.4f} nats",
+                help="One-pass NLL minus the winner's (0 = verification kept the one-pass answer)"
+                     + ("" if ratio is None else f"; perplexity ratio x{ratio:.3f}."))
+    dense = v.get("dense_nll")
+    st.caption(f"{sel.forward_passes} new forward passes, {v.get('dense_passes', 0)} dense pass"
+               + ("" if dense is None else f" (dense NLL {dense:.4f})")
+               + f", {state.fmt_seconds(sel.seconds)}. Winner: blocks {_blocks(sel.removed)} from "
+               f"{sel.winner_source}; the one-pass answer {_blocks(sel.one_pass_removed)} "
+               + ("was kept." if gap is not None and gap == 0 else
+                  ("was not scored." if gap is None else f"loses by {gap:.4f} nats per token.")))
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        table(tables.verified_candidates_frame(sel), f"verified_candidates_n{n}", "verify_candidates",
+              "Every set the search scored, in order: proposers (first = the one that counts; fbs-pool = a "
+              "prune pool FBS visited, exact:<cost>#k = the k-th best set under that run cost, swap: = local "
+              "refinement), MI objective, verification NLL and exp(NLL); cached = measured before, free.")
+    with right:
+        chart(viz.candidates_figure(sel), "verify_candidates_chart",
+              "Best set on the left. Vermillion: the winner; light: sets found by swapping blocks of the best "
+              "one; circled: the one-pass answer. The dotted line is the unpruned model.")
