@@ -235,17 +235,25 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
     return Calibration(input_ids=chunks.contiguous(), attention_mask=torch.ones_like(chunks), provenance=provenance)
 
 
+def calibration_spec(calibration: dict[str, Any]) -> str | None:
+    """The `load_text` spec that reloads an analysis's calibration text from its provenance, or
+    None where it cannot be reloaded (text given inline)."""
+    source = str(calibration.get("source") or "")
+    if source.startswith("builtin:"):
+        return "builtin"
+    if source.startswith(("file:", "folder:")):
+        return source.split(":", 1)[1]
+    if source in ("wikitext2-valid", "wikitext2-test"):
+        return source
+    return None
+
+
 def calibration_text(calibration: dict[str, Any]) -> Text:
     """The calibration text an analysis was captured on, reloaded from its provenance
     (`analysis.calibration`) and checked against the recorded sha256."""
     source = str(calibration.get("source") or "")
-    if source.startswith("builtin:"):
-        spec = "builtin"
-    elif source.startswith(("file:", "folder:")):
-        spec = source.split(":", 1)[1]
-    elif source in ("wikitext2-valid", "wikitext2-test"):
-        spec = source
-    else:
+    spec = calibration_spec(calibration)
+    if spec is None:
         raise MiPrunError(f"the calibration text {source or '(unrecorded)'!r} cannot be reloaded from the "
                           "analysis. Fix: pass verification tokens explicitly (tokens=...), or skip "
                           "verification (verify_passes=0, --verify-passes 0).")

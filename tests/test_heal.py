@@ -256,3 +256,23 @@ def test_heal_bench_quick_rows():
     assert [r["n"] for r in rows] == [0, 2]
     assert rows[1]["ppl_healed"] > 0 and rows[1]["heal_seconds"] > 0 and rows[1]["runs"][0]["blocks"] == [2, 3]
     assert bench.parse_set("12-14,25") == [12, 13, 14, 25]
+
+
+def test_prune_heals_on_the_saved_analysis_own_text(tmp_path, capsys):
+    """`prune --analysis A --heal` fits the bridges on A's calibration text (reloaded from its
+    provenance), not on a default text of another domain."""
+    import json
+
+    from mi_prun.cli import main
+
+    text = tmp_path / "domain.txt"
+    text.write_text(" ".join(f"Sentence {i} of the user's own domain, with words." for i in range(600)))
+    analysis = tmp_path / "a"
+    assert main(["--quiet", "analyze", "--model", "tiny-llama", "--calib", str(text), "--samples", "8",
+                 "--tokens", "48", "--out", str(analysis)]) == 0
+    out = tmp_path / "healed"
+    assert main(["--quiet", "prune", "--model", "tiny-llama", "--analysis", str(analysis), "--n", "2",
+                 "--verify-passes", "0", "--heal", "--out", str(out)]) == 0
+    record = json.loads((out / "mi_prun.json").read_text())
+    assert str(text) in json.dumps(record["healing"]["calibration"])
+    assert record["healing"]["calibration"]["n_samples"] == 8

@@ -38,11 +38,13 @@ def select_config(args):
     return SelectConfig(**kw)
 
 
-def heal_config(args, acfg):
-    """The `HealConfig` of `prune --heal`: the analysis's calibration when it runs here, then the
-    --heal-* flags; None without --heal (and --heal-* flags refused)."""
+def heal_config(args, acfg, analysis=None):
+    """The `HealConfig` of `prune --heal`: the analysis's calibration (when it runs here, or when
+    a saved analysis's text can be reloaded), then the --heal-* flags; None without --heal (and
+    --heal-* flags refused)."""
     from mi_prun.cli.args import HEAL_DESTS
     from mi_prun.config import HealConfig
+    from mi_prun.data import calibration_spec
 
     if not args.heal:
         _refuse_flags(args, HEAL_DESTS, "healing is off")
@@ -51,10 +53,22 @@ def heal_config(args, acfg):
     if acfg is not None:
         kw.update(calib=acfg.calib, n_samples=acfg.n_samples, seq_len=acfg.seq_len, seed=acfg.seed,
                   batch_size=acfg.batch_size, drop_first=acfg.drop_first)
+    elif analysis is not None and calibration_spec(analysis.calibration) is not None:
+        c = analysis.calibration
+        kw.update(calib=calibration_spec(c), n_samples=int(c.get("n_samples", HealConfig.n_samples)),
+                  seq_len=int(c.get("seq_len", HealConfig.seq_len)), seed=int(c.get("seed", HealConfig.seed)),
+                  drop_first=bool(c.get("drop_first", HealConfig.drop_first)))
     for flag, name in (("heal_calib", "calib"), ("heal_samples", "n_samples"), ("heal_ridge", "ridge")):
         if getattr(args, flag) is not None:
             kw[name] = getattr(args, flag)
     return HealConfig(**kw)
+
+
+class _SavedCalibration:
+    """What `heal_config` reads of an analysis, from a selection file's provenance."""
+
+    def __init__(self, calibration: dict):
+        self.calibration = calibration
 
 
 def _analyze(args, progress: TqdmProgress):
@@ -152,10 +166,11 @@ def cmd_prune(args) -> int:
     export_cfg = ExportConfig(overwrite=args.overwrite, force=args.force)
     sel_cfg = None if args.selection else select_config(args)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
-    hcfg = heal_config(args, acfg)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
     saved = Selection.load(args.selection) if args.selection else None
     analysis = Analysis.load(args.analysis) if args.analysis else None
+    hcfg = heal_config(args, acfg, analysis if analysis is not None else
+                       (_SavedCalibration(saved.provenance.get("calibration") or {}) if saved else None))
     progress = TqdmProgress(not args.quiet)
     if analysis is None and saved is None:
         loaded, analysis = _analyze(args, progress)
