@@ -202,6 +202,16 @@ class SelectConfig:
             return {"n": self.n}
         return {"ratio": self.ratio if self.ratio is not None else self.DEFAULT_RATIO}
 
+    @classmethod
+    def for_healing(cls, **changes: Any) -> "SelectConfig":
+        """The shipped selection when the removed runs will be healed (`mi_prun.heal`, `prune
+        --heal`): the one-pass Fast-Block-Select answer (`verify_passes` 0). Its contiguous runs
+        are the ones a linear bridge replaces best: on smollm2-135m (benchmarks/RESULTS.md,
+        "Healing") one-pass FBS + bridge gave 57.2, 60.4, 72.7, 99.3, 144.2 at n = 2..10 (geometric
+        mean 81.5) against 87.7 for the verified answer + bridge, 86.4 for ShortGPT + bridge and
+        91.5 for the angular window + bridge (ReplaceMe's recipe)."""
+        return cls(**{"verify_passes": 0, **changes})
+
     def replace(self, **changes: Any) -> "SelectConfig":
         if "n" in changes and changes["n"] is not None:
             changes.setdefault("ratio", None)

@@ -49,8 +49,10 @@ if passes and (DEFAULT_METHOD in methods or not methods):
 
 def chosen(method: str, k: int = n):
     """The selection this page uses for `method` at k blocks: MI-PRUN's verified one where this
-    session has it (the current n is verified above; other n are never verified here)."""
-    if method == DEFAULT_METHOD and passes:
+    session has it (the current n is verified above; other n are never verified here); with
+    healing on, MI-PRUN's one-pass answer, the library's default for healing
+    (`SelectConfig.for_healing()`: its contiguous runs are the ones a bridge replaces best)."""
+    if method == DEFAULT_METHOD and passes and not st.session_state.get("pr_heal", False):
         found = verified if k == n else search.known_verified(DEFAULT_METHOD, k, passes)
         if found is not None:
             return found

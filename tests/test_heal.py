@@ -276,3 +276,25 @@ def test_prune_heals_on_the_saved_analysis_own_text(tmp_path, capsys):
     record = json.loads((out / "mi_prun.json").read_text())
     assert str(text) in json.dumps(record["healing"]["calibration"])
     assert record["healing"]["calibration"]["n_samples"] == 8
+
+
+def test_heal_selects_with_the_healing_default(tmp_path, capsys):
+    """`prune --heal` selects with SelectConfig.for_healing() (the one-pass answer, measured best
+    for healing) unless --verify-passes is given; the library and the CLI agree."""
+    import json
+
+    from mi_prun.cli import main
+    from mi_prun.config import SelectConfig
+
+    assert SelectConfig.for_healing().verify_passes == 0
+    assert SelectConfig.for_healing(n=2).method == SelectConfig().method
+    out = tmp_path / "h"
+    assert main(["--quiet", "prune", "--model", "tiny-llama", "--samples", "8", "--tokens", "48", "--n", "2",
+                 "--heal", "--out", str(out)]) == 0
+    sel = json.loads((out / "mi_prun.json").read_text())["selection"]
+    assert sel["forward_passes"] == 0 and not sel.get("verified")
+    out2 = tmp_path / "h2"
+    assert main(["--quiet", "prune", "--model", "tiny-llama", "--samples", "8", "--tokens", "48", "--n", "2",
+                 "--heal", "--verify-passes", "3", "--verify-tokens", "64", "--out", str(out2)]) == 0
+    sel2 = json.loads((out2 / "mi_prun.json").read_text())["selection"]
+    assert 0 < sel2["forward_passes"] <= 3 and sel2["verified"]

@@ -35,6 +35,8 @@ def select_config(args):
                           "verify_seq_len": args.verify_tokens}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
+    if getattr(args, "heal", False) and not given(args.argv_, args.parser_, {"verify_passes"}):
+        return SelectConfig.for_healing(**{k: v for k, v in kw.items() if k != "verify_passes"})
     return SelectConfig(**kw)
 
 
