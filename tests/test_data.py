@@ -83,3 +83,14 @@ def test_bad_jsonl_names_the_line(tmp_path):
 def test_unknown_source():
     with pytest.raises(MiPrunError, match="not found"):
         load_text("no-such-source")
+
+
+def test_wikitext2_valid_without_unk_placeholders(tmp_path, monkeypatch):
+    from mi_prun.data import calibration_spec, load_text
+
+    (tmp_path / "wikitext2-valid.tokens").write_text(" The <unk> lobster is a <unk> species . \n" * 3)
+    monkeypatch.setenv("MI_PRUN_DATA_DIR", str(tmp_path))
+    text = load_text("wikitext2-valid-nounk")
+    assert text.source == "wikitext2-valid-nounk" and "<unk>" not in text.text
+    assert text.text.startswith(" The lobster is a species .")
+    assert calibration_spec({"source": text.source}) == "wikitext2-valid-nounk"  # verification reloads it
