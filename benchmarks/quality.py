@@ -238,7 +238,16 @@ def rerender(path: Path, ns: list[int], plot_it: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.rerender:
-        return rerender(Path(args.rerender), [int(x) for x in args.ns.split(",")], not args.no_plot)
+        path = Path(args.rerender)
+        ns_list = [int(x) for x in args.ns.split(",")]
+        if "verification_tokens" in json.loads(path.read_text()):  # a --suite verified results file
+            from verified_suite import suite_markdown
+
+            md = suite_markdown(json.loads(path.read_text()), ns_list)
+            path.with_suffix(".md").write_text(md)
+            print(md)
+            return json.loads(path.read_text())
+        return rerender(path, ns_list, not args.no_plot)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(0)
     ns = [int(x) for x in args.ns.split(",")]

@@ -75,7 +75,7 @@ def _stop(proc) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _settled(page, timeout: float = 60_000) -> None:
+def _settled(page, timeout: float = LONG) -> None:
     """Script finished, no skeletons, and every Plotly chart drawn."""
     page.wait_for_timeout(300)  # let a just-triggered rerun start
     page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout)
