@@ -77,14 +77,10 @@ def guided_select(model: Any, analysis: Any, config: SelectConfig = SelectConfig
     (the analysis's calibration text apart from the capture's, unless `tokens` is given)."""
     from mi_prun.models import find_blocks
     from mi_prun.select.costs import set_cost
-    from mi_prun.select.verify import NLLCache, PrefixScorer, resolve_tokens, tokens_key
+    from mi_prun.select.verify import NLLCache, PrefixScorer, resolve_tokens, tokens_key, unwrap_model
 
-    if not isinstance(config, SelectConfig):
-        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
     t0 = time.perf_counter()
-    if hasattr(model, "model") and hasattr(model, "tokenizer"):
-        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        model = model.model
+    model, tokenizer = unwrap_model(model, tokenizer, config)
     problem = make_problem(analysis, config)
     if len(find_blocks(model)) != problem.n_blocks:
         raise MiPrunError(f"the analysis has {problem.n_blocks} blocks, the model {len(find_blocks(model))}.")

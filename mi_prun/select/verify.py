@@ -205,6 +205,16 @@ def _better(a: float, b: float | None) -> bool:
     return not math.isnan(a) and (b is None or math.isnan(b) or a < b)
 
 
+def unwrap_model(model: Any, tokenizer: Any, config: Any) -> tuple[Any, Any]:
+    """(module, tokenizer) from a `LoadedModel` or a module (+ tokenizer); `config` checked."""
+    if not isinstance(config, SelectConfig):
+        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
+    if hasattr(model, "model") and hasattr(model, "tokenizer"):
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        model = model.model
+    return model, tokenizer
+
+
 def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConfig(), *, tokenizer: Any = None,
                     tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
                     progress: Progress | None = None) -> Selection:
@@ -219,12 +229,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
     from mi_prun.models import find_blocks
     from mi_prun.select.registry import select
 
-    if not isinstance(config, SelectConfig):
-        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
     t0 = time.perf_counter()
-    if hasattr(model, "model") and hasattr(model, "tokenizer"):
-        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        model = model.model
+    model, tokenizer = unwrap_model(model, tokenizer, config)
     one = select(analysis, config=config.replace(verify_passes=0))
     if config.verify_passes == 0 or config.method not in VERIFIABLE:
         return one
