@@ -8,9 +8,7 @@ CLI contract under test: a documented problem exits with status 2 and one stderr
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -33,7 +31,7 @@ import mi_prun.models.blocks as blocks_mod
 import mi_prun.models.memory as memory_mod
 import mi_prun.results as report_mod
 from mi_prun.capture import count_hooks
-from mi_prun.cli import main
+from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.data import load_text
 from mi_prun.errors import MiPrunError, NonFiniteError
 from mi_prun.estimators import get_estimator, list_estimators
@@ -52,23 +50,6 @@ SMALL = ["--samples", "2", "--tokens", "24", "--positions", "32"]
 
 # ---------------------------------------------------------------------------------------------
 # helpers and fixtures
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """cli.main in-process: (status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["--quiet", *argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
-    assert rc == 2, err
-    line = err.strip()
-    assert len(line.splitlines()) == 1 and "Traceback" not in line, err
-    assert line.startswith("mi-prun: error:"), err
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ CLI contract: a problem the user can fix exits with status 2 and one stderr line
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import io
 import json
@@ -27,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mi_prun.cli import main
+from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.config import AnalysisConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import perplexity
@@ -43,24 +42,6 @@ EVAL_TEXT = "text:" + "The quick brown fox jumps over the lazy dog. " * 20
 
 # ---------------------------------------------------------------------------------------------
 # helpers and fixtures
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """cli.main in-process: (status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["--quiet", *argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(rc: int, err: str, *fragments: str) -> str:
-    assert rc == 2, (rc, err)
-    line = err.strip()
-    assert len(line.splitlines()) == 1 and "Traceback" not in line, err
-    assert line.startswith("mi-prun: error:"), err
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
