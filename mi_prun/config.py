@@ -310,6 +310,26 @@ class HealConfig:
     def replace(self, **changes: Any) -> "HealConfig":
         return replace(self, **changes)
 
+    @classmethod
+    def for_analysis(cls, analysis: Any = None, **changes: Any) -> "HealConfig":
+        """Healing calibrated like the analysis: its text, sample count and length, seed and
+        first-position choice, from an `AnalysisConfig` or an analysis's `calibration`
+        provenance (an `Analysis` or its dict). Where the text cannot be reloaded (given inline as
+        `text:...`), the defaults; `changes` override either."""
+        from mi_prun.data import calibration_spec
+
+        kw: dict[str, Any] = {}
+        if isinstance(analysis, AnalysisConfig):
+            kw = {"calib": analysis.calib, "n_samples": analysis.n_samples, "seq_len": analysis.seq_len,
+                  "seed": analysis.seed, "batch_size": analysis.batch_size, "drop_first": analysis.drop_first}
+        else:
+            c = getattr(analysis, "calibration", analysis)
+            if isinstance(c, Mapping) and calibration_spec(dict(c)) is not None:
+                kw = {"calib": calibration_spec(dict(c)), "n_samples": int(c.get("n_samples", cls.n_samples)),
+                      "seq_len": int(c.get("seq_len", cls.seq_len)), "seed": int(c.get("seed", cls.seed)),
+                      "drop_first": bool(c.get("drop_first", cls.drop_first))}
+        return cls(**{**kw, **changes})
+
 
 def describe_defaults() -> dict[str, dict[str, Any]]:
     """Every shipped default, by config (for `mi-prun --version`-style reports and the docs)."""

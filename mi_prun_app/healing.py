@@ -19,13 +19,13 @@ from mi_prun_app import state
 from mi_prun_app.ui import _spec, _trust_remote_code, eval_text, get_model, model_for
 
 
-def heal_key() -> tuple:
-    """The healing settings as plain hashable data (the cache key)."""
-    return tuple(sorted(asdict(state.heal_config()).items()))
+def heal_key(analysis: Any) -> tuple:
+    """The healing settings of `analysis` as plain hashable data (the cache key)."""
+    return tuple(sorted(asdict(state.heal_config(analysis)).items()))
 
 
-def heal_text() -> str:
-    cfg = state.heal_config()
+def heal_text(analysis: Any) -> str:
+    cfg = state.heal_config(analysis)
     return (f"a closed-form linear bridge per removed run, fitted on {cfg.n_samples} x {cfg.seq_len} tokens of "
             f"{cfg.calib} text and folded into the block before the run (the architecture is unchanged)")
 
@@ -63,7 +63,7 @@ def healed_model(analysis: Any, removed: Sequence[int]) -> tuple[Any, Any]:
     model_for(analysis)
     rem = tuple(sorted(int(b) for b in removed))
     with st.spinner(f"Healing blocks {list(rem)}: fitting a bridge per removed run (once per server)..."):
-        return _healed(_spec(analysis), _trust_remote_code(), rem, heal_key())
+        return _healed(_spec(analysis), _trust_remote_code(), rem, heal_key(analysis))
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -81,7 +81,7 @@ def healed_ppl(analysis: Any, removed: Sequence[int]) -> dict:
     """Perplexity of the healed model under the app's protocol; raises `HealRefused`."""
     cfg = state.eval_config()
     healed_model(analysis, removed)  # refuses, or heals with a spinner, before the cached evaluation
-    return _healed_ppl(_spec(analysis), _trust_remote_code(), tuple(sorted(int(b) for b in removed)), heal_key(),
+    return _healed_ppl(_spec(analysis), _trust_remote_code(), tuple(sorted(int(b) for b in removed)), heal_key(analysis),
                        cfg.data, cfg.seq_len, int(cfg.max_windows), cfg.batch_size)
 
 
@@ -97,4 +97,4 @@ def _healed_generation(spec: str, trust_remote_code: bool, removed: tuple[int, .
 def healed_generation(analysis: Any, removed: Sequence[int], prompt: str, max_new_tokens: int) -> str:
     healed_model(analysis, removed)
     return _healed_generation(_spec(analysis), _trust_remote_code(), tuple(sorted(int(b) for b in removed)),
-                              heal_key(), prompt, max_new_tokens)
+                              heal_key(analysis), prompt, max_new_tokens)

@@ -128,9 +128,10 @@ def select_config(method: str = SelectConfig.method, n: int | None = None, prote
     return cfg.replace(**TEST_MODE_VERIFY) if test_model() else cfg
 
 
-def heal_config() -> HealConfig:
-    """The healing settings: `HealConfig()`, with a smaller calibration set in test mode."""
-    cfg = HealConfig()
+def heal_config(analysis: Any) -> HealConfig:
+    """The healing settings: `HealConfig.for_analysis(analysis)` (calibrated like the analysis),
+    with a smaller calibration set in test mode."""
+    cfg = HealConfig.for_analysis(analysis)
     return cfg.replace(**TEST_MODE_HEAL) if test_model() else cfg
 
 

@@ -78,7 +78,7 @@ with left:
 with right:
     st.subheader("Perplexity")
     heal_on = st.toggle("Heal with a linear bridge", key="pr_heal", persist_state="session",
-                        help="Adds healed lines: " + healing.heal_text() + ". Export then writes the healed model.")
+                        help="Adds healed lines: " + healing.heal_text(analysis) + ". Export then writes the healed model.")
     refused: dict[str, list[str]] = {}
     if heal_on:
         try:

@@ -298,3 +298,17 @@ def test_heal_selects_with_the_healing_default(tmp_path, capsys):
                  "--heal", "--verify-passes", "3", "--verify-tokens", "64", "--out", str(out2)]) == 0
     sel2 = json.loads((out2 / "mi_prun.json").read_text())["selection"]
     assert 0 < sel2["forward_passes"] <= 3 and sel2["verified"]
+
+
+def test_heal_config_follows_the_analysis_calibration():
+    """HealConfig.for_analysis: the CLI's and the app's healing calibration is the analysis's own
+    text and sizes where it can be reloaded, else the defaults; explicit changes win."""
+    from mi_prun.config import AnalysisConfig, HealConfig
+
+    prov = {"source": "wikitext2-valid-nounk", "n_samples": 16, "seq_len": 128, "seed": 3, "drop_first": False}
+    cfg = HealConfig.for_analysis(prov)
+    assert (cfg.calib, cfg.n_samples, cfg.seq_len, cfg.seed, cfg.drop_first) == ("wikitext2-valid-nounk", 16, 128, 3, False)
+    assert HealConfig.for_analysis({"source": "text:<string>", "n_samples": 4}) == HealConfig()
+    assert HealConfig.for_analysis(None, ridge=0.1) == HealConfig(ridge=0.1)
+    a = AnalysisConfig(calib="builtin", n_samples=8, seq_len=48, seed=2)
+    assert (HealConfig.for_analysis(a).n_samples, HealConfig.for_analysis(a, n_samples=4).n_samples) == (8, 4)

@@ -40,37 +40,20 @@ def select_config(args):
     return SelectConfig(**kw)
 
 
-def heal_config(args, acfg, analysis=None):
-    """The `HealConfig` of `prune --heal`: the analysis's calibration (when it runs here, or when
-    a saved analysis's text can be reloaded), then the --heal-* flags; None without --heal (and
-    --heal-* flags refused)."""
+def heal_config(args, acfg, calibration: dict | None = None):
+    """The `HealConfig` of `prune --heal` (`HealConfig.for_analysis`: calibrated like the analysis
+    run here, or like the saved one whose `calibration` provenance is given), then the --heal-*
+    flags; None without --heal (and --heal-* flags refused)."""
     from mi_prun.cli.args import HEAL_DESTS
     from mi_prun.config import HealConfig
-    from mi_prun.data import calibration_spec
 
     if not args.heal:
         _refuse_flags(args, HEAL_DESTS, "healing is off")
         return None
-    kw: dict[str, Any] = {}
-    if acfg is not None:
-        kw.update(calib=acfg.calib, n_samples=acfg.n_samples, seq_len=acfg.seq_len, seed=acfg.seed,
-                  batch_size=acfg.batch_size, drop_first=acfg.drop_first)
-    elif analysis is not None and calibration_spec(analysis.calibration) is not None:
-        c = analysis.calibration
-        kw.update(calib=calibration_spec(c), n_samples=int(c.get("n_samples", HealConfig.n_samples)),
-                  seq_len=int(c.get("seq_len", HealConfig.seq_len)), seed=int(c.get("seed", HealConfig.seed)),
-                  drop_first=bool(c.get("drop_first", HealConfig.drop_first)))
-    for flag, name in (("heal_calib", "calib"), ("heal_samples", "n_samples"), ("heal_ridge", "ridge")):
-        if getattr(args, flag) is not None:
-            kw[name] = getattr(args, flag)
-    return HealConfig(**kw)
-
-
-class _SavedCalibration:
-    """What `heal_config` reads of an analysis, from a selection file's provenance."""
-
-    def __init__(self, calibration: dict):
-        self.calibration = calibration
+    changes = {name: getattr(args, flag) for flag, name in
+               (("heal_calib", "calib"), ("heal_samples", "n_samples"), ("heal_ridge", "ridge"))
+               if getattr(args, flag) is not None}
+    return HealConfig.for_analysis(acfg if acfg is not None else calibration, **changes)
 
 
 def _analyze(args, progress: TqdmProgress):
@@ -171,8 +154,8 @@ def cmd_prune(args) -> int:
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
     saved = Selection.load(args.selection) if args.selection else None
     analysis = Analysis.load(args.analysis) if args.analysis else None
-    hcfg = heal_config(args, acfg, analysis if analysis is not None else
-                       (_SavedCalibration(saved.provenance.get("calibration") or {}) if saved else None))
+    hcfg = heal_config(args, acfg, analysis.calibration if analysis is not None else
+                       (saved.provenance.get("calibration") if saved is not None else None))
     progress = TqdmProgress(not args.quiet)
     if analysis is None and saved is None:
         loaded, analysis = _analyze(args, progress)
