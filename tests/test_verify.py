@@ -245,3 +245,21 @@ def test_prune_verifies_with_inline_calibration_text(tmp_path, capsys):
                  "--tokens", "48", "--n", "1", "--out", str(short)]) == 2
     err = capsys.readouterr().err
     assert "--verify-passes 0" in err and not short.exists()
+
+
+def test_nll_cache_draws_the_verification_tokens_once(tiny, monkeypatch):
+    """A cache kept across calls (the app's slider) reloads and tokenises the calibration text once."""
+    import mi_prun.data as data_mod
+
+    loaded, analysis = tiny
+    calls = []
+    real = data_mod.calibration_text
+    monkeypatch.setattr(data_mod, "calibration_text", lambda c: calls.append(1) or real(c))
+    cache = NLLCache()
+    first = select(analysis, config=CFG.replace(n=2), model=loaded, cache=cache)
+    again = select(analysis, config=CFG.replace(n=3), model=loaded, cache=cache)
+    guided_select(loaded, analysis, CFG.replace(n=2), cache=cache)
+    assert len(calls) == 1
+    assert first.verification["tokens"] == again.verification["tokens"]
+    select(analysis, config=CFG.replace(n=2), model=loaded)  # no cache: drawn again
+    assert len(calls) == 2

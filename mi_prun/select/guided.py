@@ -84,8 +84,8 @@ def guided_select(model: Any, analysis: Any, config: SelectConfig = SelectConfig
     problem = make_problem(analysis, config)
     if len(find_blocks(model)) != problem.n_blocks:
         raise MiPrunError(f"the analysis has {problem.n_blocks} blocks, the model {len(find_blocks(model))}.")
-    ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config)
     cache = cache if cache is not None else NLLCache()
+    ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
     cache.bind(model, tokens_key(ids, mask))
     scorer = PrefixScorer(model, ids, mask, batch_size, problem.allowed, cache)
     bi = problem.baselines.get("cosine_bi")

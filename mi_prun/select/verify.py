@@ -66,6 +66,7 @@ class NLLCache:
         self.key: tuple[int, str] | None = None
         self.nll: dict[tuple[int, ...], float] = {}
         self.prefix: Any = None  # the PrefixScorer's dense states, reused across calls
+        self.drawn: dict[tuple, Any] = {}  # verification tokens drawn from a calibration text, by draw
 
     def bind(self, model: Any, key: str) -> None:
         if self.key != (id(model), key):
@@ -179,19 +180,26 @@ class PrefixScorer:
         return value, False
 
 
-def resolve_tokens(tokens: Any, tokenizer: Any, analysis: Any, cfg: SelectConfig
+def resolve_tokens(tokens: Any, tokenizer: Any, analysis: Any, cfg: SelectConfig, cache: NLLCache | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
     """(input_ids, attention_mask, provenance) of the verification tokens: `tokens` as given (a
     `Calibration`, or an (N, T) tensor), else `cfg.verify_samples` x `cfg.verify_seq_len` drawn
-    from the analysis's calibration text apart from the capture's samples."""
+    from the analysis's calibration text apart from the capture's samples (once per `cache`: the
+    text is reloaded and tokenised only for a draw the cache has not seen)."""
     if tokens is None:
         from mi_prun.data import calibration_text, verification_tokens
 
         if tokenizer is None:
             raise MiPrunError("verification needs the tokenizer (or tokens=...). Fix: pass a LoadedModel.")
         calib = dict(getattr(analysis, "calibration", {}) or {})
-        tokens = verification_tokens(tokenizer, calibration_text(calib), calib, cfg.verify_samples,
-                                     cfg.verify_seq_len)
+        draw = (id(tokenizer), calib.get("source"), calib.get("sha256"), calib.get("seed"), calib.get("n_samples"),
+                calib.get("seq_len"), cfg.verify_samples, cfg.verify_seq_len)
+        tokens = cache.drawn.get(draw) if cache is not None else None
+        if tokens is None:
+            tokens = verification_tokens(tokenizer, calibration_text(calib), calib, cfg.verify_samples,
+                                         cfg.verify_seq_len)
+            if cache is not None:
+                cache.drawn[draw] = tokens
     if hasattr(tokens, "input_ids"):
         return tokens.input_ids, getattr(tokens, "attention_mask", None), dict(getattr(tokens, "provenance", {}))
     ids = torch.as_tensor(tokens)
@@ -238,8 +246,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
     if len(find_blocks(model)) != problem.n_blocks:
         raise MiPrunError(f"the analysis has {problem.n_blocks} blocks, the model {len(find_blocks(model))}. "
                           "Fix: verify with the model the analysis was made on.")
-    ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config)
     cache = cache if cache is not None else NLLCache()
+    ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
     cache.bind(model, tokens_key(ids, mask))
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
