@@ -263,3 +263,20 @@ def test_nll_cache_draws_the_verification_tokens_once(tiny, monkeypatch):
     assert first.verification["tokens"] == again.verification["tokens"]
     select(analysis, config=CFG.replace(n=2), model=loaded)  # no cache: drawn again
     assert len(calls) == 2
+
+
+def test_selection_file_unwritable_is_one_error_and_keeps_the_old_file(tiny, tmp_path, monkeypatch):
+    import os as os_mod
+
+    _, analysis = tiny
+    sel = select(analysis, config=CFG.replace(n=2, verify_passes=0))
+    path = sel.save(tmp_path / "s.json")
+    before = path.read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os_mod, "replace", full_disk)
+    with pytest.raises(MiPrunError, match="cannot write the selection .*No space left on device.*free disk space"):
+        sel.save(path, overwrite=True)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["s.json"]

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 
 from mi_prun.errors import MiPrunError
-from mi_prun.files import dump_json, jsonable
+from mi_prun.files import dump_json, jsonable, write_error
 from mi_prun.select.costs import runs_of
 
 
@@ -122,8 +122,7 @@ class Selection:
             dump_json(record, tmp)
             os.replace(tmp, target)
         except OSError as exc:
-            raise MiPrunError(f"cannot write the selection to {target}: {exc.strerror or exc}. Fix: "
-                              "choose a writable location.") from exc
+            raise write_error(target, exc, "selection") from exc
         finally:
             if tmp.exists():
                 tmp.unlink()
