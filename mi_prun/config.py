@@ -152,10 +152,13 @@ class SelectConfig:
     neither, `ratio` = 0.25. `options` are the method's own options (e.g. fbs: pool, k, max_iter;
     see `mi-prun select --help`).
 
-    `verify_passes` > 0 lets an MI selector's answer be checked when a model is at hand: candidate
-    sets from every one-pass criterion are scored by the pruned view's NLL on `verify_samples` x
-    `verify_seq_len` calibration tokens kept apart from the capture's, at most `verify_passes`
-    forward passes (see `mi_prun.select.verify`); 0 gives the one-pass answer.
+    `verify_passes` lets an MI selector's answer be checked when a model is at hand: candidate
+    sets from every one-pass criterion, then local moves, are scored by the pruned view's NLL on
+    `verify_samples` x `verify_seq_len` calibration tokens kept apart from the capture's, with at
+    most `verify_budget(n, removable)` forward passes (see `mi_prun.select.verify`). "auto" (the
+    default) allows a quarter of what SLEB-style greedy removal spends for the same n and model
+    (n L' - n (n - 1) / 2 passes over the L' removable blocks), so the budget grows with the model
+    and with n; an int is a fixed budget; 0 gives the one-pass answer.
     """
 
     method: str = "fbs"
@@ -165,11 +168,16 @@ class SelectConfig:
     ratio: float | None = None
     seed: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
-    verify_passes: int = 16
-    verify_samples: int = 8
+    verify_passes: int | str = "auto"
+    verify_samples: int = 16
     verify_seq_len: int = 256
 
     DEFAULT_RATIO = 0.25
+    AUTO = "auto"
+    # "auto" budget: SLEB-style greedy passes for the same n, divided by this, and at least
+    # AUTO_MIN_PASSES (never more than SLEB's own passes: for small problems that is an exhaustive scan).
+    AUTO_SLEB_FRACTION = 4
+    AUTO_MIN_PASSES = 8
 
     def __post_init__(self) -> None:
         from mi_prun.select import costs, registry
@@ -188,7 +196,11 @@ class SelectConfig:
         if self.ratio is not None:
             _set(self, "ratio", as_float(self.ratio, "ratio", 0.0, 1.0, open_low=True, open_high=True))
         _set(self, "seed", as_int(self.seed, "seed", minimum=0, maximum=2**63 - 1))
-        _set(self, "verify_passes", as_int(self.verify_passes, "verify_passes (0 = one-pass answer)", minimum=0))
+        if not (isinstance(self.verify_passes, str) and self.verify_passes.strip().lower() == self.AUTO):
+            _set(self, "verify_passes", as_int(self.verify_passes, "verify_passes (\"auto\", or a number of "
+                                               "passes; 0 = one-pass answer)", minimum=0))
+        else:
+            _set(self, "verify_passes", self.AUTO)
         _set(self, "verify_samples", as_int(self.verify_samples, "verification samples", minimum=1))
         _set(self, "verify_seq_len", as_int(self.verify_seq_len, "verification tokens per sample", minimum=2))
         if not isinstance(self.options, Mapping):
@@ -201,6 +213,23 @@ class SelectConfig:
         if self.n is not None:
             return {"n": self.n}
         return {"ratio": self.ratio if self.ratio is not None else self.DEFAULT_RATIO}
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the answer is checked by forward passes when a model is at hand."""
+        return self.verify_passes != 0
+
+    def verify_budget(self, n: int, removable: int) -> int:
+        """Forward passes the verified search may spend to remove `n` of `removable` blocks: the
+        fixed `verify_passes`, or with "auto" floor(SLEB's passes / AUTO_SLEB_FRACTION), but at least
+        min(AUTO_MIN_PASSES, SLEB's passes), SLEB's passes being n L' - n (n - 1) / 2 (one pass per
+        remaining block per step). SmolLM2-135M (24 removable blocks): 8, 11, 22, 32, 41, 48 passes
+        for n = 1, 2, 4, 6, 8, 10."""
+        if self.verify_passes != self.AUTO:
+            return int(self.verify_passes)
+        n, removable = int(n), int(removable)
+        sleb = max(1, n * removable - n * (n - 1) // 2)
+        return max(sleb // self.AUTO_SLEB_FRACTION, min(self.AUTO_MIN_PASSES, sleb))
 
     @classmethod
     def for_healing(cls, **changes: Any) -> "SelectConfig":

@@ -204,7 +204,7 @@ def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_pat
     assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3",
                  "--out", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
-    assert "verified: " in out and " of 3 forward passes" in out and "one-pass answer" in out
+    assert "verified: " in out and " of 3 sets scored" in out and "one-pass answer" in out
     sel = Selection.load(tmp_path / "s.json")
     assert sel.verified and sel.forward_passes <= 3
     assert main(["--quiet", "select", str(folder), "--n", "2", "--verify-passes", "0"]) == 0
@@ -225,7 +225,11 @@ def test_benchmark_quick_mode_runs_every_method():
     assert methods == {"verified", "mi-guided", "fbs (one pass)", "shortgpt", "angular", "random", "sleb"}
     for r in rows:
         assert len(r["removed"]) == r["n"] and r["seconds"] >= 0 and math.isfinite(r["forward_passes"])
-    assert all(r["forward_passes"] <= SelectConfig().verify_passes for r in rows if r["method"] == "verified")
+    from mi_prun.select.counts import allowed_blocks
+
+    removable = len(allowed_blocks(6, SelectConfig().protect_ends))  # tiny-llama: 6 blocks
+    assert all(r["forward_passes"] <= SelectConfig().verify_budget(r["n"], removable)
+               for r in rows if r["method"] == "verified")
 
 
 def test_prune_verifies_with_inline_calibration_text(tmp_path, capsys):
@@ -280,3 +284,83 @@ def test_selection_file_unwritable_is_one_error_and_keeps_the_old_file(tiny, tmp
     with pytest.raises(MiPrunError, match="cannot write the selection .*No space left on device.*free disk space"):
         sel.save(path, overwrite=True)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_auto_budget_is_a_quarter_of_sleb_with_a_floor_and_the_cli_takes_it(tiny, tmp_path, capsys):
+    from mi_prun.cli import main
+
+    cfg = SelectConfig()
+    assert cfg.verify_passes == "auto" and cfg.verifies and SelectConfig(verify_passes="AUTO").verify_passes == "auto"
+    sleb = lambda n, r: n * r - n * (n - 1) // 2  # noqa: E731  SLEB-style greedy: one pass per remaining block per step
+    # SmolLM2-135M with its ends protected: 24 removable blocks
+    assert [cfg.verify_budget(n, 24) for n in (1, 2, 4, 6, 8, 10)] == [8, 11, 22, 32, 41, 48]
+    for n, r in [(2, 24), (4, 24), (6, 24), (8, 24), (10, 24), (8, 56), (16, 56)]:
+        assert cfg.verify_budget(n, r) <= sleb(n, r) / 4
+    assert cfg.verify_budget(1, 4) == 4 and cfg.verify_budget(2, 4) == 7  # small: never above SLEB's own passes
+    assert SelectConfig(verify_passes=5).verify_budget(10, 24) == 5 and not SelectConfig(verify_passes=0).verifies
+    with pytest.raises(MiPrunError, match="auto"):
+        SelectConfig(verify_passes="lots")
+    _, analysis = tiny
+    folder = analysis.save(tmp_path / "a")
+    assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "auto",
+                 "--verify-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"of {cfg.verify_budget(2, 4)} (auto) sets scored" in out
+    assert main(["select", str(folder), "--verify-passes", "lots"]) == 2
+    assert "must be auto or a whole number >= 0, got 'lots'" in capsys.readouterr().err
+
+
+def _synthetic_problem(harm: np.ndarray, n: int):
+    """A Problem over len(harm) blocks (ends protected) whose MI calls the most harmful blocks the
+    most redundant; the run costs come from a random span matrix (no criterion knows `harm`)."""
+    from mi_prun.select.costs import cost_matrix
+    from mi_prun.select.registry import Problem
+
+    L = len(harm)
+    rng = np.random.default_rng(0)
+    span = np.triu(rng.uniform(0.1, 1.0, (L + 1, L + 1)))
+    span = np.maximum(span, span.T)
+    np.fill_diagonal(span, 2.0)
+    return Problem(n_blocks=L, n=n, block_mi=harm.astype(float), span=span, C=cost_matrix(span, None, "neg-mi"),
+                   allowed=tuple(range(1, L - 1)), baselines={}, seed=0)
+
+
+def test_local_search_finds_blocks_no_criterion_proposes():
+    """Additive harm: the best set is the n least harmful blocks, which MI ranks last. The one-pass
+    candidates miss it; the exchanges (put the worst block back, try every other) reach it."""
+    from mi_prun.select.candidates import propose
+    from mi_prun.select.verify import verified_search
+
+    harm = np.array([9, 1.0, 7, 8, 0.5, 6, 9, 0.7, 5, 9.5, 4, 9])  # best 3 of blocks 1..10: 1, 4, 7
+    problem = _synthetic_problem(harm, 3)
+    calls = []
+
+    def nll(removed):
+        calls.append(tuple(removed))
+        return float(harm[list(removed)].sum()), False
+
+    one = tuple(sorted(np.argsort(-harm[1:-1])[:3] + 1))  # MI's top-3 = the most harmful
+    cands = propose(problem, None, one, "fbs")
+    assert (1, 4, 7) not in {c.removed for c in cands}
+    out = verified_search(problem, cands, nll, budget=200)
+    assert out["best"]["removed"] == [1, 4, 7] and out["best"]["stage"] in ("swap", "exchange")
+    assert out["passes"] == len(out["scored"]) == len(set(calls)) == len(calls) < 200
+    assert out["sets_by_stage"]["exchange"] > 0 and sum(out["sets_by_stage"].values()) == len(out["scored"])
+    # every budget is respected and the answer only improves with more budget
+    last = math.inf
+    for budget in (1, 5, 10, 20, 40, 80):
+        r = verified_search(problem, cands, nll, budget=budget)
+        assert len(r["scored"]) <= budget and r["best"]["nll"] <= last
+        last = r["best"]["nll"]
+    # a warm cache changes the passes spent, never the answer
+    cache = {}
+
+    def cached(removed):
+        hit = removed in cache
+        cache[removed] = float(harm[list(removed)].sum())
+        return cache[removed], hit
+
+    a = verified_search(problem, cands, cached, budget=15)
+    b = verified_search(problem, cands, cached, budget=15)
+    assert a["best"]["removed"] == b["best"]["removed"] and b["passes"] == 0
+    assert [r["removed"] for r in a["scored"]] == [r["removed"] for r in b["scored"]]

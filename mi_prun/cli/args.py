@@ -72,6 +72,16 @@ positive_int = _int_at_least(1, "a positive integer")
 nonneg_int = _int_at_least(0, "0 or more")
 
 
+def passes_value(text: str) -> int | str:
+    """--verify-passes: "auto" or a whole number >= 0."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return nonneg_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number >= 0, got {text!r}") from None
+
+
 def nonneg_float(text: str) -> float:
     try:
         value = float(text)
@@ -171,10 +181,12 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         f"integer) or that fraction of the blocks (0 < K < 0.5) (default: {d.protect_ends})")
     y.add_argument("--no-protect-ends", dest="protect_ends", action="store_const", const=False,
                    help="allow removing any block")
-    g.add_argument("--verify-passes", type=nonneg_int, default=d.verify_passes, metavar="N",
-                   help="check the MI answer against every criterion's candidate sets by at most N forward "
-                        f"passes of the pruned model on {d.verify_samples} x {d.verify_seq_len} calibration "
-                        "tokens kept apart from the capture's; 0 = the one-pass answer (needs the model: "
+    g.add_argument("--verify-passes", type=passes_value, default=d.verify_passes, metavar="N|auto",
+                   help="check the MI answer against every criterion's candidate sets, then improve it by "
+                        "swaps and exchanges, with at most N forward passes of the pruned model on "
+                        "--verify-samples x --verify-tokens calibration tokens kept apart from the capture's; "
+                        "auto = a quarter of the passes SLEB-style greedy removal would spend for the same n "
+                        "(grows with n and the model's depth); 0 = the one-pass answer (needs the model: "
                         "`select` takes --model)")
     g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
                    help="verification samples (drawn from the calibration text, apart from the capture's)")

@@ -176,7 +176,7 @@ def cmd_prune(args) -> int:
                               analysis=analysis, progress=progress)
         else:
             tokens = None
-            if acfg is not None and sel_cfg.verify_passes > 0:
+            if acfg is not None and sel_cfg.verifies:
                 # the analysis ran here: its text is at hand even when it cannot be reloaded (text:...)
                 from mi_prun.data import load_text, verification_tokens
 

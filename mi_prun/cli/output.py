@@ -101,9 +101,15 @@ def format_verification(sel) -> list[str]:
     v = getattr(sel, "verification", None) or {}
     if not getattr(sel, "verified", False):
         return ["unverified (no --model): one-pass answer"] if v.get("note") else []
-    lines = [f"verified: {v.get('passes')} of {v.get('budget')} forward passes on {v.get('tokens', {}).get('n_samples')} "
-             f"x {v.get('tokens', {}).get('seq_len')} verification tokens (+{v.get('dense_passes', 0)} dense pass "
-             f"for the prefix cache); winner proposed by {sel.winner_source}, NLL {sel.nll:.4f}"]
+    rule = " (auto)" if v.get("budget_rule") == "auto" else ""
+    stages = v.get("sets_by_stage") or {}
+    split = ", ".join(f"{k} {c}" for k, c in stages.items() if c)
+    scored = v.get("sets_scored", v.get("passes"))
+    lines = [f"verified: {scored} of {v.get('budget')}{rule} sets scored"
+             + (f" ({split})" if split else "") + f", {v.get('passes')} new forward passes"
+             + f" on {v.get('tokens', {}).get('n_samples')} x {v.get('tokens', {}).get('seq_len')} verification "
+             f"tokens (+{v.get('dense_passes', 0)} dense pass for the prefix cache); winner proposed by "
+             f"{sel.winner_source}, NLL {sel.nll:.4f}"]
     if sel.one_pass_nll is not None:
         same = tuple(sel.one_pass_removed or ()) == tuple(sel.removed)
         lines.append(f"one-pass answer {list(sel.one_pass_removed or [])}: NLL {sel.one_pass_nll:.4f}"

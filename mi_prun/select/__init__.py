@@ -24,10 +24,11 @@ Pieces, each usable on its own (all importable from `mi_prun.select`):
 - `sleb`: "sleb" needs a model and calibration tokens: `sleb_search` (the search, given any NLL
   oracle) and `sleb_select` (runs the model with blocks skipped).
 - `candidates`, `verify`: the verified search (the default when a model is at hand,
-  `SelectConfig.verify_passes`): every criterion's candidate sets (`propose`, with
-  `k_best_combinations`, the exact programme's k best sets) scored by forward passes on
-  verification tokens (`verified_select`, `NLLCache`). `guided`: SLEB's greedy steps trying only
-  the c most redundant blocks by MI and BI (`guided_select`).
+  `SelectConfig.verify_passes`, "auto" = a quarter of SLEB's passes): every criterion's candidate
+  sets (`propose`, with `k_best_combinations`, the exact programme's k best sets) scored by forward
+  passes on verification tokens, then swaps and exchanges from the best set (`verified_search`, the
+  search given any NLL oracle; `verified_select`, on the model; `NLLCache`). `guided`: SLEB's greedy
+  steps trying only the c most redundant blocks by MI and BI (`guided_select`).
 
 `forward_passes` counts full passes over the calibration set (0 for score-based methods);
 `span_lookups` counts distinct span entries a method read (what a lazy span oracle would have had
@@ -46,7 +47,7 @@ from mi_prun.select.selection import Selection
 from mi_prun.select import baselines, search  # noqa: F401,E402  (importing them registers their selectors)
 from mi_prun.select.sleb import calibration_nll, sleb_search, sleb_select
 from mi_prun.select.candidates import k_best_combinations, propose
-from mi_prun.select.verify import NLLCache, verified_select
+from mi_prun.select.verify import NLLCache, verified_search, verified_select
 from mi_prun.select.guided import guided_search, guided_select
 
 __all__ = [
@@ -57,5 +58,5 @@ __all__ = [
     "SELECTORS", "Problem", "Selector", "SelectorFn", "SelectorOutput", "compare", "get_selector",
     "register_selector", "select",
     "calibration_nll", "sleb_search", "sleb_select",
-    "k_best_combinations", "propose", "NLLCache", "verified_select", "guided_search", "guided_select",
+    "k_best_combinations", "propose", "NLLCache", "verified_search", "verified_select", "guided_search", "guided_select",
 ]

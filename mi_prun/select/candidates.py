@@ -5,7 +5,8 @@ the k best sets under each run cost (`k_best_combinations`, the exact dynamic pr
 its k best solutions), MI top-k with and without protected ends, ShortGPT's set and the best few
 angular windows. `propose` merges them into distinct `Candidate`s, each with every criterion that
 proposed it, in the order the verified search scores them. `neighbours` lists the swap moves of
-local refinement.
+local refinement, `exchange_order` the blocks an exchange tries and `guided_order` the blocks a step
+of the MI-guided greedy tries (both: MI's and BI's redundancy rankings interleaved).
 """
 
 from __future__ import annotations
@@ -181,3 +182,25 @@ def neighbours(removed: Sequence[int], problem: Problem) -> list[tuple[int, ...]
             key = tuple(sorted((cur - {b}) | {new}))
             out.setdefault(key, set_cost(key, problem.C))
     return sorted(out, key=lambda k: (not math.isfinite(out[k]), out[k], k))
+
+
+def guided_order(remaining: Sequence[int], block_mi: np.ndarray, bi: np.ndarray | None, c: int) -> list[int]:
+    """The c blocks a step tries: MI's and BI's redundancy rankings interleaved, duplicates dropped."""
+    by_mi = rank_blocks(block_mi, among=remaining)
+    by_bi = rank_blocks(np.asarray(bi, dtype=np.float64), descending=False, among=remaining) if bi is not None else []
+    out: list[int] = []
+    for pair in zip(by_mi, by_bi) if bi is not None else ((b,) for b in by_mi):
+        for b in pair:
+            if b not in out:
+                out.append(b)
+    out += [b for b in by_mi if b not in out]
+    return out[:c]
+
+
+def exchange_order(base: Sequence[int], returned: int, problem: Problem) -> list[int]:
+    """The blocks an exchange tries beside `base` (the removed set less the block `returned`): every
+    other removable block, MI's and BI's redundancy rankings interleaved first (`guided_order`),
+    `returned` last (trying it again re-measures the set the exchange started from)."""
+    kept = [b for b in problem.allowed if b not in set(base) and b != returned]
+    order = guided_order(kept, problem.block_mi, problem.baselines.get("cosine_bi"), len(kept))
+    return order + [returned]

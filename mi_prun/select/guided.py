@@ -11,32 +11,19 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
-from mi_prun.results import rank_blocks
+from mi_prun.select.candidates import guided_order
 from mi_prun.select.counts import allowed_blocks, resolve_n
 from mi_prun.select.registry import make_problem
 from mi_prun.select.selection import Selection, make_selection
 
 DEFAULT_C = 4
-
-
-def guided_order(remaining: Sequence[int], block_mi: np.ndarray, bi: np.ndarray | None, c: int) -> list[int]:
-    """The c blocks a step tries: MI's and BI's redundancy rankings interleaved, duplicates dropped."""
-    by_mi = rank_blocks(block_mi, among=remaining)
-    by_bi = rank_blocks(np.asarray(bi, dtype=np.float64), descending=False, among=remaining) if bi is not None else []
-    out: list[int] = []
-    for pair in zip(by_mi, by_bi) if bi is not None else ((b,) for b in by_mi):
-        for b in pair:
-            if b not in out:
-                out.append(b)
-    out += [b for b in by_mi if b not in out]
-    return out[:c]
 
 
 def guided_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]], tuple[float, bool]],

@@ -187,13 +187,13 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     first and last k blocks, a float in (0, 0.5) that fraction of L. `seed` drives "random" only.
     Method options (e.g. fbs: pool, k, max_iter) go in `options`.
 
-    Verification: with `config.verify_passes` > 0 and a method of `VERIFIABLE`, a `model` (a
+    Verification: with `config.verify_passes` not 0 and a method of `VERIFIABLE`, a `model` (a
     `LoadedModel`, or a module with `tokens`) lets `mi_prun.select.verify.verified_select` check
     candidate sets by forward passes (`tokens`, `cache`, `progress` go to it). Without a model the
     answer is the one-pass one, with `verified` False and a note saying so.
     """
     cfg = _config(method, n, ratio, run_cost, protect_ends, seed, options, config)
-    if model is not None and cfg.verify_passes > 0 and cfg.method in VERIFIABLE:
+    if model is not None and cfg.verifies and cfg.method in VERIFIABLE:
         from mi_prun.select.verify import verified_select
 
         return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress)
@@ -222,11 +222,11 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
                             provenance=_provenance(analysis))
     log.info("%s removed %s (objective %.6g, %s) in %.3fs", cfg.method, list(result.removed),
              result.objective, cfg.run_cost, seconds)
-    if cfg.verify_passes > 0 and cfg.method in VERIFIABLE:
+    if cfg.verifies and cfg.method in VERIFIABLE:
         from dataclasses import replace
 
         result = replace(result, verification={
-            "budget": cfg.verify_passes,
+            "budget": cfg.verify_budget(count, len(problem.allowed)), "budget_rule": cfg.verify_passes,
             "note": "unverified (no model given): the one-pass answer; give a model to check it"})
     return result
 

@@ -4,9 +4,17 @@ Every one-pass criterion is a proxy for the pruned model's loss and fails on som
 verified search takes the candidate sets of all of them (`candidates.propose`, no forward pass),
 scores each distinct set by the mean next-token NLL of the pruned view (weights shared, nothing
 copied) on verification tokens, calibration text kept apart from the capture's
-(`mi_prun.data.verification_tokens`), and returns the best. A budget `verify_passes` bounds the
-passes: candidates are scored in `propose`'s order until it is spent; what is left goes to local
-refinement (swap moves accepted while the NLL falls).
+(`mi_prun.data.verification_tokens`), and returns the best. A budget bounds the passes
+(`SelectConfig.verify_budget`: by default a quarter of SLEB-style greedy removal's passes for the
+same n): candidates are scored in `propose`'s order until it is spent; what is left goes to local
+search from the best set, which needs no proxy at all:
+- swap moves (`candidates.neighbours`: a removed block traded for an adjacent kept block or the
+  most redundant one by MI), the first improving swap accepted, while the NLL falls;
+- when no swap improves, an exchange, SLEB's step run once backwards and once forwards: every
+  removed block is put back in turn (n passes; the one whose return lowers the NLL most stays),
+  then every kept block is tried in its place (MI's and BI's redundancy order first, then the
+  rest), the best set kept. It finds blocks that no one-pass criterion ranks as redundant.
+The search stops when the budget is spent or an exchange no longer improves.
 
 Reused work:
 - `PrefixScorer`: one dense pass caches h_b of the verification tokens at every block boundary
@@ -14,7 +22,7 @@ Reused work:
   before it replay the cached state). Each such pass counts as one forward pass in
   `forward_passes`; the dense pass that fills the cache is reported apart
   (`verification["dense_passes"]`). Memory: (removable blocks) x N x T x d values in the model's
-  dtype (about 110 MB for SmolLM2-135M at 8 x 256 tokens in float32).
+  dtype (about 220 MB for SmolLM2-135M at 16 x 256 tokens in float32).
 - `NLLCache`: NLL per removed set for one (model, tokens) pair, whatever n; callers (the app's
   ratio slider) keep it and pass it back, and a set seen before costs no pass.
 """
@@ -26,23 +34,25 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
-from mi_prun.select.candidates import Candidate, neighbours, propose
+from mi_prun.select.candidates import Candidate, exchange_order, neighbours, propose
 from mi_prun.select.costs import set_cost
 from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem
 from mi_prun.select.selection import Selection, make_selection
 
 log = logging.getLogger(__name__)
 
-PASS_NOTE = ("forward_passes counts candidate passes over the verification tokens; a pass that starts "
-             "from the cached dense hidden states at its first removed block counts as one; the dense "
-             "pass that fills that cache is counted in dense_passes")
+PASS_NOTE = ("forward_passes counts new candidate passes over the verification tokens (a set in the NLL "
+             "cache costs none); a pass that starts from the cached dense hidden states at its first "
+             "removed block counts as one; the dense pass that fills that cache is counted in dense_passes. "
+             "The budget bounds sets_scored (cached or not), so the answer is the same with a cold or a "
+             "warm cache, and sets_scored is what the search costs from a cold cache")
 
 
 def tokens_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
@@ -223,11 +233,95 @@ def unwrap_model(model: Any, tokenizer: Any, config: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[int, ...]], tuple[float, bool]],
+                    budget: int, progress: Progress | None = None) -> dict[str, Any]:
+    """The search of `verified_select` on any NLL: `cands` scored in order, then swaps and exchanges
+    from the best set (module docstring), at most `budget` distinct sets scored.
+
+    `nll(removed)` returns (mean NLL, whether it was cached). The budget counts sets scored, cached
+    or not, so the answer never depends on what a cache held. Returns {"best": the winning row,
+    "scored": every row in order ({removed, proposers, objective, nll, cached, stage}), "passes":
+    uncached calls, "sets_by_stage": sets scored per stage}.
+    """
+    budget = as_int(budget, "verification budget", minimum=1)
+    scored: list[dict[str, Any]] = []
+    seen: dict[tuple[int, ...], float] = {}
+    stages = {"candidate": 0, "swap": 0, "exchange": 0}
+    state: dict[str, Any] = {"best": None, "passes": 0}
+
+    def score(cand: Candidate, stage: str) -> float | None:
+        """NLL of a candidate (None once the budget is spent); a set of n blocks may become the
+        best, a smaller one (an exchange's put-back step) is measured only."""
+        if cand.removed in seen:
+            return seen[cand.removed]
+        if len(seen) >= budget:
+            return None
+        value, cached = nll(cand.removed)
+        state["passes"] += 0 if cached else 1
+        stages[stage.split(" ")[0]] += 1
+        row = {"removed": list(cand.removed), "proposers": list(cand.proposers), "objective": cand.objective,
+               "nll": float(value), "cached": bool(cached), "stage": stage}
+        scored.append(row)
+        seen[cand.removed] = row["nll"]
+        best = state["best"]
+        if len(cand.removed) == problem.n and (best is None or _better(row["nll"], best["nll"])):
+            state["best"] = row
+        if progress is not None and not cached:
+            progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)}/{budget}: NLL {value:.4f}")
+        log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), value, " (cached)" if cached else "")
+        return row["nll"]
+
+    def make(removed: Iterable[int], proposer: str) -> Candidate:
+        key = tuple(sorted(removed))
+        return Candidate(key, [proposer], set_cost(key, problem.C))
+
+    def swaps() -> bool:
+        """First-improvement swap moves from the best set while the NLL falls; False when the
+        budget ran out."""
+        while True:
+            before = state["best"]
+            for nb in neighbours(tuple(before["removed"]), problem):
+                if score(make(nb, f"swap:{before['proposers'][0]}"), "swap") is None:
+                    return False
+                if state["best"] is not before:
+                    break
+            else:
+                return True
+
+    def exchange() -> bool:
+        """One exchange from the best set (module docstring); True when it improved."""
+        before = state["best"]
+        cur = tuple(before["removed"])
+        back: list[tuple[float, int]] = []
+        for b in cur if len(cur) > 1 else ():  # n = 1: put back the only block (the dense model)
+            value = score(make([x for x in cur if x != b], f"put-back:{b}"), "exchange (put back)")
+            if value is None:
+                return False
+            back.append((value, b))
+        returned = min(back, key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else t[0], t[1]))[1] \
+            if back else cur[0]
+        base = [x for x in cur if x != returned]
+        for k in exchange_order(base, returned, problem):
+            if score(make(base + [k], f"exchange:{before['proposers'][0]}"), "exchange") is None:
+                break
+        return state["best"] is not before
+
+    for cand in cands:
+        score(cand, "candidate")
+    if state["best"] is None:
+        raise MiPrunError("the verified search scored no set of the right size. Fix: give a budget of at least 1.")
+    while len(seen) < budget and problem.n < len(problem.allowed):
+        if not swaps() or not exchange():
+            break
+    return {"best": state["best"], "scored": scored, "passes": state["passes"], "sets_by_stage": stages}
+
+
 def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConfig(), *, tokenizer: Any = None,
                     tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
                     progress: Progress | None = None) -> Selection:
-    """The config's one-pass answer checked against every criterion's candidates by at most
-    `config.verify_passes` forward passes on verification tokens; the set of lowest NLL wins.
+    """The config's one-pass answer checked against every criterion's candidates, then improved by
+    local search (swaps, exchanges), with at most `config.verify_budget(n, removable)` sets scored
+    by forward passes on verification tokens; the set of lowest NLL wins (`verified_search`).
 
     `model` is a `LoadedModel` (its tokenizer draws the tokens) or a module (then `tokenizer` or
     `tokens`). With verify_passes 0, or a method outside `VERIFIABLE`, this is `select`'s answer.
@@ -240,7 +334,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
     t0 = time.perf_counter()
     model, tokenizer = unwrap_model(model, tokenizer, config)
     one = select(analysis, config=config.replace(verify_passes=0))
-    if config.verify_passes == 0 or config.method not in VERIFIABLE:
+    if not config.verifies or config.method not in VERIFIABLE:
         return one
     problem = make_problem(analysis, config)
     if len(find_blocks(model)) != problem.n_blocks:
@@ -252,66 +346,35 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
     scorer = PrefixScorer(model, ids, mask, batch_size, problem.allowed, cache)
-    budget, passes = config.verify_passes, 0
-    scored: list[dict[str, Any]] = []
-    seen: dict[tuple[int, ...], float] = {}
-    best: dict[str, Any] | None = None
-
-    def score(cand: Candidate, stage: str) -> float | None:
-        nonlocal passes, best
-        if cand.removed in seen:
-            return seen[cand.removed]
-        if cache.get(cand.removed) is None and passes >= budget:
-            return None
-        nll, cached = scorer.score(cand.removed)
-        passes += 0 if cached else 1
-        row = {"removed": list(cand.removed), "proposers": list(cand.proposers), "objective": cand.objective,
-               "nll": nll, "cached": cached, "stage": stage}
-        scored.append(row)
-        seen[cand.removed] = nll
-        if best is None or _better(nll, best["nll"]):
-            best = row
-        if progress is not None and not cached:
-            progress("verify", min(1.0, passes / budget), f"pass {passes}/{budget}: NLL {nll:.4f}")
-        log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), nll, " (cached)" if cached else "")
-        return nll
-
-    for cand in cands:
-        score(cand, "candidate")
-    # Local refinement from the best set: first improving swap, repeated while the NLL falls.
-    while best is not None and passes < budget:
-        current = tuple(best["removed"])
-        moved = False
-        for nb in neighbours(current, problem):
-            before = best
-            if score(Candidate(nb, [f"swap:{before['proposers'][0]}"], set_cost(nb, problem.C)),
-                     "refinement") is None:
-                break
-            if best is not before:
-                moved = True
-                break
-        if not moved:
-            break
-    assert best is not None  # the one-pass answer is scored first, with budget >= 1
+    budget = config.verify_budget(problem.n, len(problem.allowed))
+    out = verified_search(problem, cands, scorer.score, budget, progress)
+    best, scored, passes = out["best"], out["scored"], out["passes"]
     if progress is not None:
-        progress("verify", 1.0, f"{passes} passes")
-    one_nll = seen.get(one.removed)
+        progress("verify", 1.0, f"{len(scored)} sets scored, {passes} new passes")
+    one_nll = next((r["nll"] for r in scored if tuple(r["removed"]) == one.removed), None)
     dense_nll = cache.prefix["dense_nll"] if cache.prefix is not None else None
     gap = None if one_nll is None else one_nll - best["nll"]
     winner = tuple(best["removed"])
     result = make_selection(
         config.method, problem.n, problem.n_blocks, winner, set_cost(winner, problem.C), config.run_cost,
         time.perf_counter() - t0, forward_passes=passes, span_lookups=one.span_lookups, ratio=one.ratio,
-        trajectory=one.trajectory, options={**one.options, "verify_passes": budget}, provenance=one.provenance)
-    log.info("verified %s: removed %s (NLL %.4f, proposed by %s) after %d passes; one-pass %s NLL %s",
-             config.method, list(winner), best["nll"], best["proposers"][0], passes, list(one.removed), one_nll)
+        trajectory=one.trajectory, options={**one.options, "verify_passes": config.verify_passes,
+                                           "verify_samples": config.verify_samples,
+                                           "verify_seq_len": config.verify_seq_len},
+        provenance=one.provenance)
+    log.info("verified %s: removed %s (NLL %.4f, proposed by %s) after %d of %d sets (%d new passes); "
+             "one-pass %s NLL %s", config.method, list(winner), best["nll"], best["proposers"][0], len(scored),
+             budget, passes, list(one.removed), one_nll)
     return replace(result, verified=True, nll=best["nll"], candidates=scored,
                    winner_source=best["proposers"][0], one_pass_removed=one.removed, one_pass_nll=one_nll,
                    verification={
-                       "budget": budget, "passes": passes, "dense_passes": scorer.dense_passes,
+                       "budget": budget, "budget_rule": config.verify_passes, "passes": passes,
+                       "sets_scored": len(scored), "sets_by_stage": out["sets_by_stage"],
+                       "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
                        "tokens": tok_prov, "note": PASS_NOTE})
 
 
-__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_select"]
+__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_search",
+           "verified_select"]
