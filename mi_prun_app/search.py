@@ -31,43 +31,73 @@ _NEW_CACHE = threading.Lock()
 
 
 def default_mode() -> str:
-    return SEARCH_MODES[1] if SelectConfig().verify_passes > 0 else SEARCH_MODES[0]
+    return SEARCH_MODES[1] if SelectConfig().verifies else SEARCH_MODES[0]
 
 
-def budget() -> int:
-    """The session's verification budget without a widget: 0 in one-pass mode."""
+def budget() -> int | str:
+    """The session's verification budget without a widget: 0 in one-pass mode, else "auto" or a
+    number of passes."""
     if st.session_state.get("p_search", default_mode()) != SEARCH_MODES[1]:
         return 0
-    return int(st.session_state.get("p_verify_passes", max(SelectConfig().verify_passes, 1)))
+    return from_widget(st.session_state.get("p_verify_passes", default_widget_value()))
 
 
-def cost_text(passes: int) -> str:
+def default_widget_value() -> int:
+    """The pass-budget field's default: 0 (= auto) when the library's default is auto."""
+    d = SelectConfig().verify_passes
+    return 0 if d == SelectConfig.AUTO else max(int(d), 1)
+
+
+def from_widget(value: Any) -> int | str:
+    """The pass-budget field's value as `verify_passes`: 0 means "auto" (one pass is the other mode)."""
+    return SelectConfig.AUTO if int(value) == 0 else int(value)
+
+
+def budget_text(passes: int | str, n: int | None = None, removable: int | None = None) -> str:
+    """The budget in words: a number, or auto with its value for this n when known."""
+    if passes != SelectConfig.AUTO:
+        return f"at most **{passes} forward passes**"
+    text = "a quarter of the passes SLEB-style greedy removal would spend"
+    if n is not None and removable is not None:
+        text += f" (**{SelectConfig().verify_budget(n, removable)} forward passes** for {n} blocks)"
+    return text
+
+
+def cost_text(passes: int | str) -> str:
     cfg = state.select_config(DEFAULT_METHOD, None, True, passes)
     measured = st.session_state.get("verify_s_per_pass")
-    speed = (f"Measured here: about {state.fmt_seconds(measured)} per pass, so up to "
-             f"{state.fmt_seconds(measured * (passes + 1))} for a new n." if measured else
-             "Each pass is one forward pass of the pruned model: about 6 s for SmolLM2-135M on a CPU.")
-    return (f"Verified: the one-pass answer is checked against every criterion's candidate sets by at most "
-            f"**{passes} forward passes** of the pruned model on {cfg.verify_samples} x {cfg.verify_seq_len} "
-            "calibration tokens kept apart from the analysis's (plus one dense pass, once). "
-            f"{speed} Only the current n is verified; sets measured before (any n, any tab) are free.")
+    speed = (f"Measured here: about {state.fmt_seconds(measured)} per pass." if measured else
+             "Each pass is one forward pass of the pruned model on the verification tokens: about 4 s for "
+             "SmolLM2-135M on a CPU.")
+    return (f"Verified: the one-pass answer is checked against every criterion's candidate sets, then improved "
+            f"by swapping and exchanging blocks, with {budget_text(passes)} of the pruned model on "
+            f"{cfg.verify_samples} x {cfg.verify_seq_len} calibration tokens kept apart from the analysis's "
+            f"(plus one dense pass, once). {speed} Only the current n is verified; sets measured before (any n, "
+            "any tab) are free.")
 
 
-def search_controls() -> int:
-    """The search choice and the pass budget; returns `verify_passes` (0 = one pass)."""
-    d = SelectConfig()
+def search_controls() -> int | str:
+    """The search choice and the pass budget; returns `verify_passes` (0 = one pass, "auto" or a number)."""
     c1, c2, c3 = st.columns([2, 1, 4], vertical_alignment="bottom")
     mode = c1.radio("Search", SEARCH_MODES, index=SEARCH_MODES.index(default_mode()), key="p_search",
                     horizontal=True, persist_state="session",
                     help="One pass: MI-PRUN's answer from the analysis alone (milliseconds). Verified: "
-                         "that answer and the other criteria's candidates scored by forward passes; the "
-                         "lowest loss wins (the library's default when the model is at hand).")
-    passes = c2.number_input("Pass budget", min_value=1, max_value=1000, value=max(d.verify_passes, 1), step=1,
-                             key="p_verify_passes", persist_state="session", disabled=mode != SEARCH_MODES[1],
-                             help="At most this many forward passes per n (SelectConfig.verify_passes).")
+                         "that answer and the other criteria's candidates scored by forward passes, then "
+                         "improved by local search; the lowest loss wins (the library's default when the "
+                         "model is at hand).")
+    # The session's value, read before the widget: on a page switch the widget can hand back the
+    # value it last had on this page, while the session holds the one set on the other page.
+    current = int(st.session_state.get("p_verify_passes", default_widget_value()))
+    c2.number_input("Pass budget (0 = auto)", min_value=0, max_value=1000, value=current,
+                             step=1, key="p_verify_passes", persist_state="session",
+                             disabled=mode != SEARCH_MODES[1],
+                             help="At most this many forward passes per n (SelectConfig.verify_passes). 0 = auto, "
+                                  "the library's default: a quarter of the passes SLEB-style greedy removal would "
+                                  "spend for the same n.")
     if mode == SEARCH_MODES[1]:
-        c3.caption(cost_text(int(passes)))
-        return int(passes)
+        chosen = from_widget(current)
+        c3.caption(cost_text(chosen))
+        return chosen
     c3.caption("One pass: no forward pass; the answer comes from the analysis alone.")
     return 0
 
@@ -94,6 +124,13 @@ def nll_cache(key: str) -> tuple[Any, threading.Lock]:
     return entry
 
 
+def removable(analysis: Any) -> int:
+    """How many blocks the session's protect setting lets a selection remove."""
+    from mi_prun.select.counts import allowed_blocks
+
+    return len(allowed_blocks(len(analysis.block_mi), state.protect_margin() if protect_on() else False))
+
+
 def _cancel_requested() -> bool:
     return bool(st.session_state.get("verify_cancel_requested"))
 
@@ -106,17 +143,17 @@ def _forget(key: tuple) -> None:
     st.session_state.setdefault("verify_skipped", {}).pop(key, None)
 
 
-def _key(method: str, n: int, passes: int) -> tuple:
+def _key(method: str, n: int, passes: int | str) -> tuple:
     cfg = state.select_config(method, n, protect_on(), passes)
     return (st.session_state.get("analysis_key"), repr(cfg), "verified"), cfg
 
 
-def known_verified(method: str, n: int, passes: int) -> Any | None:
+def known_verified(method: str, n: int, passes: int | str) -> Any | None:
     """The verified selection if this session already has it (no pass spent), else None."""
     return st.session_state.setdefault("selections", {}).get(_key(method, n, passes)[0])
 
 
-def verified(analysis: Any, method: str, n: int, passes: int, area: Any = None) -> Any | None:
+def verified(analysis: Any, method: str, n: int, passes: int | str, area: Any = None) -> Any | None:
     """The verified selection of `method` for n blocks, or None when it was cancelled or refused
     (then `notice` says why). Computed here, with progress and a cancel button, if this session
     does not have it yet; the server's NLL cache makes sets seen before free."""
@@ -133,7 +170,8 @@ def verified(analysis: Any, method: str, n: int, passes: int, area: Any = None) 
     try:
         loaded = model_for(analysis)
         cache, lock = nll_cache(str(st.session_state.get("analysis_key")))
-        status = area.status(f"Verifying {n} blocks removed: up to {passes} forward passes...", expanded=True)
+        status = area.status(f"Verifying {n} blocks removed: up to {cfg.verify_budget(n, removable(analysis))} "
+                             "forward passes...", expanded=True)
         with status:
             bar = st.progress(0, text="preparing the verification tokens and the candidates")
             st.button("Cancel verification", key="verify_cancel", on_click=_request_cancel, icon=":material/stop:")
@@ -171,7 +209,7 @@ def verified(analysis: Any, method: str, n: int, passes: int, area: Any = None) 
     return sel
 
 
-def notice(method: str, n: int, passes: int) -> None:
+def notice(method: str, n: int, passes: int | str) -> None:
     """Why the verified answer is missing (cancelled or refused), and a button to try again."""
     key, _ = _key(method, n, passes)
     why = st.session_state.get("verify_skipped", {}).get(key)
@@ -186,7 +224,7 @@ def notice(method: str, n: int, passes: int) -> None:
     st.button(f"Verify {n} blocks", key="verify_retry", on_click=_forget, args=(key,), icon=":material/replay:")
 
 
-def default_selection(analysis: Any, n: int, passes: int, area: Any = None) -> tuple[Any, Any | None]:
+def default_selection(analysis: Any, n: int, passes: int | str, area: Any = None) -> tuple[Any, Any | None]:
     """(the one-pass selection of the default method, its verified selection or None)."""
     one = selection(analysis, DEFAULT_METHOD, n)
     if not passes:

@@ -324,14 +324,16 @@ def ppl_curve_figure(points: Iterable[Mapping[str, Any]], dense_ppl: float | Non
 
 def candidates_figure(selection: Any) -> go.Figure:
     """The verified search's candidate sets by their verification NLL (lower = better), best first:
-    the winner in MI-PRUN's colour, sets found by local refinement lighter, the one-pass answer
-    circled in black; the dotted line is the dense model's NLL."""
-    rows = sorted(selection.candidates or [], key=lambda r: (r.get("nll") is None, r.get("nll") or 0.0))
+    the winner in MI-PRUN's colour, sets found by local search (swaps, exchanges) lighter, the one-pass
+    answer circled in black; the dotted line is the dense model's NLL. The smaller sets an exchange
+    measures on its way (one block put back) are in the table only."""
+    rows = sorted((r for r in selection.candidates or [] if len(r["removed"]) == selection.n),
+                  key=lambda r: (r.get("nll") is None, r.get("nll") or 0.0))  # put-back steps: table only
     winner = list(selection.removed)
     one = None if selection.one_pass_removed is None else list(selection.one_pass_removed)
     xs = [" ".join(map(str, r["removed"])) for r in rows]
     colours = [color("fbs") if list(r["removed"]) == winner else
-               ("#F6C6A8" if r.get("stage") == "refinement" else "#BBBBBB") for r in rows]
+               ("#F6C6A8" if r.get("stage") in ("swap", "exchange") else "#BBBBBB") for r in rows]
     outline = ["#000000" if one is not None and list(r["removed"]) == one else "rgba(0,0,0,0)" for r in rows]
     custom = [[", ".join(r.get("proposers") or []), r.get("stage") or "", "yes" if r.get("cached") else "no"]
               for r in rows]

@@ -49,8 +49,8 @@ if passes:
         search.notice(search.DEFAULT_METHOD, n, passes)
 else:
     st.caption(f"FBS's answer above is final: no forward pass checks it. Choose *Verified* to score it and the "
-               f"other criteria's candidate sets on held-out calibration tokens (up to "
-               f"{max(SelectConfig().verify_passes, 1)} forward passes).")
+               f"other criteria's candidate sets on held-out calibration tokens, then improve it by local "
+               f"search ({search.budget_text(SelectConfig().verify_passes, n, search.removable(analysis))}).")
 
 st.subheader("The search, step by step")
 T = len(fbs.trajectory)

@@ -353,18 +353,25 @@ def library_verified(analysis, model, n: int, protect: bool = True):
     return select(analysis, config=cfg, model=model)
 
 
+def first_removable(at):
+    from mi_prun.select.counts import allowed_blocks
+
+    return allowed_blocks(len(at.session_state["analysis"].block_mi), state.protect_margin())
+
+
 def test_verify_control_defaults_to_the_config_and_says_the_cost(shared_model, fresh_nll_caches):
     at = analysed_app()
     d = SelectConfig()
     for page in (PAGES["fbs"], PAGES["prune"]):  # the same control, with the same state, on both pages
         at.switch_page(page).run()
         no_errors(at)
-        assert at.radio(key="p_search").value == ("Verified" if d.verify_passes > 0 else "One pass")
-        assert at.number_input(key="p_verify_passes").value == d.verify_passes
-        assert any(f"{d.verify_passes} forward passes" in c.value for c in at.caption)
+        assert at.radio(key="p_search").value == ("Verified" if d.verifies else "One pass")
+        assert d.verify_passes == "auto" and at.number_input(key="p_verify_passes").value == 0  # 0 = auto
+        assert any("a quarter of the passes SLEB-style greedy removal would spend" in c.value for c in at.caption)
     at.number_input(key="p_verify_passes").set_value(3).run()
     at.switch_page(PAGES["fbs"]).run()
     assert at.number_input(key="p_verify_passes").value == 3  # kept across pages
+    assert any("at most **3 forward passes**" in c.value for c in at.caption)
     at.radio(key="p_search").set_value("One pass").run()
     no_errors(at)
     assert "Verified answer removes" not in metrics_of(at)
@@ -384,7 +391,7 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     m = metrics_of(at)
     assert m["Verified answer removes"] == ", ".join(map(str, lib.removed))
     assert m["Winner proposed by"] == lib.winner_source
-    assert m["Forward passes"] == f"{lib.forward_passes} of {SelectConfig().verify_passes}"
+    assert m["Forward passes"] == f"{lib.forward_passes} of {lib.verification['budget']}"
     assert m["One-pass answer removes"] == ", ".join(map(str, select(analysis, "fbs", n=2).removed))
     assert m["FBS removes"] == m["One-pass answer removes"]  # FBS's own answer is still shown
     assert any("1 dense pass" in c.value for c in at.caption)  # the dense pass is said
@@ -393,7 +400,8 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     assert frame.loc[frame["winner"], "removed"].item() == " ".join(map(str, lib.removed))
     np.testing.assert_allclose(frame["nll"], [c["nll"] for c in lib.candidates], rtol=1e-6)
     fig = chart(at, "Verified search")
-    assert sorted(trace(fig, "candidate sets")["y"]) == pytest.approx(sorted(c["nll"] for c in lib.candidates))
+    assert sorted(trace(fig, "candidate sets")["y"]) == pytest.approx(  # sets of n blocks; put-back steps: table
+        sorted(c["nll"] for c in lib.candidates if len(c["removed"]) == 2))
 
 
 def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_nll_caches):
@@ -420,7 +428,7 @@ def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_n
     b.switch_page(PAGES["fbs"]).run()
     no_errors(b)
     m = metrics_of(b)
-    assert m["Forward passes"] == f"0 of {SelectConfig().verify_passes}"
+    assert m["Forward passes"] == f"0 of {SelectConfig().verify_budget(2, len(first_removable(b)))}"
     assert m["Verified answer removes"] == first["Verified answer removes"]
     assert len(nll_cache_of(b)) == seen
 
