@@ -55,7 +55,7 @@ def run_suite(args: Any, loaded: Any, analysis: Any, ppl_of: Callable[[Any, str]
         method = names.get(r["method"], r["method"])
         p = ppl_of(r["removed"], "plain")
         rows.append({"method": method, "n": r["n"], "removed": r["removed"], "ppl": p["ppl"], "healed": False,
-                     "forward_passes": r["forward_passes"], "seconds": r["seconds"],
+                     "forward_passes": r["forward_passes"], "new_passes": r.get("new_passes"), "seconds": r["seconds"],
                      "winner_source": r.get("winner_source"), "nll": r.get("nll")})
     heal_info: dict[str, Any] = {}
     if args.heal:

@@ -35,12 +35,23 @@ def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], conf
     """One row per (method, n); see the module docstring. `tokens` is a `Calibration` (e.g.
     `mi_prun.data.verification_tokens`); every pass-based method scores on it. Caches are per
     method (no method profits from another's passes), and shared across n within a method, as the
-    app's slider would."""
+    app's slider would; `forward_passes` is every method's cost from a cold cache (`new_passes`:
+    what it spent given the cache)."""
     rows: list[dict[str, Any]] = []
     caches = {"verified": NLLCache(), "mi-guided": NLLCache()}
 
+    def cold_passes(sel: Any) -> int:
+        """What the selection costs from a cold cache: every set it scored (verified: the budget
+        counts them, cached or not; guided: every block tried on its path)."""
+        if getattr(sel, "verified", False):
+            return int((sel.verification or {}).get("sets_scored", sel.forward_passes))
+        if sel.method == "mi-guided":
+            return len({tuple(c["removed"]) for c in _guided_sets(sel)})
+        return sel.forward_passes
+
     def row(method: str, n: int, sel: Any, seconds: float) -> None:
-        rows.append({"method": method, "n": n, "removed": list(sel.removed), "forward_passes": sel.forward_passes,
+        rows.append({"method": method, "n": n, "removed": list(sel.removed), "forward_passes": cold_passes(sel),
+                     "new_passes": sel.forward_passes,
                      "seconds": seconds, "verified": bool(getattr(sel, "verified", False)),
                      "winner_source": getattr(sel, "winner_source", None), "nll": getattr(sel, "nll", None)})
 
@@ -73,6 +84,16 @@ def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], conf
     return rows
 
 
+def _guided_sets(sel: Any) -> list[dict[str, Any]]:
+    """Every set the MI-guided greedy scored on its path: the removed set before each step plus the
+    block it tried."""
+    out = []
+    for step in sel.trajectory:
+        before = [b for b in step["removed"] if b != step["removed_block"]]
+        out += [{"removed": sorted(before + [c["block"]])} for c in step["candidates"]]
+    return out
+
+
 def budget_curve(loaded: Any, analysis: Any, tokens: Any, n: int, budget: int,
                  config: SelectConfig = SelectConfig()) -> dict[str, Any]:
     """The verified search at `budget`, and for each smaller budget b the set it would have
@@ -82,7 +103,7 @@ def budget_curve(loaded: Any, analysis: Any, tokens: Any, n: int, budget: int,
     passes = 0
     for c in sel.candidates:
         passes += 0 if c["cached"] else 1
-        if c["nll"] < best_nll:
+        if len(c["removed"]) == n and c["nll"] < best_nll:  # an exchange's put-back sets are smaller
             best, best_nll = c, c["nll"]
         by_budget[passes] = {"removed": best["removed"], "nll": best_nll, "proposer": best["proposers"][0]}
     return {"n": n, "budget": budget, "selection": sel.to_dict(), "by_budget": by_budget}
