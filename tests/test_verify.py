@@ -108,7 +108,7 @@ def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget):
         assert v.forward_passes < 100  # candidates and refinement ran out before the budget
 
 
-@pytest.mark.parametrize("family", ["llama", "falcon", "gemma3"])
+@pytest.mark.parametrize("family", sorted(__import__("mi_prun.testing").testing.FAMILIES))
 def test_prefix_cache_gives_the_full_pass_nll(family):
     from mi_prun.testing import tiny_model
 
