@@ -169,7 +169,7 @@ class SelectConfig:
     seed: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
     verify_passes: int | str = "auto"
-    verify_samples: int = 16
+    verify_samples: int = 16  # 16 x 256 tokens: measured by benchmarks/verification_size.py (RESULTS.md)
     verify_seq_len: int = 256
 
     DEFAULT_RATIO = 0.25
