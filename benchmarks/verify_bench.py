@@ -46,7 +46,7 @@ def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], conf
         if getattr(sel, "verified", False):
             return int((sel.verification or {}).get("sets_scored", sel.forward_passes))
         if sel.method == "mi-guided":
-            return len({tuple(c["removed"]) for c in _guided_sets(sel)})
+            return len(_guided_sets(sel))
         return sel.forward_passes
 
     def row(method: str, n: int, sel: Any, seconds: float) -> None:
@@ -84,13 +84,13 @@ def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], conf
     return rows
 
 
-def _guided_sets(sel: Any) -> list[dict[str, Any]]:
-    """Every set the MI-guided greedy scored on its path: the removed set before each step plus the
-    block it tried."""
-    out = []
+def _guided_sets(sel: Any) -> set[tuple[int, ...]]:
+    """Every distinct set the MI-guided greedy scored on its path: the removed set before each step
+    plus each block it tried."""
+    out: set[tuple[int, ...]] = set()
     for step in sel.trajectory:
         before = [b for b in step["removed"] if b != step["removed_block"]]
-        out += [{"removed": sorted(before + [c["block"]])} for c in step["candidates"]]
+        out |= {tuple(sorted(before + [c["block"]])) for c in step["candidates"]}
     return out
 
 

@@ -34,14 +34,6 @@ def default_mode() -> str:
     return SEARCH_MODES[1] if SelectConfig().verifies else SEARCH_MODES[0]
 
 
-def budget() -> int | str:
-    """The session's verification budget without a widget: 0 in one-pass mode, else "auto" or a
-    number of passes."""
-    if st.session_state.get("p_search", default_mode()) != SEARCH_MODES[1]:
-        return 0
-    return from_widget(st.session_state.get("p_verify_passes", default_widget_value()))
-
-
 def default_widget_value() -> int:
     """The pass-budget field's default: 0 (= auto) when the library's default is auto."""
     d = SelectConfig().verify_passes
@@ -88,12 +80,11 @@ def search_controls() -> int | str:
     # The session's value, read before the widget: on a page switch the widget can hand back the
     # value it last had on this page, while the session holds the one set on the other page.
     current = int(st.session_state.get("p_verify_passes", default_widget_value()))
-    c2.number_input("Pass budget (0 = auto)", min_value=0, max_value=1000, value=current,
-                             step=1, key="p_verify_passes", persist_state="session",
-                             disabled=mode != SEARCH_MODES[1],
-                             help="At most this many forward passes per n (SelectConfig.verify_passes). 0 = auto, "
-                                  "the library's default: a quarter of the passes SLEB-style greedy removal would "
-                                  "spend for the same n.")
+    c2.number_input("Pass budget (0 = auto)", min_value=0, max_value=1000, value=current, step=1,
+                    key="p_verify_passes", persist_state="session", disabled=mode != SEARCH_MODES[1],
+                    help="At most this many forward passes per n (SelectConfig.verify_passes). 0 = auto, the "
+                         "library's default: a quarter of the passes SLEB-style greedy removal would spend for "
+                         "the same n.")
     if mode == SEARCH_MODES[1]:
         chosen = from_widget(current)
         c3.caption(cost_text(chosen))

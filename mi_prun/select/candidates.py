@@ -201,6 +201,7 @@ def exchange_order(base: Sequence[int], returned: int, problem: Problem) -> list
     """The blocks an exchange tries beside `base` (the removed set less the block `returned`): every
     other removable block, MI's and BI's redundancy rankings interleaved first (`guided_order`),
     `returned` last (trying it again re-measures the set the exchange started from)."""
-    kept = [b for b in problem.allowed if b not in set(base) and b != returned]
+    skip = set(base) | {returned}
+    kept = [b for b in problem.allowed if b not in skip]
     order = guided_order(kept, problem.block_mi, problem.baselines.get("cosine_bi"), len(kept))
     return order + [returned]
