@@ -364,3 +364,49 @@ def test_local_search_finds_blocks_no_criterion_proposes():
     b = verified_search(problem, cands, cached, budget=15)
     assert a["best"]["removed"] == b["best"]["removed"] and b["passes"] == 0
     assert [r["removed"] for r in a["scored"]] == [r["removed"] for r in b["scored"]]
+
+
+def test_exchange_order_trusts_measurements_over_mi():
+    """Blocks whose addition an earlier exchange measured: the better half first (best first), then
+    the blocks never measured in MI/BI order, then the worse half; the returned block last."""
+    from mi_prun.select.candidates import exchange_order, guided_order
+
+    harm = np.array([9, 1.0, 7, 8, 0.5, 6, 9, 0.7, 5, 9.5, 4, 9])
+    problem = _synthetic_problem(harm, 3)
+    base, returned = [2, 3], 9
+    plain = exchange_order(base, returned, problem)
+    kept = [b for b in problem.allowed if b not in (2, 3, 9)]
+    assert plain == guided_order(kept, problem.block_mi, None, len(kept)) + [9]
+    measured = {7: 0.2, 4: -0.1, 8: 3.0, 5: 1.0, 2: -5.0}  # 2 is in the base: never tried
+    order = exchange_order(base, returned, problem, measured)
+    assert order[:2] == [4, 7] and order[-3:] == [5, 8, 9]
+    assert order[2:-3] == [b for b in plain if b not in (4, 7, 5, 8, 9)]
+    assert sorted(order) == sorted(plain)
+
+
+def test_later_exchanges_try_the_best_measured_block_first(monkeypatch):
+    """The search learns from its own passes: an exchange after the first is given what adding each
+    block cost in earlier ones (with additive harm: the block's harm) and starts with the cheapest."""
+    from mi_prun.select import candidates, verify
+    from mi_prun.select.candidates import propose
+    from mi_prun.select.verify import verified_search
+
+    harm = np.array([9, 1.0, 7, 8, 0.5, 6, 9, 0.7, 5, 9.5, 4, 9])
+    problem = _synthetic_problem(harm, 3)
+    calls = []
+
+    def spy(base, returned, prob, measured=None):
+        order = candidates.exchange_order(base, returned, prob, measured)
+        calls.append((list(base), returned, dict(measured or {}), order))
+        return order
+
+    monkeypatch.setattr(verify, "exchange_order", spy)
+    one = tuple(sorted(np.argsort(-harm[1:-1])[:3] + 1))
+    out = verified_search(problem, propose(problem, None, one, "fbs"),
+                          lambda removed: (float(harm[list(removed)].sum()), False), budget=200)
+    assert out["best"]["removed"] == [1, 4, 7]
+    assert len(calls) >= 2 and calls[0][2] == {}
+    base, returned, measured, order = calls[1]
+    assert measured and all(math.isclose(v, harm[b]) for b, v in measured.items())
+    eligible = [b for b in measured if b not in base and b != returned]
+    assert order[0] == min(eligible, key=lambda b: harm[b])

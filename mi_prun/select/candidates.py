@@ -5,8 +5,9 @@ the k best sets under each run cost (`k_best_combinations`, the exact dynamic pr
 its k best solutions), MI top-k with and without protected ends, ShortGPT's set and the best few
 angular windows. `propose` merges them into distinct `Candidate`s, each with every criterion that
 proposed it, in the order the verified search scores them. `neighbours` lists the swap moves of
-local refinement, `exchange_order` the blocks an exchange tries and `guided_order` the blocks a step
-of the MI-guided greedy tries (both: MI's and BI's redundancy rankings interleaved).
+local refinement, `exchange_order` the blocks an exchange tries (measured ones by their measurement)
+and `guided_order` the blocks a step of the MI-guided greedy tries (both: MI's and BI's redundancy
+rankings interleaved).
 """
 
 from __future__ import annotations
@@ -197,11 +198,23 @@ def guided_order(remaining: Sequence[int], block_mi: np.ndarray, bi: np.ndarray 
     return out[:c]
 
 
-def exchange_order(base: Sequence[int], returned: int, problem: Problem) -> list[int]:
+def exchange_order(base: Sequence[int], returned: int, problem: Problem,
+                   measured: Mapping[int, float] | None = None) -> list[int]:
     """The blocks an exchange tries beside `base` (the removed set less the block `returned`): every
-    other removable block, MI's and BI's redundancy rankings interleaved first (`guided_order`),
-    `returned` last (trying it again re-measures the set the exchange started from)."""
+    other removable block, `returned` last (trying it again re-measures the set the exchange
+    started from).
+
+    Without `measured`, MI's and BI's redundancy rankings interleaved (`guided_order`). `measured`
+    maps blocks to what adding them cost in earlier exchanges (NLL of base + block minus the base's
+    NLL): a measurement beats a proxy, so the better half of the measured blocks goes first, best
+    first, then the blocks never measured in MI/BI order, then the worse half of the measured ones.
+    """
     skip = set(base) | {returned}
     kept = [b for b in problem.allowed if b not in skip]
     order = guided_order(kept, problem.block_mi, problem.baselines.get("cosine_bi"), len(kept))
+    known = sorted((b for b in order if measured and b in measured and not math.isnan(measured[b])),
+                   key=lambda b: (measured[b], b))  # type: ignore[index]
+    if known:
+        half = (len(known) + 1) // 2
+        order = known[:half] + [b for b in order if b not in set(known)] + known[half:]
     return order + [returned]

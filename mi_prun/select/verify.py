@@ -8,13 +8,16 @@ copied) on verification tokens, calibration text kept apart from the capture's
 (`SelectConfig.verify_budget`: by default a quarter of SLEB-style greedy removal's passes for the
 same n): candidates are scored in `propose`'s order until it is spent; what is left goes to local
 search from the best set, which needs no proxy at all:
-- swap moves (`candidates.neighbours`: a removed block traded for an adjacent kept block or the
-  most redundant one by MI), the first improving swap accepted, while the NLL falls;
-- when no swap improves, an exchange, SLEB's step run once backwards and once forwards: every
-  removed block is put back in turn (n passes; the one whose return lowers the NLL most stays),
-  then every kept block is tried in its place (MI's and BI's redundancy order first, then the
-  rest), the best set kept. It finds blocks that no one-pass criterion ranks as redundant.
-The search stops when the budget is spent or an exchange no longer improves.
+- an exchange, SLEB's step run once backwards and once forwards: every removed block is put back in
+  turn (n passes; the one whose return lowers the NLL most stays), then every kept block is tried
+  in its place and the best set kept. The first exchange tries the kept blocks in MI's and BI's
+  redundancy order; later ones in the order the earlier trials measured (`exchange_order`): what
+  adding a block cost is a measurement, and a proxy's order is what made the candidates miss it.
+  Exchanges find blocks that no one-pass criterion ranks as redundant;
+- when an exchange no longer improves, swap moves (`candidates.neighbours`: a removed block traded
+  for an adjacent kept block or the most redundant one by MI), the first improving swap accepted,
+  while the NLL falls; an improving swap is followed by exchanges again.
+The search stops when the budget is spent or neither an exchange nor a swap improves.
 
 Reused work:
 - `PrefixScorer`: one dense pass caches h_b of the verification tokens at every block boundary
@@ -235,7 +238,7 @@ def unwrap_model(model: Any, tokenizer: Any, config: Any) -> tuple[Any, Any]:
 
 def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[int, ...]], tuple[float, bool]],
                     budget: int, progress: Progress | None = None) -> dict[str, Any]:
-    """The search of `verified_select` on any NLL: `cands` scored in order, then swaps and exchanges
+    """The search of `verified_select` on any NLL: `cands` scored in order, then exchanges and swaps
     from the best set (module docstring), at most `budget` distinct sets scored.
 
     `nll(removed)` returns (mean NLL, whether it was cached). The budget counts sets scored, cached
@@ -276,17 +279,21 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
         return Candidate(key, [proposer], set_cost(key, problem.C))
 
     def swaps() -> bool:
-        """First-improvement swap moves from the best set while the NLL falls; False when the
-        budget ran out."""
+        """First-improvement swap moves from the best set while the NLL falls; True when one
+        improved (False also when the budget ran out)."""
+        improved = False
         while True:
             before = state["best"]
             for nb in neighbours(tuple(before["removed"]), problem):
                 if score(make(nb, f"swap:{before['proposers'][0]}"), "swap") is None:
-                    return False
+                    return improved
                 if state["best"] is not before:
+                    improved = True
                     break
             else:
-                return True
+                return improved
+
+    added: dict[int, float] = {}  # block -> NLL(base + block) - NLL(base) in the latest exchange that tried it
 
     def exchange() -> bool:
         """One exchange from the best set (module docstring); True when it improved."""
@@ -298,12 +305,16 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
             if value is None:
                 return False
             back.append((value, b))
-        returned = min(back, key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else t[0], t[1]))[1] \
-            if back else cur[0]
+        best_back = min(back, key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else t[0], t[1])) \
+            if back else (0.0, cur[0])  # n = 1: every trial starts from the dense model, a common base
+        returned = best_back[1]
         base = [x for x in cur if x != returned]
-        for k in exchange_order(base, returned, problem):
-            if score(make(base + [k], f"exchange:{before['proposers'][0]}"), "exchange") is None:
+        for k in exchange_order(base, returned, problem, added):
+            value = score(make(base + [k], f"exchange:{before['proposers'][0]}"), "exchange")
+            if value is None:
                 break
+            if k != returned:
+                added[k] = value - best_back[0]
         return state["best"] is not before
 
     for cand in cands:
@@ -311,7 +322,7 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
     if state["best"] is None:
         raise MiPrunError("the verified search scored no set of the right size. Fix: give a budget of at least 1.")
     while len(seen) < budget and problem.n < len(problem.allowed):
-        if not swaps() or not exchange():
+        if not exchange() and not swaps():
             break
     return {"best": state["best"], "scored": scored, "passes": state["passes"], "sets_by_stage": stages}
 
@@ -320,7 +331,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
                     tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
                     progress: Progress | None = None) -> Selection:
     """The config's one-pass answer checked against every criterion's candidates, then improved by
-    local search (swaps, exchanges), with at most `config.verify_budget(n, removable)` sets scored
+    local search (exchanges, swaps), with at most `config.verify_budget(n, removable)` sets scored
     by forward passes on verification tokens; the set of lowest NLL wins (`verified_search`).
 
     `model` is a `LoadedModel` (its tokenizer draws the tokens) or a module (then `tokenizer` or
