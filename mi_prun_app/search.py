@@ -62,7 +62,7 @@ def cost_text(passes: int | str) -> str:
              "Each pass is one forward pass of the pruned model on the verification tokens: about 4 s for "
              "SmolLM2-135M on a CPU.")
     return (f"Verified: the one-pass answer is checked against every criterion's candidate sets, then improved "
-            f"by swapping and exchanging blocks, with {budget_text(passes)} of the pruned model on "
+            f"by exchanging and swapping blocks, with {budget_text(passes)} of the pruned model on "
             f"{cfg.verify_samples} x {cfg.verify_seq_len} calibration tokens kept apart from the analysis's "
             f"(plus one dense pass, once). {speed} Only the current n is verified; sets measured before (any n, "
             "any tab) are free.")
@@ -263,9 +263,9 @@ def verified_section(sel: Any, n: int) -> None:
     with left:
         table(tables.verified_candidates_frame(sel), f"verified_candidates_n{n}", "verify_candidates",
               "Every set the search scored, in order: proposers (first = the one that counts; fbs-pool = a "
-              "prune pool FBS visited, exact:<cost>#k = the k-th best set under that run cost, swap: = local "
-              "refinement), MI objective, verification NLL and exp(NLL); cached = measured before, free.")
+              "prune pool FBS visited, exact:<cost>#k = the k-th best set under that run cost, exchange: / swap: = local "
+              "search from that set, put-back: = a step of an exchange), MI objective, verification NLL and exp(NLL); cached = measured before, free.")
     with right:
         chart(viz.candidates_figure(sel), "verify_candidates_chart",
-              "Best set on the left. Vermillion: the winner; light: sets found by swapping blocks of the best "
-              "one; circled: the one-pass answer. The dotted line is the unpruned model.")
+              "Best set on the left. Vermillion: the winner; light: sets found by exchanging or swapping blocks of "
+              "the best one; circled: the one-pass answer. The dotted line is the unpruned model.")

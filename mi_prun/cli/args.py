@@ -183,7 +183,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                    help="allow removing any block")
     g.add_argument("--verify-passes", type=passes_value, default=d.verify_passes, metavar="N|auto",
                    help="check the MI answer against every criterion's candidate sets, then improve it by "
-                        "swaps and exchanges, with at most N forward passes of the pruned model on "
+                        "exchanges and swaps, with at most N forward passes of the pruned model on "
                         "--verify-samples x --verify-tokens calibration tokens kept apart from the capture's; "
                         "auto = a quarter of the passes SLEB-style greedy removal would spend for the same n "
                         "(grows with n and the model's depth); 0 = the one-pass answer (needs the model: "

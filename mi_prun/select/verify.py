@@ -249,7 +249,7 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
     budget = as_int(budget, "verification budget", minimum=1)
     scored: list[dict[str, Any]] = []
     seen: dict[tuple[int, ...], float] = {}
-    stages = {"candidate": 0, "swap": 0, "exchange": 0}
+    stages = {"candidate": 0, "exchange": 0, "swap": 0}
     state: dict[str, Any] = {"best": None, "passes": 0}
 
     def score(cand: Candidate, stage: str) -> float | None:
