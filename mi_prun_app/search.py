@@ -263,8 +263,9 @@ def verified_section(sel: Any, n: int) -> None:
     with left:
         table(tables.verified_candidates_frame(sel), f"verified_candidates_n{n}", "verify_candidates",
               "Every set the search scored, in order: proposers (first = the one that counts; fbs-pool = a "
-              "prune pool FBS visited, exact:<cost>#k = the k-th best set under that run cost, exchange: / swap: = local "
-              "search from that set, put-back: = a step of an exchange), MI objective, verification NLL and exp(NLL); cached = measured before, free.")
+              "prune pool FBS visited, exact:<cost>#k = the k-th best set under that run cost, exchange: / "
+              "swap: = local search from that set, put-back: = a step of an exchange), MI objective, "
+              "verification NLL and exp(NLL); cached = measured before, free.")
     with right:
         chart(viz.candidates_figure(sel), "verify_candidates_chart",
               "Best set on the left. Vermillion: the winner; light: sets found by exchanging or swapping blocks of "

@@ -215,6 +215,11 @@ def exchange_order(base: Sequence[int], returned: int, problem: Problem,
     known = sorted((b for b in order if measured and b in measured and not math.isnan(measured[b])),
                    key=lambda b: (measured[b], b))  # type: ignore[index]
     if known:
-        half = (len(known) + 1) // 2
-        order = known[:half] + [b for b in order if b not in set(known)] + known[half:]
+        half, measured_set = (len(known) + 1) // 2, set(known)
+        order = known[:half] + [b for b in order if b not in measured_set] + known[half:]
     return order + [returned]
+
+
+def nan_last(nll: float) -> tuple[bool, float]:
+    """Sort key of an NLL: lowest first, NaN (a broken pass) after every number."""
+    return (math.isnan(nll), 0.0 if math.isnan(nll) else nll)

@@ -9,7 +9,6 @@ passes. Passes run through `verify.PrefixScorer` (each starts at its first remov
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ import numpy as np
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
-from mi_prun.select.candidates import guided_order
+from mi_prun.select.candidates import guided_order, nan_last
 from mi_prun.select.counts import allowed_blocks, resolve_n
 from mi_prun.select.registry import make_problem
 from mi_prun.select.selection import Selection, make_selection
@@ -50,7 +49,7 @@ def guided_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]]
             cands.append({"block": b, "nll": float(nll), "cached": cached})
             if progress is not None:
                 progress("guided", (step + len(cands) / len(tried)) / count, f"step {step + 1}/{count}")
-        best = min(cands, key=lambda r: (math.isnan(r["nll"]), 0.0 if math.isnan(r["nll"]) else r["nll"]))
+        best = min(cands, key=lambda r: nan_last(r["nll"]))
         removed.append(best["block"])
         traj.append({"step": step, "removed_block": best["block"], "removed": sorted(removed),
                      "nll": best["nll"], "candidates": cands, "elapsed": time.perf_counter() - t0})

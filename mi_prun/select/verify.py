@@ -44,7 +44,7 @@ import torch
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
-from mi_prun.select.candidates import Candidate, exchange_order, neighbours, propose
+from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
 from mi_prun.select.costs import set_cost
 from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem
 from mi_prun.select.selection import Selection, make_selection
@@ -305,7 +305,7 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
             if value is None:
                 return False
             back.append((value, b))
-        best_back = min(back, key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else t[0], t[1])) \
+        best_back = min(back, key=lambda t: (*nan_last(t[0]), t[1])) \
             if back else (0.0, cur[0])  # n = 1: every trial starts from the dense model, a common base
         returned = best_back[1]
         base = [x for x in cur if x != returned]
