@@ -501,6 +501,18 @@ def _apply_model_damage(folder: Path, kind: str, rnd) -> None:
         (folder / "mi_prun.json").write_text(rnd.choice(["", "{", "[]", '{"format": 3}', "null"]))
 
 
+@pytest.mark.parametrize("key,value", [("hidden_act", "x"), ("dtype", []), ("vocab_size", -1)])
+def test_config_that_cannot_build_the_model_is_a_clear_error(tmp_path, export_dir, key, value):
+    """Found by the fuzz test below: config.json parses, but a field's value breaks building the
+    model (an unknown activation, a dtype of the wrong type, a negative vocabulary size)."""
+    folder = shutil.copytree(export_dir, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run_cli("eval", "--model", str(folder), "--data", EVAL_TEXT, "--seq-len", "32", "--max-windows", "2")
+    assert_one_line_error(rc, err, "config.json is damaged")
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(damage=model_damage())
 def test_fuzz_damaged_exported_models(tmp_path_factory, export_dir, damage):

@@ -258,6 +258,17 @@ def _resolve(spec: str, is_path: bool, info: dict, progress) -> tuple[str, str |
     )
 
 
+# What a config.json field of the wrong type or value raises in transformers, reading the config or
+# building the model from it (an unknown activation, a negative vocabulary size, a list for a dtype).
+CONFIG_DAMAGE = (TypeError, AttributeError, KeyError, IndexError, AssertionError)
+
+
+def _damaged_config(what: str, exc: BaseException) -> MiPrunError:
+    detail = " ".join((str(exc) or type(exc).__name__).split())[:300].rstrip(".")
+    return MiPrunError(f"{what}: {detail}. Fix: config.json is damaged or was edited by hand; export or "
+                       "download the model again.")
+
+
 def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) -> Any:
     from transformers import AutoConfig
 
@@ -284,10 +295,8 @@ def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) ->
             ) from exc
         if isinstance(exc, ValueError):
             raise MiPrunError(f"cannot read the config of {spec}: {first}.") from exc
-        if isinstance(exc, (TypeError, AttributeError, KeyError)) or type(exc).__name__.startswith("StrictDataclass"):
-            detail = " ".join(msg.split())[:300].rstrip(".")  # a field of the wrong type or value
-            raise MiPrunError(f"cannot read the config of {spec}: {detail}. Fix: config.json is damaged "
-                              "or was edited by hand; export or download the model again.") from exc
+        if isinstance(exc, CONFIG_DAMAGE) or type(exc).__name__.startswith("StrictDataclass"):
+            raise _damaged_config(f"cannot read the config of {spec}", exc) from exc
         raise
 
 
@@ -301,6 +310,8 @@ def _load_weights(spec: str, source: str, config: Any, kwargs: dict) -> nn.Modul
         if "Unrecognized configuration class" in str(exc):
             raise _not_causal(spec, config) from exc
         raise MiPrunError(f"cannot load the weights of {spec}: {str(exc).splitlines()[0]}") from exc
+    except CONFIG_DAMAGE as exc:  # the config parsed, but a field's value breaks building the model
+        raise _damaged_config(f"cannot build {spec} from its config ({type(exc).__name__})", exc) from exc
     except Exception as exc:
         # safetensors reports a truncated or corrupt file as its own SafetensorError.
         if not isinstance(exc, (OSError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
