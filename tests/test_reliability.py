@@ -30,7 +30,7 @@ import mi_prun.models as models_mod
 import mi_prun.models.blocks as blocks_mod
 import mi_prun.models.memory as memory_mod
 import mi_prun.results as report_mod
-from mi_prun.capture import count_hooks
+from mi_prun.models.hooks import count_hooks
 from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.data import load_text
 from mi_prun.errors import MiPrunError, NonFiniteError

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import find_blocks
+from mi_prun.models.blocks import find_blocks, input_device
 from mi_prun.models.memory import check_memory, weights_bytes
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
@@ -393,7 +393,7 @@ def load_model(
     find_blocks(model)  # fail early, with the model class named, if blocks cannot be found
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if device_map is not None:
-        dev = next(model.parameters()).device
+        dev = input_device(model)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source,
                        model_type=model_type, device=dev, dtype=dt,
                        load_seconds=time.perf_counter() - t0, info=info)

@@ -43,6 +43,10 @@ import torch
 
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
+from mi_prun.evaluate import token_nll
+from mi_prun.models.blocks import find_blocks
+from mi_prun.models.hooks import forward_overrides, hidden_of, output_hooks
+from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
 from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
 from mi_prun.select.costs import set_cost
@@ -115,28 +119,18 @@ class PrefixScorer:
         pre = self.cache.prefix
         if pre is not None and pre["batch_size"] == self.batch_size and set(self.starts) <= set(pre["states"]):
             return pre
-        from mi_prun.evaluate import token_nll
-        from mi_prun.models import find_blocks
-        from mi_prun.models.surgery import pruned_view
-
         copy = pruned_view(self.model, [])  # hooks go on a weight-sharing copy, never on the shared model
         blocks = find_blocks(copy).blocks
         states: dict[int, list[torch.Tensor]] = {b: [] for b in self.starts}
         formats: dict[int, int] = {}  # block -> 0 (returns a tensor) or the length of its tuple
 
-        def make_hook(b: int):
-            def hook(module, args, output):
-                formats[b] = len(output) if isinstance(output, (tuple, list)) else 0
-                if b + 1 in states:
-                    states[b + 1].append((output[0] if formats[b] else output).detach())
-            return hook
+        def keep(b: int, output: Any) -> None:
+            formats[b] = len(output) if isinstance(output, (tuple, list)) else 0
+            if b + 1 in states:
+                states[b + 1].append(hidden_of(output).detach())
 
-        handles = [blk.register_forward_hook(make_hook(b)) for b, blk in enumerate(blocks)]
-        try:
+        with output_hooks(dict(enumerate(blocks)), keep):
             total, count = token_nll(copy, self.ids, self.mask, batch_size=self.batch_size)
-        finally:
-            for h in handles:
-                h.remove()
         self.dense_passes += 1
         self.cache.prefix = {"states": states, "formats": formats, "dense_nll": total / max(count, 1),
                              "batch_size": self.batch_size}
@@ -149,10 +143,6 @@ class PrefixScorer:
     def nll(self, removed: Iterable[int], use_prefix: bool = True) -> float:
         """Mean NLL (nats) with `removed` skipped; one forward pass (from the first removed block
         with `use_prefix`). Not cached here: `score` is the cached entry point."""
-        from mi_prun.evaluate import token_nll
-        from mi_prun.models import find_blocks
-        from mi_prun.models.surgery import pruned_view
-
         rem = tuple(sorted(int(b) for b in removed))
         view = pruned_view(self.model, rem)
         first = rem[0]
@@ -173,12 +163,13 @@ class PrefixScorer:
                 calls[0] += 1
                 return h if not fmt else (h,) + (None,) * (fmt - 1)
 
-            # Instance attributes shadow the class's forward on the view's own block copies only;
-            # the shared model's blocks are untouched.
-            for pos in range(first - 1):
-                blocks[pos].forward = passthrough
-            blocks[first - 1].forward = replay
-        total, count = token_nll(view, self.ids, self.mask, batch_size=self.batch_size)
+            # The view's own block copies only: the shared model's blocks are untouched.
+            overrides = {blocks[pos]: passthrough for pos in range(first - 1)}
+            overrides[blocks[first - 1]] = replay
+        else:
+            overrides = {}
+        with forward_overrides(overrides):
+            total, count = token_nll(view, self.ids, self.mask, batch_size=self.batch_size)
         if count == 0:
             raise MiPrunError("no verification token to score (all masked). Fix: give longer samples.")
         return total / count
