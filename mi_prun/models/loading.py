@@ -22,6 +22,7 @@ from torch import nn
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.models.identity import model_identity
 from mi_prun.models.memory import check_memory, weights_bytes
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
@@ -110,9 +111,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What results record of the model: names, size, hub id and its identity (see
-        `mi_prun.results.model_identity`), so an analysis can refuse to prune another model."""
-        from mi_prun.results import model_identity
-
+        `mi_prun.models.identity.model_identity`), so an analysis can refuse to prune another model."""
         return {
             "spec": self.spec,
             "source": self.source,
