@@ -129,7 +129,7 @@ def test_contradictory_or_unknown_flags_refused(argv, fragment, saved, capsys):
 
 
 def test_help_shows_every_default_and_the_choices(capsys):
-    from mi_prun.select import RUN_COST_DESCRIPTIONS, SELECTORS
+    from mi_prun.select import SELECTORS, run_cost_descriptions
 
     def squash(text: str) -> str:  # argparse wraps lines, also at hyphens: compare without whitespace
         return "".join(text.split())
@@ -140,7 +140,7 @@ def test_help_shows_every_default_and_the_choices(capsys):
         assert squash(f"(default: {value})") in text, value
     for name, sel in SELECTORS.items():
         assert squash(f"{name}: {sel.description}") in text
-    for name, desc in RUN_COST_DESCRIPTIONS.items():
+    for name, desc in run_cost_descriptions().items():
         assert squash(f"{name}: {desc}") in text
     d = AnalysisConfig()
     assert main(["analyze", "--help"]) == 0
