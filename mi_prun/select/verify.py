@@ -276,7 +276,8 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
         if len(cand.removed) == problem.n and (best is None or _better(row["nll"], best["nll"])):
             state["best"] = row
         if progress is not None and not cached:
-            progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)}/{budget}: NLL {value:.4f}")
+            progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)} of at most {budget} "
+                     f"({budget - len(seen)} left in the budget): NLL {value:.4f}")
         log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), value, " (cached)" if cached else "")
         return row["nll"]
 
@@ -327,6 +328,8 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
                 added[k] = value - best_back[0]
         return state["best"] is not before
 
+    if progress is not None:
+        progress("verify", 0.0, f"0 of at most {budget} sets scored")
     for cand in cands:
         score(cand, "candidate")
     if state["best"] is None:
