@@ -25,7 +25,7 @@ from typing import Any
 
 from mi_prun.config import AnalysisConfig, EvalConfig, HealConfig, SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.progress import Progress
+from mi_prun.progress import Progress, time_left_text
 
 # ----------------------------------------------------------------------------------------------
 # settings the operator controls through the environment (never through the UI)
@@ -316,6 +316,11 @@ class ProgressTracker:
         if left < 90:
             return f"about {left:.0f} s left"
         return f"about {left / 60:.0f} min left"
+
+
+def progress_text(message: str, left: float | None, fraction: float) -> str:
+    """A progress bar's text: the library's message and the time left (`mi_prun.progress.TimeLeft`)."""
+    return message if fraction >= 1.0 else f"{message} - {time_left_text(left)}"
 
 
 def cancellable(progress: Progress | None, should_cancel: Callable[[], bool]) -> Progress:

@@ -26,7 +26,8 @@ import streamlit as st
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun_app import state
-from mi_prun_app.tables import csv_bytes
+from mi_prun_app.labels import MISSING
+from mi_prun_app.tables import csv_bytes, displayed
 
 PAGES = {
     "setup": "pages/1_setup.py",
@@ -257,9 +258,14 @@ def chart(fig: Any, key: str, caption: str) -> None:
     st.caption(caption)
 
 
-def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, height: int | str = "auto") -> None:
-    """A table with a CSV download button under it."""
-    st.dataframe(df, width="stretch", hide_index=True, key=f"df_{key}", height=height)
+def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, height: int | str = "auto",
+          missing: str = "no value") -> None:
+    """A table with a CSV download button under it. Cells without a value read "—" (never None or
+    nan), and the caption says what that means (`missing`)."""
+    shown, has_missing = displayed(df)
+    if has_missing:
+        caption = (caption + " " if caption else "") + f"{MISSING} = {missing}."
+    st.dataframe(shown, width="stretch", hide_index=True, key=f"df_{key}", height=height)
     cols = st.columns([1, 3])
     cols[0].download_button("Download CSV", data=csv_bytes(df), file_name=f"{name}.csv",
                             mime="text/csv", key=f"csv_{key}", icon=":material/download:")

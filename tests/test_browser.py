@@ -152,7 +152,7 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                     page.get_by_text("Forward passes", exact=True).wait_for(timeout=LONG)
                 if title == "Prune and export":
                     page.get_by_role("button", name="Compute perplexity").click()
-                    page.locator("[data-testid=stPlotlyChart]").get_by_text("Perplexity against blocks removed", exact=False).first.wait_for(timeout=LONG)
+                    page.locator("[data-testid=stPlotlyChart]").get_by_text("Perplexity with", exact=False).first.wait_for(timeout=LONG)
                     _settled(page)
                     page.get_by_role("button", name="Export", exact=True).click()
                     page.get_by_text("Exported to", exact=False).first.wait_for(timeout=LONG)
