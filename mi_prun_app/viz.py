@@ -59,7 +59,10 @@ def _layout(fig: go.Figure, title: str | None = None, height: int = 360, legend_
     Call it last: it reads the traces."""
     if legend_rows is None:
         legend_rows = int(len(fig.data) > 1 and fig.layout.showlegend is not False)
-    top = MODEBAR_PX + (TITLE_PX if title else 0) + LEGEND_ROW_PX * max(int(legend_rows), 0) + 4
+    # Subplot titles (make_subplots) hang above the top of their plots: a row for them too.
+    above = any(a.yanchor == "bottom" and a.y is not None and a.y >= 1 for a in fig.layout.annotations or ())
+    top = (MODEBAR_PX + (TITLE_PX if title else 0) + (TITLE_PX if above else 0)
+           + LEGEND_ROW_PX * max(int(legend_rows), 0) + 4)
     total = max(int(height), top + 220)
     fig.update_layout(template="plotly_white", height=total,
                       margin=dict(l=50, r=20, t=top, b=45),
