@@ -31,10 +31,9 @@ import torch
 from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.models import load_model
 from mi_prun.pipeline import analyze
-from mi_prun.select import NLLCache
-from mi_prun.select.candidates import propose
-from mi_prun.select.registry import check_analysis, make_problem, select
-from mi_prun.select.verify import verified_search, verified_select
+from mi_prun.select import NLLCache, PrefixScorer, propose, select, verified_search, verified_select
+from mi_prun.select.registry import check_analysis, make_problem
+from mi_prun.select.scorer import resolve_tokens
 
 
 def synthetic(seeds: int = 20, n_blocks: int = 30) -> dict:
@@ -111,8 +110,6 @@ def main() -> None:
     v = sel.verification
 
     # The dense pass alone, timed on the same tokens (the search's first set paid for it).
-    from mi_prun.select.verify import PrefixScorer, resolve_tokens
-
     problem = make_problem(analysis, cfg)
     ids, mask, _ = resolve_tokens(None, loaded.tokenizer, analysis, cfg, cache)
     t0 = time.perf_counter()
