@@ -57,7 +57,7 @@ def synthetic(seeds: int = 20, n_blocks: int = 30) -> dict:
             problem = Problem(n_blocks=n_blocks, n=n, block_mi=harm, span=span, C=cost_matrix(span, None, "neg-mi"),
                               allowed=allowed, baselines={}, seed=0)
 
-            def nll(removed: tuple[int, ...]) -> tuple[float, bool]:
+            def nll(removed: tuple[int, ...], harm=harm, pair=pair) -> tuple[float, bool]:
                 r = list(removed)
                 return float(harm[r].sum() + pair[np.ix_(r, r)].sum() / 2), False
 

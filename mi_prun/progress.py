@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Progress = Callable[[str, float, str], None]
 FractionProgress = Callable[[float], None]  # inner loops that report only a fraction of their own work

@@ -85,7 +85,7 @@ def healed_model(analysis: Any, removed: Sequence[int]) -> tuple[Any, Any]:
     left = TimeLeft()
 
     def on_progress(stage: str, fraction: float, message: str = "") -> None:
-        bar.progress(int(round(100 * min(max(fraction, 0.0), 1.0))),
+        bar.progress(round(100 * min(max(fraction, 0.0), 1.0)),
                      text=f"Healing blocks {list(rem)}: "
                           + state.progress_text(message or stage, left.update(stage, fraction), fraction))
 
