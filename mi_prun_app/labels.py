@@ -20,6 +20,7 @@ METHOD_LABELS: dict[str, str] = {
     "shortgpt": "ShortGPT (cosine BI)",
     "angular": "Angular distance",
     "sleb": "SLEB",
+    "mi-guided": "MI-guided greedy",
     "random": "Random",
     "dense": "Dense (unpruned)",
 }

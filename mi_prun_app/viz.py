@@ -31,6 +31,7 @@ METHOD_COLORS: dict[str, str] = {
     "shortgpt": "#0072B2",    # cosine Block Influence (blue)
     "angular": "#009E73",     # angular distance (bluish green)
     "sleb": "#56B4E9",        # SLEB (sky blue)
+    "mi-guided": "#8C564B",   # MI-guided greedy on calibration NLL (brown)
     "random": "#999999",      # random (grey)
     "dense": "#222222",       # the unpruned model
 }
