@@ -445,10 +445,11 @@ def test_cancel_during_verification_leaves_the_page_usable(shared_model, fresh_n
     calls = {"n": 0}
 
     def cancel_during_the_fourth_pass() -> bool:
-        # Checked once before the first pass and after every pass: the 5th check comes after the
-        # 4th pass, as if Cancel was pressed while it ran.
+        # Checked twice before the first pass (the page's start, then the search's 0 % report that
+        # starts the time-left clock) and after every pass: the 6th check comes after the 4th pass,
+        # as if Cancel was pressed while it ran.
         calls["n"] += 1
-        return calls["n"] > 4
+        return calls["n"] > 5
 
     monkeypatch.setattr(search, "_cancel_requested", cancel_during_the_fourth_pass)
     at.switch_page(PAGES["fbs"]).run()
@@ -840,3 +841,18 @@ def test_app_library_and_cli_remove_the_same_blocks_by_default(tmp_path, monkeyp
     assert lib_verified.verified and cli_verified.verified
     assert sorted(trace(col, "MI-PRUN (FBS) verified removed")["y"]) == list(lib_verified.removed) \
         == list(cli_verified.removed)
+
+
+def test_progress_text_says_the_time_left():
+    """The app's bars (verification, healing, the perplexity curve) put the time left after the
+    library's message, estimated by `mi_prun.progress.TimeLeft`; a finished step says only its message."""
+    from mi_prun.progress import TimeLeft
+
+    now = [0.0]
+    left = TimeLeft(clock=lambda: now[0])
+    left.update("verify", 0.0)
+    now[0] = 12.0
+    text = state.progress_text("set 3 of at most 22 (19 left in the budget): NLL 3.1", left.update("verify", 3 / 22),
+                               3 / 22)
+    assert text == "set 3 of at most 22 (19 left in the budget): NLL 3.1 - about 76 s left"
+    assert state.progress_text("22 sets scored", 0.0, 1.0) == "22 sets scored"
