@@ -224,7 +224,7 @@ def test_benchmark_quick_mode_runs_every_method():
     methods = {r["method"] for r in rows}
     assert methods == {"verified", "mi-guided", "fbs (one pass)", "shortgpt", "angular", "random", "sleb"}
     for r in rows:
-        assert len(r["removed"]) == r["n"] and r["seconds"] >= 0 and math.isfinite(r["forward_passes"])
+        assert len(r["removed"]) == r["n"] and math.isfinite(r["forward_passes"])
     from mi_prun.select.counts import allowed_blocks
 
     removable = len(allowed_blocks(6, SelectConfig().protect_ends))  # tiny-llama: 6 blocks
@@ -428,7 +428,7 @@ def test_stopping_when_only_put_back_sets_are_left_changes_no_answer():
         pair = rng.normal(0.0, 1.0, (L, L)) if seed % 2 else np.zeros((L, L))
         problem = _synthetic_problem(harm, n)
 
-        def nll(removed):
+        def nll(removed, harm=harm, pair=pair):
             r = list(removed)
             return float(harm[r].sum() + pair[np.ix_(r, r)].sum() / 2), False
 
@@ -439,7 +439,7 @@ def test_stopping_when_only_put_back_sets_are_left_changes_no_answer():
             cut = verified_search(problem, cands, nll, budget)
             assert cut["best"]["removed"] == full["best"]["removed"], (seed, budget)
             assert cut["best"]["nll"] == full["best"]["nll"]
-            sized = lambda out: [r["removed"] for r in out["scored"] if len(r["removed"]) == n]  # noqa: E731
+            sized = lambda out, n=n: [r["removed"] for r in out["scored"] if len(r["removed"]) == n]  # noqa: E731
             assert sized(cut) == sized(full)  # every set of n blocks the full search scores, in order
             assert len(cut["scored"]) <= len(full["scored"]) <= budget
             saved += len(full["scored"]) - len(cut["scored"])
