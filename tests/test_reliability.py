@@ -555,7 +555,7 @@ def test_killed_export_and_save_leave_no_complete_looking_target(tmp_path, analy
     # what the kill left behind is hidden (.<name>.*) and never at a target path
     for p in tmp_path.iterdir():
         if p.name.startswith("."):
-            assert not p.name.lstrip(".") in modes
+            assert p.name.lstrip(".") not in modes
         else:
             assert p.name in ("export-overwrite", "save-overwrite"), p
     # and loading the hidden partial folders is not needed for anything: the targets are usable

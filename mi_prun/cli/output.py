@@ -8,7 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
 from mi_prun.progress import TimeLeft, time_left_text
+from mi_prun.results import rank_blocks
 
 BLOCK_NOTE = "Blocks are numbered from 0."
 
@@ -25,8 +30,6 @@ class TqdmProgress:
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         left = self.time_left.update(stage, fraction)
         bar = self.bars.get(stage)
         if bar is None:
@@ -52,11 +55,6 @@ class TqdmProgress:
 
 def format_analysis(analysis) -> str:
     """Blocks ranked by redundancy (rank 0 = highest MI) next to the baselines' scores."""
-    import numpy as np
-    import pandas as pd
-
-    from mi_prun.results import rank_blocks
-
     L = analysis.n_blocks
     bi = analysis.baselines.get("cosine_bi")
     ang = analysis.baselines.get("angular")
@@ -133,8 +131,6 @@ def format_verification(sel) -> list[str]:
 
 
 def format_compare(rows, n: int, n_blocks: int, run_cost: str) -> str:
-    import pandas as pd
-
     out = [f"n = {n} of {n_blocks} blocks, run cost {run_cost}. {BLOCK_NOTE}"]
     table = pd.DataFrame([r for r in rows if r.get("feasible", True)])
     cols = [c for c in ("method", "removed", "objective", "gap", "rel_gap", "seconds", "span_lookups")

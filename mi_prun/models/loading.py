@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import find_blocks, input_device
 from mi_prun.models.identity import model_identity
 from mi_prun.models.memory import check_memory, weights_bytes
+from mi_prun.models.tiny import tiny_model
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
     ZOO,
@@ -136,6 +138,7 @@ def _is_encoder_config(config: Any) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return True
     try:
+        # optional: a private transformers path that may move between versions
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
     except ImportError:
         return False
@@ -269,8 +272,6 @@ def _damaged_config(what: str, exc: BaseException) -> MiPrunError:
 
 
 def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) -> Any:
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
     except MiPrunError:
@@ -300,8 +301,6 @@ def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) ->
 
 
 def _load_weights(spec: str, source: str, config: Any, kwargs: dict) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     try:
         model, loading_info = AutoModelForCausalLM.from_pretrained(
             source, config=config, output_loading_info=True, **kwargs)
@@ -343,8 +342,6 @@ def load_model(
     for it. check_memory_first: refuse weights larger than the free memory of the device before
     loading (skipped with a device_map, or when the size is unknown).
     """
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     is_path = isinstance(spec, os.PathLike)
     spec = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
@@ -357,8 +354,6 @@ def load_model(
     info: dict = {}
     family = None if is_path else tiny_family(spec)
     if family is not None:
-        from mi_prun.testing import tiny_model
-
         model, tokenizer = tiny_model(family)
         model = model.to(device=dev, dtype=dt)
         source = spec

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import (
@@ -95,8 +96,6 @@ def _validate_remove(remove: Iterable[Any], n_blocks: int) -> tuple[int, ...]:
 
 def _fix_config_inplace(config: Any, kept: Sequence[int], n_old: int, where: str = "config") -> None:
     """Shrink every block-count-dependent field of `config` (and its text sub-configs) in place."""
-    from transformers import PretrainedConfig
-
     n_new = len(kept)
     if num_layers_of(config) == n_old:
         for key in NUM_LAYER_KEYS:

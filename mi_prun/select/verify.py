@@ -1,4 +1,4 @@
-"""Verified selection: MI candidates checked by a few forward passes (DESIGN.md section 5).
+"""Verified selection: MI candidates checked by a few forward passes of the pruned model.
 
 Every one-pass criterion is a proxy for the pruned model's loss and fails on some model. The
 verified search takes the candidate sets of all of them (`candidates.propose`, no forward pass),
