@@ -393,7 +393,7 @@ def candidates_figure(selection: Any) -> go.Figure:
                                  line=dict(color=color("dense"), dash="dot"), hoverinfo="skip"))
     fig.update_xaxes(title_text="removed blocks (best first)", type="category")
     fig.update_yaxes(title_text="verification NLL (nats/token, lower = better)")
-    return _layout(fig, "Verified search: every candidate set checked by a forward pass", height=340)
+    return _layout(fig, "Verified search: each set's NLL", height=340)  # short: a narrow column, no wrap
 
 
 def comparison_figure(rows: Iterable[Mapping[str, Any]]) -> go.Figure:
