@@ -85,6 +85,8 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
     device = input_device(model)
     bs = max(1, int(batch_size))
     total, count = 0.0, 0
+    if progress is not None:
+        progress(stage, 0.0, f"0 of {ids.shape[0]} sequences")
     with torch.inference_mode():
         for start in range(0, ids.shape[0], bs):
             x = ids[start:start + bs].to(device)
@@ -101,7 +103,7 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
                 count += int(valid.sum())
             if progress is not None:
                 done = min(start + bs, ids.shape[0])
-                progress(stage, done / ids.shape[0], f"batch {done}/{ids.shape[0]}")
+                progress(stage, done / ids.shape[0], f"{done} of {ids.shape[0]} sequences")
     return total, count
 
 

@@ -1,9 +1,10 @@
 """Streamlit glue of healing (`mi_prun.heal`): the prune page's "heal with a linear bridge" switch.
 
 - `refusal`: the library's one-line refusal (`check_healable`) for a removed set, or None.
-- `healed_model`: the healed pruned model of a removed set, shared by every session like the models
-  (`st.cache_resource`; a `pruned_view` sharing the original's weights except the folded ones, so the
-  cached original never changes). Calibration tokens follow `HealConfig()` (smaller in test mode).
+- `healed_model`: the healed pruned model of a removed set, healed once (with a progress bar and the
+  time left) and shared by every session like the models (a server-wide `Memo`; a `pruned_view`
+  sharing the original's weights except the folded ones, so the cached original never changes).
+  Calibration tokens follow `HealConfig()` (smaller in test mode).
 - `healed_ppl` / `healed_generation`: perplexity and a generation sample of the healed model, cached
   per removed set like the unhealed ones.
 """
@@ -18,6 +19,7 @@ import streamlit as st
 from mi_prun.config import HealConfig
 from mi_prun.evaluate import generate_sample, perplexity
 from mi_prun.heal import HealRefused, check_healable, heal, heal_calibration
+from mi_prun.progress import Progress, TimeLeft
 from mi_prun_app import state
 from mi_prun_app.ui import _spec, _trust_remote_code, eval_text, get_model, model_for
 
@@ -48,18 +50,45 @@ def _calibration(spec: str, trust_remote_code: bool, key: tuple):
     return heal_calibration(get_model(spec, trust_remote_code), HealConfig(**dict(key)))
 
 
-@st.cache_resource(show_spinner=False, max_entries=16)
-def _healed(spec: str, trust_remote_code: bool, removed: tuple[int, ...], key: tuple):
-    loaded = get_model(spec, trust_remote_code)
-    return heal(loaded.model, list(removed), _calibration(spec, trust_remote_code, key), config=HealConfig(**dict(key)))
+@st.cache_resource(show_spinner=False)
+def _healed_memo() -> state.Memo:
+    return state.Memo(maxsize=16)
+
+
+def _healed(spec: str, trust_remote_code: bool, removed: tuple[int, ...], key: tuple,
+            progress: Progress | None = None):
+    """The healed model of `removed`, healed once per server (in a `Memo`, not `st.cache_resource`:
+    its progress bar lives outside the function, which a cached function may not write to)."""
+    memo_key = repr((spec, trust_remote_code, removed, key))
+    got = _healed_memo().get(memo_key)
+    if got is None:
+        loaded = get_model(spec, trust_remote_code)
+        got = heal(loaded.model, list(removed), _calibration(spec, trust_remote_code, key),
+                   config=HealConfig(**dict(key)), progress=progress)
+        _healed_memo().put(memo_key, got)
+    return got
 
 
 def healed_model(analysis: Any, removed: Sequence[int]) -> tuple[Any, Any]:
-    """(healed pruned model, `Healing` record) for `removed`; raises `HealRefused` (one line)."""
+    """(healed pruned model, `Healing` record) for `removed`; raises `HealRefused` (one line).
+    Healing that has not run on this server yet shows a progress bar with the time left."""
     model_for(analysis)
     rem = tuple(sorted(int(b) for b in removed))
-    with st.spinner(f"Healing blocks {list(rem)}: fitting a bridge per removed run (once per server)..."):
-        return _healed(_spec(analysis), _trust_remote_code(), rem, heal_key(analysis))
+    args = (_spec(analysis), _trust_remote_code(), rem, heal_key(analysis))
+    if _healed_memo().get(repr(args)) is not None:
+        return _healed(*args)
+    bar = st.progress(0, text=f"Healing blocks {list(rem)}: fitting a bridge per removed run (once per server)")
+    left = TimeLeft()
+
+    def on_progress(stage: str, fraction: float, message: str = "") -> None:
+        bar.progress(round(100 * min(max(fraction, 0.0), 1.0)),
+                     text=f"Healing blocks {list(rem)}: "
+                          + state.progress_text(message or stage, left.update(stage, fraction), fraction))
+
+    try:
+        return _healed(*args, progress=on_progress)
+    finally:
+        bar.empty()
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -74,7 +103,7 @@ def _healed_ppl(spec: str, trust_remote_code: bool, removed: tuple[int, ...], ke
 def healed_ppl(analysis: Any, removed: Sequence[int]) -> dict:
     """Perplexity of the healed model under the app's protocol; raises `HealRefused`."""
     cfg = state.eval_config()
-    healed_model(analysis, removed)  # refuses, or heals with a spinner, before the cached evaluation
+    healed_model(analysis, removed)  # refuses, or heals with a progress bar, before the cached evaluation
     return _healed_ppl(_spec(analysis), _trust_remote_code(), tuple(sorted(int(b) for b in removed)), heal_key(analysis),
                        cfg.data, cfg.seq_len, int(cfg.max_windows), cfg.batch_size)
 

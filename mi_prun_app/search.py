@@ -22,9 +22,11 @@ import streamlit as st
 
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.progress import TimeLeft
 from mi_prun.select import NLLCache, select
 from mi_prun.select.counts import allowed_blocks
 from mi_prun_app import state, tables, viz
+from mi_prun_app.labels import proposer_label
 from mi_prun_app.ui import chart, model_for, protect_on, selection, table
 
 SEARCH_MODES = ("One pass", "Verified")
@@ -166,8 +168,11 @@ def verified(analysis: Any, method: str, n: int, passes: int | str, area: Any = 
             bar = st.progress(0, text="preparing the verification tokens and the candidates")
             st.button("Cancel verification", key="verify_cancel", on_click=_request_cancel, icon=":material/stop:")
 
+        left = TimeLeft()
+
         def on_progress(stage: str, fraction: float, message: str = "") -> None:
-            bar.progress(int(round(100 * min(max(fraction, 0.0), 1.0))), text=message or stage)
+            bar.progress(int(round(100 * min(max(fraction, 0.0), 1.0))),
+                         text=state.progress_text(message or stage, left.update(stage, fraction), fraction))
 
         progress = state.cancellable(on_progress, _cancel_requested)
         progress("verify", 0.0, "preparing the verification tokens and the candidates")  # a cancel already clicked
@@ -239,7 +244,7 @@ def verified_section(sel: Any, n: int) -> None:
     m[0].metric("Verified answer removes", _blocks(sel.removed),
                 help=f"Verification NLL {sel.nll:.4f} nats/token (perplexity {math.exp(sel.nll):.2f} on the "
                      "verification tokens).")
-    m[1].metric("Winner proposed by", sel.winner_source or "-",
+    m[1].metric("Winner proposed by", proposer_label(sel.winner_source),
                 help="The first criterion that proposed the winning set (all of them are in the table).")
     m[2].metric("Forward passes", f"{sel.forward_passes} of {v.get('budget', '?')}",
                 help=f"New passes this search spent; sets measured before cost none. Dense passes this time: "
@@ -255,16 +260,16 @@ def verified_section(sel: Any, n: int) -> None:
     st.caption(f"{sel.forward_passes} new forward passes, {v.get('dense_passes', 0)} dense pass"
                + ("" if dense is None else f" (dense NLL {dense:.4f})")
                + f", {state.fmt_seconds(sel.seconds)}. Winner: blocks {_blocks(sel.removed)} from "
-               f"{sel.winner_source}; the one-pass answer {_blocks(sel.one_pass_removed)} "
+               f"{proposer_label(sel.winner_source)}; the one-pass answer {_blocks(sel.one_pass_removed)} "
                + ("was kept." if gap is not None and gap == 0 else
                   ("was not scored." if gap is None else f"loses by {gap:.4f} nats per token.")))
     left, right = st.columns([3, 2], gap="large")
     with left:
         table(tables.verified_candidates_frame(sel), f"verified_candidates_n{n}", "verify_candidates",
-              "Every set the search scored, in order: proposers (first = the one that counts; fbs-pool = a "
-              "prune pool FBS visited, exact:<cost>#k = the k-th best set under that run cost, exchange: / "
-              "swap: = local search from that set, put-back: = a step of an exchange), MI objective, "
-              "verification NLL and exp(NLL); cached = measured before, free.")
+              "Every set the search scored, in order: proposers (first = the one that counts; FBS pool = a "
+              "prune pool FBS visited, MI exact optimum (cost), k-th best = the k-th best set under that run "
+              "cost, exchange / swap from = local search from that set, put back = a step of an exchange), "
+              "MI objective, verification NLL and exp(NLL); cached = measured before, free.")
     with right:
         chart(viz.candidates_figure(sel), "verify_candidates_chart",
               "Best set on the left. Vermillion: the winner; light: sets found by exchanging or swapping blocks of "

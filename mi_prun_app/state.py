@@ -27,7 +27,7 @@ from mi_prun.config import AnalysisConfig, EvalConfig, HealConfig, SelectConfig
 from mi_prun.data import WIKITEXT_FILES, data_dir, decode_bytes, parse_jsonl
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import ESTIMATORS
-from mi_prun.progress import Progress
+from mi_prun.progress import Progress, time_left_text
 from mi_prun.select import resolve_n
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +314,11 @@ class ProgressTracker:
         if left < 90:
             return f"about {left:.0f} s left"
         return f"about {left / 60:.0f} min left"
+
+
+def progress_text(message: str, left: float | None, fraction: float) -> str:
+    """A progress bar's text: the library's message and the time left (`mi_prun.progress.TimeLeft`)."""
+    return message if fraction >= 1.0 else f"{message} - {time_left_text(left)}"
 
 
 def cancellable(progress: Progress | None, should_cancel: Callable[[], bool]) -> Progress:

@@ -13,10 +13,28 @@ import numpy as np
 import pandas as pd
 
 from mi_prun.results import rank_blocks
+from mi_prun_app.labels import MISSING, label, proposer_label, sel_label
 
 
 def csv_bytes(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False).encode("utf-8")
+
+
+def displayed(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """(`df` as a table shows it, whether a cell had no value). Streamlit draws a missing value as
+    "None" (and an empty text as nothing): such cells read `MISSING` instead, and the numbers of
+    their column are written with 6 significant digits (the column turns to text). The CSV
+    download keeps `df` itself (missing = empty)."""
+    out, missing = df.copy(), False
+    for col in out.columns:
+        values = out[col]
+        absent = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
+        if not absent.any():
+            continue
+        missing = True
+        out[col] = [MISSING if gone else (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v)
+                    for v, gone in zip(values, absent)]
+    return out, missing
 
 
 def block_ranks(scores: Any, descending: bool) -> np.ndarray:
@@ -115,6 +133,7 @@ def comparison_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for r in rows:
         r = dict(r)
         r["removed"] = " ".join(map(str, r["removed"])) if r.get("removed") is not None else ""
+        r["method"] = label(str(r.get("method")))  # the legends' words
         out.append(r)
     return pd.DataFrame(out)
 
@@ -131,8 +150,8 @@ def verified_candidates_frame(selection: Any) -> pd.DataFrame:
     for k, c in enumerate(selection.candidates or []):
         nll = c.get("nll")
         rows.append({"order": k, "removed": " ".join(map(str, c["removed"])),
-                     "proposed_by": (c.get("proposers") or [None])[0],
-                     "proposers": "; ".join(c.get("proposers") or []), "stage": c.get("stage"),
+                     "proposed_by": proposer_label((c.get("proposers") or [None])[0]),
+                     "proposers": "; ".join(map(proposer_label, c.get("proposers") or [])), "stage": c.get("stage"),
                      "objective": c.get("objective"), "nll": nll,
                      "ppl": None if nll is None else float(np.exp(nll)),
                      "nll_vs_winner": None if nll is None or selection.nll is None else nll - selection.nll,
@@ -142,8 +161,9 @@ def verified_candidates_frame(selection: Any) -> pd.DataFrame:
 
 
 def ppl_frame(points: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Perplexity points as one row per (method, n, removed set, verified): unhealed and healed
-    perplexity side by side, and healed / unhealed (below 1 = the bridge recovered quality)."""
+    """Perplexity points as one row per (method, n, removed set, verified): the method as the chart's
+    legend names it, unhealed and healed perplexity side by side, and healed / unhealed (below 1 =
+    the bridge recovered quality); no healed value where healing was off or refused."""
     cols = ["n", "method", "verified", "removed", "ppl", "ppl_healed", "healed_ratio"]
     merged: dict[tuple, dict[str, Any]] = {}
     for p in points:
@@ -153,5 +173,7 @@ def ppl_frame(points: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for row in merged.values():
         if row["ppl"] and row["ppl_healed"] is not None:
             row["healed_ratio"] = row["ppl_healed"] / row["ppl"]
-    return pd.DataFrame(list(merged.values()), columns=cols).sort_values(["n", "method", "verified"],
-                                                                          ignore_index=True)
+    df = pd.DataFrame(list(merged.values()), columns=cols).sort_values(["n", "method", "verified"],
+                                                                        ignore_index=True)
+    df["method"] = [sel_label(m, v) for m, v in zip(df["method"], df["verified"])]
+    return df

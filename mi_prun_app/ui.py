@@ -30,7 +30,8 @@ from mi_prun.evaluate import generate_sample, perplexity
 from mi_prun.models import load_model, pruned_view
 from mi_prun.select import compare, n_protected, select
 from mi_prun_app import state
-from mi_prun_app.tables import csv_bytes
+from mi_prun_app.labels import MISSING
+from mi_prun_app.tables import csv_bytes, displayed
 
 PAGES = {
     "setup": "pages/1_setup.py",
@@ -248,9 +249,14 @@ def chart(fig: Any, key: str, caption: str) -> None:
     st.caption(caption)
 
 
-def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, height: int | str = "auto") -> None:
-    """A table with a CSV download button under it."""
-    st.dataframe(df, width="stretch", hide_index=True, key=f"df_{key}", height=height)
+def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, height: int | str = "auto",
+          missing: str = "no value") -> None:
+    """A table with a CSV download button under it. Cells without a value read "—" (never None or
+    nan), and the caption says what that means (`missing`)."""
+    shown, has_missing = displayed(df)
+    if has_missing:
+        caption = (caption + " " if caption else "") + f"{MISSING} = {missing}."
+    st.dataframe(shown, width="stretch", hide_index=True, key=f"df_{key}", height=height)
     cols = st.columns([1, 3])
     cols[0].download_button("Download CSV", data=csv_bytes(df), file_name=f"{name}.csv",
                             mime="text/csv", key=f"csv_{key}", icon=":material/download:")

@@ -3,8 +3,10 @@
 Every builder is a pure function of an `Analysis`, a `Selection` or plain data; none imports
 Streamlit (the pages add the captions and show them). Colours of the selection methods come from
 one table, `METHOD_COLORS`, so a method looks the same in every chart (block MI is drawn in
-MI-PRUN's colour, cosine Block Influence in ShortGPT's, angular distance in the angular baseline's).
-Blocks are numbered from 0 on every axis.
+MI-PRUN's colour, cosine Block Influence in ShortGPT's, angular distance in the angular baseline's);
+their names from `mi_prun_app.labels`, the words the tables use too. Blocks are numbered from 0 on
+every axis. Every figure goes through `_layout`, which keeps the mode bar's strip clear of titles;
+log axes are labelled at 1-2-5 steps (`log_ticks`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mi_prun_app.labels import METHOD_LABELS, label, sel_label  # noqa: F401 (METHOD_LABELS: viz.METHOD_LABELS)
 from mi_prun_app.tables import angular_per_block
 
 # Okabe-Ito palette: distinguishable with the common colour-vision deficiencies.
@@ -28,20 +31,9 @@ METHOD_COLORS: dict[str, str] = {
     "shortgpt": "#0072B2",    # cosine Block Influence (blue)
     "angular": "#009E73",     # angular distance (bluish green)
     "sleb": "#56B4E9",        # SLEB (sky blue)
+    "mi-guided": "#8C564B",   # MI-guided greedy on calibration NLL (brown)
     "random": "#999999",      # random (grey)
     "dense": "#222222",       # the unpruned model
-}
-METHOD_LABELS: dict[str, str] = {
-    "fbs": "MI-PRUN (FBS)",
-    "exact": "MI exact optimum",
-    "topk": "MI top-k",
-    "local": "MI local search",
-    "exhaustive": "MI exhaustive",
-    "shortgpt": "ShortGPT (cosine BI)",
-    "angular": "Angular distance",
-    "sleb": "SLEB",
-    "random": "Random",
-    "dense": "Dense (unpruned)",
 }
 KEPT_COLOR = "#D9D9D9"
 VIOLATION_COLOR = "#000000"
@@ -51,24 +43,51 @@ def color(method: str) -> str:
     return METHOD_COLORS.get(method, "#555555")
 
 
-def label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+# Plotly's toolbar (the mode bar: 26 px tall, 2 px from the top, about 220 px wide at the top right)
+# shows on hover over any chart; nothing is drawn in the top strip it may cover, whatever the
+# chart's width: the title starts below it, then the legend, then the plot (subplot titles sit
+# right above their plots, so inside the margin too).
+MODEBAR_PX = 34
+TITLE_PX = 26
+LEGEND_ROW_PX = 24
 
 
-def sel_label(method: str, verified: bool = False, healed: bool = False) -> str:
-    """A method's label, marked when its selection was verified by forward passes or healed."""
-    return label(method) + (" verified" if verified else "") + (" healed" if healed else "")
-
-
-def _layout(fig: go.Figure, title: str | None = None, height: int = 360) -> go.Figure:
-    # Compact margins and a horizontal legend on top keep charts readable at 1366 x 768.
-    # The title sits at the very top and the legend just above the plot area, with room for both.
-    fig.update_layout(template="plotly_white", height=height,
-                      margin=dict(l=50, r=20, t=100 if title else 40, b=45),
+def _layout(fig: go.Figure, title: str | None = None, height: int = 360, legend_rows: int | None = None
+            ) -> go.Figure:
+    """Every figure's common layout (one place): the top strip left to the mode bar, the title
+    below it (in pixels from the top), `legend_rows` rows of horizontal legend above the plot (by
+    default one when the figure has more than one trace, Plotly's rule for showing a legend).
+    Call it last: it reads the traces."""
+    if legend_rows is None:
+        legend_rows = int(len(fig.data) > 1 and fig.layout.showlegend is not False)
+    # Subplot titles (make_subplots) hang above the top of their plots: a row for them too.
+    above = any(a.yanchor == "bottom" and a.y is not None and a.y >= 1 for a in fig.layout.annotations or ())
+    top = (MODEBAR_PX + (TITLE_PX if title else 0) + (TITLE_PX if above else 0)
+           + LEGEND_ROW_PX * max(int(legend_rows), 0) + 4)
+    total = max(int(height), top + 220)
+    fig.update_layout(template="plotly_white", height=total,
+                      margin=dict(l=50, r=20, t=top, b=45),
                       font=dict(size=12),
-                      title=dict(text=title, x=0.0, y=0.98, yanchor="top", font=dict(size=14)) if title else None,
+                      title=dict(text=title, x=0.0, xanchor="left", yref="container", yanchor="top",
+                                 y=1.0 - MODEBAR_PX / total, font=dict(size=14)) if title else None,
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
     return fig
+
+
+def log_ticks(values: Iterable[float], pad: float = 1.15) -> dict[str, Any]:
+    """A log axis labelled at 1-2-5 steps per decade (finer steps only when the data span less than
+    three of those), never at every minor tick: {"range", "tickvals", "ticktext"} for `update_yaxes`."""
+    vals = [float(v) for v in values if v is not None and np.isfinite(v) and v > 0]
+    if not vals:
+        return {}
+    lo, hi = min(vals) / pad, max(vals) * pad
+    for steps in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+                 for m in steps if lo <= m * 10.0 ** k <= hi]
+        if len(ticks) >= 3:
+            break
+    text = [f"{t:,.0f}" if t >= 10 else f"{t:g}" for t in ticks]
+    return {"range": [float(np.log10(lo)), float(np.log10(hi))], "tickvals": ticks, "ticktext": text}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +114,7 @@ def block_scores_figure(analysis: Any, removed: Iterable[int] = ()) -> go.Figure
                              hovertemplate=f"block %{{x}}<br>{name} %{{y:.4f}}<extra></extra>"), row=1, col=k)
         fig.update_xaxes(title_text="block", row=1, col=k, dtick=max(1, L // 10))
     fig.update_annotations(font_size=12)
-    fig = _layout(fig, height=330)
+    fig = _layout(fig, height=330, legend_rows=0)
     fig.update_layout(showlegend=False)  # the panel titles name each criterion
     return fig
 
@@ -285,22 +304,48 @@ def blocks_column_figure(n_blocks: int, removed_by_method: Mapping[str, Sequence
                                  hovertemplate=f"{name}<br>block %{{y}} removed<extra></extra>"))
     fig.update_yaxes(title_text="block (0 = first)", range=[-0.7, n_blocks - 0.3], dtick=max(1, n_blocks // 15))
     fig.update_xaxes(title_text=None)
-    fig = _layout(fig, "Which blocks each method removes", height=max(320, min(560, 13 * n_blocks + 150)))
-    fig.update_layout(showlegend=False, margin=dict(t=50))  # the x axis names every column
+    fig = _layout(fig, "Which blocks each method removes", height=max(320, min(560, 13 * n_blocks + 150)),
+                  legend_rows=0)
+    fig.update_layout(showlegend=False)  # the x axis names every column
     return fig
 
 
 def ppl_curve_figure(points: Iterable[Mapping[str, Any]], dense_ppl: float | None = None,
                      protocol: str | None = None) -> go.Figure:
-    """Perplexity against the number of removed blocks, one line per method (log scale); a point
-    with `verified` True belongs to the method's verified line (diamonds), one with `healed` True
-    to its healed line (dashed, same colour)."""
+    """Perplexity against the number of removed blocks, one line per method (log scale, labelled at
+    1-2-5 steps); a point with `verified` True belongs to the method's verified line (diamonds), one
+    with `healed` True to its healed line (dashed, same colour). With a single n computed there is no
+    curve to draw: one bar per method (healed ones hatched), the dense model's bar beside them."""
     by_line: dict[tuple[str, bool, bool], list[tuple[int, float]]] = {}
     for p in points:
         key = (str(p["method"]), bool(p.get("verified", False)), bool(p.get("healed", False)))
         by_line.setdefault(key, []).append((int(p["n"]), float(p["ppl"])))
+    lines = sorted(by_line.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1]))
+    ns = sorted({n for pts in by_line.values() for n, _ in pts})
+    dense_ok = dense_ppl is not None and np.isfinite(dense_ppl)
+    ys = [v for pts in by_line.values() for _, v in pts] + ([dense_ppl] if dense_ok else [])
     fig = go.Figure()
-    for (method, verified, healed), pts in sorted(by_line.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+    suffix = f" - {protocol}" if protocol else ""
+    if len(ns) == 1:
+        for (method, verified, healed), pts in lines:
+            name = sel_label(method, verified, healed)
+            v = min(v for _, v in pts)
+            fig.add_trace(go.Bar(x=[name], y=[v], name=name, text=[f"{v:.1f}"], textposition="outside",
+                                 marker=dict(color=color(method), pattern_shape="/" if healed else ""),
+                                 hovertemplate=f"{name}<br>{ns[0]} blocks removed<br>perplexity %{{y:.2f}}"
+                                               "<extra></extra>"))
+        if dense_ok:
+            name = label("dense")
+            fig.add_trace(go.Bar(x=[name], y=[dense_ppl], name=name, text=[f"{dense_ppl:.1f}"],
+                                 textposition="outside", marker=dict(color=color("dense")),
+                                 hovertemplate=f"{name}<br>perplexity %{{y:.2f}}<extra></extra>"))
+        fig.update_xaxes(title_text=f"{ns[0]} blocks removed (compute more n to see a curve)", type="category")
+        fig.update_yaxes(title_text="perplexity (log scale, lower = better)", type="log",
+                         **log_ticks(ys, pad=1.6))
+        fig = _layout(fig, f"Perplexity with {ns[0]} blocks removed{suffix}", height=380, legend_rows=0)
+        fig.update_layout(showlegend=False)  # the x axis names every bar
+        return fig
+    for (method, verified, healed), pts in lines:
         pts = sorted(set(pts))
         name = sel_label(method, verified, healed)
         fig.add_trace(go.Scatter(x=[n for n, _ in pts], y=[v for _, v in pts], mode="lines+markers", name=name,
@@ -309,17 +354,17 @@ def ppl_curve_figure(points: Iterable[Mapping[str, Any]], dense_ppl: float | Non
                                  marker=dict(symbol="diamond" if verified else "circle", size=8 if verified else 6),
                                  hovertemplate=f"{name}<br>%{{x}} blocks removed<br>"
                                                "perplexity %{y:.2f}<extra></extra>"))
-    if dense_ppl is not None and np.isfinite(dense_ppl):
+    if dense_ok:
         # A trace, not add_hline: on a log axis Plotly reads shape coordinates as log10 values,
         # which stretched the axis to 10^dense.
-        xs = [n for pts in by_line.values() for n, _ in pts] or [0]
-        fig.add_trace(go.Scatter(x=[min(xs) - 0.5, max(xs) + 0.5], y=[dense_ppl, dense_ppl], mode="lines",
-                                 name=f"dense {dense_ppl:.2f}", line=dict(color=color("dense"), dash="dot"),
+        fig.add_trace(go.Scatter(x=[ns[0] - 0.5, ns[-1] + 0.5] if ns else [-0.5, 0.5], y=[dense_ppl, dense_ppl],
+                                 mode="lines", name=f"dense {dense_ppl:.2f}", line=dict(color=color("dense"), dash="dot"),
                                  hovertemplate=f"dense {dense_ppl:.2f}<extra></extra>"))
     fig.update_xaxes(title_text="blocks removed", dtick=1)
-    fig.update_yaxes(title_text="perplexity (log scale, lower = better)", type="log")
-    return _layout(fig, "Perplexity against blocks removed" + (f" - {protocol}" if protocol else ""),
-                   height=380)
+    fig.update_yaxes(title_text="perplexity (log scale, lower = better)", type="log", **log_ticks(ys))
+    # Two legend entries a row: the prune page draws this chart in a column about 570 px wide.
+    return _layout(fig, "Perplexity against blocks removed" + suffix, height=380,
+                   legend_rows=(len(fig.data) + 1) // 2)
 
 
 def candidates_figure(selection: Any) -> go.Figure:
@@ -348,7 +393,7 @@ def candidates_figure(selection: Any) -> go.Figure:
                                  line=dict(color=color("dense"), dash="dot"), hoverinfo="skip"))
     fig.update_xaxes(title_text="removed blocks (best first)", type="category")
     fig.update_yaxes(title_text="verification NLL (nats/token, lower = better)")
-    return _layout(fig, "Verified search: every candidate set checked by a forward pass", height=340)
+    return _layout(fig, "Verified search: each set's NLL", height=340)  # short: a narrow column, no wrap
 
 
 def comparison_figure(rows: Iterable[Mapping[str, Any]]) -> go.Figure:

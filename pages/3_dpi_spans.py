@@ -78,4 +78,6 @@ else:
     table(viol, "dpi_violations", "violations", "The worst violations: value, its bound and the sub-span "
           "that gives the bound.")
 with st.expander("All spans as a table"):
-    table(tables.span_frame(analysis), "span_matrix", "spans")
+    table(tables.span_frame(analysis), "span_matrix", "spans",
+          missing="no value: a single block has no sub-span to bound it (DPI bound), or the estimator gives "
+                  "no normalised MI")

@@ -92,9 +92,10 @@ c1, c2 = st.columns([3, 2], gap="large")
 with c1:
     table(tables.comparison_frame(rows), f"methods_n{n}", "comparison",
           "gap = objective minus the exact optimum's (0 = optimal for the MI objective). Baselines do not "
-          "optimise this objective, so their gap shows how differently they choose.")
+          "optimise this objective, so their gap shows how differently they choose.",
+          missing="not measured for that method")
 with c2:
     chart(viz.comparison_figure(rows), "fbs_comparison",
           "Lower bars reach a lower MI objective. Colours are the same for each method on every page.")
 with st.expander("FBS trajectory as a table"):
-    table(tables.trajectory_frame(fbs), "fbs_trajectory", "trajectory")
+    table(tables.trajectory_frame(fbs), "fbs_trajectory", "trajectory", missing="empty or not recorded")

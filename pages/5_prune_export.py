@@ -18,7 +18,9 @@ from mi_prun.speed import compare_speed, model_size
 from mi_prun.export import export
 from mi_prun.heal import HealRefused
 from mi_prun.models import pruned_view
+from mi_prun.progress import TimeLeft
 from mi_prun_app import healing, search, state, tables, viz
+from mi_prun_app.labels import proposer_label
 from mi_prun_app.ui import (
     COMPARE_METHODS,
     chart,
@@ -86,7 +88,7 @@ with left:
           "(diamonds: MI-PRUN's verified answer). MI-PRUN tends to remove runs of neighbouring blocks (judged "
           "by their span MI); per-block baselines may scatter their choice.")
     if verified is not None:
-        st.caption(f"MI-PRUN verified removes {list(verified.removed)} (proposed by {verified.winner_source}, "
+        st.caption(f"MI-PRUN verified removes {list(verified.removed)} (proposed by {proposer_label(verified.winner_source)}, "
                    f"{verified.forward_passes} new forward passes); its one-pass answer was "
                    f"{list(verified.one_pass_removed or [])}. Candidates and NLLs: *Fast-Block-Select* page.")
 
@@ -121,9 +123,12 @@ with right:
                 dense = ppl(analysis, ())
             todo = [(m, k) for k in (range(1, n + 1) if do_curve else [n]) for m in methods] if (do_now or do_curve) else []
             bar = st.progress(0, text="perplexity") if todo else None
+            left = TimeLeft()
             for t, (m, k) in enumerate(todo):
                 s = chosen(m, k)
-                bar.progress(int(100 * t / len(todo)), text=f"{viz.sel_label(m, s.verified)}, {k} blocks removed")
+                bar.progress(int(100 * t / len(todo)), text=state.progress_text(
+                    f"{viz.sel_label(m, s.verified)}, {k} blocks removed ({t + 1} of {len(todo)} points)",
+                    left.update("perplexity", t / len(todo)), t / len(todo)))
                 base = {"method": m, "n": k, "removed": " ".join(map(str, s.removed)), "verified": bool(s.verified)}
                 for healed in ((False, True) if heal_on else (False,)):
                     try:
@@ -141,14 +146,19 @@ with right:
         if skipped_heal:
             st.caption(f"No healed point where the library refuses to heal (n = {sorted(skipped_heal)}).")
     if points:
+        ns = sorted({int(p["n"]) for p in points})
         chart(viz.ppl_curve_figure(points, dense_ppl=dense["ppl"] if dense else None,
                                     protocol=ppl_protocol_short()), "ppl_curve_chart",
-              "Each line is a method; dashed lines are the same selections healed with a linear bridge, "
-              "diamonds MI-PRUN's verified selection; the dotted line is the unpruned model. A flatter line "
-              "keeps quality longer as blocks are removed; the gap between a solid and a dashed line is what "
-              "healing recovers. Points are added as you explore (this session only).")
+              (f"Only n = {ns[0]} is computed so far: each bar is a method (hatched: healed with a linear "
+               "bridge) next to the unpruned model. Compute more n (\"Fill the curve\", or move the slider and "
+               "compute again) to see a curve." if len(ns) == 1 else
+               "Each line is a method; dashed lines are the same selections healed with a linear bridge, "
+               "diamonds MI-PRUN's verified selection; the dotted line is the unpruned model. A flatter line "
+               "keeps quality longer as blocks are removed; the gap between a solid and a dashed line is what "
+               "healing recovers. Points are added as you explore (this session only)."))
         table(tables.ppl_frame(points), "perplexity", "ppl_table",
-              ppl_protocol_text() + "; healed_ratio = healed / unhealed perplexity (below 1 = recovered).")
+              ppl_protocol_text() + "; healed_ratio = healed / unhealed perplexity (below 1 = recovered).",
+              missing="not computed (healing off for that point, or refused)")
     else:
         st.caption("Press a button to compute perplexity.")
 

@@ -19,6 +19,7 @@ import yaml
 from mi_prun.config import AnalysisConfig, EvalConfig, ExportConfig, SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun_app import state, tables
+from mi_prun_app.labels import MISSING, proposer_label
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -260,8 +261,10 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     quick = EvalConfig.quick()
     cfg = state.eval_config()
     assert (cfg.seq_len, cfg.max_windows) == (quick.seq_len, quick.max_windows)
-    curve = chart(at, "Perplexity against blocks removed")
+    curve = chart(at, "Perplexity with 2 blocks removed")  # one n: a bar per method, not a lone column of dots
     assert f"{quick.max_windows} windows x {quick.seq_len} tokens" in curve["layout"]["title"]["text"]
+    assert {t["type"] for t in curve["data"]} == {"bar"}
+    assert any("compute more n" in c.value.lower() for c in at.caption)
     # MI-PRUN's point is the library's default selection with the model at hand: verified.
     verified = select(analysis, config=state.select_config("fbs", 2, True, SelectConfig().verify_passes),
                       model=shared_model)
@@ -273,6 +276,7 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     assert fbs_point["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
     at.button(key="ppl_curve").click().run()
     assert {p["n"] for p in at.session_state["ppl_points"]} == {1, 2}
+    assert trace(chart(at, "Perplexity against blocks removed"), "MI-PRUN (FBS)")["mode"] == "lines+markers"
 
     at.button(key="gen").click().run()
     no_errors(at)
@@ -390,7 +394,7 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     assert lib.verified and lib.forward_passes > 0
     m = metrics_of(at)
     assert m["Verified answer removes"] == ", ".join(map(str, lib.removed))
-    assert m["Winner proposed by"] == lib.winner_source
+    assert m["Winner proposed by"] == proposer_label(lib.winner_source)
     assert m["Forward passes"] == f"{lib.forward_passes} of {lib.verification['budget']}"
     assert m["One-pass answer removes"] == ", ".join(map(str, select(analysis, "fbs", n=2).removed))
     assert m["FBS removes"] == m["One-pass answer removes"]  # FBS's own answer is still shown
@@ -441,10 +445,11 @@ def test_cancel_during_verification_leaves_the_page_usable(shared_model, fresh_n
     calls = {"n": 0}
 
     def cancel_during_the_fourth_pass() -> bool:
-        # Checked once before the first pass and after every pass: the 5th check comes after the
-        # 4th pass, as if Cancel was pressed while it ran.
+        # Checked twice before the first pass (the page's start, then the search's 0 % report that
+        # starts the time-left clock) and after every pass: the 6th check comes after the 4th pass,
+        # as if Cancel was pressed while it ran.
         calls["n"] += 1
-        return calls["n"] > 4
+        return calls["n"] > 5
 
     monkeypatch.setattr(search, "_cancel_requested", cancel_during_the_fourth_pass)
     at.switch_page(PAGES["fbs"]).run()
@@ -490,12 +495,16 @@ def test_heal_switch_adds_healed_lines_and_a_healed_export(shared_model, fresh_n
     assert healed["fbs"]["removed"] == plain["fbs"]["removed"] == " ".join(map(str, one_pass.removed))
     assert not healed["fbs"]["verified"]
     assert all(np.isfinite(p["ppl"]) for p in points)
-    fig = chart(at, "Perplexity against blocks removed")
-    assert trace(fig, "MI-PRUN (FBS) healed")["line"]["dash"] == "dash"
-    assert trace(fig, "ShortGPT (cosine BI) healed")["line"]["color"] == trace(fig, "ShortGPT (cosine BI)")["line"]["color"]
+    fig = chart(at, "Perplexity with 2 blocks removed")  # one n: bars, the healed ones hatched
+    assert trace(fig, "MI-PRUN (FBS) healed")["marker"]["pattern"]["shape"] == "/"
+    assert trace(fig, "ShortGPT (cosine BI) healed")["marker"]["color"] == trace(fig, "ShortGPT (cosine BI)")["marker"]["color"]
     frame = next(df.value for df in at.dataframe if "ppl_healed" in df.value.columns)
-    # the verified point measured before healing was on has no healed twin; the two healed sets do
-    assert frame["ppl_healed"].notna().sum() == 2 and frame["healed_ratio"].notna().sum() == 2
+    # the verified point measured before healing was on has no healed twin ("—", said in the caption);
+    # the two healed sets do; the table names methods as the chart's legend does
+    assert (frame["ppl_healed"] != MISSING).sum() == 2 and (frame["healed_ratio"] != MISSING).sum() == 2
+    assert "None" not in frame.astype(str).to_numpy().ravel().tolist()
+    assert set(frame["method"]) <= {t["name"] for t in fig["data"]}
+    assert any(f"{MISSING} = not computed" in c.value for c in at.caption)
     name = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
     name.set_value("tiny-healed").run()
     at.button(key="export").click().run()
@@ -832,3 +841,18 @@ def test_app_library_and_cli_remove_the_same_blocks_by_default(tmp_path, monkeyp
     assert lib_verified.verified and cli_verified.verified
     assert sorted(trace(col, "MI-PRUN (FBS) verified removed")["y"]) == list(lib_verified.removed) \
         == list(cli_verified.removed)
+
+
+def test_progress_text_says_the_time_left():
+    """The app's bars (verification, healing, the perplexity curve) put the time left after the
+    library's message, estimated by `mi_prun.progress.TimeLeft`; a finished step says only its message."""
+    from mi_prun.progress import TimeLeft
+
+    now = [0.0]
+    left = TimeLeft(clock=lambda: now[0])
+    left.update("verify", 0.0)
+    now[0] = 12.0
+    text = state.progress_text("set 3 of at most 22 (19 left in the budget): NLL 3.1", left.update("verify", 3 / 22),
+                               3 / 22)
+    assert text == "set 3 of at most 22 (19 left in the budget): NLL 3.1 - about 76 s left"
+    assert state.progress_text("22 sets scored", 0.0, 1.0) == "22 sets scored"

@@ -1,7 +1,9 @@
 """The app in a real browser: headless Debian chromium (Playwright) against `streamlit run`.
 
 Runs an analysis, opens every page, moves the blocks-to-remove slider, computes perplexity,
-exports and downloads the archive, and saves a screenshot of each page under
+exports and downloads the archive; on every page it hovers each chart and fails when a title (or a
+subplot title) lies under Plotly's mode bar, and fails when a table cell reads None (or nan); it
+saves a screenshot of each page under
 test-artifacts/screenshots/<model>/. The tiny random model runs in CI time; the same flow on the
 built-in smollm2-135m is marked `real_model`. With MI_PRUN_DOCS_SCREENSHOTS=1 the real-model
 screenshots are also copied to docs/screenshots/ (the README's pictures).
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
 DOCS = ROOT / "docs" / "screenshots"
-LONG = 600_000  # ms: a loaded 2-core CI machine needs minutes for the real model (verified search at n = 8: 41 passes)
+LONG = 1_200_000  # ms: a loaded 2-core CI machine needs minutes for the real model (verified search at n = 9: 45 sets of up to 12 s)
 NAV = ["Block MI", "DPI spans", "Fast-Block-Select", "Prune and export"]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -96,6 +98,53 @@ def _shot(page, path: Path) -> None:
     page.set_viewport_size({"width": 1366, "height": 768})
 
 
+_BOXES = """() => [...document.querySelectorAll('[data-testid=stPlotlyChart]')].map(c => {
+  const box = e => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+  const bar = c.querySelector('.modebar');
+  return {modebar: bar ? box(bar) : null,
+          titles: [...c.querySelectorAll('.g-gtitle .gtitle, .infolayer .annotation')]
+                    .filter(e => e.textContent.trim()).map(e => [e.textContent.trim(), box(e)])};
+})"""
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _titles_clear_of_the_mode_bar(page) -> int:
+    """Hover every chart (Plotly shows its mode bar on hover) and fail when a chart's title, or a
+    subplot's, intersects the mode bar's box. Returns the number of charts checked."""
+    charts = page.locator("[data-testid=stPlotlyChart]")
+    for k in range(charts.count()):
+        charts.nth(k).scroll_into_view_if_needed()
+        charts.nth(k).hover(position={"x": 5, "y": 5})
+        page.wait_for_timeout(200)
+        info = page.evaluate(_BOXES)[k]
+        assert info["modebar"] is not None, f"chart {k}: no mode bar drawn"
+        for text, box in info["titles"]:
+            assert not _overlap(box, info["modebar"]), \
+                f"chart {k}: title {text!r} at {box} is covered by the mode bar at {info['modebar']}"
+    return charts.count()
+
+
+def _no_none_cells(page) -> int:
+    """Fail when a table cell reads None or nan. The data grid draws on a canvas; the accessible
+    table it keeps beside it holds the cell texts, a missing value as an empty cell (drawn as
+    "None"), so an empty cell fails too. Returns the number of cells read."""
+    frames = page.locator("[data-testid=stDataFrame]")
+    read = 0
+    for k in range(frames.count()):
+        if not frames.nth(k).is_visible():
+            continue  # inside a closed expander
+        frames.nth(k).scroll_into_view_if_needed()
+        page.wait_for_timeout(200)
+        cells = frames.nth(k).evaluate("e => [...e.querySelectorAll('td')].map(t => t.textContent.trim())")
+        bad = [c for c in cells if c in ("", "None", "nan", "NaN", "<NA>", "null")]
+        assert not bad, f"table {k} shows missing values as {sorted(set(bad))!r} (as None on screen)"
+        read += len(cells)
+    return read
+
+
 def _no_exception(page) -> None:
     assert page.locator("[data-testid=stException]").count() == 0, page.locator(
         "[data-testid=stException]").first.inner_text()
@@ -108,6 +157,7 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
     shots.mkdir(parents=True, exist_ok=True)
     proc, url = _serve(env_extra, tmp_path)
     saved = {}
+    checked = {"charts": 0, "cells": 0}
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -152,8 +202,11 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                     page.get_by_text("Forward passes", exact=True).wait_for(timeout=LONG)
                 if title == "Prune and export":
                     page.get_by_role("button", name="Compute perplexity").click()
-                    page.locator("[data-testid=stPlotlyChart]").get_by_text("Perplexity against blocks removed", exact=False).first.wait_for(timeout=LONG)
+                    page.locator("[data-testid=stPlotlyChart]").get_by_text("Perplexity with", exact=False).first.wait_for(timeout=LONG)
                     _settled(page)
+                    # one n computed: bars (checked here), a curve once the other n are filled in (below)
+                    checked["charts"] += _titles_clear_of_the_mode_bar(page)
+                    checked["cells"] += _no_none_cells(page)
                     page.get_by_role("button", name="Export", exact=True).click()
                     page.get_by_text("Exported to", exact=False).first.wait_for(timeout=LONG)
                     _settled(page)
@@ -171,6 +224,13 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                     # placeholder), never the server's local cache path.
                     assert report["estimator"] and report["calibration"]
                     assert not os.path.isabs(report["source_model"]), report["source_model"]
+                    page.get_by_role("button", name="Fill the curve").click()
+                    page.locator("[data-testid=stPlotlyChart]").get_by_text(
+                        "Perplexity against blocks removed", exact=False).first.wait_for(timeout=LONG)
+                    _settled(page)
+                checked["charts"] += _titles_clear_of_the_mode_bar(page)
+                checked["cells"] += _no_none_cells(page)
+                page.mouse.move(0, 0)  # the mode bar hides again before the screenshot
                 name = f"{k}_{title.lower().replace(' ', '_').replace('-', '_')}.png"
                 _shot(page, shots / name)
                 saved[title] = shots / name
@@ -179,6 +239,7 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
         _stop(proc)
     exports = list((tmp_path / "exports").iterdir())
     assert len(exports) == 1 and (exports[0] / "mi_prun.json").is_file()
+    assert checked["charts"] >= 8 and checked["cells"] > 0, checked  # the checks saw every page's charts
     return saved
 
 

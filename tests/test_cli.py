@@ -100,3 +100,39 @@ def test_analyze_smollm2_small(tmp_path, capsys):
     a = Analysis.load(out)
     assert a.n_blocks == 30 and torch.isfinite(torch.from_numpy(a.block_mi)).all()
     assert "smollm2-135m" in capsys.readouterr().out
+
+
+def test_progress_bars_say_the_time_left_from_the_stage_s_own_rate():
+    """The CLI's bar text: the library's message and the time left, estimated from the progress
+    since the stage's first report (0.0 when it starts); a stage run again starts over."""
+    from mi_prun.cli.output import TqdmProgress
+    from mi_prun.progress import TimeLeft, time_left_text
+
+    now = [0.0]
+    left = TimeLeft(clock=lambda: now[0])
+    assert left.update("verify", 0.0) is None
+    now[0] = 10.0
+    assert left.update("verify", 0.25) == pytest.approx(30.0)  # 10 s for a quarter: 30 s for the rest
+    now[0] = 20.0
+    assert left.update("verify", 0.5) == pytest.approx(20.0)
+    assert left.update("verify", 0.1) is None  # went back: the stage started over
+    assert left.update("verify", 1.0) == 0.0
+    assert time_left_text(None) == "estimating the time left" and time_left_text(30) == "about 30 s left"
+    assert time_left_text(600) == "about 10 min left"
+    bars = TqdmProgress(enabled=True, clock=lambda: now[0])
+    bars("verify", 0.0, "0 of at most 22 sets scored")
+    now[0] = 30.0
+    bars("verify", 0.5, "set 11 of at most 22 (11 left in the budget)")
+    text = bars.bars["verify"].postfix
+    assert "11 left in the budget" in text and "about 10 s left" in text
+    bars("verify", 1.0, "done")
+    assert "verify" not in bars.bars
+    bars.close()
+
+
+def test_prune_reports_verification_progress_with_passes_left_and_time_left(tmp_path, capsys):
+    """A verified prune shows, on stderr, how many sets of the budget are left and the time left."""
+    out = tmp_path / "pruned"
+    assert main(["prune", *TINY, "--n", "2", "--verify-tokens", "32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "left in the budget" in err and ("s left" in err or "almost done" in err)

@@ -410,3 +410,37 @@ def test_later_exchanges_try_the_best_measured_block_first(monkeypatch):
     assert measured and all(math.isclose(v, harm[b]) for b, v in measured.items())
     eligible = [b for b in measured if b not in base and b != returned]
     assert order[0] == min(eligible, key=lambda b: harm[b])
+
+
+def test_stopping_when_only_put_back_sets_are_left_changes_no_answer():
+    """Once the budget left is no more than an exchange's unscored put-back sets (n - 1 blocks, never
+    the answer), the search stops: on synthetic NLL oracles (additive harm, and harm with pairwise
+    interactions), every budget gives the same winner and the same sets of n blocks as the search that
+    spends those passes, never more sets, and fewer on some budgets."""
+    from mi_prun.select.candidates import propose
+    from mi_prun.select.verify import verified_search
+
+    saved = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        L, n = 14, 2 + seed % 4
+        harm = rng.uniform(0.1, 10.0, L)
+        pair = rng.normal(0.0, 1.0, (L, L)) if seed % 2 else np.zeros((L, L))
+        problem = _synthetic_problem(harm, n)
+
+        def nll(removed, harm=harm, pair=pair):
+            r = list(removed)
+            return float(harm[r].sum() + pair[np.ix_(r, r)].sum() / 2), False
+
+        one = tuple(sorted(int(b) for b in np.argsort(-harm[1:-1])[:n] + 1))
+        cands = propose(problem, None, one, "fbs")
+        for budget in range(1, 80, 3):
+            full = verified_search(problem, cands, nll, budget, stop_early=False)
+            cut = verified_search(problem, cands, nll, budget)
+            assert cut["best"]["removed"] == full["best"]["removed"], (seed, budget)
+            assert cut["best"]["nll"] == full["best"]["nll"]
+            sized = lambda out, n=n: [r["removed"] for r in out["scored"] if len(r["removed"]) == n]  # noqa: E731
+            assert sized(cut) == sized(full)  # every set of n blocks the full search scores, in order
+            assert len(cut["scored"]) <= len(full["scored"]) <= budget
+            saved += len(full["scored"]) - len(cut["scored"])
+    assert saved > 0

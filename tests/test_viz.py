@@ -200,7 +200,9 @@ def test_candidates_figure_and_table():
     df = tables.verified_candidates_frame(sel)
     assert list(df["removed"]) == ["4 5", "2 3", "2 4"]  # scoring order
     assert list(df["winner"]) == [False, True, False] and list(df["one_pass"]) == [True, False, False]
-    assert df["proposed_by"][0] == "fbs" and df["proposers"][0] == "fbs; topk"
+    assert df["proposed_by"][0] == "MI-PRUN (FBS)" and df["proposers"][0] == "MI-PRUN (FBS); MI top-k"
+    assert df["proposed_by"][1] == "MI exact optimum (neg-mi), 2nd best"
+    assert df["proposed_by"][2] == "swap from MI exact optimum (neg-mi), 2nd best"
     np.testing.assert_allclose(df["nll_vs_winner"], [0.2, 0.0, 0.1], atol=1e-12)
     np.testing.assert_allclose(df["ppl"], np.exp([3.2, 3.0, 3.1]))
 
@@ -219,9 +221,10 @@ def test_ppl_curve_draws_verified_and_healed_lines_and_the_table_pairs_them():
     assert list(trace(fig, "MI-PRUN (FBS)").x) == [2]  # the one-pass point is its own line
     df = tables.ppl_frame(pts)
     assert len(df) == 3
-    row = df[(df["method"] == "fbs") & df["verified"]].iloc[0]
+    row = df[df["method"] == "MI-PRUN (FBS) verified"].iloc[0]  # the legend's words
     assert (row["ppl"], row["ppl_healed"], row["healed_ratio"]) == (20.0, 15.0, 0.75)
-    assert df[df["method"] == "shortgpt"]["ppl_healed"].isna().all()
+    assert df[df["method"] == "ShortGPT (cosine BI)"]["ppl_healed"].isna().all()
+    assert set(df["method"]) <= {t.name for t in fig.data}
 
 
 def test_blocks_column_marks_the_verified_selection():
@@ -229,3 +232,71 @@ def test_blocks_column_marks_the_verified_selection():
     ver = trace(fig, "MI-PRUN (FBS) verified removed")
     assert sorted(ver.y) == [2, 3] and ver.marker.symbol == "diamond"
     assert ver.marker.color == viz.METHOD_COLORS["fbs"]
+
+
+def test_tables_use_the_legends_words_and_never_show_none():
+    """A table row and a legend entry name a method the same; a missing value reads "—" on screen
+    (the CSV keeps it empty), never None or nan."""
+    import pandas as pd
+
+    from mi_prun_app import tables
+    from mi_prun_app.labels import MISSING, proposer_label
+
+    rows = [{"method": "fbs", "removed": [1, 2], "objective": 0.5, "gap": 0.0},
+            {"method": "shortgpt", "removed": [3, 4], "objective": 0.9, "gap": None},
+            {"method": "sleb", "removed": None, "feasible": False, "reason": "needs a model"}]
+    df = tables.comparison_frame(rows)
+    assert list(df["method"]) == ["MI-PRUN (FBS)", "ShortGPT (cosine BI)", "SLEB"]
+    assert list(df["method"][:2]) == [t for t in viz.comparison_figure(rows).data[0].x]  # the bars' labels
+    shown, missing = tables.displayed(df)
+    assert missing
+    cells = [str(v) for v in shown.to_numpy().ravel()]
+    assert not {"None", "nan", "NaN", "<NA>", ""} & set(cells) and MISSING in cells
+    assert shown.loc[0, "gap"] == "0" and shown.loc[1, "gap"] == MISSING
+    assert tables.csv_bytes(df).decode().splitlines()[2].startswith("ShortGPT (cosine BI),3 4,0.9,,")
+    same, none_missing = tables.displayed(pd.DataFrame({"a": [1.5, 2.0]}))
+    assert not none_missing and same["a"].tolist() == [1.5, 2.0]  # numbers stay numbers where none is missing
+    assert proposer_label("fbs-pool@2") == "MI-PRUN (FBS) pool, iteration 2"
+    assert proposer_label("exact:neg-mi#1") == "MI exact optimum (neg-mi)"
+    assert proposer_label("put-back:3") == "block 3 put back" and proposer_label("angular#1") == "Angular distance, window 1"
+    assert proposer_label("exchange:exchange:shortgpt") == "exchange from exchange from ShortGPT (cosine BI)"
+
+
+def test_the_mode_bar_strip_stays_clear_and_titles_sit_below_it():
+    """Plotly's toolbar covers the top 28 px at the right on hover: every figure's title starts below
+    that strip (in pixels from the top, whatever the width), and the plot area below the title and
+    the legend rows."""
+    a = _verified_selection()
+    figs = [viz.candidates_figure(a), viz.blocks_column_figure(6, {"fbs": [3, 4]}),
+            viz.ppl_curve_figure([{"method": m, "n": k, "ppl": 10.0 * k + i} for i, m in enumerate(("fbs", "exact", "shortgpt", "angular", "random"))
+                                  for k in (1, 2)], dense_ppl=5.0)]
+    for fig in figs:
+        lay = fig.layout
+        assert lay.title.yref == "container" and lay.title.yanchor == "top"
+        assert (1 - lay.title.y) * lay.height >= viz.MODEBAR_PX - 1e-9
+        assert lay.margin.t >= viz.MODEBAR_PX + viz.TITLE_PX
+    ppl = figs[2]
+    assert ppl.layout.margin.t >= viz.MODEBAR_PX + viz.TITLE_PX + 3 * viz.LEGEND_ROW_PX  # 6 entries, 2 a row
+
+
+def test_log_axis_is_labelled_at_1_2_5_steps_not_every_minor_tick():
+    fig = viz.ppl_curve_figure([{"method": "fbs", "n": 1, "ppl": 45.0}, {"method": "fbs", "n": 4, "ppl": 900.0}],
+                               dense_ppl=40.0)
+    y = fig.layout.yaxis
+    assert y.type == "log" and list(y.tickvals) == [50, 100, 200, 500, 1000]
+    assert list(y.ticktext) == ["50", "100", "200", "500", "1,000"]
+    narrow = viz.log_ticks([44.0, 58.0])
+    assert len(narrow["tickvals"]) >= 3 and all(38 <= t <= 67 for t in narrow["tickvals"])
+    assert viz.log_ticks([]) == {}
+
+
+def test_a_single_n_is_bars_not_a_column_of_dots():
+    pts = [{"method": "fbs", "n": 3, "ppl": 80.0, "verified": True}, {"method": "shortgpt", "n": 3, "ppl": 95.0},
+           {"method": "fbs", "n": 3, "ppl": 60.0, "verified": True, "healed": True}]
+    fig = viz.ppl_curve_figure(pts, dense_ppl=40.0)
+    assert {t.type for t in fig.data} == {"bar"}
+    assert [t.name for t in fig.data] == ["MI-PRUN (FBS) verified", "ShortGPT (cosine BI)",
+                                          "MI-PRUN (FBS) verified healed", "Dense (unpruned)"]
+    assert fig.data[2].marker.pattern.shape == "/" and list(fig.data[0].text) == ["80.0"]
+    assert "compute more n to see a curve" in fig.layout.xaxis.title.text
+    assert "3 blocks removed" in fig.layout.title.text

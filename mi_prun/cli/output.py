@@ -4,40 +4,53 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from mi_prun.progress import TimeLeft, time_left_text
 from mi_prun.results import rank_blocks
 
 BLOCK_NOTE = "Blocks are numbered from 0."
 
 
 class TqdmProgress:
-    """Adapts the library's progress(stage, fraction, message) callback to one tqdm bar per stage."""
+    """Adapts the library's progress(stage, fraction, message) callback to one tqdm bar per stage,
+    with the time left estimated from the stage's own progress (`mi_prun.progress.TimeLeft`)."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, clock: Callable[[], float] = time.monotonic):
         self.enabled = enabled
         self.bars: dict[str, Any] = {}
+        self.time_left = TimeLeft(clock)
 
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if not self.enabled:
             return
+        left = self.time_left.update(stage, fraction)
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(total=1000, desc=stage, file=sys.stderr, leave=True,
-                                          bar_format="{desc:>9}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+                                          bar_format="{desc:>10}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}")
         bar.n = int(max(0.0, min(1.0, fraction)) * 1000)
-        bar.set_postfix_str(message, refresh=False)
+        bar.set_postfix_str(self.postfix(message, left, fraction), refresh=False)
         bar.refresh()
         if fraction >= 1.0:
             bar.close()
+            del self.bars[stage]  # the same stage run again gets a new bar
+
+    @staticmethod
+    def postfix(message: str, left: float | None, fraction: float) -> str:
+        """The bar's text: the library's message, then the time left (none once done)."""
+        return message if fraction >= 1.0 else (f"{message} - " if message else "") + time_left_text(left)
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
 
 
 def format_analysis(analysis) -> str:

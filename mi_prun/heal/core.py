@@ -170,6 +170,8 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     n_steps = len(runs) * ((n_samples + cfg.batch_size - 1) // cfg.batch_size)
     records: list[RunHealing] = []
     step = 0
+    if progress:
+        progress("heal", 0.0, f"0 of {n_steps} batches ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     for r, (start, end) in enumerate(runs):
         t_run = time.perf_counter()
         target = site(healed, blocks.path, kept.index(start - 1), fold)
@@ -206,7 +208,8 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
                 hold.add(m[is_hold], r_target[is_hold], t[is_hold])
                 step += 1
                 if progress:
-                    progress("heal", step / n_steps, f"run {start}-{end - 1}: batch {b1}/{n_samples}")
+                    progress("heal", step / n_steps, f"batch {step} of {n_steps} (run {start}-{end - 1}: "
+                             f"{b1}/{n_samples} samples)")
         assert train is not None and hold is not None
         scores: dict[str, float] = {}
         if cfg.ridge is not None:

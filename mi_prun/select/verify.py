@@ -57,7 +57,7 @@ def _better(a: float, b: float | None) -> bool:
 
 
 def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[int, ...]], tuple[float, bool]],
-                    budget: int, progress: Progress | None = None) -> dict[str, Any]:
+                    budget: int, progress: Progress | None = None, *, stop_early: bool = True) -> dict[str, Any]:
     """The search of `verified_select` on any NLL: `cands` scored in order, then exchanges and swaps
     from the best set (module docstring), at most `budget` distinct sets scored.
 
@@ -65,6 +65,12 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
     or not, so the answer never depends on what a cache held. Returns {"best": the winning row,
     "scored": every row in order ({removed, proposers, objective, nll, cached, stage}), "passes":
     uncached calls, "sets_by_stage": sets scored per stage}.
+
+    `stop_early` (the default) ends the search when what is left of the budget cannot reach a set
+    of n blocks: an exchange scores its smaller put-back sets (never the answer) before any set of
+    n, so once the budget left is no more than the put-back sets not yet scored, every later pass
+    would be a put-back pass and the answer is already final. The answer is the same either way
+    (tests/test_verify.py); only the sets scored after it are saved.
     """
     budget = as_int(budget, "verification budget", minimum=1)
     scored: list[dict[str, Any]] = []
@@ -90,7 +96,8 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
         if len(cand.removed) == problem.n and (best is None or _better(row["nll"], best["nll"])):
             state["best"] = row
         if progress is not None and not cached:
-            progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)}/{budget}: NLL {value:.4f}")
+            progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)} of at most {budget} "
+                     f"({budget - len(seen)} left in the budget): NLL {value:.4f}")
         log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), value, " (cached)" if cached else "")
         return row["nll"]
 
@@ -120,6 +127,10 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
         before = state["best"]
         cur = tuple(before["removed"])
         back: list[tuple[float, int]] = []
+        unseen = sum(tuple(x for x in cur if x != b) not in seen for b in cur) if len(cur) > 1 else 0
+        if stop_early and budget - len(seen) <= unseen:
+            state["final"] = True  # the put-back sets would spend the rest: no set of n blocks is reached
+            return False
         for b in cur if len(cur) > 1 else ():  # n = 1: put back the only block (the dense model)
             value = score(make([x for x in cur if x != b], f"put-back:{b}"), "exchange (put back)")
             if value is None:
@@ -137,12 +148,14 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
                 added[k] = value - best_back[0]
         return state["best"] is not before
 
+    if progress is not None:
+        progress("verify", 0.0, f"0 of at most {budget} sets scored")
     for cand in cands:
         score(cand, "candidate")
     if state["best"] is None:
         raise MiPrunError("the verified search scored no set of the right size. Fix: give a budget of at least 1.")
     while len(seen) < budget and problem.n < len(problem.allowed):
-        if not exchange() and not swaps():
+        if not exchange() and (state.get("final") or not swaps()):
             break
     return {"best": state["best"], "scored": scored, "passes": state["passes"], "sets_by_stage": stages}
 
