@@ -33,6 +33,7 @@ from mi_prun.errors import MiPrunError
 from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
 from mi_prun.models.blocks import find_blocks
+from mi_prun.models.stream import BlockRunner, stream_of
 from mi_prun.models.surgery import _validate_remove, prune_info, pruned_view
 from mi_prun.progress import Progress
 from mi_prun.select.costs import runs_of
@@ -129,6 +130,55 @@ def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, modules: dict[
     return out
 
 
+class _Streamed:
+    """The activations heal needs, from block-by-block passes of a streamed model. The dense pass
+    continues where the previous run's stopped; the healed pass from the input of the block that
+    was folded last (a fold changes that block's output, never its input)."""
+
+    def __init__(self, dense: nn.Module, healed: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 batch_size: int, fold_path: str) -> None:
+        self.dense = BlockRunner(dense, ids, mask, batch_size)
+        self.healed = BlockRunner(healed, ids, mask, batch_size)
+        self.fold_path = fold_path
+        self.dense_at, self.dense_h = 0, self.dense.h0  # the input of block dense_at
+        self.healed_at, self.healed_h = 0, self.healed.h0
+
+    def _advance_dense(self, stop: int) -> list[torch.Tensor]:
+        for _, self.dense_h in self.dense.run_blocks(self.dense_h, self.dense_at, stop):
+            pass
+        self.dense_at = stop
+        return self.dense_h
+
+    def outputs(self, start: int, end: int, healed_index: int, on_dense: bool) -> dict[str, list[torch.Tensor]]:
+        """{"m": fold module output of block start-1, "h": its output, "t": dense h_end} per batch."""
+        out: dict[str, list[torch.Tensor]] = {}
+        if on_dense:
+            h = self._advance_dense(start - 1)
+            for _, h in self.dense.run_blocks(h, start - 1, start, taps={start - 1: self.fold_path}):
+                pass
+            out["m"], out["h"] = self.dense.tapped.pop(start - 1), h
+            self.dense_h, self.dense_at = h, start
+        out["t"] = self._advance_dense(end)
+        if not on_dense:
+            h = self.healed_h
+            for _, h in self.healed.run_blocks(h, self.healed_at, healed_index):
+                pass
+            self.healed_h, self.healed_at = h, healed_index
+            for _, h in self.healed.run_blocks(h, healed_index, healed_index + 1,
+                                               taps={healed_index: self.fold_path}):
+                pass
+            out["m"], out["h"] = self.healed.tapped.pop(healed_index), h
+        return out
+
+
+def _materialize_site(target: Site, stream: Any) -> None:
+    """Give the healed view's fold module real tensors (a streamed model's are on `meta`)."""
+    for name, p in list(target.module.named_parameters(recurse=False)):
+        if p.is_meta:
+            value = stream.real(p, f"{target.name}.{name}").to(device=stream.device, dtype=stream.dtype)
+            target.module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
 def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
     """Every period-th calibration sample is held out (0: none)."""
     if cfg.ridge is not None or cfg.holdout <= 0:
@@ -198,6 +248,8 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     period = _holdout_period(cfg, n_samples)
     runs = runs_of(rem)
     n_steps = len(runs) * ((n_samples + cfg.batch_size - 1) // cfg.batch_size)
+    # Weights on disk or the CPU: block-by-block passes (models.stream) instead of hooked forwards.
+    streamer = _Streamed(dense, healed, ids, mask, cfg.batch_size, fold.path) if stream_of(model) else None
     records: list[RunHealing] = []
     step = 0
     for r, (start, end) in enumerate(runs):
@@ -209,12 +261,16 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
         src_block = dense_blocks[start - 1] if on_dense else healed_blocks[kept.index(start - 1)]
         train: BridgeStats | None = None
         hold: BridgeStats | None = None
+        if streamer is not None:
+            streamed = streamer.outputs(start, end, kept.index(start - 1), on_dense)
         with torch.no_grad():
-            for b0 in range(0, n_samples, cfg.batch_size):
+            for k_batch, b0 in enumerate(range(0, n_samples, cfg.batch_size)):
                 b1 = min(b0 + cfg.batch_size, n_samples)
                 rows = choose_positions(mask[b0:b1], int(mask[b0:b1].numel()), cfg.drop_first, 0)
                 t_mod = dense_blocks[end - 1]
-                if on_dense:
+                if streamer is not None:
+                    got = {key: value[k_batch] for key, value in streamed.items()}
+                elif on_dense:
                     got = _run(dense, ids[b0:b1], mask[b0:b1], {"m": src.module, "h": src_block, "t": t_mod},
                                stop=t_mod)
                 else:
@@ -248,6 +304,8 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
             ridge, how = cfg.default_ridge, "default"
         both = train + hold
         bridge = solve(both, ridge, target.intercept)
+        if streamer is not None:
+            _materialize_site(target, stream_of(model))
         apply(target, bridge.T, bridge.c)
         rec = RunHealing(start=start, end=end, fold_block=start - 1, module=target.name, kind=target.fold.kind,
                          ridge=ridge, ridge_abs=bridge.ridge_abs, ridge_choice=how,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -129,3 +131,20 @@ def check_memory(spec: str, need: int | None, device: torch.device, dtype: torch
         f"of {device.type} memory is free. Fix: use --device-map auto (spreads the model over GPUs "
         "and CPU), a smaller --dtype (bfloat16 halves float32), or a smaller model; set "
         f"{SKIP_MEMORY_CHECK_ENV}=1 (--skip-memory-check) to try anyway.")
+
+
+def peak_memory() -> dict[str, int | None]:
+    """Peak memory of this process so far: resident set size (the kernel's high-water mark,
+    `getrusage`), the current RSS, and on CUDA the most device memory torch ever allocated."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    out: dict[str, int | None] = {"rss_peak_bytes": int(peak), "rss_bytes": None, "cuda_max_allocated_bytes": None}
+    try:
+        import psutil
+
+        out["rss_bytes"] = int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out

@@ -320,9 +320,9 @@ def open_streamed(folder: str | os.PathLike, device: torch.device, dtype: torch.
     from transformers import AutoConfig
 
     folder = Path(folder)
+    store = SafetensorsStore(folder)
     if config is None:
         config = AutoConfig.from_pretrained(folder)
-    store = SafetensorsStore(folder)
     model = skeleton(config, dtype)
     return _attach(model, store, torch.device(device), dtype, str(folder))
 
@@ -472,6 +472,7 @@ class BlockRunner:
         self._inject: torch.Tensor | None = None
         self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per block: (args, kwargs) without the hidden
         self.h0: list[torch.Tensor] = []
+        self.tapped: dict[int, list[torch.Tensor]] = {}
         self._record_calls()
 
     # -- the recording pass
@@ -532,6 +533,21 @@ class BlockRunner:
             self._cached = (b, self.stream.materialize(self.blocks[b]))
         yield self._cached[1]
 
+    @contextlib.contextmanager
+    def _tap(self, b: int, path: str | None) -> Iterator[None]:
+        if path is None:
+            yield
+            return
+        got: list[torch.Tensor] = []
+        self.tapped[b] = got
+        with self._block(b) as block:
+            handle = block.get_submodule(path).register_forward_hook(
+                lambda mod, args, output: got.append((output[0] if isinstance(output, (tuple, list)) else output).clone()))
+            try:
+                yield
+            finally:
+                handle.remove()
+
     def _call(self, b: int, h: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         with self._block(b) as block, torch.inference_mode():
             if args:
@@ -539,20 +555,26 @@ class BlockRunner:
             return block(hidden_states=h, **kwargs)
 
     def run_blocks(self, hidden: Sequence[torch.Tensor], start: int = 0, stop: int | None = None,
-                   skip: Iterable[int] = ()) -> Iterator[tuple[int, list[torch.Tensor]]]:
-        """Blocks start..stop-1 except `skip`, over every batch; yields (b, outputs of block b)."""
+                   skip: Iterable[int] = (), taps: dict[int, str] | None = None
+                   ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Blocks start..stop-1 except `skip`, over every batch; yields (b, outputs of block b).
+
+        taps: {block: dotted path of a submodule}: that submodule's output per batch is kept in
+        `self.tapped[block]` (healing reads the MLP output projection this way)."""
         stop = self.n_blocks if stop is None else stop
         if not 0 <= start <= stop <= self.n_blocks:
             raise MiPrunError(f"blocks {start}..{stop - 1} out of range (the model has {self.n_blocks}).")
         skip = set(int(s) for s in skip)
+        taps = dict(taps or {})
         current = list(hidden)
         for b in range(start, stop):
             if b in skip:
                 continue
             out = []
-            for k, h in enumerate(current):
-                y = self._call(b, h, *self.calls[k][b])
-                out.append(y[0] if isinstance(y, (tuple, list)) else y)
+            with self._tap(b, taps.get(b)):
+                for k, h in enumerate(current):
+                    y = self._call(b, h, *self.calls[k][b])
+                    out.append(y[0] if isinstance(y, (tuple, list)) else y)
             current = out
             yield b, current
         if self.stream is not None:

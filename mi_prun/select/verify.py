@@ -43,6 +43,7 @@ import torch
 
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
+from mi_prun.models.stream import BlockRunner, is_streamed
 from mi_prun.progress import Progress
 from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
 from mi_prun.select.costs import set_cost
@@ -119,6 +120,8 @@ class PrefixScorer:
         from mi_prun.models import find_blocks
         from mi_prun.models.surgery import pruned_view
 
+        if is_streamed(self.model):
+            return self._streamed_states()
         copy = pruned_view(self.model, [])  # hooks go on a weight-sharing copy, never on the shared model
         blocks = find_blocks(copy).blocks
         states: dict[int, list[torch.Tensor]] = {b: [] for b in self.starts}
@@ -142,6 +145,30 @@ class PrefixScorer:
                              "batch_size": self.batch_size}
         return self.cache.prefix
 
+    def _streamed_states(self) -> dict[str, Any]:
+        """The prefix cache of a streamed model: one block-by-block dense pass (`BlockRunner`)."""
+        runner = BlockRunner(self.model, self.ids, self.mask, batch_size=self.batch_size)
+        states: dict[int, list[torch.Tensor]] = {}
+        hidden = runner.h0
+        for b, hidden in runner.run_blocks(runner.h0):
+            if b + 1 in self.starts:
+                states[b + 1] = hidden
+        total, count = runner.nll(hidden)
+        self.dense_passes += 1
+        self.cache.prefix = {"states": states, "formats": {}, "dense_nll": total / max(count, 1),
+                             "batch_size": self.batch_size, "runner": runner}
+        return self.cache.prefix
+
+    def _streamed_nll(self, rem: tuple[int, ...], use_prefix: bool) -> float:
+        pre = self._states()
+        runner: BlockRunner = pre["runner"]
+        first = rem[0]
+        start, hidden = (first, pre["states"][first]) if use_prefix and first in pre["states"] else (0, runner.h0)
+        total, count = runner.nll(runner.last(hidden, start, skip=rem))
+        if count == 0:
+            raise MiPrunError("no verification token to score (all masked). Fix: give longer samples.")
+        return total / count
+
     def dense(self) -> float:
         """The dense model's mean NLL on the tokens (fills the prefix cache on first use)."""
         return float(self._states()["dense_nll"])
@@ -154,6 +181,8 @@ class PrefixScorer:
         from mi_prun.models.surgery import pruned_view
 
         rem = tuple(sorted(int(b) for b in removed))
+        if is_streamed(self.model):
+            return self._streamed_nll(rem, use_prefix)
         view = pruned_view(self.model, rem)
         first = rem[0]
         pre = self._states() if use_prefix and first >= 1 else None

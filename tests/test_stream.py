@@ -1,0 +1,164 @@
+"""Block-streaming execution: a model whose blocks stream from safetensors files (or stay in CPU
+memory) gives the in-memory results within float tolerance, on several families, for capture,
+verification NLL (with the prefix cache), healing and perplexity; and it reads one block at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mi_prun.capture import capture
+from mi_prun.config import HealConfig, SelectConfig
+from mi_prun.data import calibration_tokens, load_text
+from mi_prun.errors import MiPrunError
+from mi_prun.evaluate import perplexity, token_nll
+from mi_prun.heal import heal
+from mi_prun.models import find_blocks
+from mi_prun.models.stream import BlockRunner, is_streamed, offload_to_cpu, open_streamed
+from mi_prun.select.verify import NLLCache, PrefixScorer
+from mi_prun.testing import tiny_model
+
+FAMILIES = ["llama", "gemma3", "gpt2", "opt", "falcon", "gpt_neox", "qwen3"]
+CPU = torch.device("cpu")
+
+
+def _tokens(n: int = 6, t: int = 24, seed: int = 0, pad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, -5:] = 0  # right padding in one row
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    """(in-memory model, streamed from disk, tokenizer) of one tiny family."""
+    model, tok = tiny_model(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return model, open_streamed(folder, CPU, torch.float32), tok
+
+
+def test_runner_logits_equal_the_forward_pass_for_every_family():
+    from mi_prun.testing import FAMILIES as ALL
+
+    ids, mask = _tokens()
+    for family in ALL:
+        model, _ = tiny_model(family)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        streamed = offload_to_cpu(model, CPU)
+        runner = BlockRunner(streamed, ids, mask, batch_size=4)
+        got = torch.cat(list(runner.logits(runner.last(runner.h0))))
+        torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5, msg=family)
+
+
+def test_capture_equals_in_memory(pair):
+    model, streamed, _ = pair
+    ids, mask = _tokens()
+    ref = capture(model, ids, mask, max_positions=60, batch_size=4)
+    got = capture(streamed, ids, mask, max_positions=60, batch_size=4)
+    assert is_streamed(streamed) and not is_streamed(model)
+    torch.testing.assert_close(got.hidden, ref.hidden, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.sample_index, ref.sample_index) and got.tokens_seen == ref.tokens_seen
+
+
+def test_token_nll_and_perplexity_equal_in_memory(pair):
+    model, streamed, tok = pair
+    ids, mask = _tokens()
+    a, na = token_nll(model, ids, mask, batch_size=4)
+    b, nb = token_nll(streamed, ids, mask, batch_size=4)
+    assert na == nb and b == pytest.approx(a, rel=1e-5)
+    text = load_text("builtin").text
+    ra = perplexity(model, tok, text, seq_len=32, max_windows=4, batch_size=2)
+    rb = perplexity(streamed, tok, text, seq_len=32, max_windows=4, batch_size=2)
+    assert rb.ppl == pytest.approx(ra.ppl, rel=1e-5) and rb.tokens_scored == ra.tokens_scored
+
+
+def test_verification_nll_with_prefix_cache_equals_in_memory(pair):
+    model, streamed, _ = pair
+    ids, mask = _tokens()
+    L = len(find_blocks(model))
+    sets = [(1,), (2, 3), (1, 4), (0, 5)]
+    mem = PrefixScorer(model, ids, mask, 4, range(1, L), NLLCache())
+    st = PrefixScorer(streamed, ids, mask, 4, range(1, L), NLLCache())
+    assert st.dense() == pytest.approx(mem.dense(), rel=1e-5)
+    for removed in sets:
+        want = mem.nll(removed)
+        assert st.nll(removed) == pytest.approx(want, rel=1e-5), removed
+        assert st.nll(removed, use_prefix=False) == pytest.approx(want, rel=1e-5), removed
+    assert st.dense_passes == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
+def test_heal_statistics_and_bridge_equal_in_memory(family, tmp_path):
+    model, tok = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    streamed = open_streamed(tmp_path, CPU, torch.float32)
+    calib = calibration_tokens(tok, load_text("builtin"), 8, 40, seed=0)
+    cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
+    removed = [2, 4]  # two runs: the second is fitted on the healed prefix (sequential)
+    healed_mem, rec_mem = heal(model, removed, calib, config=cfg)
+    healed_st, rec_st = heal(streamed, removed, calib, config=cfg)
+    for a, b in zip(rec_mem.runs, rec_st.runs):
+        assert b.rows == a.rows and b.module == a.module
+        assert b.unexplained_healed == pytest.approx(a.unexplained_healed, rel=1e-4, abs=1e-7)
+        assert b.unexplained_unhealed == pytest.approx(a.unexplained_unhealed, rel=1e-4, abs=1e-7)
+    ids, mask = calib.input_ids, calib.attention_mask
+    a, _ = token_nll(healed_mem, ids, mask)
+    b, _ = token_nll(healed_st, ids, mask)
+    assert b == pytest.approx(a, rel=1e-4)
+    assert is_streamed(healed_st) and not any(p.is_meta for p in model.parameters())
+
+
+def test_streaming_reads_one_block_at_a_time(tmp_path, monkeypatch):
+    model, _ = tiny_model("llama", n_layers=4)
+    model.save_pretrained(tmp_path)
+    streamed = open_streamed(tmp_path, CPU, torch.float32)
+    assert all(p.is_meta for p in find_blocks(streamed).blocks.parameters())
+    stream = streamed._mi_prun_stream
+    reads: list[list[str]] = []
+    real_get = stream.store.get
+    monkeypatch.setattr(stream.store, "get", lambda keys: reads.append(sorted(keys)) or real_get(keys))
+    ids, mask = _tokens(4, 16)
+    capture(streamed, ids, mask, max_positions=30, batch_size=2)
+    prefixes = [{k.split(".")[2] for k in keys} for keys in reads]
+    assert prefixes == [{"0"}, {"1"}, {"2"}, {"3"}]  # each block read once, alone
+
+
+def test_streamed_model_that_cannot_be_opened_is_one_line(tmp_path):
+    with pytest.raises(MiPrunError, match="no .safetensors"):
+        open_streamed(tmp_path, CPU, torch.float32)
+    model, _ = tiny_model("llama", n_layers=2)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MiPrunError, match="not in the weights files.*down_proj"):
+        open_streamed(tmp_path, CPU, torch.float32)
+
+
+def test_verified_select_streamed_equals_in_memory(tmp_path):
+    from mi_prun.config import AnalysisConfig
+    from mi_prun.models import load_model
+    from mi_prun.pipeline import analyze
+    from mi_prun.select import select
+
+    model, tok = tiny_model("llama", n_layers=8)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    mem = load_model(tmp_path / "m", device="cpu", dtype="float32", offload=False)
+    st = load_model(tmp_path / "m", device="cpu", dtype="float32", offload=True)
+    assert is_streamed(st.model) and not is_streamed(mem.model)
+    acfg = AnalysisConfig(calib="builtin", n_samples=4, seq_len=48, max_positions=120)
+    a_mem, a_st = analyze(mem, acfg), analyze(st, acfg)
+    torch.testing.assert_close(torch.as_tensor(a_st.block_mi), torch.as_tensor(a_mem.block_mi), atol=1e-4, rtol=1e-4)
+    assert a_st.resources["offload"] is True and a_st.resources["rss_peak_bytes"] > 0
+    a_st.check_model(mem.model)  # the identity of a streamed model is the identity of the model
+    cfg = SelectConfig(n=2, verify_passes=6, verify_samples=4, verify_seq_len=32)
+    s_mem, s_st = select(a_mem, config=cfg, model=mem), select(a_mem, config=cfg, model=st)
+    assert s_st.removed == s_mem.removed and s_st.nll == pytest.approx(s_mem.nll, rel=1e-5)
+    assert s_st.verification["peak_memory"]["rss_peak_bytes"] > 0
