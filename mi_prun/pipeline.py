@@ -72,6 +72,16 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
                     **parts)
 
 
+def resources(loaded: LoadedModel) -> dict:
+    """What a result records of the run's cost: peak memory (process RSS, CUDA) and whether the
+    blocks streamed (`offload`: False, or where the weights stayed: "disk" / "cpu")."""
+    from mi_prun.models.memory import peak_memory
+    from mi_prun.models.stream import stream_of
+
+    return {**peak_memory(), "offload": stream_of(loaded.model) is not None,
+            "weights_at": loaded.info.get("offload", "device"), "device": str(loaded.device)}
+
+
 def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
             progress: Progress | None = None) -> Analysis:
     """Capture and score: the whole analysis of one model on one calibration set.
@@ -87,6 +97,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
                                      timings={"tokenize": t_tok, "load_model": loaded.load_seconds})
     # "total": tokenize + capture + score, i.e. the analysis itself; the model load is "load_model".
     analysis.timings["total"] = time.perf_counter() - t0
+    analysis.resources = resources(loaded)
     del cap
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

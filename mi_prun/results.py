@@ -67,13 +67,17 @@ def model_identity(model: Any) -> dict[str, Any]:
 
     from mi_prun.models import find_blocks
 
+    from mi_prun.models.stream import stream_of
+
+    stream = stream_of(model)  # a streamed model's block weights are on `meta`: read them from the store
     params = list(model.named_parameters())
     picks = np.unique(np.linspace(0, len(params) - 1, min(_SAMPLE_TENSORS, len(params))).astype(int)) \
         if params else []
     sample: list[float] = []
     with torch.no_grad():
         for i in picks:
-            flat = params[int(i)][1].detach().reshape(-1)
+            name, tensor = params[int(i)]
+            flat = (stream.real(tensor, name) if stream is not None else tensor).detach().reshape(-1)
             k = min(_SAMPLE_VALUES, flat.numel())
             # integer arithmetic: float32 positions round past the end of tensors over 2^24 elements
             idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
@@ -140,6 +144,7 @@ class Analysis:
     versions: dict[str, str] = field(default_factory=library_versions)
     notes: list[str] = field(default_factory=list)
     span_unexplained: np.ndarray | None = None
+    resources: dict[str, Any] = field(default_factory=dict)  # peak memory, offload (see pipeline.analyze)
 
     @property
     def n_blocks(self) -> int:

@@ -162,3 +162,112 @@ def test_verified_select_streamed_equals_in_memory(tmp_path):
     s_mem, s_st = select(a_mem, config=cfg, model=mem), select(a_mem, config=cfg, model=st)
     assert s_st.removed == s_mem.removed and s_st.nll == pytest.approx(s_mem.nll, rel=1e-5)
     assert s_st.verification["peak_memory"]["rss_peak_bytes"] > 0
+
+
+# ------------------------------------------------------------------------------ export, CLI, errors
+
+
+def _saved(tmp_path, family="llama", n_layers=6):
+    model, tok = tiny_model(family, n_layers=n_layers)
+    folder = tmp_path / f"src-{family}"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_of_a_streamed_healed_model_equals_in_memory(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mi_prun.models import load_model
+    from mi_prun.prune import export
+
+    _, folder = _saved(tmp_path, family)
+    calib = calibration_tokens(tiny_model(family)[1], load_text("builtin"), 8, 40, seed=0)
+    cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
+    outs = {}
+    for name, offload in (("mem", False), ("st", True)):
+        loaded = load_model(folder, device="cpu", dtype="float32", offload=offload)
+        healed, _ = heal(loaded.model, [2, 3], calib, config=cfg)
+        outs[name] = export(healed, loaded.tokenizer, None, tmp_path / name, loaded=loaded)
+    ids, mask = _tokens()
+    logits = {}
+    for name, path in outs.items():
+        m = AutoModelForCausalLM.from_pretrained(path)  # plain transformers
+        with torch.no_grad():
+            logits[name] = m(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits["st"], logits["mem"], atol=1e-4, rtol=1e-4)
+
+
+def test_cli_offload_analyze_prune_eval(tmp_path, capsys):
+    import json
+
+    from mi_prun.cli import main
+
+    _, folder = _saved(tmp_path, n_layers=8)
+    common = ["--model", str(folder), "--device", "cpu", "--offload", "--calib", "builtin", "--samples", "4",
+              "--tokens", "48", "--positions", "120"]
+    assert main(["--quiet", "analyze", *common, "--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert meta["resources"]["offload"] is True and meta["resources"]["weights_at"] == "disk"
+    assert main(["--quiet", "select", str(tmp_path / "a"), "--n", "2", "--model", str(folder), "--device", "cpu", "--offload",
+                 "--verify-passes", "4", "--verify-samples", "4", "--verify-tokens", "32"]) == 0
+    assert main(["--quiet", "prune", "--model", str(folder), "--device", "cpu", "--offload", "--analysis", str(tmp_path / "a"),
+                 "--n", "2", "--verify-passes", "0", "--out", str(tmp_path / "p")]) == 0
+    record = json.loads((tmp_path / "p" / "mi_prun.json").read_text())
+    assert record["n_blocks"] == 6 and record["peak_memory"]["rss_peak_bytes"] > 0
+    assert main(["--quiet", "eval", "--model", str(tmp_path / "p"), "--device", "cpu", "--offload", "--data", "builtin",
+                 "--seq-len", "32", "--max-windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_offload_is_chosen_when_the_model_does_not_fit(tmp_path, monkeypatch):
+    import mi_prun.models.memory as memory
+    from mi_prun.models import load_model
+
+    _, folder = _saved(tmp_path)
+    need = memory.weights_bytes(folder, None, torch.float32)
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(need * 0.8))  # a block fits, the model not
+    loaded = load_model(folder, device="cpu", dtype="float32")
+    assert is_streamed(loaded.model) and loaded.info["offload"] == "disk"
+    with pytest.raises(MiPrunError, match="--offload"):
+        load_model(folder, device="cpu", dtype="float32", offload=False)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 16)  # not even one block
+    with pytest.raises(MiPrunError, match="fits nowhere"):
+        load_model(folder, device="cpu", dtype="float32")
+
+
+def test_bad_execution_input_is_one_line(tmp_path):
+    import json
+
+    from mi_prun.models import load_model
+
+    _, folder = _saved(tmp_path, n_layers=2)
+    cases = [
+        (dict(device="cuda:7") if not torch.cuda.is_available() or torch.cuda.device_count() < 8
+         else dict(device="nonsense"), "cuda|device"),
+        (dict(device="tpu"), "unknown device|not supported"),
+        (dict(offload="sometimes"), "offload must be"),
+        (dict(offload=True, device_map="auto"), "alternatives"),
+        (dict(device_map={"": 9}), "GPU 9"),
+        (dict(device_map={"model.embed_tokens": "cuda:5", "": "cpu"}), "cuda:5"),
+        (dict(device_map=str(tmp_path / "missing.json")), "not found"),
+    ]
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("[1, 2]")
+    cases.append((dict(device_map=str(bad_json)), "JSON object"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((dict(device_map="auto", offload_folder=str(locked / "x")), "not writable"))
+    (tmp_path / "file").write_text("x")
+    cases.append((dict(device_map="auto", offload_folder=str(tmp_path / "file" / "sub")), "not writable"))
+    for kwargs, pattern in cases:
+        with pytest.raises(MiPrunError, match=pattern) as err:
+            load_model(folder, **{"device": "cpu", **kwargs})
+        assert "\n" not in str(err.value), kwargs
+    assert json.loads(bad_json.read_text()) == [1, 2]
+    assert not (tmp_path / "file" / "sub").exists()

@@ -15,7 +15,8 @@ def _load(args) -> Any:
 
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code,
-                      check_memory_first=not args.skip_memory_check)
+                      check_memory_first=not args.skip_memory_check, offload=args.offload,
+                      offload_folder=args.offload_folder)
 
 
 def analysis_config(args):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
+from mi_prun.models.stream import is_streamed
 from mi_prun.models.blocks import (
     NUM_LAYER_KEYS,
     TEXT_SUBCONFIGS,
@@ -215,7 +216,7 @@ def prune(model: nn.Module, remove: Iterable[int], copy_weights: bool = True) ->
     head) stay tied in the copy: each shared tensor is cloned once.
     """
     new = _pruned_copy(model, remove)
-    if not copy_weights:
+    if not copy_weights or is_streamed(model):  # a streamed model's blocks are read-only files: nothing to copy
         return new
     clones: dict[int, Any] = {}
     with torch.no_grad():

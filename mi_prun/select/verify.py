@@ -43,6 +43,7 @@ import torch
 
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
+from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import BlockRunner, is_streamed
 from mi_prun.progress import Progress
 from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
@@ -413,7 +414,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
-                       "tokens": tok_prov, "note": PASS_NOTE})
+                       "tokens": tok_prov, "note": PASS_NOTE, "offload": is_streamed(model),
+                       "peak_memory": peak_memory()})
 
 
 __all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_search",
