@@ -21,7 +21,7 @@ from torch import nn
 
 from mi_prun.config import EvalConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import context_length
+from mi_prun.models.blocks import context_length, input_device
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import BlockRunner, is_streamed, nll_sums
 from mi_prun.progress import Progress
@@ -51,14 +51,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    # With a device_map the embeddings may sit elsewhere than the first parameter.
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
 
 
 def model_context(model: nn.Module) -> int | None:
@@ -106,7 +98,7 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
         if progress is not None:
             progress(stage, 1.0, "head")
         return total, count
-    device = _input_device(model)
+    device = input_device(model)
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, ids.shape[0], bs):
@@ -237,7 +229,7 @@ def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_token
         raise MiPrunError("a generation sample needs the model in memory, and this one is offloaded (its "
                           "blocks stream from disk or the CPU). Fix: drop --sample, or load without --offload.")
     enc = tokenizer(prompt, return_tensors="pt")
-    device = _input_device(model)
+    device = input_device(model)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -333,7 +325,7 @@ def size_and_speed(
         raise MiPrunError(f"prompt_tokens + decode_tokens = {prompt_tokens + decode_tokens} exceeds "
                           f"the model's context of {context}. Fix: measure shorter sequences.")
     _warn_if_training(model)
-    device = _input_device(model)
+    device = input_device(model)
     ids = _prompt_ids(model, tokenizer, prompt_tokens).to(device)
     _speed(model, ids, min(decode_tokens, 2))  # warm-up: allocator, kernels, lazy init
     prefill, decode = [], []
@@ -368,7 +360,7 @@ def compare_speed(
     ids = {}
     for name, m in models.items():
         _warn_if_training(m)
-        ids[name] = _prompt_ids(dense, tokenizer, prompt_tokens).to(_input_device(m))
+        ids[name] = _prompt_ids(dense, tokenizer, prompt_tokens).to(input_device(m))
         _speed(m, ids[name], min(decode_tokens, 2))
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in models}
     for _ in range(repeats):
@@ -378,7 +370,7 @@ def compare_speed(
             times[name][1].append(d)
     out: dict[str, Any] = {}
     for name, m in models.items():
-        out[name] = {**model_size(m), "device": str(_input_device(m)),
+        out[name] = {**model_size(m), "device": str(input_device(m)),
                      **_summarise(*times[name], prompt_tokens, decode_tokens)}
     d, p = out["dense"], out["pruned"]
     out.update({

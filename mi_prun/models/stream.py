@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import find_blocks
+from mi_prun.models.hooks import hidden_of, output_hooks
 
 log = logging.getLogger(__name__)
 
@@ -540,13 +541,9 @@ class BlockRunner:
             return
         got: list[torch.Tensor] = []
         self.tapped[b] = got
-        with self._block(b) as block:
-            handle = block.get_submodule(path).register_forward_hook(
-                lambda mod, args, output: got.append((output[0] if isinstance(output, (tuple, list)) else output).clone()))
-            try:
-                yield
-            finally:
-                handle.remove()
+        with self._block(b) as block, output_hooks({path: block.get_submodule(path)},
+                                                   lambda name, output: got.append(hidden_of(output).clone())):
+            yield
 
     def _call(self, b: int, h: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         with self._block(b) as block, torch.inference_mode():
@@ -574,7 +571,7 @@ class BlockRunner:
             with self._tap(b, taps.get(b)):
                 for k, h in enumerate(current):
                     y = self._call(b, h, *self.calls[k][b])
-                    out.append(y[0] if isinstance(y, (tuple, list)) else y)
+                    out.append(hidden_of(y))
             current = out
             yield b, current
         if self.stream is not None:
