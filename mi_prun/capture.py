@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +25,9 @@ from torch import nn
 from mi_prun.errors import MiPrunError, NonFiniteError
 from mi_prun.models.blocks import find_blocks, input_device
 from mi_prun.models.hooks import block_hooks, run_until_stop
+from mi_prun.models.stream import BlockRunner, is_streamed
 from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
-from mi_prun.models.stream import BlockRunner, is_streamed
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         per_batch = []
         for start in range(0, n_samples, batch_size):
             dst = ((rows[:, 0] >= start) & (rows[:, 0] < start + batch_size)).nonzero().squeeze(1)
-            per_batch.append(dict(dst=dst, local_sample=rows[dst, 0] - start, local_pos=rows[dst, 1]))
+            per_batch.append({"dst": dst, "local_sample": rows[dst, 0] - start, "local_pos": rows[dst, 1]})
 
         def put_all(layer: int, hidden: list[torch.Tensor]) -> None:
             for k, hs in enumerate(hidden):
@@ -151,7 +152,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
             if progress:
                 progress("capture", (b + 1) / n_layers, f"block {b + 1}/{n_layers}")
         tokens_seen = int(attention_mask.sum())
-    with contextlib.nullcontext() if streamed else block_hooks(model, on_input=lambda hs: put(0, hs), on_output=lambda b, hs: put(b + 1, hs)):
+    with nullcontext() if streamed else block_hooks(model, on_input=lambda hs: put(0, hs), on_output=lambda b, hs: put(b + 1, hs)):
         for k, start in enumerate(range(0, n_samples, batch_size) if not streamed else ()):
             stop = min(start + batch_size, n_samples)
             in_batch = (rows[:, 0] >= start) & (rows[:, 0] < stop)

@@ -27,11 +27,17 @@ from torch import nn
 from mi_prun.config import ExportConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
-from mi_prun.models.blocks import find_blocks, num_layers_of
 from mi_prun.heal import healing_of
+from mi_prun.models.blocks import find_blocks, num_layers_of
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import is_streamed, stream_of, streamed_state_dict
-from mi_prun.models.surgery import PRUNE_INFO_ATTR, PruneInfo, _structural_copy, _validate_remove, prune_info
+from mi_prun.models.surgery import (
+    PRUNE_INFO_ATTR,
+    PruneInfo,
+    _structural_copy,
+    _validate_remove,
+    prune_info,
+)
 from mi_prun.models.zoo import drop_quantization_marker, hub_id
 from mi_prun.results import library_versions
 from mi_prun.select.costs import runs_of

@@ -14,7 +14,12 @@ from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import perplexity, token_nll
 from mi_prun.heal import heal
 from mi_prun.models import find_blocks
-from mi_prun.models.stream import BlockRunner, is_streamed, offload_to_cpu, open_streamed
+from mi_prun.models.stream import (
+    BlockRunner,
+    is_streamed,
+    offload_to_cpu,
+    open_streamed,
+)
 from mi_prun.select.verify import NLLCache, PrefixScorer
 from mi_prun.testing import tiny_model
 
@@ -177,10 +182,10 @@ def _saved(tmp_path, family="llama", n_layers=6):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_export_of_a_streamed_healed_model_equals_in_memory(family, tmp_path):
+    from mi_prun.export import export
     from transformers import AutoModelForCausalLM
 
     from mi_prun.models import load_model
-    from mi_prun.prune import export
 
     _, folder = _saved(tmp_path, family)
     calib = calibration_tokens(tiny_model(family)[1], load_text("builtin"), 8, 40, seed=0)
@@ -222,8 +227,7 @@ def test_cli_offload_analyze_prune_eval(tmp_path, capsys):
 
 
 def test_offload_is_chosen_when_the_model_does_not_fit(tmp_path, monkeypatch):
-    import mi_prun.models.memory as memory
-    from mi_prun.models import load_model
+    from mi_prun.models import load_model, memory
 
     _, folder = _saved(tmp_path)
     need = memory.weights_bytes(folder, None, torch.float32)
@@ -244,27 +248,27 @@ def test_bad_execution_input_is_one_line(tmp_path):
 
     _, folder = _saved(tmp_path, n_layers=2)
     cases = [
-        (dict(device="cuda:7") if not torch.cuda.is_available() or torch.cuda.device_count() < 8
-         else dict(device="nonsense"), "cuda|device"),
-        (dict(device="tpu"), "unknown device|not supported"),
-        (dict(offload="sometimes"), "offload must be"),
-        (dict(offload=True, device_map="auto"), "alternatives"),
-        (dict(device_map={"": 9}), "GPU 9"),
-        (dict(device_map={"model.embed_tokens": "cuda:5", "": "cpu"}), "cuda:5"),
-        (dict(device_map=str(tmp_path / "missing.json")), "not found"),
+        ({"device": "cuda:7"} if not torch.cuda.is_available() or torch.cuda.device_count() < 8
+         else {"device": "nonsense"}, "cuda|device"),
+        ({"device": "tpu"}, "unknown device|not supported"),
+        ({"offload": "sometimes"}, "offload must be"),
+        ({"offload": True, "device_map": "auto"}, "alternatives"),
+        ({"device_map": {"": 9}}, "GPU 9"),
+        ({"device_map": {"model.embed_tokens": "cuda:5", "": "cpu"}}, "cuda:5"),
+        ({"device_map": str(tmp_path / "missing.json")}, "not found"),
     ]
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("[1, 2]")
-    cases.append((dict(device_map=str(bad_json)), "JSON object"))
+    cases.append(({"device_map": str(bad_json)}, "JSON object"))
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     import os
 
     if os.geteuid() != 0:  # root writes anywhere
-        cases.append((dict(device_map="auto", offload_folder=str(locked / "x")), "not writable"))
+        cases.append(({"device_map": "auto", "offload_folder": str(locked / "x")}, "not writable"))
     (tmp_path / "file").write_text("x")
-    cases.append((dict(device_map="auto", offload_folder=str(tmp_path / "file" / "sub")), "not writable"))
+    cases.append(({"device_map": "auto", "offload_folder": str(tmp_path / "file" / "sub")}, "not writable"))
     for kwargs, pattern in cases:
         with pytest.raises(MiPrunError, match=pattern) as err:
             load_model(folder, **{"device": "cpu", **kwargs})

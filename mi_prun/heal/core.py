@@ -117,8 +117,7 @@ class _Streamed:
         self.healed_at, self.healed_h = 0, self.healed.h0
 
     def _advance_dense(self, stop: int) -> list[torch.Tensor]:
-        for _, self.dense_h in self.dense.run_blocks(self.dense_h, self.dense_at, stop):
-            pass
+        self.dense_h = self.dense.last(self.dense_h, self.dense_at, stop=stop)
         self.dense_at = stop
         return self.dense_h
 
@@ -126,20 +125,14 @@ class _Streamed:
         """{"m": fold module output of block start-1, "h": its output, "t": dense h_end} per batch."""
         out: dict[str, list[torch.Tensor]] = {}
         if on_dense:
-            h = self._advance_dense(start - 1)
-            for _, h in self.dense.run_blocks(h, start - 1, start, taps={start - 1: self.fold_path}):
-                pass
+            h = self.dense.last(self._advance_dense(start - 1), start - 1, stop=start, taps={start - 1: self.fold_path})
             out["m"], out["h"] = self.dense.tapped.pop(start - 1), h
             self.dense_h, self.dense_at = h, start
         out["t"] = self._advance_dense(end)
         if not on_dense:
-            h = self.healed_h
-            for _, h in self.healed.run_blocks(h, self.healed_at, healed_index):
-                pass
-            self.healed_h, self.healed_at = h, healed_index
-            for _, h in self.healed.run_blocks(h, healed_index, healed_index + 1,
-                                               taps={healed_index: self.fold_path}):
-                pass
+            self.healed_h = self.healed.last(self.healed_h, self.healed_at, stop=healed_index)
+            self.healed_at = healed_index
+            h = self.healed.last(self.healed_h, healed_index, stop=healed_index + 1, taps={healed_index: self.fold_path})
             out["m"], out["h"] = self.healed.tapped.pop(healed_index), h
         return out
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -75,7 +74,7 @@ class SafetensorsStore:
         for f in files:
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as fh:
-                    for key in fh.keys():
+                    for key in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                         self.file_of[key] = f
             except Exception as exc:  # SafetensorError on a truncated or corrupt file
                 raise MiPrunError(f"cannot read the weights file {f}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
@@ -133,7 +132,7 @@ class Stream:
         self.store, self.keys, self.device, self.dtype, self.source = store, keys, device, dtype, source
         self.blocks_loaded = 0  # how many block materialisations happened (tests, benchmarks)
 
-    def __deepcopy__(self, memo: dict) -> "Stream":
+    def __deepcopy__(self, memo: dict) -> Stream:
         return self
 
     def real(self, tensor: torch.Tensor, name: str = "") -> torch.Tensor:
@@ -216,13 +215,13 @@ def _renamed_keys(model: nn.Module, store: Any) -> dict[str, str]:
         from transformers.core_model_loading import WeightRenaming, apply_renamings
 
         renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except Exception as exc:  # another transformers version: plain names only
+    except Exception as exc:  # noqa: BLE001 (another transformers version: plain names only)
         log.debug("no weight renamings: %s", exc)
         return {}
     if not renamings:
         return {}
     out = {}
-    for key in store.keys():
+    for key in store.keys():  # noqa: SIM118 (a store, not a dict)
         new = apply_renamings(key, renamings)
         if new != key:
             out[new] = key
@@ -397,7 +396,7 @@ class _Stop(Exception):
 class _Slot(nn.Module):
     """Stands in for block `index` in the runner's private copy: records the call, passes through."""
 
-    def __init__(self, index: int, block: nn.Module, runner: "BlockRunner") -> None:
+    def __init__(self, index: int, block: nn.Module, runner: BlockRunner) -> None:
         super().__init__()
         self.index = index
         object.__setattr__(self, "_block", block)  # not a submodule: attributes only
@@ -561,7 +560,7 @@ class BlockRunner:
         stop = self.n_blocks if stop is None else stop
         if not 0 <= start <= stop <= self.n_blocks:
             raise MiPrunError(f"blocks {start}..{stop - 1} out of range (the model has {self.n_blocks}).")
-        skip = set(int(s) for s in skip)
+        skip = {int(s) for s in skip}
         taps = dict(taps or {})
         current = list(hidden)
         for b in range(start, stop):
@@ -577,11 +576,12 @@ class BlockRunner:
         if self.stream is not None:
             self._cached = None
 
-    def last(self, hidden: Sequence[torch.Tensor], start: int = 0, skip: Iterable[int] = ()) -> list[torch.Tensor]:
-        """The hidden states after the last block, running blocks start.. except `skip`."""
+    def last(self, hidden: Sequence[torch.Tensor], start: int = 0, skip: Iterable[int] = (), stop: int | None = None,
+             taps: dict[int, str] | None = None) -> list[torch.Tensor]:
+        """The hidden states after block stop-1 (default: the last), running blocks start.. except `skip`."""
         out = list(hidden)
-        for _, out in self.run_blocks(hidden, start, None, skip):
-            pass
+        for _, result in self.run_blocks(hidden, start, stop, skip, taps):
+            out = result
         return out
 
     def logits(self, hidden: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -602,5 +602,5 @@ class BlockRunner:
         return total, count
 
 
-__all__ = ["BlockRunner", "STREAM_ATTR", "SafetensorsStore", "Stream", "TensorStore", "from_store", "is_streamed",
+__all__ = ["STREAM_ATTR", "BlockRunner", "SafetensorsStore", "Stream", "TensorStore", "from_store", "is_streamed",
            "nll_sums", "offload_to_cpu", "open_streamed", "skeleton", "stream_of", "streamed_state_dict"]

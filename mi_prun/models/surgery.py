@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
-from mi_prun.models.stream import is_streamed
 from mi_prun.models.blocks import (
     NUM_LAYER_KEYS,
     TEXT_SUBCONFIGS,
     find_blocks,
     num_layers_of,
 )
+from mi_prun.models.stream import is_streamed
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,27 @@ from mi_prun.errors import MiPrunError
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import is_streamed
 from mi_prun.progress import Progress
-from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
+from mi_prun.select.candidates import (
+    Candidate,
+    exchange_order,
+    nan_last,
+    neighbours,
+    propose,
+)
 from mi_prun.select.costs import set_cost
-from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem, run_selector
-from mi_prun.select.scorer import NLLCache, PrefixScorer, model_scorer, resolve_tokens, tokens_key
+from mi_prun.select.registry import (
+    VERIFIABLE,
+    check_analysis,
+    make_problem,
+    run_selector,
+)
+from mi_prun.select.scorer import (
+    NLLCache,
+    PrefixScorer,
+    model_scorer,
+    resolve_tokens,
+    tokens_key,
+)
 from mi_prun.select.selection import Selection, make_selection
 
 log = logging.getLogger(__name__)
