@@ -182,9 +182,9 @@ def _saved(tmp_path, family="llama", n_layers=6):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_export_of_a_streamed_healed_model_equals_in_memory(family, tmp_path):
-    from mi_prun.export import export
     from transformers import AutoModelForCausalLM
 
+    from mi_prun.export import export
     from mi_prun.models import load_model
 
     _, folder = _saved(tmp_path, family)
@@ -275,3 +275,44 @@ def test_bad_execution_input_is_one_line(tmp_path):
         assert "\n" not in str(err.value), kwargs
     assert json.loads(bad_json.read_text()) == [1, 2]
     assert not (tmp_path / "file" / "sub").exists()
+
+
+# ------------------------------------------------------------------------------ accelerate device maps
+
+
+def test_dispatched_model_with_cpu_and_disk_offload_equals_in_memory(tmp_path):
+    """A device map that keeps blocks 0-2 on the CPU and offloads 3-5 to disk: capture, pruned views
+    (verification), healing folds (into an offloaded block too) and the export all match the
+    in-memory model, and the export loads with plain from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from mi_prun.export import export
+    from mi_prun.models import load_model, pruned_view
+
+    _, folder = _saved(tmp_path)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "cpu" if i < 3 else "disk" for i in range(6)}}
+    map_file = tmp_path / "map.json"
+    import json
+
+    map_file.write_text(json.dumps(device_map))
+    mem = load_model(folder, device="cpu", dtype="float32", offload=False)
+    dis = load_model(folder, device="cpu", dtype="float32", device_map=str(map_file), offload_folder=tmp_path / "off")
+    assert any(p.is_meta for p in dis.model.parameters())  # really offloaded
+    ids, mask = _tokens()
+    torch.testing.assert_close(capture(dis.model, ids, mask, max_positions=40).hidden,
+                               capture(mem.model, ids, mask, max_positions=40).hidden)
+    for removed in ([1, 4], [3]):
+        assert token_nll(pruned_view(dis.model, removed), ids, mask)[0] == pytest.approx(
+            token_nll(pruned_view(mem.model, removed), ids, mask)[0], rel=1e-6)
+    calib = calibration_tokens(mem.tokenizer, load_text("builtin"), 8, 40, seed=0)
+    cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
+    (hm, rm), (hd, rd) = (heal(m.model, [2, 4], calib, config=cfg) for m in (mem, dis))  # block 3 is on disk
+    assert [r.unexplained_healed for r in rd.runs] == pytest.approx([r.unexplained_healed for r in rm.runs])
+    assert token_nll(hd, ids, mask)[0] == pytest.approx(token_nll(hm, ids, mask)[0], rel=1e-6)
+    outs = [export(h, mem.tokenizer, None, tmp_path / name, loaded=m) for h, m, name in
+            ((hm, mem, "em"), (hd, dis, "ed"))]
+    with torch.no_grad():
+        la, lb = (AutoModelForCausalLM.from_pretrained(p)(input_ids=ids, attention_mask=mask).logits for p in outs)
+    torch.testing.assert_close(lb, la)
+    assert token_nll(dis.model, ids, mask)[0] == pytest.approx(token_nll(mem.model, ids, mask)[0], rel=1e-6)

@@ -33,7 +33,13 @@ from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
 from mi_prun.models.blocks import find_blocks, input_device
 from mi_prun.models.hooks import hidden_of, output_hooks, run_until_stop
-from mi_prun.models.stream import BlockRunner, stream_of
+from mi_prun.models.stream import (
+    BlockRunner,
+    offload_hook,
+    real_value,
+    replace_offloaded,
+    stream_of,
+)
 from mi_prun.models.surgery import _validate_remove, prune_info, pruned_view
 from mi_prun.progress import Progress
 from mi_prun.select.costs import runs_of
@@ -143,6 +149,20 @@ def _materialize_site(target: Site, stream: Any) -> None:
         if p.is_meta:
             value = stream.real(p, f"{target.name}.{name}").to(device=stream.device, dtype=stream.dtype)
             target.module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
+def _materialize_offloaded(view: nn.Module, target: Site) -> list[str]:
+    """Real tensors for a fold module whose weights accelerate offloaded (device map with cpu or
+    disk entries); returns the names of the parameters it replaced."""
+    done = []
+    for pname, p in list(target.module.named_parameters(recurse=False)):
+        full = f"{target.name}.{pname}"
+        if p.is_meta and offload_hook(view, full) is not None:
+            hook, _ = offload_hook(view, full)
+            value = real_value(view, full, p).to(getattr(hook, "execution_device", None) or "cpu")
+            target.module._parameters[pname] = nn.Parameter(value, requires_grad=False)
+            done.append(pname)
+    return done
 
 
 def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
@@ -272,7 +292,10 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
         bridge = solve(both, ridge, target.intercept)
         if streamer is not None:
             _materialize_site(target, stream_of(model))
+        offloaded = _materialize_offloaded(healed, target)
         apply(target, bridge.T, bridge.c)
+        for pname in offloaded:  # accelerate serves an offloaded block's weights from its map: the new ones
+            replace_offloaded(healed, f"{target.name}.{pname}", getattr(target.module, pname))
         rec = RunHealing(start=start, end=end, fold_block=start - 1, module=target.name, kind=target.fold.kind,
                          ridge=ridge, ridge_abs=bridge.ridge_abs, ridge_choice=how,
                          holdout_unexplained=scores, unexplained_unhealed=unexplained(both, None),

@@ -18,7 +18,7 @@ import torch
 from mi_prun.errors import MiPrunError
 from mi_prun.files import jsonable
 from mi_prun.models.blocks import find_blocks
-from mi_prun.models.stream import stream_of
+from mi_prun.models.stream import real_value
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "torch_dtype", "dtype", "transformers_version", "_commit_hash",
                          "use_cache", "_attn_implementation", "_attn_implementation_autoset",
@@ -39,7 +39,6 @@ def model_identity(model: Any) -> dict[str, Any]:
     size, a digest of its config (paths, dtype and version fields left out), and a few weight
     values at fixed positions of evenly spaced tensors (compared with a tolerance that absorbs
     float32 / bfloat16 / float16 rounding, never with a hash)."""
-    stream = stream_of(model)  # a streamed model's block weights are on `meta`: read them from its store
     params = list(model.named_parameters())
     picks = np.unique(np.linspace(0, len(params) - 1, min(_SAMPLE_TENSORS, len(params))).astype(int)) \
         if params else []
@@ -47,7 +46,8 @@ def model_identity(model: Any) -> dict[str, Any]:
     with torch.no_grad():
         for i in picks:
             name, tensor = params[int(i)]
-            flat = (stream.real(tensor, name) if stream is not None else tensor).detach().reshape(-1)
+            # a streamed or accelerate-offloaded tensor is on `meta`: its value comes from the store
+            flat = real_value(model, name, tensor).detach().reshape(-1)
             k = min(_SAMPLE_VALUES, flat.numel())
             # integer arithmetic: float32 positions round past the end of tensors over 2^24 elements
             idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)

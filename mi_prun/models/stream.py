@@ -165,6 +165,76 @@ class Stream:
         return new
 
 
+# ---------------------------------------------------------------------------------------- accelerate
+
+
+def _offload_hooks(hook: Any) -> list[Any]:
+    return list(getattr(hook, "hooks", None) or [hook])  # a SequentialHook holds several
+
+
+def offload_hook(model: nn.Module, name: str) -> tuple[Any, str] | None:
+    """(accelerate hook, key in its weights_map) of a tensor accelerate offloaded (to the CPU or
+    disk) with a device map, from the innermost module holding such a hook; None if not offloaded."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:k]))
+        for hook in _offload_hooks(getattr(module, "_hf_hook", None)):
+            if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+                return hook, ".".join(parts[k:])
+    return None
+
+
+class _Overlay(dict):
+    """A weights_map with some entries replaced (a healed weight of an offloaded block)."""
+
+    def __init__(self, base: Any, new: dict[str, torch.Tensor]) -> None:
+        super().__init__(new)
+        self.base = base
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        return self.base[key]
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or key in self.base
+
+    def keys(self):
+        return list(dict.fromkeys([*self.base.keys(), *dict.keys(self)]))
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+def real_value(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The value of `model`'s tensor `name`: itself, or (when it is on `meta`) its streamed or
+    accelerate-offloaded value, on the CPU."""
+    if not tensor.is_meta:
+        return tensor
+    stream = stream_of(model)
+    if stream is not None:
+        return stream.real(tensor, name)
+    found = offload_hook(model, name)
+    if found is None:
+        raise MiPrunError(f"{name} is on the meta device and neither streamed nor offloaded by accelerate.")
+    hook, key = found
+    return hook.weights_map[key]
+
+
+def replace_offloaded(model: nn.Module, name: str, value: torch.Tensor) -> bool:
+    """Make accelerate's offload hook of `name` serve `value` (healing an offloaded block); False
+    when `name` is not offloaded. Only `model`'s own hook objects change (a view has copies)."""
+    found = offload_hook(model, name)
+    if found is None:
+        return False
+    hook, key = found
+    base = hook.weights_map
+    hook.weights_map = _Overlay(base.base if isinstance(base, _Overlay) else base,
+                                {**(dict(base) if isinstance(base, _Overlay) else {}), key: value.detach().cpu()})
+    return True
+
+
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
     for name, p in module.named_parameters(remove_duplicate=False):
         yield name, p, True
@@ -603,4 +673,4 @@ class BlockRunner:
 
 
 __all__ = ["STREAM_ATTR", "BlockRunner", "SafetensorsStore", "Stream", "TensorStore", "from_store", "is_streamed",
-           "nll_sums", "offload_to_cpu", "open_streamed", "skeleton", "stream_of", "streamed_state_dict"]
+           "nll_sums", "offload_hook", "offload_to_cpu", "open_streamed", "real_value", "replace_offloaded", "skeleton", "stream_of", "streamed_state_dict"]
