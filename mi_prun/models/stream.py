@@ -333,8 +333,10 @@ def _attach(model: nn.Module, store: Any, device: torch.device, dtype: torch.dty
                           f"weights files ({', '.join(missing[:3])}). Fix: the files are damaged or belong to "
                           "another model; export or download it again.")
     stream = Stream(store, keys, device, dtype, source)
-    # Non-block modules: loaded once onto the device, in place (the skeleton is ours).
-    rest = [(n, t, p) for n, t, p in _named_tensors(model) if not _in_block(n, prefix)]
+    # Non-block modules: loaded once onto the device, in place (the skeleton is ours); an untied LM
+    # head only when logits are first needed (capture never needs it: `BlockRunner.logits`).
+    head = _lazy_head(model, keys)
+    rest = [(n, t, p) for n, t, p in _named_tensors(model) if not _in_block(n, prefix) and t is not head]
     need = sorted({keys[id(t)] for _, t, _ in rest if t.is_meta and id(t) in keys})
     loaded = store.get(need) if need else {}
     done: dict[int, torch.Tensor] = {}
@@ -346,7 +348,7 @@ def _attach(model: nn.Module, store: Any, device: torch.device, dtype: torch.dty
             done[id(t)] = _to(value, device, dtype if is_param or t.is_meta else None)
         _set_tensor(model, name, done[id(t)], is_param)
     _retie(model)
-    still = [n for n, t, _ in _named_tensors(model) if t.is_meta and not _in_block(n, prefix)]
+    still = [n for n, t, _ in _named_tensors(model) if t.is_meta and not _in_block(n, prefix) and t is not head]
     if still:
         raise MiPrunError(f"cannot stream {source}: no weights for {', '.join(still[:3])}. Fix: the files are "
                           "damaged; export or download the model again.")
@@ -354,6 +356,18 @@ def _attach(model: nn.Module, store: Any, device: torch.device, dtype: torch.dty
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _lazy_head(model: nn.Module, keys: dict[int, str]) -> torch.Tensor | None:
+    """The output embeddings' weight when it is stored on its own (not tied), else None."""
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    w = getattr(out, "weight", None)
+    if w is None or w is getattr(inp, "weight", None) or id(w) not in keys:
+        return None
+    return w
 
 
 def _is_tied_output(model: nn.Module, name: str) -> bool:
@@ -654,8 +668,22 @@ class BlockRunner:
             out = result
         return out
 
+    def _ensure_head(self) -> None:
+        """Read a streamed model's LM head (left on `meta` until logits are needed) into the copy."""
+        if self.stream is None:
+            return
+        try:
+            head = self.shell.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return
+        w = getattr(head, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_meta:
+            head.weight = nn.Parameter(_to(self.stream.real(w, "lm_head"), self.stream.device, self.stream.dtype),
+                                       requires_grad=False)
+
     def logits(self, hidden: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Logits (B, T, V) per batch from the last hidden state (final norm and head of the family)."""
+        self._ensure_head()
         for (ids, mask), h in zip(self.batches, hidden):
             self._inject = h
             try:
