@@ -41,17 +41,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mi_prun.capture import capture  # noqa: E402
-from mi_prun.config import AnalysisConfig, HealConfig, SelectConfig  # noqa: E402
-from mi_prun.data import Calibration  # noqa: E402
-from mi_prun.evaluate import token_nll  # noqa: E402
-from mi_prun.heal import heal  # noqa: E402
-from mi_prun.models.loading import LoadedModel  # noqa: E402
-from mi_prun.models.memory import peak_memory  # noqa: E402
-from mi_prun.models.stream import TensorStore, from_store, skeleton  # noqa: E402
-from mi_prun.pipeline import analysis_from_capture  # noqa: E402
-from mi_prun.select import select  # noqa: E402
-from mi_prun.testing import byte_tokenizer, random_model, random_tensors  # noqa: E402
+from mi_prun.capture import capture
+from mi_prun.config import AnalysisConfig, HealConfig, SelectConfig
+from mi_prun.data import Calibration
+from mi_prun.evaluate import token_nll
+from mi_prun.heal import heal
+from mi_prun.models.loading import LoadedModel
+from mi_prun.models.memory import peak_memory
+from mi_prun.models.stream import TensorStore, from_store, skeleton
+from mi_prun.pipeline import analysis_from_capture
+from mi_prun.select import select
+from mi_prun.testing import byte_tokenizer, random_model, random_tensors
 
 LLAMA3 = {"num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0,
           "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -192,8 +192,8 @@ def run_shape(shape: str, mode: str, device: torch.device, dtype: torch.dtype, d
 
 def format_rows(result: dict[str, Any]) -> str:
     gib = 2**30
-    lines = [f"== random Llama-3 {result['shape']} ({result['n_params'] / 1e9:.2f}B parameters, {result['mode']}, "
-             f"{result['dtype']} on {result['device']}; built in {result['build_seconds']:.1f} s) =="]
+    lines = [(f"== random Llama-3 {result['shape']} ({result['n_params'] / 1e9:.2f}B parameters, {result['mode']}, "
+             f"{result['dtype']} on {result['device']}; built in {result['build_seconds']:.1f} s) ==")]
     for name, row in result["stages"].items():
         dev = row["peak_device_bytes"]
         ratio = row.get("ratio_to_forward")

@@ -194,7 +194,7 @@ def random_model(config: Any, dtype: torch.dtype = torch.bfloat16, device: torch
                  seed: int = 0):
     """A randomly initialised model of `config` built directly on `device` (no float32 copy, no
     CPU copy first), in eval mode; the same values as `write_random_model` writes."""
-    from mi_prun.models.stream import _set_tensor, _retie, skeleton
+    from mi_prun.models.stream import _retie, _set_tensor, skeleton
 
     model = skeleton(config, dtype)
     values = dict(random_tensors(config, dtype, device, seed))
