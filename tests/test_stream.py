@@ -316,3 +316,49 @@ def test_dispatched_model_with_cpu_and_disk_offload_equals_in_memory(tmp_path):
         la, lb = (AutoModelForCausalLM.from_pretrained(p)(input_ids=ids, attention_mask=mask).logits for p in outs)
     torch.testing.assert_close(lb, la)
     assert token_nll(dis.model, ids, mask)[0] == pytest.approx(token_nll(mem.model, ids, mask)[0], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_streamed_on_cuda_equals_in_memory_on_cuda(family, tmp_path):
+    cuda = torch.device("cuda")
+    model, tok = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    mem = model.to(cuda)
+    st = open_streamed(tmp_path, cuda, torch.float32)
+    ids, mask = _tokens()
+    a, b = capture(mem, ids, mask, max_positions=60), capture(st, ids, mask, max_positions=60)
+    assert a.hidden.device.type == b.hidden.device.type == "cuda"
+    torch.testing.assert_close(b.hidden, a.hidden, atol=1e-4, rtol=1e-4)
+    assert token_nll(st, ids, mask)[0] == pytest.approx(token_nll(mem, ids, mask)[0], rel=1e-4)
+    calib = calibration_tokens(tok, load_text("builtin"), 8, 40, seed=0)
+    cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
+    hm, _ = heal(mem, [2, 4], calib, config=cfg)
+    hs, _ = heal(st, [2, 4], calib, config=cfg)
+    assert token_nll(hs, ids, mask)[0] == pytest.approx(token_nll(hm, ids, mask)[0], rel=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cli_pipeline_on_cuda_in_bfloat16(tmp_path):
+    import json
+
+    from mi_prun.cli import main
+
+    _, folder = _saved(tmp_path, n_layers=8)
+    for offload in ("--no-offload", "--offload"):
+        out = tmp_path / offload.strip("-")
+        args = ["--model", str(folder), "--device", "cuda", offload, "--calib", "builtin", "--samples", "4",
+                "--tokens", "48", "--positions", "120"]
+        assert main(["--quiet", "prune", *args, "--n", "2", "--verify-passes", "4", "--verify-samples", "4",
+                     "--verify-tokens", "32", "--heal", "--out", str(out)]) == 0
+        record = json.loads((out / "mi_prun.json").read_text())
+        assert record["dtype"] == "bfloat16" and record["peak_memory"]["cuda_max_allocated_bytes"] > 0
+        assert main(["--quiet", "eval", "--model", str(out), "--device", "cuda", offload, "--data", "builtin",
+                     "--seq-len", "32", "--max-windows", "2"]) == 0
