@@ -136,6 +136,9 @@ def cmd_prune(args) -> int:
     sel_cfg = None if args.selection else select_config(args)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
+    if args.sample and args.offload is True:
+        raise MiPrunError("--sample generates text, which needs the model in memory, and --offload streams it. "
+                          "Fix: drop one of them.")
     saved = Selection.load(args.selection) if args.selection else None
     analysis = Analysis.load(args.analysis) if args.analysis else None
     hcfg = heal_config(args, acfg, analysis.calibration if analysis is not None else
