@@ -86,6 +86,22 @@ class SafetensorsStore:
     def keys(self) -> list[str]:
         return list(self.file_of)
 
+    def values(self, key: str, flat_index: torch.Tensor) -> torch.Tensor:
+        """tensor.reshape(-1)[flat_index] of tensor `key`, reading only the rows it needs."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.file_of[key]), framework="pt", device="cpu") as fh:
+            part = fh.get_slice(key)
+            shape = part.get_shape()
+            row = 1
+            for n in shape[1:]:
+                row *= int(n)
+            out = []
+            for i in flat_index.tolist():
+                r, c = divmod(int(i), row)
+                out.append(part[r:r + 1].reshape(-1)[c].clone())
+        return torch.stack(out)
+
     def get(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """CPU tensors of `keys`, copies owning their memory (the files are closed on return)."""
         from safetensors import safe_open
@@ -220,6 +236,17 @@ def real_value(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tenso
         raise MiPrunError(f"{name} is on the meta device and neither streamed nor offloaded by accelerate.")
     hook, key = found
     return hook.weights_map[key]
+
+
+def real_values(model: nn.Module, name: str, tensor: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """tensor.reshape(-1)[flat_index] of one of `model`'s tensors; for a streamed one read from the
+    files row by row (identity samples a few values: never a whole LM head in memory)."""
+    stream = stream_of(model)
+    if tensor.is_meta and stream is not None and isinstance(stream.store, SafetensorsStore) \
+            and id(tensor) in stream.keys and tensor.dim() >= 1:
+        return stream.store.values(stream.keys[id(tensor)], flat_index)
+    flat = real_value(model, name, tensor).detach().reshape(-1)
+    return flat[flat_index.to(flat.device)]
 
 
 def replace_offloaded(model: nn.Module, name: str, value: torch.Tensor) -> bool:
@@ -701,4 +728,5 @@ class BlockRunner:
 
 
 __all__ = ["STREAM_ATTR", "BlockRunner", "SafetensorsStore", "Stream", "TensorStore", "from_store", "is_streamed",
-           "nll_sums", "offload_hook", "offload_to_cpu", "open_streamed", "real_value", "replace_offloaded", "skeleton", "stream_of", "streamed_state_dict"]
+           "nll_sums", "offload_hook", "offload_to_cpu", "open_streamed", "real_value", "real_values",
+           "replace_offloaded", "skeleton", "stream_of", "streamed_state_dict"]
