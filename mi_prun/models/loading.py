@@ -468,7 +468,8 @@ def load_model(
         if _is_encoder_config(config):
             raise _not_causal(spec, config)
         need = weights_bytes(source, gguf_file, dt) if device_map is None else None
-        stream = offload is True or (offload == "auto" and check_memory_first and not fits(need, dev))
+        stream = offload is True or (offload == "auto" and check_memory_first and gguf_file is None
+                                     and not fits(need, dev))  # a GGUF file cannot stream: the check refuses it
         if stream:
             folder = _stream_folder(spec, source, gguf_file)
             check_streamable(spec, need, _n_layers(config), dev, dt)
