@@ -237,8 +237,10 @@ def test_offload_is_chosen_when_the_model_does_not_fit(tmp_path, monkeypatch):
     with pytest.raises(MiPrunError, match="--offload"):
         load_model(folder, device="cpu", dtype="float32", offload=False)
     monkeypatch.setattr(memory, "available_memory", lambda device: 16)  # not even one block
-    with pytest.raises(MiPrunError, match="fits nowhere"):
+    with pytest.raises(MiPrunError, match="needs about .*--offload.*--device-map auto"):
         load_model(folder, device="cpu", dtype="float32")
+    with pytest.raises(MiPrunError, match="fits nowhere: even streamed"):
+        load_model(folder, device="cpu", dtype="float32", offload=True)
 
 
 def test_bad_execution_input_is_one_line(tmp_path):

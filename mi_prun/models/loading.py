@@ -470,6 +470,8 @@ def load_model(
         need = weights_bytes(source, gguf_file, dt) if device_map is None else None
         stream = offload is True or (offload == "auto" and check_memory_first and gguf_file is None
                                      and not fits(need, dev))  # a GGUF file cannot stream: the check refuses it
+        if stream and offload == "auto" and not fits(3 * need // max(_n_layers(config), 1), dev):
+            check_memory(spec, need, dev, dt)  # fits nowhere: the memory check's message lists every way out
         if stream:
             folder = _stream_folder(spec, source, gguf_file)
             check_streamable(spec, need, _n_layers(config), dev, dt)
