@@ -58,7 +58,7 @@ def _make(text: str, source: str) -> Text:
 
 def builtin_text() -> str:
     """English prose from the Python documentation shipped with CPython (no download)."""
-    from pydoc_data import topics
+    from pydoc_data import topics  # optional: some Python builds ship without pydoc_data
 
     return "\n\n".join(topics.topics[key].strip() for key in sorted(topics.topics))
 
@@ -126,7 +126,7 @@ def wikitext2(split: str) -> str:
             return decode_bytes(path.read_bytes(), str(path))
         log.warning("%s not found; trying the datasets library", path)
     try:
-        import datasets  # type: ignore
+        import datasets  # type: ignore  # optional dependency (mi-prun[data])
     except ImportError:
         raise MiPrunError(
             "WikiText-2 is not available: $MI_PRUN_DATA_DIR does not hold "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from safetensors.torch import save_file
 from torch import nn
 
 from mi_prun.config import ExportConfig
@@ -85,11 +88,6 @@ def save_streamed(model: nn.Module, folder: Path, max_shard_size: str = "5GB") -
     """Write a streamed model (or a pruned / healed view of one) as safetensors shards that plain
     `from_pretrained` loads, reading one block from the store at a time. Tied tensors are written once;
     floating tensors in the model's compute dtype, as `save_pretrained` does for a loaded model."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
     stream = stream_of(model)
     dtype = stream.dtype if stream is not None else None
     limit = _shard_bytes(max_shard_size)

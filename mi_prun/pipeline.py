@@ -17,6 +17,8 @@ from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import get_estimator
 from mi_prun.models import LoadedModel, context_length
+from mi_prun.models.memory import peak_memory
+from mi_prun.models.stream import stream_of
 from mi_prun.progress import Progress
 from mi_prun.results import Analysis
 from mi_prun.scores import score_capture, span_unexplained
@@ -79,9 +81,6 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
 def resources(loaded: LoadedModel) -> dict:
     """What a result records of the run's cost: peak memory (process RSS, CUDA) and whether the
     blocks streamed (`offload`: False, or where the weights stayed: "disk" / "cpu")."""
-    from mi_prun.models.memory import peak_memory
-    from mi_prun.models.stream import stream_of
-
     return {**peak_memory(), "offload": stream_of(loaded.model) is not None,
             "weights_at": loaded.info.get("offload", "device"), "device": str(loaded.device)}
 

@@ -224,7 +224,7 @@ def test_benchmark_quick_mode_runs_every_method():
     methods = {r["method"] for r in rows}
     assert methods == {"verified", "mi-guided", "fbs (one pass)", "shortgpt", "angular", "random", "sleb"}
     for r in rows:
-        assert len(r["removed"]) == r["n"] and r["seconds"] >= 0 and math.isfinite(r["forward_passes"])
+        assert len(r["removed"]) == r["n"] and math.isfinite(r["forward_passes"])
     from mi_prun.select.counts import allowed_blocks
 
     removable = len(allowed_blocks(6, SelectConfig().protect_ends))  # tiny-llama: 6 blocks

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
+import warnings
+
+from transformers.utils import logging as hf_logging
 
 from mi_prun.cli.args import build_parser
 from mi_prun.cli.commands import COMMANDS
@@ -23,17 +27,10 @@ def _quiet_libraries(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not debug:
-        import warnings
-
         warnings.filterwarnings("ignore")
-    try:  # our own progress bars replace transformers' per-file ones
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        if not debug:
-            hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()  # our own progress bars replace transformers' per-file ones
+    if not debug:
+        hf_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print("mi-prun: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `mi-prun show x | head`: the reader left; not an error of ours
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except OSError as exc:

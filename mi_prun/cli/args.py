@@ -7,9 +7,9 @@ import json
 
 from mi_prun import __version__
 from mi_prun.cli.output import BLOCK_NOTE
-from mi_prun.config import AnalysisConfig, EvalConfig, HealConfig, SelectConfig
+from mi_prun.config import AnalysisConfig, EvalConfig, ExecutionConfig, HealConfig, SelectConfig
 from mi_prun.models.zoo import DEFAULT_MODEL
-from mi_prun.select import RUN_COST_DESCRIPTIONS, SELECTORS
+from mi_prun.select import SELECTORS, run_cost_descriptions
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -164,8 +164,6 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
-    from mi_prun.config import ExecutionConfig
-
     x = p.add_mutually_exclusive_group()
     x.add_argument("--offload", dest="offload", action="store_const", const=True, default=ExecutionConfig.offload,
                    help="stream the blocks: the weights stay in their safetensors files and one block at a time "
@@ -205,9 +203,9 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--n", type=positive_int, default=None, help="number of blocks to remove (instead of --ratio)")
     g.add_argument("--method", default=d.method, choices=sorted(SELECTORS), metavar="METHOD",
                    help=_choices_help("selector", {k: s.description for k, s in SELECTORS.items()}, d.method))
-    g.add_argument("--run-cost", default=d.run_cost, choices=sorted(RUN_COST_DESCRIPTIONS), metavar="COST",
+    g.add_argument("--run-cost", default=d.run_cost, choices=sorted(run_cost_descriptions()), metavar="COST",
                    help=_choices_help("cost of removing one contiguous run, from its span MI",
-                                      RUN_COST_DESCRIPTIONS, d.run_cost))
+                                      run_cost_descriptions(), d.run_cost))
     y = g.add_mutually_exclusive_group()
     y.add_argument("--protect-ends", nargs="?", const=True, default=None, type=protect_value, metavar="K",
                    help="never remove the first and last block; with K, the first and last K blocks (an "

@@ -27,11 +27,11 @@ from torch import nn
 
 from mi_prun.capture import choose_positions
 from mi_prun.config import HealConfig
-from mi_prun.data import Calibration
+from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
-from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.models.blocks import context_length, find_blocks, input_device
 from mi_prun.models.hooks import hidden_of, output_hooks, run_until_stop
 from mi_prun.models.stream import (
     BlockRunner,
@@ -175,9 +175,6 @@ def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
 
 def heal_calibration(loaded: Any, config: HealConfig | None = None) -> Calibration:
     """The calibration tokens of `config` for `loaded`'s tokenizer (a `LoadedModel`)."""
-    from mi_prun.data import calibration_tokens, load_text
-    from mi_prun.models.blocks import context_length
-
     cfg = config or HealConfig()
     limit = context_length(loaded.model.config)
     if isinstance(limit, int) and cfg.seq_len > limit:

@@ -10,6 +10,7 @@ the config (which transformers would fill with random numbers).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,12 +20,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.config import ExecutionConfig
+from mi_prun.models.blocks import find_blocks, input_device, num_layers_of
 from mi_prun.models.identity import model_identity
 from mi_prun.models.memory import check_memory, check_streamable, fits, weights_bytes
 from mi_prun.models.stream import offload_to_cpu, open_streamed
+from mi_prun.models.tiny import tiny_model
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
     ZOO,
@@ -137,6 +142,7 @@ def _is_encoder_config(config: Any) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return True
     try:
+        # optional: a private transformers path that may move between versions
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
     except ImportError:
         return False
@@ -270,8 +276,6 @@ def _damaged_config(what: str, exc: BaseException) -> MiPrunError:
 
 
 def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) -> Any:
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
     except MiPrunError:
@@ -301,8 +305,6 @@ def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) ->
 
 
 def _load_weights(spec: str, source: str, config: Any, kwargs: dict) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     try:
         model, loading_info = AutoModelForCausalLM.from_pretrained(
             source, config=config, output_loading_info=True, **kwargs)
@@ -325,8 +327,6 @@ def _load_weights(spec: str, source: str, config: Any, kwargs: dict) -> nn.Modul
 
 
 def _n_layers(config: Any) -> int:
-    from mi_prun.models.blocks import num_layers_of
-
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return num_layers_of(text) or num_layers_of(config) or 0
 
@@ -338,8 +338,6 @@ def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
                           "--offload, or convert it to safetensors first (the zoo's models are converted).")
     folder = Path(source)
     if not folder.is_dir():
-        from huggingface_hub import try_to_load_from_cache
-
         hit = try_to_load_from_cache(source, "config.json")
         if not isinstance(hit, str):
             raise MiPrunError(f"{spec} is not on this disk, and streaming reads the weights from local files. "
@@ -353,8 +351,6 @@ def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
 
 def read_device_map(path: str | os.PathLike) -> dict:
     """A {module name: device} map from a JSON file (accelerate's `device_map` format)."""
-    import json
-
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -425,8 +421,6 @@ def load_model(
     weights do not fit; False never streams (and the memory check refuses). offload_folder: where
     accelerate offloads weights to disk with a device_map (must be writable).
     """
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     is_path = isinstance(spec, os.PathLike)
     spec = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
@@ -438,8 +432,6 @@ def load_model(
     if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
         resolve_device(device_map)  # a device name: an unknown or missing device fails here, in one line
     dt = resolve_dtype(dtype, dev)
-    from mi_prun.config import ExecutionConfig
-
 
     ExecutionConfig(offload=offload, device_map=device_map,
                     offload_folder=None if offload_folder is None else os.fspath(offload_folder))
@@ -450,8 +442,6 @@ def load_model(
     info: dict = {}
     family = None if is_path else tiny_family(spec)
     if family is not None:
-        from mi_prun.testing import tiny_model
-
         model, tokenizer = tiny_model(family)
         if offload is True:  # the weights stay in CPU memory; blocks move to the device one at a time
             model = offload_to_cpu(model, dev, dt)

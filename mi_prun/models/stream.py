@@ -39,12 +39,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import find_blocks
 from mi_prun.models.hooks import hidden_of, output_hooks
+from mi_prun.models.surgery import pruned_view
+
+try:  # transformers' checkpoint renamings (5.x; private): older versions read plain names only
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+except ImportError:
+    get_model_conversion_mapping = WeightRenaming = apply_renamings = None
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +73,6 @@ class SafetensorsStore:
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -88,8 +96,6 @@ class SafetensorsStore:
 
     def values(self, key: str, flat_index: torch.Tensor) -> torch.Tensor:
         """tensor.reshape(-1)[flat_index] of tensor `key`, reading only the rows it needs."""
-        from safetensors import safe_open
-
         with safe_open(str(self.file_of[key]), framework="pt", device="cpu") as fh:
             part = fh.get_slice(key)
             shape = part.get_shape()
@@ -104,8 +110,6 @@ class SafetensorsStore:
 
     def get(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """CPU tensors of `keys`, copies owning their memory (the files are closed on return)."""
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.file_of[key], []).append(key)
@@ -307,12 +311,11 @@ def _in_block(name: str, prefix: str) -> bool:
 def _renamed_keys(model: nn.Module, store: Any) -> dict[str, str]:
     """model tensor name -> store key, for checkpoints whose names transformers renames on load
     (its own table, e.g. GPT-NeoX's `embed_out` -> `lm_head`)."""
+    if get_model_conversion_mapping is None:
+        return {}
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
         renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    except Exception as exc:  # noqa: BLE001 (another transformers version: plain names only)
+    except Exception as exc:  # noqa: BLE001 (transformers' private table: plain names when it fails)
         log.debug("no weight renamings: %s", exc)
         return {}
     if not renamings:
@@ -416,9 +419,6 @@ def _retie(model: nn.Module) -> None:
 
 def skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """The model of `config` with every weight on the `meta` device (no memory), buffers real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
@@ -428,8 +428,6 @@ def open_streamed(folder: str | os.PathLike, device: torch.device, dtype: torch.
                   config: Any = None) -> nn.Module:
     """The model in `folder` (safetensors) as a streamed model: skeleton on meta, non-block modules
     on `device`, blocks read from the files one at a time while running."""
-    from transformers import AutoConfig
-
     folder = Path(folder)
     store = SafetensorsStore(folder)
     if config is None:
@@ -555,8 +553,6 @@ class BlockRunner:
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  batch_size: int = 8) -> None:
-        from mi_prun.models.surgery import pruned_view
-
         if input_ids.dim() != 2:
             raise MiPrunError(f"input_ids must be (samples, tokens), got shape {tuple(input_ids.shape)}")
         self.model = model

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import (
@@ -35,7 +36,6 @@ from mi_prun.models.blocks import (
     find_blocks,
     num_layers_of,
 )
-from mi_prun.models.stream import is_streamed
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ def _validate_remove(remove: Iterable[Any], n_blocks: int) -> tuple[int, ...]:
 
 def _fix_config_inplace(config: Any, kept: Sequence[int], n_old: int, where: str = "config") -> None:
     """Shrink every block-count-dependent field of `config` (and its text sub-configs) in place."""
-    from transformers import PretrainedConfig
-
     n_new = len(kept)
     if num_layers_of(config) == n_old:
         for key in NUM_LAYER_KEYS:
@@ -216,20 +214,20 @@ def prune(model: nn.Module, remove: Iterable[int], copy_weights: bool = True) ->
     head) stay tied in the copy: each shared tensor is cloned once.
     """
     new = _pruned_copy(model, remove)
-    if not copy_weights or is_streamed(model):  # a streamed model's blocks are read-only files: nothing to copy
+    if not copy_weights:
         return new
     clones: dict[int, Any] = {}
     with torch.no_grad():
         for module in new.modules():
             for name, param in list(module._parameters.items()):
-                if param is None:
+                if param is None or param.is_meta:  # no data to copy (streamed, or offloaded by accelerate)
                     continue
                 if id(param) not in clones:
                     clones[id(param)] = nn.Parameter(param.detach().clone(),
                                                      requires_grad=param.requires_grad)
                 module._parameters[name] = clones[id(param)]
             for name, buf in list(module._buffers.items()):
-                if buf is None:
+                if buf is None or buf.is_meta:
                     continue
                 if id(buf) not in clones:
                     clones[id(buf)] = buf.detach().clone()

@@ -9,8 +9,8 @@ Pieces, each usable on its own (all importable from `mi_prun.select`):
 
 - `counts`: `resolve_n` turns `n` or `ratio` into a validated block count; `n_protected` reads
   `protect_ends`.
-- `costs`: `RUN_COSTS` maps a run-cost name to a vectorised function of (span, span_norm, i, j)
-  and `RUN_COST_DESCRIPTIONS` to a line of help (`register_run_cost` adds one); `cost_matrix`
+- `costs`: `RUN_COSTS` maps a run-cost name to a `RunCost` (a vectorised function of (span,
+  span_norm, i, j), a line of help, what it needs; `register_run_cost` adds one); `cost_matrix`
   evaluates it once per problem into C[i, j] (i < j); `runs_of` and `set_cost` give the runs of a
   removed set and its objective.
 - `selection`: the result type `Selection` (JSON round trip with `to_dict` / `from_dict`).
@@ -42,8 +42,8 @@ from __future__ import annotations
 
 # Import order is registration order: SELECTORS lists topk, the baselines, the search methods, sleb,
 # mi-guided.
-from mi_prun.select.costs import (RUN_COST_DESCRIPTIONS, RUN_COSTS, RunCostFn, cost_matrix,
-                                  register_run_cost, runs_of, set_cost)
+from mi_prun.select.costs import (RUN_COSTS, RunCost, RunCostFn, cost_matrix, register_run_cost,
+                                  run_cost_descriptions, runs_of, set_cost)
 from mi_prun.select.counts import n_protected, resolve_n
 from mi_prun.select.registry import (SELECTORS, Problem, Selector, SelectorFn, SelectorOutput,
                                      get_selector, register_selector)
@@ -57,7 +57,7 @@ from mi_prun.select.guided import guided_search, guided_select
 from mi_prun.select.api import compare, select
 
 __all__ = [
-    "RUN_COST_DESCRIPTIONS", "RUN_COSTS", "RunCostFn", "cost_matrix", "register_run_cost", "runs_of",
+    "RUN_COSTS", "RunCost", "RunCostFn", "cost_matrix", "register_run_cost", "run_cost_descriptions", "runs_of",
     "set_cost",
     "n_protected", "resolve_n",
     "Selection",

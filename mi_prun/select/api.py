@@ -25,7 +25,7 @@ from mi_prun.select.verify import verified_select
 def select(analysis: Any, method: str = SelectConfig.method, n: int | None = None, ratio: float | None = None,
            run_cost: str = SelectConfig.run_cost, protect_ends: bool | int | float = SelectConfig.protect_ends,
            seed: int = 0, *, config: Any = None, model: Any = None, tokens: Any = None, cache: Any = None,
-           progress: Any = None, batch_size: int = 8, **options: Any) -> Selection:
+           progress: Any = None, batch_size: int = 8, force: bool = False, **options: Any) -> Selection:
     """Choose blocks to remove from an `Analysis`; every default is `SelectConfig`'s (the shipped one).
 
     Give the settings as a `SelectConfig` (`select(analysis, cfg)` or `config=cfg`) or as
@@ -37,7 +37,7 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     Method options (e.g. fbs: pool, k, max_iter) go in `options`.
 
     With a `model` (a `LoadedModel`, or a module with `tokens`; refused unless it is the analysed
-    model): `config.verify_passes` not 0 and a method of `VERIFIABLE` run the verified search
+    model, unless `force` and it has the same block count): `config.verify_passes` not 0 and a method of `VERIFIABLE` run the verified search
     (`verify.verified_select`); "sleb" and "mi-guided" score their sets on `tokens` (default: the
     verification tokens drawn from the analysis's calibration text) through the same NLL scorer.
     `cache` (an `NLLCache`) and `progress` go to them. Without a model the answer is the one-pass
@@ -46,12 +46,12 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     cfg = resolve_config(method, n, ratio, run_cost, protect_ends, seed, options, config)
     if model is not None and cfg.verifies and cfg.method in VERIFIABLE:
         return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress,
-                               batch_size=batch_size)
+                               batch_size=batch_size, force=force)
     scorer = None
     if get_selector(cfg.method).needs_model and model is not None:
         problem = make_problem(analysis, cfg)
         scorer = model_scorer(model, analysis, cfg, n_blocks=problem.n_blocks, starts=problem.allowed,
-                              tokens=tokens, batch_size=batch_size, cache=cache, progress=progress)
+                              tokens=tokens, batch_size=batch_size, cache=cache, progress=progress, force=force)
     return run_selector(analysis, cfg, scorer)
 
 

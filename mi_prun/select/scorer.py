@@ -226,14 +226,15 @@ def unwrap_model(model: Any, tokenizer: Any, config: Any) -> tuple[Any, Any]:
 
 def model_scorer(model: Any, analysis: Any, config: SelectConfig, *, n_blocks: int, starts: Iterable[int],
                  tokenizer: Any = None, tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
-                 use_prefix: bool = True, progress: Any = None) -> PrefixScorer:
+                 use_prefix: bool = True, progress: Any = None, force: bool = False) -> PrefixScorer:
     """The scorer of a search on `model` (a `LoadedModel` or a module), its tokens' provenance in
     `scorer.provenance`:
-    refuses a model other than the one `analysis` was made on (the check `prune` makes), draws
+    refuses a model other than the one `analysis` was made on (the check `prune` makes; `force`
+    accepts one with the same block count), draws
     the verification tokens unless `tokens` are given, and binds `cache` to (model, tokens)."""
     module, tokenizer = unwrap_model(model, tokenizer, config)
     if analysis is not None:
-        check_same_model(getattr(analysis, "model", None), n_blocks, module, where="the analysis")
+        check_same_model(getattr(analysis, "model", None), n_blocks, module, force=force, where="the analysis")
     elif len(find_blocks(module)) != n_blocks:
         raise MiPrunError(f"the problem has {n_blocks} blocks, the model {len(find_blocks(module))}.")
     cache = cache if cache is not None else NLLCache()

@@ -1,4 +1,4 @@
-"""Verified selection: MI candidates checked by a few forward passes (DESIGN.md section 5).
+"""Verified selection: MI candidates checked by a few forward passes of the pruned model.
 
 Every one-pass criterion is a proxy for the pruned model's loss and fails on some model. The
 verified search takes the candidate sets of all of them (`candidates.propose`, no forward pass),
@@ -168,14 +168,15 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
 
 def verified_select(model: Any, analysis: Any, config: SelectConfig | None = None, *, tokenizer: Any = None,
                     tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
-                    progress: Progress | None = None) -> Selection:
+                    progress: Progress | None = None, force: bool = False) -> Selection:
     """The config's one-pass answer checked against every criterion's candidates, then improved by
     local search (exchanges, swaps), with at most `config.verify_budget(n, removable)` sets scored
     by forward passes on verification tokens; the set of lowest NLL wins (`verified_search`).
 
     `model` is a `LoadedModel` (its tokenizer draws the tokens) or a module (then `tokenizer` or
     `tokens`). With verify_passes 0, or a method outside `VERIFIABLE`, this is `select`'s answer.
-    The model is only read: every pass runs a weight-sharing `pruned_view`.
+    The model is only read: every pass runs a weight-sharing `pruned_view`. A model other than the
+    analysed one is refused (`force=True`: accepted with the same block count, as `prune --force`).
     `progress("verify", fraction, message)` is called after every pass.
     """
     t0 = time.perf_counter()
@@ -187,7 +188,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
         return one
     problem = make_problem(analysis, config)
     scorer = model_scorer(model, analysis, config, n_blocks=problem.n_blocks, starts=problem.allowed,
-                          tokenizer=tokenizer, tokens=tokens, batch_size=batch_size, cache=cache)
+                          tokenizer=tokenizer, tokens=tokens, batch_size=batch_size, cache=cache, force=force)
     cache, tok_prov = scorer.cache, scorer.provenance
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
