@@ -5,7 +5,9 @@ last block before the final norm. Every token position is one sample of the rand
 Before any forward pass a seeded subsample of m positions is drawn (padding excluded, the first
 position optionally dropped); the hooks copy only those rows, the same rows in every layer, so any
 two layers form paired samples and the capture holds (L+1, m, d) floats whatever the calibration
-size. The forward pass stops after the last block (final norm and LM head are skipped).
+size. The forward pass stops after the last block (final norm and LM head are skipped). A streamed
+model (`mi_prun.models.stream`: weights on disk or the CPU) is run block by block over all batches
+instead, with the same rows kept.
 
 Hooks come from `mi_prun.models.hooks.block_hooks`, a context manager that removes them in
 `finally`: an exception or Ctrl-C leaves the model without hooks. By default they go on a weight-sharing
