@@ -5,7 +5,9 @@ last block before the final norm. Every token position is one sample of the rand
 Before any forward pass a seeded subsample of m positions is drawn (padding excluded, the first
 position optionally dropped); the hooks copy only those rows, the same rows in every layer, so any
 two layers form paired samples and the capture holds (L+1, m, d) floats whatever the calibration
-size. The forward pass stops after the last block (final norm and LM head are skipped).
+size. The forward pass stops after the last block (final norm and LM head are skipped). A streamed
+model (`mi_prun.models.stream`: weights on disk or the CPU) is run block by block over all batches
+instead, with the same rows kept.
 
 Hooks come from `mi_prun.models.hooks.block_hooks`, a context manager that removes them in
 `finally`: an exception or Ctrl-C leaves the model without hooks. By default they go on a weight-sharing
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,7 @@ from torch import nn
 from mi_prun.errors import MiPrunError, NonFiniteError
 from mi_prun.models.blocks import find_blocks, input_device
 from mi_prun.models.hooks import block_hooks, run_until_stop
+from mi_prun.models.stream import BlockRunner, is_streamed
 from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
 
@@ -100,14 +104,15 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         log.warning("capturing from a model in training mode: dropout makes the capture noisy")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if isolate:
+    streamed = is_streamed(model)  # weights on disk or the CPU: run block by block (models.stream)
+    if isolate and not streamed:
         model = pruned_view(model, [])
     n_samples, seq_len = input_ids.shape
     blocks = find_blocks(model).blocks
     n_layers = len(blocks)
     rows = choose_positions(attention_mask, max_positions, drop_first, seed)
     m = rows.shape[0]
-    in_device = input_device(model)
+    in_device = None if streamed else input_device(model)
     store: torch.Tensor | None = None  # (L+1, m, d), allocated on the first hook call
     store_device = torch.device(storage_device) if storage_device is not None else None
     # Per batch: which rows of the capture come from this batch, and where they sit in it.
@@ -130,8 +135,27 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     t0 = time.perf_counter()
     tokens_seen = 0
     n_batches = (n_samples + batch_size - 1) // batch_size
-    with block_hooks(model, on_input=lambda hs: put(0, hs), on_output=lambda b, hs: put(b + 1, hs)):
-        for k, start in enumerate(range(0, n_samples, batch_size)):
+    if streamed:
+        runner = BlockRunner(model, input_ids, attention_mask, batch_size=batch_size)
+        per_batch = []
+        for start in range(0, n_samples, batch_size):
+            dst = ((rows[:, 0] >= start) & (rows[:, 0] < start + batch_size)).nonzero().squeeze(1)
+            per_batch.append({"dst": dst, "local_sample": rows[dst, 0] - start, "local_pos": rows[dst, 1]})
+
+        def put_all(layer: int, hidden: list[torch.Tensor]) -> None:
+            for k, hs in enumerate(hidden):
+                if per_batch[k]["dst"].numel():
+                    state.update(per_batch[k])
+                    put(layer, hs)
+
+        put_all(0, runner.h0)
+        for b, hidden in runner.run_blocks(runner.h0):
+            put_all(b + 1, hidden)
+            if progress:
+                progress("capture", (b + 1) / n_layers, f"block {b + 1}/{n_layers}")
+        tokens_seen = int(attention_mask.sum())
+    with nullcontext() if streamed else block_hooks(model, on_input=lambda hs: put(0, hs), on_output=lambda b, hs: put(b + 1, hs)):
+        for k, start in enumerate(range(0, n_samples, batch_size) if not streamed else ()):
             stop = min(start + batch_size, n_samples)
             in_batch = (rows[:, 0] >= start) & (rows[:, 0] < stop)
             dst = in_batch.nonzero().squeeze(1)

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from mi_prun.config import EvalConfig, as_int
 from mi_prun.data import adds_bos, load_text, tokenize
 from mi_prun.errors import MiPrunError
 from mi_prun.models.blocks import context_length, input_device
+from mi_prun.models.memory import peak_memory
+from mi_prun.models.stream import BlockRunner, is_streamed, nll_sums
 from mi_prun.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PerplexityResult:
     protocol: str
     seconds: float
     source: str | None = None  # the evaluation text (e.g. "wikitext2 test"), where known
+    peak_memory: dict[str, Any] | None = None  # `mi_prun.models.memory.peak_memory()` after the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +84,18 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
     mask = None if attention_mask is None else torch.as_tensor(attention_mask)
     if mask is not None and mask.shape != ids.shape:
         raise MiPrunError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}.")
-    device = input_device(model)
     bs = max(1, int(batch_size))
+    if is_streamed(model):  # weights on disk or the CPU: block by block over all batches
+        runner = BlockRunner(model, ids, mask, batch_size=bs)
+        hidden = runner.h0
+        for b, hidden in runner.run_blocks(runner.h0):
+            if progress is not None:
+                progress(stage, (b + 1) / (runner.n_blocks + 1), f"block {b + 1}/{runner.n_blocks}")
+        total, count = runner.nll(hidden)
+        if progress is not None:
+            progress(stage, 1.0, "head")
+        return total, count
+    device = input_device(model)
     total, count = 0.0, 0
     if progress is not None:
         progress(stage, 0.0, f"0 of {ids.shape[0]} sequences")
@@ -92,15 +104,8 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
             x = ids[start:start + bs].to(device)
             m = None if mask is None else mask[start:start + bs].to(device)
             logits = model(input_ids=x, attention_mask=m, use_cache=False).logits  # (B, T, V)
-            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                  x[:, 1:].reshape(-1).to(logits.device), reduction="none")
-            if m is None:
-                total += float(nll.double().sum())
-                count += nll.numel()
-            else:
-                valid = ((m[:, 1:] > 0) & (m[:, :-1] > 0)).reshape(-1).to(nll.device)
-                total += float(nll[valid].double().sum())
-                count += int(valid.sum())
+            t, c = nll_sums(logits, x, m)
+            total, count = total + t, count + c
             if progress is not None:
                 done = min(start + bs, ids.shape[0])
                 progress(stage, done / ids.shape[0], f"{done} of {ids.shape[0]} sequences")
@@ -205,11 +210,14 @@ def evaluate(model: nn.Module, tokenizer: Any, config: Any = None, *,
     text = load_text(cfg.data, purpose="evaluation")
     res = perplexity(model, tokenizer, text.text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
                      batch_size=cfg.batch_size, progress=progress)
-    return replace(res, source=text.source)
+    return replace(res, source=text.source, peak_memory=peak_memory())
 
 
 def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """The greedy continuation of `prompt` (new text only), with a KV cache."""
+    if is_streamed(model):
+        raise MiPrunError("a generation sample needs the model in memory, and this one is offloaded (its "
+                          "blocks stream from disk or the CPU). Fix: drop --sample, or load without --offload.")
     enc = tokenizer(prompt, return_tensors="pt")
     device = input_device(model)
     pad = getattr(tokenizer, "pad_token_id", None)

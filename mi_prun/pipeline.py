@@ -17,6 +17,8 @@ from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import get_estimator
 from mi_prun.models import LoadedModel, context_length
+from mi_prun.models.memory import peak_memory
+from mi_prun.models.stream import stream_of
 from mi_prun.progress import Progress
 from mi_prun.results import Analysis
 from mi_prun.scores import score_capture, span_unexplained
@@ -76,6 +78,13 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
                     **parts)
 
 
+def resources(loaded: LoadedModel) -> dict:
+    """What a result records of the run's cost: peak memory (process RSS, CUDA) and whether the
+    blocks streamed (`offload`: False, or where the weights stayed: "disk" / "cpu")."""
+    return {**peak_memory(), "offload": stream_of(loaded.model) is not None,
+            "weights_at": loaded.info.get("offload", "device"), "device": str(loaded.device)}
+
+
 def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
             progress: Progress | None = None) -> Analysis:
     """Capture and score: the whole analysis of one model on one calibration set.
@@ -91,6 +100,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
                                      timings={"tokenize": t_tok, "load_model": loaded.load_seconds})
     # "total": tokenize + capture + score, i.e. the analysis itself; the model load is "load_model".
     analysis.timings["total"] = time.perf_counter() - t0
+    analysis.resources = resources(loaded)
     del cap
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

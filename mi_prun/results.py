@@ -77,6 +77,7 @@ class Analysis:
     versions: dict[str, str] = field(default_factory=library_versions)
     notes: list[str] = field(default_factory=list)
     span_unexplained: np.ndarray | None = None
+    resources: dict[str, Any] = field(default_factory=dict)  # peak memory, offload (see pipeline.analyze)
 
     @property
     def n_blocks(self) -> int:

@@ -277,11 +277,22 @@ def span_unexplained(H: torch.Tensor, rank: int = SPAN_LINEAR_RANK, ridge: float
     for b in range(n):
         X = H[b].float()
         X = X - X.mean(0)
-        C = (X.T @ X).double()
-        e, W = _top_eigen(C, r, seed=b)
-        e = e.clamp_min(0.0)
-        S = X @ W.float()  # (m, r) principal component scores; S[:, c] = sqrt(e_c) u_c
-        lam = ridge * float(torch.diagonal(C).sum()) / d
+        if m <= d:
+            # Fewer samples than channels (an 8B model's 4096 channels on 512 tokens): the nonzero
+            # eigenvalues of X^T X are those of the (m, m) Gram matrix X X^T = U E U^T, and the
+            # principal component scores are U sqrt(E), exactly; O(m^2 d) instead of O(d^2 m).
+            K = (X @ X.T).double()
+            ek, U = torch.linalg.eigh(K)
+            e, U = ek.flip(0)[:r].clamp_min(0.0), U.flip(1)[:, :r]
+            S = (U * e.sqrt()).float()  # (m, r); S[:, c] = sqrt(e_c) u_c
+            trace = float(torch.diagonal(K).sum())
+        else:
+            C = (X.T @ X).double()
+            e, W = _top_eigen(C, r, seed=b)
+            e = e.clamp_min(0.0)
+            S = X @ W.float()  # (m, r) principal component scores; S[:, c] = sqrt(e_c) u_c
+            trace = float(torch.diagonal(C).sum())
+        lam = ridge * trace / d
         f = e / (e + lam) if lam > 0 else (e > 0).double()
         inv = torch.where(e > 0, e.rsqrt(), torch.zeros_like(e))
         bases.append(S * (inv * (f * (2 - f)).sqrt()).float())  # sqrt(weight_c) u_c

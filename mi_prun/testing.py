@@ -4,6 +4,8 @@ The library itself builds `tiny-<family>` models from `mi_prun.models.tiny` (the
 the family table); this module only gathers what tests and benchmarks import.
 """
 
+from mi_prun.models.random_weights import random_model, random_tensors, write_random_model
 from mi_prun.models.tiny import FAMILIES, VOCAB, byte_tokenizer, tiny_config, tiny_model
 
-__all__ = ["FAMILIES", "VOCAB", "byte_tokenizer", "tiny_config", "tiny_model"]
+__all__ = ["FAMILIES", "VOCAB", "byte_tokenizer", "random_model", "random_tensors", "tiny_config", "tiny_model",
+           "write_random_model"]

@@ -7,7 +7,7 @@ import json
 
 from mi_prun import __version__
 from mi_prun.cli.output import BLOCK_NOTE
-from mi_prun.config import AnalysisConfig, EvalConfig, HealConfig, SelectConfig
+from mi_prun.config import AnalysisConfig, EvalConfig, ExecutionConfig, HealConfig, SelectConfig
 from mi_prun.models.zoo import DEFAULT_MODEL
 from mi_prun.select import SELECTORS, run_cost_descriptions
 
@@ -153,11 +153,23 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help=MODEL_HELP.format(default=DEFAULT_MODEL))
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cpu | cuda[:N] | mps")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--device-map", default=None, help="passed to accelerate, e.g. auto, for models larger "
-                                                      "than one GPU (default: none)")
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|DEVICE|FILE.json",
+                   help="spread the model over several devices with accelerate (a JSON file maps module names "
+                        "to devices: 0, cpu, disk) (default: none)")
+    p.add_argument("--offload-folder", default=None, help="where --device-map puts the weights it offloads to disk")
+    add_offload_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repository (off by default)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="load even when the weights look larger than the free memory")
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    x = p.add_mutually_exclusive_group()
+    x.add_argument("--offload", dest="offload", action="store_const", const=True, default=ExecutionConfig.offload,
+                   help="stream the blocks: the weights stay in their safetensors files and one block at a time "
+                        "runs on the device (default: only when the model does not fit in memory)")
+    x.add_argument("--no-offload", dest="offload", action="store_const", const=False,
+                   help="never stream; refuse a model that does not fit")
 
 
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -256,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="the analysed model: " + MODEL_HELP.format(default="smollm2-135m"))
     m.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cpu | cuda[:N] | mps")
     m.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
-    p.set_defaults(device_map=None, trust_remote_code=False, skip_memory_check=False)
+    add_offload_args(m)
+    p.set_defaults(device_map=None, offload_folder=None, trust_remote_code=False, skip_memory_check=False)
     p.add_argument("--compare", action="store_true",
                    help="FBS, local search, exact optimum and exhaustive side by side")
     p.add_argument("--out", default=None, help="write the selection to this JSON file (for `prune --selection`)")

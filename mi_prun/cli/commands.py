@@ -24,7 +24,8 @@ from mi_prun.select import Selection, compare, resolve_n, select, sleb_select
 def _load(args) -> Any:
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code,
-                      check_memory_first=not args.skip_memory_check)
+                      check_memory_first=not args.skip_memory_check, offload=args.offload,
+                      offload_folder=args.offload_folder)
 
 
 def analysis_config(args):
@@ -135,6 +136,9 @@ def cmd_prune(args) -> int:
     sel_cfg = None if args.selection else select_config(args)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
+    if args.sample and args.offload is True:
+        raise MiPrunError("--sample generates text, which needs the model in memory, and --offload streams it. "
+                          "Fix: drop one of them.")
     saved = Selection.load(args.selection) if args.selection else None
     analysis = Analysis.load(args.analysis) if args.analysis else None
     hcfg = heal_config(args, acfg, analysis.calibration if analysis is not None else

@@ -33,6 +33,13 @@ from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
 from mi_prun.models.blocks import context_length, find_blocks, input_device
 from mi_prun.models.hooks import hidden_of, output_hooks, run_until_stop
+from mi_prun.models.stream import (
+    BlockRunner,
+    offload_hook,
+    real_value,
+    replace_offloaded,
+    stream_of,
+)
 from mi_prun.models.surgery import _validate_remove, prune_info, pruned_view
 from mi_prun.progress import Progress
 from mi_prun.select.costs import runs_of
@@ -102,6 +109,62 @@ def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, modules: dict[
     return out
 
 
+class _Streamed:
+    """The activations heal needs, from block-by-block passes of a streamed model. The dense pass
+    continues where the previous run's stopped; the healed pass from the input of the block that
+    was folded last (a fold changes that block's output, never its input)."""
+
+    def __init__(self, dense: nn.Module, healed: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 batch_size: int, fold_path: str) -> None:
+        self.dense = BlockRunner(dense, ids, mask, batch_size)
+        self.healed = BlockRunner(healed, ids, mask, batch_size)
+        self.fold_path = fold_path
+        self.dense_at, self.dense_h = 0, self.dense.h0  # the input of block dense_at
+        self.healed_at, self.healed_h = 0, self.healed.h0
+
+    def _advance_dense(self, stop: int) -> list[torch.Tensor]:
+        self.dense_h = self.dense.last(self.dense_h, self.dense_at, stop=stop)
+        self.dense_at = stop
+        return self.dense_h
+
+    def outputs(self, start: int, end: int, healed_index: int, on_dense: bool) -> dict[str, list[torch.Tensor]]:
+        """{"m": fold module output of block start-1, "h": its output, "t": dense h_end} per batch."""
+        out: dict[str, list[torch.Tensor]] = {}
+        if on_dense:
+            h = self.dense.last(self._advance_dense(start - 1), start - 1, stop=start, taps={start - 1: self.fold_path})
+            out["m"], out["h"] = self.dense.tapped.pop(start - 1), h
+            self.dense_h, self.dense_at = h, start
+        out["t"] = self._advance_dense(end)
+        if not on_dense:
+            self.healed_h = self.healed.last(self.healed_h, self.healed_at, stop=healed_index)
+            self.healed_at = healed_index
+            h = self.healed.last(self.healed_h, healed_index, stop=healed_index + 1, taps={healed_index: self.fold_path})
+            out["m"], out["h"] = self.healed.tapped.pop(healed_index), h
+        return out
+
+
+def _materialize_site(target: Site, stream: Any) -> None:
+    """Give the healed view's fold module real tensors (a streamed model's are on `meta`)."""
+    for name, p in list(target.module.named_parameters(recurse=False)):
+        if p.is_meta:
+            value = stream.real(p, f"{target.name}.{name}").to(device=stream.device, dtype=stream.dtype)
+            target.module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+
+def _materialize_offloaded(view: nn.Module, target: Site) -> list[str]:
+    """Real tensors for a fold module whose weights accelerate offloaded (device map with cpu or
+    disk entries); returns the names of the parameters it replaced."""
+    done = []
+    for pname, p in list(target.module.named_parameters(recurse=False)):
+        full = f"{target.name}.{pname}"
+        if p.is_meta and offload_hook(view, full) is not None:
+            hook, _ = offload_hook(view, full)
+            value = real_value(view, full, p).to(getattr(hook, "execution_device", None) or "cpu")
+            target.module._parameters[pname] = nn.Parameter(value, requires_grad=False)
+            done.append(pname)
+    return done
+
+
 def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
     """Every period-th calibration sample is held out (0: none)."""
     if cfg.ridge is not None or cfg.holdout <= 0:
@@ -168,6 +231,8 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     period = _holdout_period(cfg, n_samples)
     runs = runs_of(rem)
     n_steps = len(runs) * ((n_samples + cfg.batch_size - 1) // cfg.batch_size)
+    # Weights on disk or the CPU: block-by-block passes (models.stream) instead of hooked forwards.
+    streamer = _Streamed(dense, healed, ids, mask, cfg.batch_size, fold.path) if stream_of(model) else None
     records: list[RunHealing] = []
     step = 0
     if progress:
@@ -181,12 +246,16 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
         src_block = dense_blocks[start - 1] if on_dense else healed_blocks[kept.index(start - 1)]
         train: BridgeStats | None = None
         hold: BridgeStats | None = None
+        if streamer is not None:
+            streamed = streamer.outputs(start, end, kept.index(start - 1), on_dense)
         with torch.no_grad():
-            for b0 in range(0, n_samples, cfg.batch_size):
+            for k_batch, b0 in enumerate(range(0, n_samples, cfg.batch_size)):
                 b1 = min(b0 + cfg.batch_size, n_samples)
                 rows = choose_positions(mask[b0:b1], int(mask[b0:b1].numel()), cfg.drop_first, 0)
                 t_mod = dense_blocks[end - 1]
-                if on_dense:
+                if streamer is not None:
+                    got = {key: value[k_batch] for key, value in streamed.items()}
+                elif on_dense:
                     got = _run(dense, ids[b0:b1], mask[b0:b1], {"m": src.module, "h": src_block, "t": t_mod},
                                stop=t_mod)
                 else:
@@ -221,7 +290,12 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
             ridge, how = cfg.default_ridge, "default"
         both = train + hold
         bridge = solve(both, ridge, target.intercept)
+        if streamer is not None:
+            _materialize_site(target, stream_of(model))
+        offloaded = _materialize_offloaded(healed, target)
         apply(target, bridge.T, bridge.c)
+        for pname in offloaded:  # accelerate serves an offloaded block's weights from its map: the new ones
+            replace_offloaded(healed, f"{target.name}.{pname}", getattr(target.module, pname))
         rec = RunHealing(start=start, end=end, fold_block=start - 1, module=target.name, kind=target.fold.kind,
                          ridge=ridge, ridge_abs=bridge.ridge_abs, ridge_choice=how,
                          holdout_unexplained=scores, unexplained_unhealed=unexplained(both, None),

@@ -7,7 +7,11 @@
   cache folder, and `hub_id`, the model's real Hugging Face id (for mergekit recipes).
 - `blocks`: the family table `BLOCK_PATHS`, `find_blocks`, and reading the block count
   (`num_layers_of`) and context window (`context_length`) from a config.
-- `memory`: weight sizes from file headers and the free-memory check before loading.
+- `memory`: weight sizes from file headers, the free-memory check before loading (and whether a
+  model fits streamed), and `peak_memory` (process RSS, CUDA) that results record.
+- `stream`: block-streaming execution (`BlockRunner`; weights in safetensors files or CPU memory,
+  one block at a time on the device), and reading weights accelerate offloaded.
+- `random_weights`: randomly initialised models of any shape, written or built tensor by tensor.
 - `surgery`: `pruned_view` / `prune`, models without some blocks, with the config and layer
   indices fixed (export to disk is `mi_prun.export`).
 

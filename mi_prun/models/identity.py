@@ -18,6 +18,7 @@ import torch
 from mi_prun.errors import MiPrunError
 from mi_prun.files import jsonable
 from mi_prun.models.blocks import find_blocks
+from mi_prun.models.stream import real_values
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "torch_dtype", "dtype", "transformers_version", "_commit_hash",
                          "use_cache", "_attn_implementation", "_attn_implementation_autoset",
@@ -44,11 +45,13 @@ def model_identity(model: Any) -> dict[str, Any]:
     sample: list[float] = []
     with torch.no_grad():
         for i in picks:
-            flat = params[int(i)][1].detach().reshape(-1)
-            k = min(_SAMPLE_VALUES, flat.numel())
+            name, tensor = params[int(i)]
+            numel = tensor.numel()
+            k = min(_SAMPLE_VALUES, numel)
             # integer arithmetic: float32 positions round past the end of tensors over 2^24 elements
-            idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
-            sample += [float(v) for v in flat[idx.to(flat.device)].float().cpu()]
+            idx = torch.arange(k, dtype=torch.int64) * (numel - 1) // max(k - 1, 1)
+            # a streamed or accelerate-offloaded tensor is on `meta`: its values come from the store
+            sample += [float(v) for v in real_values(model, name, tensor, idx).float().cpu()]
     cfg = model.config
     return {"architecture": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
             "n_blocks": len(find_blocks(model)),

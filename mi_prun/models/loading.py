@@ -10,6 +10,7 @@ the config (which transformers would fill with random numbers).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,12 +20,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.config import ExecutionConfig
+from mi_prun.models.blocks import find_blocks, input_device, num_layers_of
 from mi_prun.models.identity import model_identity
-from mi_prun.models.memory import check_memory, weights_bytes
+from mi_prun.models.memory import check_memory, check_streamable, fits, weights_bytes
+from mi_prun.models.stream import offload_to_cpu, open_streamed
 from mi_prun.models.tiny import tiny_model
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
@@ -322,6 +326,75 @@ def _load_weights(spec: str, source: str, config: Any, kwargs: dict) -> nn.Modul
     return model
 
 
+def _n_layers(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return num_layers_of(text) or num_layers_of(config) or 0
+
+
+def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
+    """The local folder of safetensors files a streamed model reads its blocks from."""
+    if gguf_file is not None:
+        raise MiPrunError(f"{spec} is a GGUF file, whose quantised blocks cannot stream. Fix: load it without "
+                          "--offload, or convert it to safetensors first (the zoo's models are converted).")
+    folder = Path(source)
+    if not folder.is_dir():
+        hit = try_to_load_from_cache(source, "config.json")
+        if not isinstance(hit, str):
+            raise MiPrunError(f"{spec} is not on this disk, and streaming reads the weights from local files. "
+                              "Fix: download it first (huggingface-cli download), then give its folder.")
+        folder = Path(hit).parent
+    if not any(folder.glob("*.safetensors")):
+        raise MiPrunError(f"{spec} has no .safetensors weights, and streaming reads blocks from them. Fix: "
+                          "save it with save_pretrained(safe_serialization=True), or load without --offload.")
+    return folder
+
+
+def read_device_map(path: str | os.PathLike) -> dict:
+    """A {module name: device} map from a JSON file (accelerate's `device_map` format)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MiPrunError(f"device map file {path} not found. Fix: give an existing JSON file, or auto, "
+                          "balanced or sequential.") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise MiPrunError(f"device map file {path} is not valid JSON ({type(exc).__name__}). Fix: write it as "
+                          '{"model.embed_tokens": 0, "model.layers.0": "cpu", ...}.') from exc
+    if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
+        raise MiPrunError(f"device map file {path} must hold a non-empty JSON object of module name -> device. "
+                          'Fix: write it as {"model.embed_tokens": 0, "model.layers.0": "cpu", ...}.')
+    return value
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse an offload folder that cannot be written, before anything is loaded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".mi_prun_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MiPrunError(f"the offload folder {folder} is not writable ({exc.strerror or type(exc).__name__}). "
+                          "Fix: give a folder you can write to (--offload-folder).") from exc
+
+
+def _check_device_map(device_map: dict) -> None:
+    """Refuse a device map naming devices this machine lacks, in one line."""
+    for module, where in device_map.items():
+        if where in ("disk", "cpu") or (isinstance(where, int) and not isinstance(where, bool)):
+            if isinstance(where, int) and not (torch.cuda.is_available() and where < torch.cuda.device_count()):
+                raise MiPrunError(f"the device map puts {module or 'the model'} on GPU {where}, which this machine "
+                                  f"does not have ({torch.cuda.device_count() if torch.cuda.is_available() else 0} "
+                                  "GPUs). Fix: use cpu, disk or an existing GPU number, or --device-map auto.")
+            continue
+        try:
+            dev = resolve_device(str(where))
+        except MiPrunError as exc:
+            raise MiPrunError(f"the device map puts {module or 'the model'} on {where!r}: {exc}") from None
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MiPrunError(f"the device map puts {module or 'the model'} on {where}, which this machine does "
+                              f"not have ({torch.cuda.device_count()} GPUs). Fix: use an existing device.")
+
+
 def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device = "auto",
@@ -331,6 +404,8 @@ def load_model(
     trust_remote_code: bool = False,
     progress=None,
     check_memory_first: bool = True,
+    offload: bool | str = "auto",
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a decoder-only causal LM for analysis.
 
@@ -340,7 +415,11 @@ def load_model(
     CPU) or a name. device_map: passed to accelerate (`"auto"` spreads a model larger than one
     GPU); device is then ignored for placement. trust_remote_code stays off unless the caller asks
     for it. check_memory_first: refuse weights larger than the free memory of the device before
-    loading (skipped with a device_map, or when the size is unknown).
+    loading (skipped with a device_map, or when the size is unknown). offload: True streams the
+    blocks (`mi_prun.models.stream`: weights stay in the safetensors files, or in CPU memory for a
+    tiny model, one block at a time on the device); "auto" streams when the memory check says the
+    weights do not fit; False never streams (and the memory check refuses). offload_folder: where
+    accelerate offloads weights to disk with a device_map (must be writable).
     """
     t0 = time.perf_counter()
     is_path = isinstance(spec, os.PathLike)
@@ -348,14 +427,27 @@ def load_model(
     if not isinstance(spec, str) or not spec.strip():
         raise MiPrunError(f"model spec must be a name or a path, got {spec!r}.")
     dev = resolve_device(device)
+    if isinstance(device_map, (str, os.PathLike)) and os.fspath(device_map).endswith(".json"):
+        device_map = read_device_map(device_map)
     if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
         resolve_device(device_map)  # a device name: an unknown or missing device fails here, in one line
     dt = resolve_dtype(dtype, dev)
+
+    ExecutionConfig(offload=offload, device_map=device_map,
+                    offload_folder=None if offload_folder is None else os.fspath(offload_folder))
+    if isinstance(device_map, dict):
+        _check_device_map(device_map)
+    if offload_folder is not None:
+        _check_writable(Path(offload_folder))
     info: dict = {}
     family = None if is_path else tiny_family(spec)
     if family is not None:
         model, tokenizer = tiny_model(family)
-        model = model.to(device=dev, dtype=dt)
+        if offload is True:  # the weights stay in CPU memory; blocks move to the device one at a time
+            model = offload_to_cpu(model, dev, dt)
+            info["offload"] = "cpu"
+        else:
+            model = model.to(device=dev, dtype=dt)
         source = spec
     else:
         source, gguf_file = _resolve(spec, is_path, info, progress)
@@ -365,16 +457,35 @@ def load_model(
         config = _load_config(spec, source, kwargs, gguf_file)
         if _is_encoder_config(config):
             raise _not_causal(spec, config)
-        if check_memory_first and device_map is None:
-            check_memory(spec, weights_bytes(source, gguf_file, dt), dev, dt)
+        need = weights_bytes(source, gguf_file, dt) if device_map is None else None
+        stream = offload is True or (offload == "auto" and check_memory_first and gguf_file is None
+                                     and not fits(need, dev))  # a GGUF file cannot stream: the check refuses it
+        if stream and offload == "auto" and not fits(3 * need // max(_n_layers(config), 1), dev):
+            check_memory(spec, need, dev, dt)  # fits nowhere: the memory check's message lists every way out
+        if stream:
+            folder = _stream_folder(spec, source, gguf_file)
+            check_streamable(spec, need, _n_layers(config), dev, dt)
+            if offload == "auto":
+                log.info("%s does not fit in %s memory: streaming its blocks from %s", spec, dev.type, folder)
+            info["offload"] = "disk"
+        elif check_memory_first and device_map is None:
+            check_memory(spec, need, dev, dt)
         tokenizer_kwargs = dict(kwargs)
         kwargs["dtype"] = dt
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = _load_weights(spec, source, config, kwargs)
+            if offload_folder is not None:
+                kwargs["offload_folder"] = os.fspath(offload_folder)
+        if stream:
+            try:
+                model = open_streamed(folder, dev, dt, config=config)
+            except CONFIG_DAMAGE as exc:
+                raise _damaged_config(f"cannot build {spec} from its config ({type(exc).__name__})", exc) from exc
+        else:
+            model = _load_weights(spec, source, config, kwargs)
         if gguf_file:
             drop_quantization_marker(model)
-        if device_map is None:
+        if device_map is None and not stream:
             model = model.to(dev)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -110,20 +112,62 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def fits(need: int | None, device: torch.device) -> bool:
+    """Whether `need` bytes (with headroom) fit in the free memory of `device`; True when unknown
+    or when `$MI_PRUN_SKIP_MEMORY_CHECK` is 1."""
+    if need is None or os.environ.get(SKIP_MEMORY_CHECK_ENV, "") in ("1", "true", "yes"):
+        return True
+    free = available_memory(device)
+    return free is None or need * MEMORY_HEADROOM <= free
+
+
 def check_memory(spec: str, need: int | None, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, before loading, weights larger than the free memory of `device` (with headroom).
 
     Skipped when the size or the free memory is unknown, or `$MI_PRUN_SKIP_MEMORY_CHECK` is 1.
     """
-    if need is None or os.environ.get(SKIP_MEMORY_CHECK_ENV, "") in ("1", "true", "yes"):
+    if fits(need, device):
         return
-    free = available_memory(device)
-    if free is None or need * MEMORY_HEADROOM <= free:
-        return
+    assert need is not None
+    free = available_memory(device) or 0
     gib = 2**30
     dt = str(dtype).replace("torch.", "")
     raise MiPrunError(
         f"{spec} needs about {need / gib:.2f} GiB for its weights in {dt}, but only {free / gib:.2f} GiB "
-        f"of {device.type} memory is free. Fix: use --device-map auto (spreads the model over GPUs "
-        "and CPU), a smaller --dtype (bfloat16 halves float32), or a smaller model; set "
+        f"of {device.type} memory is free. Fix: use --offload (streams one block at a time from disk), "
+        "--device-map auto (spreads the model over GPUs and CPU), a smaller --dtype (bfloat16 halves float32), or a smaller model; set "
         f"{SKIP_MEMORY_CHECK_ENV}=1 (--skip-memory-check) to try anyway.")
+
+
+def check_streamable(spec: str, need: int | None, n_blocks: int, device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """Refuse a model that fits nowhere: streamed, the device still holds one block plus the
+    embeddings and head (estimated as three blocks' worth)."""
+    if need is None or n_blocks <= 0:
+        return
+    one = need / n_blocks
+    if fits(int(3 * one), device):
+        return
+    free = available_memory(device) or 0
+    gib = 2**30
+    raise MiPrunError(
+        f"{spec} fits nowhere: even streamed one block at a time it needs about {3 * one / gib:.2f} GiB of "
+        f"{device.type} memory (a block, the embeddings and the head), and {free / gib:.2f} GiB are free. Fix: "
+        "free memory on the device, a smaller --dtype, or a device with more memory.")
+
+
+def peak_memory() -> dict[str, int | None]:
+    """Peak memory of this process so far: resident set size (the kernel's high-water mark,
+    `getrusage`), the current RSS, and on CUDA the most device memory torch ever allocated."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    out: dict[str, int | None] = {"rss_peak_bytes": int(peak), "rss_bytes": None, "cuda_max_allocated_bytes": None}
+    try:
+        import psutil
+
+        out["rss_bytes"] = int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out

@@ -220,14 +220,14 @@ def prune(model: nn.Module, remove: Iterable[int], copy_weights: bool = True) ->
     with torch.no_grad():
         for module in new.modules():
             for name, param in list(module._parameters.items()):
-                if param is None:
+                if param is None or param.is_meta:  # no data to copy (streamed, or offloaded by accelerate)
                     continue
                 if id(param) not in clones:
                     clones[id(param)] = nn.Parameter(param.detach().clone(),
                                                      requires_grad=param.requires_grad)
                 module._parameters[name] = clones[id(param)]
             for name, buf in list(module._buffers.items()):
-                if buf is None:
+                if buf is None or buf.is_meta:
                     continue
                 if id(buf) not in clones:
                     clones[id(buf)] = buf.detach().clone()

@@ -29,6 +29,7 @@ from mi_prun.evaluate import token_nll
 from mi_prun.models.blocks import find_blocks
 from mi_prun.models.hooks import forward_overrides, hidden_of, output_hooks
 from mi_prun.models.identity import check_same_model
+from mi_prun.models.stream import BlockRunner, is_streamed
 from mi_prun.models.surgery import pruned_view
 
 
@@ -93,6 +94,8 @@ class PrefixScorer:
         pre = self.cache.prefix
         if pre is not None and pre["batch_size"] == self.batch_size and set(self.starts) <= set(pre["states"]):
             return pre
+        if is_streamed(self.model):
+            return self._streamed_states()
         copy = pruned_view(self.model, [])  # hooks go on a weight-sharing copy, never on the shared model
         blocks = find_blocks(copy).blocks
         states: dict[int, list[torch.Tensor]] = {b: [] for b in self.starts}
@@ -110,6 +113,31 @@ class PrefixScorer:
                              "batch_size": self.batch_size}
         return self.cache.prefix
 
+    def _streamed_states(self) -> dict[str, Any]:
+        """The prefix cache of a streamed model: one block-by-block dense pass (`BlockRunner`)."""
+        runner = BlockRunner(self.model, self.ids, self.mask, batch_size=self.batch_size)
+        states: dict[int, list[torch.Tensor]] = {}
+        hidden = runner.h0
+        for b, hidden in runner.run_blocks(runner.h0):
+            if b + 1 in self.starts:
+                states[b + 1] = hidden
+        total, count = runner.nll(hidden)
+        self.dense_passes += 1
+        self.cache.prefix = {"states": states, "formats": {}, "dense_nll": total / max(count, 1),
+                             "batch_size": self.batch_size, "runner": runner}
+        return self.cache.prefix
+
+    def _streamed_nll(self, rem: tuple[int, ...], use_prefix: bool) -> float:
+        """One block-by-block pass from the cached state at the first removed block (streamed model)."""
+        pre = self._states()
+        runner: BlockRunner = pre["runner"]
+        first = rem[0]
+        start, hidden = (first, pre["states"][first]) if use_prefix and first in pre["states"] else (0, runner.h0)
+        total, count = runner.nll(runner.last(hidden, start, skip=rem))
+        if count == 0:
+            raise MiPrunError("no verification token to score (all masked). Fix: give longer samples.")
+        return total / count
+
     def dense(self) -> float:
         """The dense model's mean NLL on the tokens (fills the prefix cache on first use)."""
         return float(self._states()["dense_nll"])
@@ -118,6 +146,8 @@ class PrefixScorer:
         """Mean NLL (nats) with `removed` skipped; one forward pass (from the first removed block
         with `use_prefix`). Not cached here: `score` is the cached entry point."""
         rem = tuple(sorted(int(b) for b in removed))
+        if is_streamed(self.model):
+            return self._streamed_nll(rem, use_prefix)
         view = pruned_view(self.model, rem)
         first = rem[0]
         pre = self._states() if use_prefix and first >= 1 else None

@@ -35,11 +35,30 @@ from typing import Any, Callable, Iterable
 
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
+from mi_prun.models.memory import peak_memory
+from mi_prun.models.stream import is_streamed
 from mi_prun.progress import Progress
-from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
+from mi_prun.select.candidates import (
+    Candidate,
+    exchange_order,
+    nan_last,
+    neighbours,
+    propose,
+)
 from mi_prun.select.costs import set_cost
-from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem, run_selector
-from mi_prun.select.scorer import NLLCache, PrefixScorer, model_scorer, resolve_tokens, tokens_key
+from mi_prun.select.registry import (
+    VERIFIABLE,
+    check_analysis,
+    make_problem,
+    run_selector,
+)
+from mi_prun.select.scorer import (
+    NLLCache,
+    PrefixScorer,
+    model_scorer,
+    resolve_tokens,
+    tokens_key,
+)
 from mi_prun.select.selection import Selection, make_selection
 
 log = logging.getLogger(__name__)
@@ -213,7 +232,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
-                       "tokens": tok_prov, "note": PASS_NOTE})
+                       "tokens": tok_prov, "note": PASS_NOTE, "offload": is_streamed(scorer.model),
+                       "peak_memory": peak_memory()})
 
 
 __all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_search",
