@@ -26,6 +26,7 @@ from torch import nn
 from mi_prun.errors import MiPrunError, NonFiniteError
 from mi_prun.progress import Progress
 from mi_prun.models import find_blocks
+from mi_prun.models.accept import as_module, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     about 0.2 s for a 135M model) instead of `model` itself, so that other threads running the
     same shared model (app sessions) never fire this capture's hooks.
     """
+    model = as_module(model)
+    input_ids = check_token_ids(input_ids, model)
     if input_ids.dim() != 2:
         raise MiPrunError(f"input_ids must be (samples, tokens), got shape {tuple(input_ids.shape)}")
     if max_positions <= 0 or batch_size <= 0:

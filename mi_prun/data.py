@@ -209,6 +209,27 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def as_tokenizer(tokenizer: Any, what: str = "tokenizer") -> Any:
+    """A tokenizer: itself, or the tokenizer of a `LoadedModel`; `MiPrunError` for None, a str or
+    a model given in its place."""
+    if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "model"):  # a LoadedModel
+        return tokenizer.tokenizer
+    if tokenizer is None or isinstance(tokenizer, (str, bytes, torch.nn.Module)) or not callable(tokenizer):
+        raise MiPrunError(f"{what} must be a tokenizer, got {type(tokenizer).__name__}. Fix: pass the "
+                          "tokenizer of mi_prun.load_model(spec) (its .tokenizer) or the LoadedModel itself.")
+    return tokenizer
+
+
+def as_text(text: Any) -> Text:
+    """A `Text`: itself, or a str wrapped as inline text; `MiPrunError` for anything else."""
+    if isinstance(text, Text):
+        return text
+    if isinstance(text, str):
+        return _make(text, "text:<string>")
+    raise MiPrunError(f"text must be a mi_prun.data.Text or a str, got {type(text).__name__}. Fix: pass "
+                      "mi_prun.load_text(source).")
+
+
 def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int, seed: int = 0,
                        add_bos: bool | None = None) -> Calibration:
     """N x T token samples drawn without overlap from `text`, deterministic for `seed`.
@@ -220,6 +241,7 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
         raise MiPrunError(f"number of samples must be a positive integer, got {n_samples!r}.")
     if not isinstance(seq_len, int) or seq_len < 2:
         raise MiPrunError(f"tokens per sample must be an integer >= 2, got {seq_len!r}.")
+    tokenizer, text = as_tokenizer(tokenizer), as_text(text)
     use_bos = adds_bos(tokenizer) if add_bos is None else add_bos
     body = seq_len - 1 if use_bos else seq_len
     stream = tokenize(tokenizer, text.text)

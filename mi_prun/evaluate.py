@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from mi_prun.config import EvalConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.models.accept import as_module, as_tokenizer, check_token_ids
 from mi_prun.models.blocks import context_length
 from mi_prun.progress import Progress
 
@@ -87,7 +88,8 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
     The log-softmax runs in float32 (bf16 logits lose the small probabilities that dominate NLL).
     `progress(stage, fraction, message)` is called after every batch.
     """
-    ids = torch.as_tensor(input_ids)
+    model = as_module(model)
+    ids = check_token_ids(input_ids, model)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise MiPrunError(f"input_ids must be (batch, length >= 2); got {tuple(ids.shape)}.")
     mask = None if attention_mask is None else torch.as_tensor(attention_mask)
@@ -165,6 +167,7 @@ def perplexity(
     """
     from mi_prun.config import as_int
 
+    model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
     seq_len = as_int(seq_len, "seq_len (one token of context, one predicted)", minimum=2)
     batch_size = as_int(batch_size, "batch_size", minimum=1)
     if max_windows is not None:
@@ -180,7 +183,7 @@ def perplexity(
     # verbose=False: a whole corpus is longer than model_max_length on purpose; it is windowed.
     from mi_prun.data import tokenize
 
-    ids = tokenize(tokenizer, text).tolist()
+    ids = tokenize(tokenizer, text)  # (N,) tensor: a list of N Python ints costs ~9x its memory
     per_window = seq_len - 1 if bos else seq_len
     n_windows = len(ids) // per_window
     if n_windows == 0:
@@ -189,7 +192,7 @@ def perplexity(
                           "Fix: give more text or a smaller seq_len.")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    tokens = torch.tensor(ids[: n_windows * per_window], dtype=torch.long).view(n_windows, per_window)
+    tokens = ids[: n_windows * per_window].to(torch.long).reshape(n_windows, per_window)
     if bos:
         bos_col = torch.full((n_windows, 1), int(tokenizer.bos_token_id), dtype=torch.long)
         tokens = torch.cat([bos_col, tokens], dim=1)
@@ -221,13 +224,18 @@ def evaluate(model: nn.Module, tokenizer: Any, config: Any = None, *,
     if not isinstance(cfg, EvalConfig):
         raise MiPrunError(f"config must be an EvalConfig, got {type(cfg).__name__}.")
     text = load_text(cfg.data, purpose="evaluation")
+    model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
     res = perplexity(model, tokenizer, text.text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
                      batch_size=cfg.batch_size, progress=progress)
     return replace(res, source=text.source)
 
 
 def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
-    """The greedy continuation of `prompt` (new text only), with a KV cache."""
+    """The greedy continuation of `prompt` (new text only), with a KV cache. `model` may be a
+    `LoadedModel` (then `tokenizer` may be None)."""
+    model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
+    if not isinstance(prompt, str):
+        raise MiPrunError(f"prompt must be a str, got {type(prompt).__name__}.")
     enc = tokenizer(prompt, return_tensors="pt")
     device = _input_device(model)
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -17,6 +17,7 @@ from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
 from mi_prun.models import LoadedModel, context_length
+from mi_prun.models.accept import as_loaded
 from mi_prun.results import Analysis
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
 
     `timings` holds seconds per stage; "total" covers tokenising, capture and scoring, and the
     model's load time is reported apart as "load_model"."""
+    loaded = as_loaded(loaded, "analyze")
     cfg = cfg or AnalysisConfig()
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)

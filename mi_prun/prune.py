@@ -26,6 +26,7 @@ import yaml
 
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
+from mi_prun.models.accept import as_module, is_loaded
 from mi_prun.models.blocks import find_blocks, num_layers_of
 from mi_prun.models.surgery import (  # noqa: F401  (re-exported: surgery moved to mi_prun.models)
     PRUNE_INFO_ATTR, PruneInfo, _fix_config_inplace, _pruned_copy, _structural_copy, _validate_remove,
@@ -154,6 +155,9 @@ def export(
     cfg = config if config is not None else ExportConfig()
     if not isinstance(cfg, ExportConfig):
         raise MiPrunError(f"config must be an ExportConfig, got {type(cfg).__name__}.")
+    if tokenizer is None and is_loaded(pruned):
+        tokenizer = pruned.tokenizer
+    pruned = as_module(pruned, "the pruned model")
     if overwrite is not None:
         cfg = replace(cfg, overwrite=overwrite)
     inputs = [*inputs, getattr(loaded, "source", None) if loaded is not None else None]

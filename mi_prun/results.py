@@ -104,6 +104,57 @@ def identity_mismatch(expected: dict[str, Any] | None, model: Any) -> str | None
     return None
 
 
+# What a record made before identities existed (analysis format 1, early selections) still says of
+# its model; each one recorded is compared, so an old file cannot prune another model silently.
+_RECORDED_KEYS = ("architecture", "model_type", "n_blocks", "hidden_size", "n_params", "config_digest")
+
+
+def recorded_mismatch(recorded: Any, model: Any) -> str | None:
+    """Why `model` is not the model `recorded` (an analysis's or selection's `model` record)
+    describes, or None. With an identity this is `identity_mismatch`; without one, every field the
+    record holds of architecture, model type, block count, hidden size, parameter count and config
+    digest is compared. A record that holds none of them cannot be checked (None)."""
+    if not isinstance(recorded, dict):
+        return None
+    ident = recorded.get("identity")
+    if isinstance(ident, dict) and "weight_sample" in ident:
+        return identity_mismatch(ident, model)
+    fields_ = {**recorded, **(ident if isinstance(ident, dict) else {})}
+    wanted = {k: fields_[k] for k in _RECORDED_KEYS if fields_.get(k) is not None}
+    if not wanted:
+        return None
+    found = model_identity(model)
+    for key, value in wanted.items():
+        if value != found.get(key):
+            return ("the configs differ" if key == "config_digest"
+                    else f"{key} {value} recorded, {found.get(key)} in the model")
+    return None
+
+
+def check_same_model(recorded: Any, n_blocks: int, model: Any, force: bool = False,
+                     where: str = "this analysis") -> None:
+    """Refuse (`MiPrunError`) to apply a result made on the model `recorded` describes (with
+    `n_blocks` blocks) to another `model` (a module or a `LoadedModel`): the one check of the CLI,
+    `Analysis.check_model`, `Selection.check_model`, `select(..., model=)` and `verified_select`.
+
+    `force=True` accepts another model with the same block count (for a user who knows the two
+    share a structure); a different block count is refused always."""
+    from mi_prun.models import find_blocks
+    from mi_prun.models.accept import as_module
+
+    model = as_module(model)
+    n = len(find_blocks(model))
+    if n != n_blocks:
+        raise MiPrunError(f"{where} has {n_blocks} blocks but the model has {n}. Fix: give the "
+                          "analysis of this model, or run the analysis on it.")
+    why = recorded_mismatch(recorded, model)
+    if why and not force:
+        spec = recorded.get("spec") if isinstance(recorded, dict) else None
+        raise MiPrunError(f"{where} was made on another model ({spec}): {why}. "
+                          "Fix: give the analysis of this model, or pass --force (force=True) if "
+                          "you know the two share a structure.")
+
+
 # ---------------------------------------------------------------------------------------- Analysis
 
 @dataclass
@@ -150,21 +201,9 @@ class Analysis:
         return rank_blocks(self.block_mi, descending=True)
 
     def check_model(self, model: Any, force: bool = False, where: str = "this analysis") -> None:
-        """Refuse (`MiPrunError`) to apply this analysis to a model other than the analysed one.
-
-        `force=True` accepts a model with the same block count (for a user who knows the two
-        share a structure); a different block count is refused always."""
-        from mi_prun.models import find_blocks
-
-        n = len(find_blocks(model))
-        if n != self.n_blocks:
-            raise MiPrunError(f"{where} has {self.n_blocks} blocks but the model has {n}. Fix: give the "
-                              "analysis of this model, or run the analysis on it.")
-        why = identity_mismatch(self.model.get("identity"), model)
-        if why and not force:
-            raise MiPrunError(f"{where} was made on another model ({self.model.get('spec')}): {why}. "
-                              "Fix: give the analysis of this model, or pass --force (force=True) if "
-                              "you know the two share a structure.")
+        """Refuse (`MiPrunError`) to apply this analysis to a model other than the analysed one
+        (`check_same_model`; `force=True` accepts a model with the same block count)."""
+        check_same_model(self.model, self.n_blocks, model, force=force, where=where)
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
@@ -350,5 +389,5 @@ def rank_blocks(scores: Any, descending: bool = True, among: Iterable[int] | Non
     return sorted((int(b) for b in blocks), key=key)
 
 
-__all__ = ["Analysis", "FORMAT", "FORMAT_VERSION", "identity_mismatch", "library_versions",
-           "model_identity", "rank_blocks", "validate_arrays"]
+__all__ = ["Analysis", "FORMAT", "FORMAT_VERSION", "check_same_model", "identity_mismatch", "library_versions",
+           "model_identity", "rank_blocks", "recorded_mismatch", "validate_arrays"]

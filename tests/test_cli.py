@@ -100,3 +100,19 @@ def test_analyze_smollm2_small(tmp_path, capsys):
     a = Analysis.load(out)
     assert a.n_blocks == 30 and torch.isfinite(torch.from_numpy(a.block_mi)).all()
     assert "smollm2-135m" in capsys.readouterr().out
+
+
+def test_prune_runs_every_registered_method(analysis_dir, tmp_path, capsys):
+    """Every method `--method` offers exports a loadable model through `prune` (sleb used to fail
+    always: the CLI passed the attention mask as sleb_select's `n`)."""
+    from mi_prun.select import SELECTORS
+
+    for method in sorted(SELECTORS):
+        out = tmp_path / method
+        rc = main(["--quiet", "prune", "--model", "tiny-llama", "--analysis", str(analysis_dir),
+                   "--method", method, "--n", "2", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 0, (method, err)
+        meta = json.loads((out / "mi_prun.json").read_text())
+        assert meta["method"] == method and len(meta["removed"]) == 2, (method, meta)
+        assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4

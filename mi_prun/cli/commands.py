@@ -172,7 +172,7 @@ def cmd_prune(args) -> int:
             from mi_prun.pipeline import prepare_calibration
 
             calib = prepare_calibration(loaded, acfg or analysis_config(args))
-            sel = sleb_select(loaded.model, calib.input_ids, calib.attention_mask, config=sel_cfg,
+            sel = sleb_select(loaded.model, calib.input_ids, attention_mask=calib.attention_mask, config=sel_cfg,
                               analysis=analysis, progress=progress)
         else:
             tokens = None
@@ -183,7 +183,8 @@ def cmd_prune(args) -> int:
                 tokens = verification_tokens(loaded.tokenizer, load_text(acfg.calib, purpose="calibration"),
                                              analysis.calibration, sel_cfg.verify_samples,
                                              sel_cfg.verify_seq_len).input_ids
-            sel = select(analysis, config=sel_cfg, model=loaded, tokens=tokens, progress=progress)
+            sel = select(analysis, config=sel_cfg, model=loaded, tokens=tokens, progress=progress,
+                         force=export_cfg.force)
     print(format_selection(sel))
     healing = None
     if hcfg is not None:

@@ -32,6 +32,7 @@ from mi_prun.data import Calibration
 from mi_prun.errors import MiPrunError
 from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
+from mi_prun.models.accept import as_module, check_token_ids
 from mi_prun.models.blocks import find_blocks
 from mi_prun.models.surgery import _validate_remove, prune_info, pruned_view
 from mi_prun.progress import Progress
@@ -178,6 +179,11 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     cfg = config or HealConfig()
     if not isinstance(cfg, HealConfig):
         raise MiPrunError(f"config must be a HealConfig, got {type(cfg).__name__}.")
+    model = as_module(model)
+    if not hasattr(calib, "input_ids"):
+        raise MiPrunError(f"calib must be calibration tokens, got {type(calib).__name__}. Fix: pass "
+                          "mi_prun.heal.heal_calibration(loaded, config) or mi_prun.data.calibration_tokens(...).")
+    check_token_ids(calib.input_ids, model, "calib.input_ids")
     if prune_info(model) is not None:
         raise MiPrunError("heal the original model, not a pruned one: healing needs the removed blocks' "
                           "outputs as targets. Fix: pass the unpruned model and all blocks to remove.")

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from mi_prun.errors import MiPrunError
+from mi_prun.models.accept import as_module
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,9 @@ def find_blocks(model: nn.Module) -> Blocks:
     Looks up `BLOCK_PATHS[config.model_type]` first; otherwise takes the unique `nn.ModuleList`
     whose length equals the config's layer count (`num_hidden_layers`, `n_layer`, ...).
     Raises `MiPrunError` naming the model class and what was looked for when neither works.
+    A `LoadedModel` stands for its model (`accept.as_module`).
     """
+    model = as_module(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     n_layers = num_layers_of(config) if config is not None else None

@@ -19,6 +19,7 @@ import numpy as np
 
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.results import check_same_model
 from mi_prun.select.costs import analysis_stats, cost_matrix, set_cost
 from mi_prun.select.counts import allowed_blocks, resolve_n
 from mi_prun.select.selection import Selection, make_selection
@@ -176,7 +177,7 @@ VERIFIABLE = ("fbs", "exact", "local", "exhaustive", "topk")
 def select(analysis: Any, method: str = SelectConfig.method, n: int | None = None, ratio: float | None = None,
            run_cost: str = SelectConfig.run_cost, protect_ends: bool | int | float = SelectConfig.protect_ends,
            seed: int = 0, *, config: Any = None, model: Any = None, tokens: Any = None, cache: Any = None,
-           progress: Any = None, **options: Any) -> Selection:
+           progress: Any = None, force: bool = False, **options: Any) -> Selection:
     """Choose blocks to remove from an `Analysis`; every default is `SelectConfig`'s (the shipped one).
 
     Give the settings as a `SelectConfig` (`select(analysis, cfg)` or `config=cfg`) or as
@@ -190,13 +191,20 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     Verification: with `config.verify_passes` not 0 and a method of `VERIFIABLE`, a `model` (a
     `LoadedModel`, or a module with `tokens`) lets `mi_prun.select.verify.verified_select` check
     candidate sets by forward passes (`tokens`, `cache`, `progress` go to it). Without a model the
-    answer is the one-pass one, with `verified` False and a note saying so.
+    answer is the one-pass one, with `verified` False and a note saying so. A `model` other than the
+    analysed one is refused (`mi_prun.results.check_same_model`; `force=True` accepts one with the
+    same block count).
     """
     cfg = _config(method, n, ratio, run_cost, protect_ends, seed, options, config)
+    if model is not None:
+        block_mi, _, _ = check_analysis(analysis)
+        check_same_model(getattr(analysis, "model", None), int(block_mi.shape[0]), model, force=force,
+                         where="the analysis")
     if model is not None and cfg.verifies and cfg.method in VERIFIABLE:
         from mi_prun.select.verify import verified_select
 
-        return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress)
+        return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress,
+                               force=force)
     sel = get_selector(cfg.method)
     if sel.needs_model:
         raise MiPrunError(f"method {cfg.method!r} needs the model and calibration tokens, which an "

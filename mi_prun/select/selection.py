@@ -150,20 +150,11 @@ class Selection:
 
     def check_model(self, model: Any, force: bool = False, where: str = "the selection") -> None:
         """Refuse to apply this selection to a model other than the one its analysis was made on
-        (`force=True` accepts another model with the same block count)."""
-        from mi_prun.models import find_blocks
-        from mi_prun.results import identity_mismatch
+        (`mi_prun.results.check_same_model`; `force=True` accepts another model with the same
+        block count)."""
+        from mi_prun.results import check_same_model
 
-        n = len(find_blocks(model))
-        if n != self.n_blocks:
-            raise MiPrunError(f"{where} is for a model of {self.n_blocks} blocks; this one has {n}. "
-                              "Fix: select blocks from an analysis of this model.")
-        model_meta = self.provenance.get("model") if isinstance(self.provenance.get("model"), dict) else {}
-        why = identity_mismatch(model_meta.get("identity"), model)
-        if why and not force:
-            raise MiPrunError(f"{where} was made for another model ({model_meta.get('spec')}): {why}. "
-                              "Fix: use a selection of this model, or pass --force (force=True) if you "
-                              "know the two share a structure.")
+        check_same_model(self.provenance.get("model"), self.n_blocks, model, force=force, where=where)
 
 
 SELECTION_FORMAT = "mi-prun-selection"

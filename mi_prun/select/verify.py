@@ -44,6 +44,7 @@ import torch
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
+from mi_prun.results import check_same_model
 from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
 from mi_prun.select.costs import set_cost
 from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem
@@ -329,17 +330,18 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
 
 def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConfig(), *, tokenizer: Any = None,
                     tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
-                    progress: Progress | None = None) -> Selection:
+                    progress: Progress | None = None, force: bool = False) -> Selection:
     """The config's one-pass answer checked against every criterion's candidates, then improved by
     local search (exchanges, swaps), with at most `config.verify_budget(n, removable)` sets scored
     by forward passes on verification tokens; the set of lowest NLL wins (`verified_search`).
 
     `model` is a `LoadedModel` (its tokenizer draws the tokens) or a module (then `tokenizer` or
     `tokens`). With verify_passes 0, or a method outside `VERIFIABLE`, this is `select`'s answer.
-    The model is only read: every pass runs a weight-sharing `pruned_view`.
+    The model is only read: every pass runs a weight-sharing `pruned_view`. A model other than the
+    analysed one is refused (`mi_prun.results.check_same_model`, the CLI's check; `force=True`
+    accepts one with the same block count).
     `progress("verify", fraction, message)` is called after every pass.
     """
-    from mi_prun.models import find_blocks
     from mi_prun.select.registry import select
 
     t0 = time.perf_counter()
@@ -348,9 +350,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
     if not config.verifies or config.method not in VERIFIABLE:
         return one
     problem = make_problem(analysis, config)
-    if len(find_blocks(model)) != problem.n_blocks:
-        raise MiPrunError(f"the analysis has {problem.n_blocks} blocks, the model {len(find_blocks(model))}. "
-                          "Fix: verify with the model the analysis was made on.")
+    check_same_model(getattr(analysis, "model", None), problem.n_blocks, model, force=force,
+                     where="the analysis")
     cache = cache if cache is not None else NLLCache()
     ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
     cache.bind(model, tokens_key(ids, mask))
