@@ -25,11 +25,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from mi_prun.errors import MiPrunError
+from mi_prun.files import check_path_length, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,28 @@ def decode_bytes(raw: bytes, source: str) -> str:
                           "Fix: convert it to UTF-8, e.g. `iconv -t utf-8`.") from exc
 
 
+def parse_json_records(text: str, source: str, field: str = "text") -> str:
+    """The `field` of every object of a `.json` file holding an array of records (as `datasets`
+    writes them: `[{"text": ...}, ...]`), joined by blank lines; a list of strings is joined too."""
+    try:
+        data = parse_json(text)
+    except json.JSONDecodeError as exc:
+        raise MiPrunError(f"{source} is not JSON ({exc.msg}). Fix: give an array of objects like "
+                          f"[{{\"{field}\": \"...\"}}], or rename it to .txt to read it as plain text.") from exc
+    records = data.get("data", data.get("rows")) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise MiPrunError(f"{source} holds a JSON {type(data).__name__}, not an array of records. Fix: give "
+                          f"[{{\"{field}\": \"...\"}}, ...], or rename it to .txt to read it as plain text.")
+    parts = []
+    for i, rec in enumerate(records):
+        value = rec if isinstance(rec, str) else rec.get(field) if isinstance(rec, dict) else None
+        if not isinstance(value, str):
+            raise MiPrunError(f"{source} record {i} has no string field {field!r}. "
+                              f"Fix: write objects like {{\"{field}\": \"...\"}}.")
+        parts.append(value)
+    return "\n\n".join(parts)
+
+
 def parse_jsonl(text: str, source: str, field: str = "text") -> str:
     """Join the `field` of every JSON line; malformed lines are reported with their number."""
     parts = []
@@ -80,7 +103,7 @@ def parse_jsonl(text: str, source: str, field: str = "text") -> str:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = parse_json(line)
         except json.JSONDecodeError as exc:
             raise MiPrunError(f"{source} line {lineno} is not JSON ({exc.msg}). Fix: one JSON object per line.") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
@@ -107,7 +130,26 @@ def _read_file(path: Path) -> str:
     text = decode_bytes(raw, str(path))
     if path.suffix.lower() == ".jsonl":
         text = parse_jsonl(text, str(path))
+    elif path.suffix.lower() == ".json":
+        text = parse_json_records(text, str(path))
     return text
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")  # what a folder source reads
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The text files below `folder`, sorted by path. A subfolder that cannot be listed is refused
+    (`MiPrunError` naming it), never skipped: half a folder recorded as the whole would be a
+    different calibration set under the same name."""
+    def refuse(exc: OSError) -> None:
+        raise MiPrunError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}. Fix: make it "
+                          f"readable (chmod u+rx) or move it out of {folder}.") from exc
+
+    files = []
+    for root, _dirs, names in os.walk(folder, onerror=refuse):
+        files += [Path(root) / n for n in names if Path(n).suffix.lower() in TEXT_SUFFIXES]
+    return sorted(p for p in files if p.is_file())
 
 
 def data_dir() -> Path | None:
@@ -162,9 +204,10 @@ def load_text(source: str, purpose: str = "calibration") -> Text:
     if source in ("wikitext2", "wikitext2-valid", "wikitext2-test"):
         split = source.split("-")[1] if "-" in source else ("valid" if purpose == "calibration" else "test")
         return _make(wikitext2(split), f"wikitext2-{split}")
+    check_path_length(source, "text source")
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md", ".jsonl"))
+        files = folder_files(path)
         if not files:
             raise MiPrunError(f"folder {path} holds no .txt, .md or .jsonl files. Fix: put text files in it.")
         return _make("\n\n".join(_read_file(p) for p in files), f"folder:{path}")
@@ -203,10 +246,42 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+# A tokenizer call holds about 200 bytes per character of its input (offsets, token strings,
+# Python ints): 22 MB of text took 4.5 GB. Texts up to WHOLE_TOKENIZE_CHARS are tokenised in one
+# call, as every result so far was; longer ones piece by piece (`text_pieces`), so the peak is the
+# text, its ids and one piece's overhead (measured in docs/RELIABILITY.md).
+WHOLE_TOKENIZE_CHARS = 2 * 2**20
+TOKENIZE_PIECE_CHARS = 2**20
+
+
+def text_pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """Consecutive pieces of `text` of at most `size` characters (default `TOKENIZE_PIECE_CHARS`)
+    that join to `text`, each cut just before a newline (else before a space) so that no word is
+    split between two pieces."""
+    size = TOKENIZE_PIECE_CHARS if size is None else size
+    start, n = 0, len(text)
+    while start < n:
+        end = min(n, start + size)
+        if end < n:
+            cut = text.rfind("\n", start + 1, end)
+            if cut <= start:
+                cut = text.rfind(" ", start + 1, end)
+            if cut > start:
+                end = cut
+        yield text[start:end]
+        start = end
+
+
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """The text as one stream of token ids, without special tokens: (n_tokens,) long."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False).input_ids
-    return torch.tensor(ids, dtype=torch.long)
+    """The text as one stream of token ids, without special tokens: (n_tokens,) long. A text over
+    `WHOLE_TOKENIZE_CHARS` is tokenised in `text_pieces` (bounded memory per call)."""
+    def ids_of(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, return_attention_mask=False, verbose=False).input_ids
+
+    if len(text) <= WHOLE_TOKENIZE_CHARS:
+        return torch.tensor(ids_of(text), dtype=torch.long)
+    parts = [torch.tensor(ids_of(piece), dtype=torch.int32) for piece in text_pieces(text)]
+    return torch.cat(parts).to(torch.long)
 
 
 def as_tokenizer(tokenizer: Any, what: str = "tokenizer") -> Any:

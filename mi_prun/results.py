@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mi_prun.errors import MiPrunError
-from mi_prun.files import ANALYSIS, dump_json, jsonable, write_folder
+from mi_prun.files import ANALYSIS, check_path_length, dump_json, jsonable, parse_json, write_folder
 
 FORMAT = ANALYSIS.format
 FORMAT_VERSION = 1
@@ -235,13 +235,14 @@ class Analysis:
         """Reload a saved analysis; a corrupt, damaged or incompatible folder gets `MiPrunError`."""
         if not isinstance(folder, (str, os.PathLike)):
             raise MiPrunError(f"an analysis folder must be a path, got {type(folder).__name__}.")
+        check_path_length(folder, "analysis folder")
         src = Path(folder)
         meta_path, arr_path = src / "analysis.json", src / "arrays.npz"
         if not meta_path.is_file() or not arr_path.is_file():
             raise MiPrunError(f"{src} is not a saved analysis (analysis.json and arrays.npz expected). "
                               "Fix: give a folder written by `mi-prun analyze --out`.")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = parse_json(meta_path.read_text(encoding="utf-8"))
         except PermissionError as exc:
             raise MiPrunError(f"cannot read {meta_path}: permission denied. Fix: check the file's "
                               "permissions (chmod u+r).") from exc

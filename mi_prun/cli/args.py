@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mi_prun.cli.output import BLOCK_NOTE
+from mi_prun.files import parse_json
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -35,7 +36,7 @@ class Parser(argparse.ArgumentParser):
 
 def json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from exc
     if not isinstance(value, dict):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
+from mi_prun.files import check_path_length
 from mi_prun.models.blocks import find_blocks
 from mi_prun.models.memory import check_memory, weights_bytes
 from mi_prun.models.zoo import (
@@ -351,6 +352,7 @@ def load_model(
     spec = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
     if not isinstance(spec, str) or not spec.strip():
         raise MiPrunError(f"model spec must be a name or a path, got {spec!r}.")
+    check_path_length(spec, "model path")
     dev = resolve_device(device)
     if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
         resolve_device(device_map)  # a device name: an unknown or missing device fails here, in one line

@@ -11,7 +11,6 @@ records about its origin; never a local path.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
-from mi_prun.files import OutputKind, dump_json, write_folder
+from mi_prun.files import OutputKind, dump_json, parse_json, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +212,7 @@ def _gguf_hub_id(path: Path) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -5,7 +5,6 @@ serialisable alike.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
@@ -15,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 
 from mi_prun.errors import MiPrunError
-from mi_prun.files import dump_json, jsonable, write_error
+from mi_prun.files import check_path_length, dump_json, jsonable, parse_json, write_error
 from mi_prun.select.costs import runs_of
 
 
@@ -106,6 +105,7 @@ class Selection:
         `overwrite` and only if it is an earlier selection file."""
         from mi_prun.config import as_path
 
+        check_path_length(as_path(path, "selection file"), "selection file")
         target = Path(as_path(path, "selection file")).expanduser().absolute()
         if target.is_dir():
             raise MiPrunError(f"{target} is a folder. Fix: give a file name such as selection.json.")
@@ -134,6 +134,7 @@ class Selection:
         from mi_prun.config import as_path
 
         src = Path(as_path(path, "selection file"))
+        check_path_length(src, "selection file")
         if not src.is_file():
             raise MiPrunError(f"selection file {src} not found. Fix: give a file written by "
                               "`mi-prun select --out`.")
@@ -166,7 +167,7 @@ def _opt_float(value: Any) -> float | None:
 
 def _read(path: Path, quiet: bool = False) -> dict[str, Any] | None:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         if quiet:
             return None
