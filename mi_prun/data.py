@@ -280,8 +280,15 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
     if len(text) <= WHOLE_TOKENIZE_CHARS:
         return torch.tensor(ids_of(text), dtype=torch.long)
-    parts = [torch.tensor(ids_of(piece), dtype=torch.int32) for piece in text_pieces(text)]
-    return torch.cat(parts).to(torch.long)
+    parts: list[torch.Tensor | None] = [torch.tensor(ids_of(p), dtype=torch.int32) for p in text_pieces(text)]
+    out = torch.empty(sum(int(p.numel()) for p in parts if p is not None), dtype=torch.long)
+    pos = 0
+    for i, part in enumerate(parts):  # copied into place one by one: never two full copies at once
+        assert part is not None
+        out[pos:pos + part.numel()] = part
+        pos += int(part.numel())
+        parts[i] = None
+    return out
 
 
 def as_tokenizer(tokenizer: Any, what: str = "tokenizer") -> Any:

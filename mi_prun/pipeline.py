@@ -14,9 +14,9 @@ import torch
 from mi_prun.capture import Capture, capture
 from mi_prun.config import AnalysisConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
-from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
-from mi_prun.models import LoadedModel, context_length
+from mi_prun.models import LoadedModel
+from mi_prun.models.blocks import check_context as check_model_context
 from mi_prun.models.accept import as_loaded
 from mi_prun.results import Analysis
 
@@ -24,11 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def check_context(loaded: LoadedModel, seq_len: int) -> None:
-    """Refuse sequences longer than the model's context window."""
-    limit = context_length(loaded.model.config)
-    if isinstance(limit, int) and seq_len > limit:
-        raise MiPrunError(f"{seq_len} tokens per sample exceed the context of {loaded.spec} ({limit} tokens). "
-                          f"Fix: use at most {limit}.")
+    """Refuse sequences longer than the model's context window (`models.blocks.check_context`)."""
+    check_model_context(loaded, seq_len, "tokens per sample")
 
 
 def prepare_calibration(loaded: LoadedModel, cfg: AnalysisConfig) -> Calibration:

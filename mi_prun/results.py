@@ -251,7 +251,11 @@ class Analysis:
                               "analysis again.") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise MiPrunError(f"{src} is not a mi-prun analysis. Fix: run the analysis again.")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise MiPrunError(f"{meta_path}: format_version must be a whole number, got {version!r}; the "
+                              "analysis is damaged or was edited. Fix: run the analysis again.")
+        if version != FORMAT_VERSION:
             raise MiPrunError(
                 f"{src} was saved in analysis format {meta.get('format_version')}; this mi-prun reads "
                 f"format {FORMAT_VERSION}. Fix: run the analysis again with this version.")

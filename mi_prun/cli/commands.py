@@ -73,6 +73,27 @@ def _refuse_flags(args, dests: set[str], why: str) -> None:
                           f"{'it' if len(flags) == 1 else 'them'}.")
 
 
+VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens"}
+
+
+def _refuse_ignored_select_flags(args, cfg) -> None:
+    """No flag of `select` (or `prune`) may be given and then silently not used."""
+    from mi_prun.select.registry import VERIFIABLE
+
+    if getattr(args, "compare", False):
+        _refuse_flags(args, {"model", "device", "dtype", "method"} | VERIFY_DESTS,
+                      "--compare runs every one-pass method on the analysis, without the model")
+    if getattr(args, "model", "") is None:  # select without --model
+        _refuse_flags(args, {"device", "dtype"}, "no --model is given")
+        _refuse_flags(args, VERIFY_DESTS, "verification runs the model, and no --model is given (add --model "
+                      "to verify)")
+    if cfg.method not in VERIFIABLE:
+        _refuse_flags(args, VERIFY_DESTS, f"method {cfg.method} is not verified (only {', '.join(VERIFIABLE)} are)")
+        if args.command == "select":
+            _refuse_flags(args, {"model", "device", "dtype"}, f"method {cfg.method} needs no model (only the "
+                          f"verified methods {', '.join(VERIFIABLE)} run it)")
+
+
 def cmd_analyze(args) -> int:
     from mi_prun.files import ANALYSIS, check_output
 
@@ -113,6 +134,7 @@ def cmd_select(args) -> int:
     cfg = select_config(args)
     if args.out and args.compare:
         raise MiPrunError("--out writes one selection; --compare prints several. Fix: drop one of them.")
+    _refuse_ignored_select_flags(args, cfg)
     analysis = Analysis.load(args.analysis)
     if args.compare:
         n = resolve_n(analysis.n_blocks, **cfg.count, protect_ends=cfg.protect_ends)
@@ -150,6 +172,8 @@ def cmd_prune(args) -> int:
         _refuse_flags(args, SELECT_DESTS, "--selection already says which blocks to remove")
     export_cfg = ExportConfig(overwrite=args.overwrite, force=args.force)
     sel_cfg = None if args.selection else select_config(args)
+    if sel_cfg is not None:
+        _refuse_ignored_select_flags(args, sel_cfg)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
     saved = Selection.load(args.selection) if args.selection else None

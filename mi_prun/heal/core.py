@@ -141,13 +141,10 @@ def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
 def heal_calibration(loaded: Any, config: HealConfig | None = None) -> Calibration:
     """The calibration tokens of `config` for `loaded`'s tokenizer (a `LoadedModel`)."""
     from mi_prun.data import calibration_tokens, load_text
-    from mi_prun.models.blocks import context_length
+    from mi_prun.models.blocks import check_context
 
     cfg = config or HealConfig()
-    limit = context_length(loaded.model.config)
-    if isinstance(limit, int) and cfg.seq_len > limit:
-        raise MiPrunError(f"{cfg.seq_len} healing tokens per sample exceed the context of {loaded.spec} "
-                          f"({limit} tokens). Fix: use at most {limit}.")
+    check_context(loaded, cfg.seq_len, "healing tokens per sample")
     text = load_text(cfg.calib, purpose="calibration")
     return calibration_tokens(loaded.tokenizer, text, cfg.n_samples, cfg.seq_len, seed=cfg.seed)
 

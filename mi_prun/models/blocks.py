@@ -123,6 +123,19 @@ def context_length(config: Any) -> int | None:
     return None
 
 
+def check_context(model: Any, seq_len: int, what: str = "tokens per sample", name: str | None = None) -> None:
+    """Refuse (`MiPrunError`) sequences of `seq_len` tokens longer than the context of `model` (a
+    module or a `LoadedModel`): the one check of analysis, healing and verification tokens, run
+    before any text is read or any forward pass (past the context, GPT-2's position embedding is
+    an IndexError and Llama's rotary positions extrapolate silently)."""
+    spec = getattr(model, "spec", None)
+    module = as_module(model)
+    limit = context_length(getattr(module, "config", None))
+    if isinstance(limit, int) and seq_len > limit:
+        raise MiPrunError(f"{seq_len} {what} exceed the context of {name or spec or type(module).__name__} "
+                          f"({limit} tokens). Fix: use at most {limit}.")
+
+
 def _blocks_at(model: nn.Module, path: str) -> Blocks:
     parent_path, _, attr = path.rpartition(".")
     parent = _get_path(model, parent_path) if parent_path else model

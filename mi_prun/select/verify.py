@@ -44,6 +44,8 @@ import torch
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import Progress
+from mi_prun.models.accept import check_token_ids
+from mi_prun.models.blocks import check_context
 from mi_prun.results import check_same_model
 from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
 from mi_prun.select.costs import set_cost
@@ -353,7 +355,11 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
     check_same_model(getattr(analysis, "model", None), problem.n_blocks, model, force=force,
                      where="the analysis")
     cache = cache if cache is not None else NLLCache()
+    if tokens is None:  # before the text is read; given tokens are checked by their length below
+        check_context(model, config.verify_seq_len, "verification tokens per sample (verify_seq_len, --verify-tokens)")
     ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
+    check_context(model, int(ids.shape[1]), "verification tokens per sample (verify_seq_len, --verify-tokens)")
+    ids = check_token_ids(ids, model, "verification tokens")
     cache.bind(model, tokens_key(ids, mask))
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
