@@ -2,14 +2,20 @@
 
 Text sources (`load_text`):
   builtin            offline English corpus that every Python ships (`pydoc_data` topics)
-  wikitext2          WikiText-2: the validation split for calibration, the raw test split for
-                     evaluation (`purpose=`); also `wikitext2-valid` / `wikitext2-test` explicitly,
-                     and `wikitext2-valid-nounk`: the validation split with its `<unk>`
-                     placeholders dropped (closer to the raw test text). Read from `$MI_PRUN_DATA_DIR` (files `wikitext2-valid.tokens`,
+  wikitext2          WikiText-2: for calibration the validation split without the `<unk>`
+                     placeholders of its tokenised release (`wikitext2-valid-nounk`, the text whose
+                     NLL ranks pruned models like the test split does); for evaluation the raw test
+                     split (`wikitext2-test`); `purpose=` decides
+  wikitext2-tokenised the validation split as released, with `<unk>` for 5 % of its words (what
+                     `wikitext2` meant for calibration before; `wikitext2-valid` is its old name,
+                     kept so earlier commands and analyses mean what they meant)
+                     All read from `$MI_PRUN_DATA_DIR` (files `wikitext2-valid.tokens`,
                      `wikitext2-test.raw`) when set, else through the `datasets` library (online)
   <file>.txt|.md     UTF-8 text file
   <file>.jsonl       one JSON object per line; its "text" field is used
-  <folder>           every .txt/.md file below it, sorted by path, joined by blank lines
+  <file>.json        an array of records (`[{"text": ...}, ...]`, as `datasets` exports them)
+  <folder>           every .txt/.md/.jsonl file below it, sorted by path, joined by blank lines
+                     (a subfolder that cannot be read is refused, never skipped)
   text:<string>      the string itself
 
 `calibration_tokens` turns text into N samples x T tokens: the text is tokenised once, cut into
@@ -35,7 +41,8 @@ from mi_prun.files import check_path_length, parse_json
 log = logging.getLogger(__name__)
 
 WIKITEXT_FILES = {"valid": "wikitext2-valid.tokens", "test": "wikitext2-test.raw"}
-BUILTIN_SOURCES = ("builtin", "wikitext2", "wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-test")
+BUILTIN_SOURCES = ("builtin", "wikitext2", "wikitext2-valid-nounk", "wikitext2-tokenised", "wikitext2-valid",
+                   "wikitext2-test")
 UNK = " <unk>"  # the tokenised release's placeholder for rare words
 MAX_TEXT_BYTES = 200 * 1024 * 1024  # refuse files larger than this: calibration needs far less
 
@@ -195,15 +202,18 @@ def load_text(source: str, purpose: str = "calibration") -> Text:
         return _make(source[len("text:"):], "text:<string>")
     if source == "builtin":
         return _make(builtin_text(), "builtin:pydoc_data")
+    if source == "wikitext2":
+        source = "wikitext2-valid-nounk" if purpose == "calibration" else "wikitext2-test"
     if source == "wikitext2-valid-nounk":
         # The validation split with its `<unk>` placeholders dropped: closer to the raw text the
-        # test split is evaluated on (the raw validation split needs `datasets`, online). Measured:
-        # NLL on it ranks pruned models in the test split's order, NLL on the release with <unk>
-        # does not (benchmarks/RESULTS.md, "Verified search").
+        # test split is evaluated on, and the same offline and through `datasets`. Measured: NLL on
+        # it ranks pruned models in the test split's order, NLL on the release with <unk> does not
+        # (benchmarks/RESULTS.md, "Verified search").
         return _make(wikitext2("valid").replace(UNK, ""), "wikitext2-valid-nounk")
-    if source in ("wikitext2", "wikitext2-valid", "wikitext2-test"):
-        split = source.split("-")[1] if "-" in source else ("valid" if purpose == "calibration" else "test")
-        return _make(wikitext2(split), f"wikitext2-{split}")
+    if source in ("wikitext2-tokenised", "wikitext2-valid"):  # the release as it is, with <unk>
+        return _make(wikitext2("valid"), source)
+    if source == "wikitext2-test":
+        return _make(wikitext2("test"), "wikitext2-test")
     check_path_length(source, "text source")
     path = Path(source).expanduser()
     if path.is_dir():
@@ -355,7 +365,7 @@ def calibration_spec(calibration: dict[str, Any]) -> str | None:
         return "builtin"
     if source.startswith(("file:", "folder:")):
         return source.split(":", 1)[1]
-    if source in ("wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-test"):
+    if source in ("wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-tokenised", "wikitext2-test"):
         return source
     return None
 

@@ -142,7 +142,10 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
 
     d = AnalysisConfig()
     g = p.add_argument_group("analysis (capture and MI)")
-    g.add_argument("--calib", default=d.calib, help="builtin | wikitext2 | file.txt | file.jsonl | folder | text:<string>")
+    g.add_argument("--calib", default=d.calib,
+                   help="builtin | wikitext2 (its validation split without <unk> placeholders; the release "
+                        "with them is wikitext2-tokenised) | file.txt | file.jsonl | file.json (an array of "
+                        "{\"text\": ...}) | folder | text:<string>")
     g.add_argument("--samples", type=positive_int, default=d.n_samples, help="calibration samples N")
     g.add_argument("--tokens", type=positive_int, default=d.seq_len, help="tokens per sample T")
     g.add_argument("--positions", type=positive_int, default=d.max_positions, help="token positions kept per layer (m)")
