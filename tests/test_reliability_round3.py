@@ -20,6 +20,7 @@ from mi_prun.errors import MiPrunError
 from mi_prun.models import load_model
 from mi_prun.results import Analysis
 from mi_prun.select import Selection, select
+from mi_prun.select.guided import guided_select
 from mi_prun.select.verify import verified_select
 
 SMALL = ["--samples", "8", "--tokens", "48"]
@@ -80,6 +81,8 @@ def test_library_select_and_verified_select_refuse_another_model(llama_analysis,
             select(analysis, config=cfg, model=other)
         with pytest.raises(MiPrunError, match="another model"):  # a method that is not verified, too
             select(analysis, config=cfg.replace(method="random"), model=other)
+        with pytest.raises(MiPrunError, match="another model"):
+            guided_select(other, analysis, cfg)
         forced = select(analysis, config=cfg, model=other, force=True)
         assert forced.verified and len(forced.removed) == 2
     same = verified_select(load_model("tiny-llama"), analyses[0], cfg)

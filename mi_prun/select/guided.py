@@ -15,8 +15,10 @@ from typing import Any, Callable
 import numpy as np
 
 from mi_prun.config import SelectConfig, as_int
-from mi_prun.errors import MiPrunError
+from mi_prun.models.accept import check_token_ids
+from mi_prun.models.blocks import check_context
 from mi_prun.progress import Progress
+from mi_prun.results import check_same_model
 from mi_prun.select.candidates import guided_order, nan_last
 from mi_prun.select.counts import allowed_blocks, resolve_n
 from mi_prun.select.registry import make_problem
@@ -58,20 +60,23 @@ def guided_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]]
 
 def guided_select(model: Any, analysis: Any, config: SelectConfig = SelectConfig(), *, tokenizer: Any = None,
                   tokens: Any = None, c: int = DEFAULT_C, batch_size: int = 8, cache: Any = None,
-                  progress: Progress | None = None) -> Selection:
+                  progress: Progress | None = None, force: bool = False) -> Selection:
     """`guided_search` on a real model, scored on the verification tokens of `verify.resolve_tokens`
-    (the analysis's calibration text apart from the capture's, unless `tokens` is given)."""
-    from mi_prun.models import find_blocks
+    (the analysis's calibration text apart from the capture's, unless `tokens` is given). A model
+    other than the analysed one is refused like `verified_select` (`force=True`: same block count)."""
     from mi_prun.select.costs import set_cost
     from mi_prun.select.verify import NLLCache, PrefixScorer, resolve_tokens, tokens_key, unwrap_model
 
     t0 = time.perf_counter()
     model, tokenizer = unwrap_model(model, tokenizer, config)
     problem = make_problem(analysis, config)
-    if len(find_blocks(model)) != problem.n_blocks:
-        raise MiPrunError(f"the analysis has {problem.n_blocks} blocks, the model {len(find_blocks(model))}.")
+    check_same_model(getattr(analysis, "model", None), problem.n_blocks, model, force=force, where="the analysis")
     cache = cache if cache is not None else NLLCache()
+    if tokens is None:
+        check_context(model, config.verify_seq_len, "verification tokens per sample (verify_seq_len, --verify-tokens)")
     ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
+    check_context(model, int(ids.shape[1]), "verification tokens per sample (verify_seq_len, --verify-tokens)")
+    ids = check_token_ids(ids, model, "verification tokens")
     cache.bind(model, tokens_key(ids, mask))
     scorer = PrefixScorer(model, ids, mask, batch_size, problem.allowed, cache)
     bi = problem.baselines.get("cosine_bi")
