@@ -78,7 +78,7 @@ VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens"}
 
 def _refuse_ignored_select_flags(args, cfg) -> None:
     """No flag of `select` (or `prune`) may be given and then silently not used."""
-    from mi_prun.select.registry import VERIFIABLE
+    from mi_prun.select.registry import VERIFIABLE, get_selector
 
     if getattr(args, "compare", False):
         _refuse_flags(args, {"model", "device", "dtype", "method"} | VERIFY_DESTS,
@@ -89,7 +89,7 @@ def _refuse_ignored_select_flags(args, cfg) -> None:
                       "to verify)")
     if cfg.method not in VERIFIABLE:
         _refuse_flags(args, VERIFY_DESTS, f"method {cfg.method} is not verified (only {', '.join(VERIFIABLE)} are)")
-        if args.command == "select":
+        if args.command == "select" and not get_selector(cfg.method).needs_model:  # sleb: select refuses it itself
             _refuse_flags(args, {"model", "device", "dtype"}, f"method {cfg.method} needs no model (only the "
                           f"verified methods {', '.join(VERIFIABLE)} run it)")
 
