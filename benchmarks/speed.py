@@ -4,7 +4,6 @@
                                [--sections capture,span,memory,select,e2e] [--synthetic-shapes]
 
 Sections (each a ratio where a ratio is the honest form):
-
   capture  capture time over a plain forward pass on the same batches, interleaved repeats
            (forward, body forward, capture, rotated each repeat), median ratio. The capture stops
            after the last block (no final norm, no LM head), so against the full forward it can be
@@ -248,7 +247,7 @@ def bench_span(device: torch.device, sizes: dict[str, Any], estimator_name: str,
     def run(L: int, m: int, d: int) -> float:
         H = synthetic_capture(L, m, d, device)
         est.span_matrix(H[:, : min(m, 64)])  # warm-up at tiny m
-        ts = [timed(lambda: est.span_matrix(H), device)[0] for _ in range(reps)]
+        ts = [timed(lambda H=H: est.span_matrix(H), device)[0] for _ in range(reps)]
         del H
         gc.collect()
         return min(ts)  # the least disturbed of the repeats (shared machine)

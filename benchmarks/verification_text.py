@@ -6,8 +6,10 @@ dropped, against the sets' test perplexity, with Spearman's rank correlation per
     MI_PRUN_DATA_DIR=../shared/data python benchmarks/verification_text.py \
         benchmarks/results/quality-smollm2-135m-verified-heal.json
 """
-import json, sys
-import numpy as np, torch
+import json
+import sys
+import numpy as np
+import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from mi_prun.models import load_model, pruned_view
 from mi_prun.data import load_text, tokenize

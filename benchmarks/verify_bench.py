@@ -30,13 +30,14 @@ from mi_prun.config import SelectConfig  # noqa: E402
 from mi_prun.select import NLLCache, guided_select, select, sleb_select  # noqa: E402
 
 
-def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], config: SelectConfig = SelectConfig(),
+def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], config: SelectConfig | None = None,
                 sleb: bool = True, guided_c: int = 4) -> list[dict[str, Any]]:
     """One row per (method, n); see the module docstring. `tokens` is a `Calibration` (e.g.
     `mi_prun.data.verification_tokens`); every pass-based method scores on it. Caches are per
     method (no method profits from another's passes), and shared across n within a method, as the
     app's slider would; `forward_passes` is every method's cost from a cold cache (`new_passes`:
     what it spent given the cache)."""
+    config = config if config is not None else SelectConfig()
     rows: list[dict[str, Any]] = []
     caches = {"verified": NLLCache(), "mi-guided": NLLCache()}
 
@@ -95,9 +96,10 @@ def _guided_sets(sel: Any) -> set[tuple[int, ...]]:
 
 
 def budget_curve(loaded: Any, analysis: Any, tokens: Any, n: int, budget: int,
-                 config: SelectConfig = SelectConfig()) -> dict[str, Any]:
+                 config: SelectConfig | None = None) -> dict[str, Any]:
     """The verified search at `budget`, and for each smaller budget b the set it would have
     returned (the lowest NLL among the first b sets scored, candidates and refinement in order)."""
+    config = config if config is not None else SelectConfig()
     sel = select(analysis, config=config.replace(n=n, verify_passes=budget), model=loaded, tokens=tokens)
     best, best_nll, by_budget = None, math.inf, {}
     passes = 0

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mi_prun.config import calibration_spec
 from mi_prun.errors import MiPrunError
 from mi_prun.files import check_path_length, parse_json
 
@@ -65,7 +66,7 @@ def _make(text: str, source: str) -> Text:
 
 def builtin_text() -> str:
     """English prose from the Python documentation shipped with CPython (no download)."""
-    from pydoc_data import topics
+    from pydoc_data import topics  # optional: some Python builds ship without pydoc_data
 
     return "\n\n".join(topics.topics[key].strip() for key in sorted(topics.topics))
 
@@ -174,7 +175,7 @@ def wikitext2(split: str) -> str:
             return decode_bytes(path.read_bytes(), str(path))
         log.warning("%s not found; trying the datasets library", path)
     try:
-        import datasets  # type: ignore
+        import datasets  # type: ignore  # optional dependency (mi-prun[data])
     except ImportError:
         raise MiPrunError(
             "WikiText-2 is not available: $MI_PRUN_DATA_DIR does not hold "
@@ -355,19 +356,6 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
         "chunks_available": int(n_chunks),
     }
     return Calibration(input_ids=chunks.contiguous(), attention_mask=torch.ones_like(chunks), provenance=provenance)
-
-
-def calibration_spec(calibration: dict[str, Any]) -> str | None:
-    """The `load_text` spec that reloads an analysis's calibration text from its provenance, or
-    None where it cannot be reloaded (text given inline)."""
-    source = str(calibration.get("source") or "")
-    if source.startswith("builtin:"):
-        return "builtin"
-    if source.startswith(("file:", "folder:")):
-        return source.split(":", 1)[1]
-    if source in ("wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-tokenised", "wikitext2-test"):
-        return source
-    return None
 
 
 def calibration_text(calibration: dict[str, Any]) -> Text:

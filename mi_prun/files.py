@@ -341,10 +341,44 @@ def write_folder(out: str | os.PathLike, kind: OutputKind, fill: Callable[[Path]
     return target
 
 
+def write_file(path: str | os.PathLike, what: str, record: dict[str, Any], *, overwrite: bool = False,
+               is_ours: Callable[[Path], bool]) -> Path:
+    """Write `record` as JSON to the file `path` atomically (a hidden temporary sibling, then a
+    rename under the parent's lock). An existing file is replaced only with `overwrite` and only
+    when `is_ours(path)` says it is an earlier output of the same kind; the check runs under the
+    lock, so two writers never see a half-replaced file."""
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise MiPrunError(f"{target} is a folder. Fix: give a file name such as {what.replace(' ', '_')}.json.")
+
+    def refuse_existing() -> None:
+        if target.exists():
+            if not overwrite:
+                raise MiPrunError(f"{target} exists. Fix: choose another file name or pass --overwrite.")
+            if not is_ours(target):
+                raise MiPrunError(f"{target} is not an earlier mi-prun {what}; --overwrite replaces only "
+                                  "those. Fix: choose another file name.")
+
+    refuse_existing()  # before any work; again under the lock below
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dump_json(record, tmp)
+        with _parent_lock(target.parent):
+            refuse_existing()
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise write_error(target, exc, what) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
 def folder_files(folder: Path) -> list[str]:
     """Names of the plain files directly in `folder`, sorted (recorded in markers)."""
     return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
-__all__ = ["ANALYSIS", "EXPORT", "OutputKind", "check_output", "check_path_length", "dump_json", "folder_files", "fsync_tree",
-           "jsonable", "parse_json", "read_marker", "write_error", "write_folder"]
+__all__ = ["ANALYSIS", "EXPORT", "OutputKind", "check_output", "check_path_length", "dump_json", "folder_files",
+           "fsync_tree", "jsonable", "parse_json", "read_marker", "write_error", "write_file", "write_folder"]

@@ -15,6 +15,9 @@ from typing import Any, Sequence
 
 import streamlit as st
 
+from mi_prun.config import HealConfig
+from mi_prun.evaluate import generate_sample, perplexity
+from mi_prun.heal import HealRefused, check_healable, heal, heal_calibration
 from mi_prun_app import state
 from mi_prun_app.ui import _spec, _trust_remote_code, eval_text, get_model, model_for
 
@@ -32,7 +35,6 @@ def heal_text(analysis: Any) -> str:
 
 def refusal(analysis: Any, removed: Sequence[int]) -> str | None:
     """The library's one-line reason why `removed` cannot be healed on this model, or None."""
-    from mi_prun.heal import HealRefused, check_healable
 
     try:
         check_healable(model_for(analysis).model, list(removed))
@@ -43,17 +45,11 @@ def refusal(analysis: Any, removed: Sequence[int]) -> str | None:
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _calibration(spec: str, trust_remote_code: bool, key: tuple):
-    from mi_prun.config import HealConfig
-    from mi_prun.heal import heal_calibration
-
     return heal_calibration(get_model(spec, trust_remote_code), HealConfig(**dict(key)))
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _healed(spec: str, trust_remote_code: bool, removed: tuple[int, ...], key: tuple):
-    from mi_prun.config import HealConfig
-    from mi_prun.heal import heal
-
     loaded = get_model(spec, trust_remote_code)
     return heal(loaded.model, list(removed), _calibration(spec, trust_remote_code, key), config=HealConfig(**dict(key)))
 
@@ -69,8 +65,6 @@ def healed_model(analysis: Any, removed: Sequence[int]) -> tuple[Any, Any]:
 @st.cache_data(show_spinner=False, max_entries=512)
 def _healed_ppl(spec: str, trust_remote_code: bool, removed: tuple[int, ...], key: tuple, data: str,
                 seq_len: int, max_windows: int, batch_size: int) -> dict:
-    from mi_prun.evaluate import perplexity
-
     model, _ = _healed(spec, trust_remote_code, removed, key)
     text = eval_text(data, max_windows * seq_len * 16)  # as ui.perplexity_of: the windows scored only
     return perplexity(model, get_model(spec, trust_remote_code).tokenizer, text, seq_len=seq_len,
@@ -88,8 +82,6 @@ def healed_ppl(analysis: Any, removed: Sequence[int]) -> dict:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _healed_generation(spec: str, trust_remote_code: bool, removed: tuple[int, ...], key: tuple, prompt: str,
                        max_new_tokens: int) -> str:
-    from mi_prun.evaluate import generate_sample
-
     model, _ = _healed(spec, trust_remote_code, removed, key)
     return generate_sample(model, get_model(spec, trust_remote_code).tokenizer, prompt, max_new_tokens=max_new_tokens)
 

@@ -22,6 +22,8 @@ import streamlit as st
 
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.select import NLLCache, select
+from mi_prun.select.counts import allowed_blocks
 from mi_prun_app import state, tables, viz
 from mi_prun_app.ui import chart, model_for, protect_on, selection, table
 
@@ -104,7 +106,6 @@ def _nll_caches() -> state.Memo:
 
 def nll_cache(key: str) -> tuple[Any, threading.Lock]:
     """The server's (NLLCache, lock) for one analysis key (created on first use)."""
-    from mi_prun.select import NLLCache
 
     memo = _nll_caches()
     with _NEW_CACHE:
@@ -117,7 +118,6 @@ def nll_cache(key: str) -> tuple[Any, threading.Lock]:
 
 def removable(analysis: Any) -> int:
     """How many blocks the session's protect setting lets a selection remove."""
-    from mi_prun.select.counts import allowed_blocks
 
     return len(allowed_blocks(len(analysis.block_mi), state.protect_margin() if protect_on() else False))
 
@@ -148,7 +148,6 @@ def verified(analysis: Any, method: str, n: int, passes: int | str, area: Any = 
     """The verified selection of `method` for n blocks, or None when it was cancelled or refused
     (then `notice` says why). Computed here, with progress and a cancel button, if this session
     does not have it yet; the server's NLL cache makes sets seen before free."""
-    from mi_prun.select import select
 
     key, cfg = _key(method, n, passes)
     memo = st.session_state.setdefault("selections", {})

@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from mi_prun.config import AnalysisConfig, EvalConfig, HealConfig, SelectConfig
+from mi_prun.data import WIKITEXT_FILES, data_dir, decode_bytes, parse_jsonl
 from mi_prun.errors import MiPrunError
+from mi_prun.estimators import ESTIMATORS
 from mi_prun.progress import Progress
+from mi_prun.select import resolve_n
 
 # ----------------------------------------------------------------------------------------------
 # settings the operator controls through the environment (never through the UI)
@@ -59,7 +62,6 @@ def test_model() -> str | None:
 
 def eval_source() -> str:
     """Evaluation text for perplexity: WikiText-2 test when its local copy exists, else builtin."""
-    from mi_prun.data import WIKITEXT_FILES, data_dir
 
     folder = data_dir()
     if folder is not None and (folder / WIKITEXT_FILES["test"]).is_file():
@@ -69,13 +71,12 @@ def eval_source() -> str:
 
 def wikitext_status() -> tuple[bool, str]:
     """Whether WikiText-2 calibration text can be read here, and how (or how to get it)."""
-    from mi_prun.data import WIKITEXT_FILES, data_dir
 
     folder = data_dir()
     if folder is not None and (folder / WIKITEXT_FILES["valid"]).is_file():
         return True, f"local copy in {folder}"
     try:
-        import datasets  # noqa: F401
+        import datasets  # noqa: F401  (optional dependency: is it installed?)
     except ImportError:
         return False, ("WikiText-2 is not available here. Get it with `pip install datasets` (downloads "
                        "once, needs internet), or set MI_PRUN_DATA_DIR to a folder holding "
@@ -100,7 +101,6 @@ def default_analysis_config() -> AnalysisConfig:
 def changed_options(estimator: str, chosen: Mapping[str, Any]) -> dict[str, Any]:
     """The options in `chosen` that differ from the estimator's own defaults (what goes into
     `AnalysisConfig.estimator_options`; untouched widgets give `{}`, as the CLI does)."""
-    from mi_prun.estimators import ESTIMATORS
 
     own = ESTIMATORS[estimator].default_options()
     return {k: v for k, v in chosen.items() if k not in own or v != own[k]}
@@ -138,7 +138,6 @@ def heal_config(analysis: Any) -> HealConfig:
 def default_n_remove(n_blocks: int) -> int:
     """The blocks-to-remove slider's start: the count the library uses when given neither n nor a
     ratio (SelectConfig's default ratio, checked against the protected ends), else 1."""
-    from mi_prun.select import resolve_n
 
     d = SelectConfig()
     for protect in (d.protect_ends, False):
@@ -221,7 +220,6 @@ def text_from_upload(name: str, raw: bytes, limit: int = UPLOAD_LIMIT_BYTES) -> 
     The bytes are only decoded (and, for `.jsonl`, parsed as JSON objects with a "text" field);
     nothing is written to disk, executed or unpickled.
     """
-    from mi_prun.data import decode_bytes, parse_jsonl
 
     suffix = Path(name).suffix.lower().lstrip(".")
     if suffix not in UPLOAD_TYPES:

@@ -24,7 +24,11 @@ import pandas as pd
 import streamlit as st
 
 from mi_prun.config import SelectConfig
+from mi_prun.data import load_text
 from mi_prun.errors import MiPrunError
+from mi_prun.evaluate import generate_sample, perplexity
+from mi_prun.models import load_model, pruned_view
+from mi_prun.select import compare, n_protected, select
 from mi_prun_app import state
 from mi_prun_app.tables import csv_bytes
 
@@ -50,7 +54,6 @@ def get_model(spec: str, trust_remote_code: bool = False):
     """The model for `spec`, loaded once per server process and shared by every session.
 
     Read-only by contract: nothing in the app writes to it (see the module docstring)."""
-    from mi_prun.models import load_model
 
     return load_model(spec, device="auto", dtype="auto", trust_remote_code=trust_remote_code)
 
@@ -145,8 +148,6 @@ def protect_on() -> bool:
 
 
 def protect_label(n_blocks: int) -> str:
-    from mi_prun.select import n_protected
-
     try:
         k = n_protected(n_blocks, state.protect_margin())
     except MiPrunError:
@@ -162,7 +163,6 @@ def select_config(method: str, n: int) -> SelectConfig:
 def selection(analysis: Any, method: str, n: int) -> Any:
     """`select(analysis, config=...)` for this session's analysis, memoised in the session
     (milliseconds each, but pages rerun on every widget change)."""
-    from mi_prun.select import select
 
     cfg = select_config(method, n)
     key = (st.session_state.get("analysis_key"), repr(cfg))
@@ -173,8 +173,6 @@ def selection(analysis: Any, method: str, n: int) -> Any:
 
 
 def comparison(analysis: Any, n: int) -> list[dict]:
-    from mi_prun.select import compare
-
     cfg = select_config(SelectConfig.method, n)
     key = ("compare", st.session_state.get("analysis_key"), repr(cfg))
     memo = st.session_state.setdefault("selections", {})
@@ -200,8 +198,6 @@ def ppl_protocol_short() -> str:
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def eval_text(source: str, max_chars: int) -> str:
-    from mi_prun.data import load_text
-
     return load_text(source, purpose="evaluation").text[:max_chars]
 
 
@@ -210,8 +206,6 @@ def perplexity_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], 
                   seq_len: int, max_windows: int, batch_size: int) -> dict:
     """Perplexity of `spec` without `removed`, under the protocol of an `EvalConfig` (its fields
     are the arguments, so that the cache key is plain data)."""
-    from mi_prun.evaluate import perplexity
-    from mi_prun.models import pruned_view
 
     loaded = get_model(spec, trust_remote_code)
     model = pruned_view(loaded.model, list(removed)) if removed else loaded.model
@@ -226,9 +220,6 @@ def perplexity_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], 
 @st.cache_data(show_spinner=False, max_entries=256)
 def generation_of(spec: str, trust_remote_code: bool, removed: tuple[int, ...], prompt: str,
                   max_new_tokens: int) -> str:
-    from mi_prun.evaluate import generate_sample
-    from mi_prun.models import pruned_view
-
     loaded = get_model(spec, trust_remote_code)
     model = pruned_view(loaded.model, list(removed)) if removed else loaded.model
     return generate_sample(model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens)

@@ -5,15 +5,27 @@ analysis with a progress bar per stage, an estimate of the time left and a cance
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import streamlit as st
 
 from mi_prun.config import AnalysisConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.estimators import PREPROCESS, describe_estimators
 from mi_prun.models.zoo import DEFAULT_MODEL, ZOO
+from mi_prun.pipeline import analyze
+from mi_prun.results import Analysis
 from mi_prun_app import state
-from mi_prun_app.ui import (PAGES, analysis_memo, analysis_summary, copy_analysis, current_analysis,
-                            get_model, set_analysis, show_error)
+from mi_prun_app.ui import (
+    PAGES,
+    analysis_memo,
+    analysis_summary,
+    copy_analysis,
+    current_analysis,
+    get_model,
+    set_analysis,
+    show_error,
+)
 
 TEST_MODEL = state.test_model()
 MODEL_KINDS = (([f"Test model ({TEST_MODEL})"] if TEST_MODEL else [])
@@ -84,8 +96,6 @@ with tab_new:
             folder = st.text_input("Local WikiText-2 folder (optional)", key="p_wt_dir", persist_state="session",
                                    help="A folder holding wikitext2-valid.tokens.").strip()
             if folder:
-                from pathlib import Path
-
                 calib_source = str(Path(folder).expanduser() / "wikitext2-valid.tokens")
             elif ok:
                 calib_source = "wikitext2"
@@ -112,8 +122,6 @@ with tab_new:
                 st.caption(f"{len(pasted):,} characters.")
 
     with c_size:
-        from mi_prun.estimators import PREPROCESS, describe_estimators
-
         st.subheader("Samples and estimator")
         n_samples = st.number_input("Samples", 1, 4096, START.n_samples, key="p_samples", persist_state="session",
                                     help="Calibration sequences drawn from the text.")
@@ -174,8 +182,6 @@ with tab_new:
     if run:
         status = None
         try:
-            from mi_prun.pipeline import analyze
-
             if not spec:
                 raise MiPrunError("no model given. Fix: type a model id or path, or pick the built-in model.")
             if not calib_source:
@@ -240,8 +246,6 @@ with tab_load:
     folder = st.text_input("Analysis folder on the server", key="p_load_dir", persist_state="session")
     if st.button("Load analysis", key="load_analysis", icon=":material/folder_open:"):
         try:
-            from mi_prun.results import Analysis
-
             if not folder.strip():
                 raise MiPrunError("no folder given. Fix: type the path of a saved analysis folder.")
             loaded_analysis = Analysis.load(folder.strip())

@@ -10,7 +10,15 @@ import streamlit as st
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun_app import search, state, tables, viz
-from mi_prun_app.ui import chart, comparison, n_slider, require_analysis, selection, show_error, table
+from mi_prun_app.ui import (
+    chart,
+    comparison,
+    n_slider,
+    require_analysis,
+    selection,
+    show_error,
+    table,
+)
 
 analysis = require_analysis()
 L = analysis.n_blocks

@@ -14,10 +14,25 @@ import streamlit as st
 
 from mi_prun.config import ExportConfig, SelectConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.speed import compare_speed, model_size
+from mi_prun.export import export
 from mi_prun.heal import HealRefused
+from mi_prun.models import pruned_view
 from mi_prun_app import healing, search, state, tables, viz
-from mi_prun_app.ui import (COMPARE_METHODS, chart, generate, model_for, n_slider, ppl, ppl_protocol_short,
-                            ppl_protocol_text, require_analysis, selection, show_error, table)
+from mi_prun_app.ui import (
+    COMPARE_METHODS,
+    chart,
+    generate,
+    model_for,
+    n_slider,
+    ppl,
+    ppl_protocol_short,
+    ppl_protocol_text,
+    require_analysis,
+    selection,
+    show_error,
+    table,
+)
 
 DEFAULT_METHOD = SelectConfig.method
 
@@ -174,9 +189,6 @@ with c_gen:
 with c_size:
     st.subheader("Size and speed")
     try:
-        from mi_prun.evaluate import compare_speed, model_size
-        from mi_prun.models import pruned_view
-
         loaded = model_for(analysis)
         removed = chosen(export_method).removed
         pruned = pruned_view(loaded.model, list(removed))
@@ -226,9 +238,6 @@ st.caption(f"Removes blocks {list(sel.removed)} (numbered from 0)"
               "(mergekit.yaml rebuilds only the unhealed model)." if heal_on else ""))
 if st.button("Export", type="primary", key="export", icon=":material/save:"):
     try:
-        from mi_prun.models import pruned_view
-        from mi_prun.prune import export
-
         target = state.safe_export_path(name, root)
         loaded = model_for(analysis)
         model, record = (healing.healed_model(analysis, sel.removed) if heal_on

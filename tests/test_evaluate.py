@@ -13,15 +13,9 @@ import torch
 from torch.nn import functional as F
 
 from mi_prun.errors import MiPrunError
-from mi_prun.evaluate import (
-    PerplexityResult,
-    compare_speed,
-    generate_sample,
-    perplexity,
-    size_and_speed,
-)
-from mi_prun.models import find_blocks
-from mi_prun.prune import pruned_view
+from mi_prun.evaluate import PerplexityResult, generate_sample, perplexity
+from mi_prun.models import find_blocks, pruned_view
+from mi_prun.speed import compare_speed, size_and_speed
 from mi_prun.testing import tiny_model
 
 # 17 ASCII bytes: the byte tokenizer maps each to one token id equal to the byte.

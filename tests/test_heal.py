@@ -20,7 +20,7 @@ from mi_prun.data import calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.heal import FOLDS, BridgeStats, HealRefused, heal, solve, sse
 from mi_prun.models import find_blocks, pruned_view
-from mi_prun.prune import export
+from mi_prun.export import export
 from mi_prun.testing import FAMILIES, tiny_model
 
 CFG = HealConfig(n_samples=8, seq_len=48, batch_size=4)
@@ -193,7 +193,7 @@ def test_refusals_are_one_line(monkeypatch):
     monkeypatch.delitem(FOLDS, "llama")
     with pytest.raises(HealRefused) as exc:
         heal(model, [2], calib, config=CFG)
-    assert "FOLDS" in _one_line(exc)
+    assert "mi_prun.models.families" in _one_line(exc)
     with pytest.raises(MiPrunError, match="not a pruned one"):
         heal(pruned_view(model, [1]), [2], calib, config=CFG)
     with pytest.raises(MiPrunError, match="ridge"):

@@ -10,12 +10,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Iterator
 
+from transformers.utils import logging as hf_logging
+
 from mi_prun.cli.args import build_parser
+from mi_prun.cli.commands import COMMANDS
 from mi_prun.cli.output import BLOCK_NOTE, format_analysis, format_selection
 from mi_prun.errors import MiPrunError
 
@@ -26,17 +31,10 @@ def _quiet_libraries(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not debug:
-        import warnings
-
         warnings.filterwarnings("ignore")
-    try:  # our own progress bars replace transformers' per-file ones
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        if not debug:
-            hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()  # our own progress bars replace transformers' per-file ones
+    if not debug:
+        hf_logging.set_verbosity_error()
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,12 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or a usage error (2, printed on one line)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    args.argv_ = argv
-    args.parser_ = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     _quiet_libraries(args.debug)
     try:
         with _sigterm_raises():
-            status = args.func(args)
+            status = COMMANDS[args.command](args)
             sys.stdout.flush()  # a full disk shows here, inside the handlers below
         return status
     except MiPrunError as exc:
@@ -90,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         print("mi-prun: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `mi-prun show x | head`: the reader left; not an error of ours
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except OSError as exc:

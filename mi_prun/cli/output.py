@@ -6,6 +6,12 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from mi_prun.results import rank_blocks
+
 BLOCK_NOTE = "Blocks are numbered from 0."
 
 
@@ -19,8 +25,6 @@ class TqdmProgress:
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(total=1000, desc=stage, file=sys.stderr, leave=True,
@@ -38,11 +42,6 @@ class TqdmProgress:
 
 def format_analysis(analysis) -> str:
     """Blocks ranked by redundancy (rank 0 = highest MI) next to the baselines' scores."""
-    import numpy as np
-    import pandas as pd
-
-    from mi_prun.results import rank_blocks
-
     L = analysis.n_blocks
     bi = analysis.baselines.get("cosine_bi")
     ang = analysis.baselines.get("angular")
@@ -119,8 +118,6 @@ def format_verification(sel) -> list[str]:
 
 
 def format_compare(rows, n: int, n_blocks: int, run_cost: str) -> str:
-    import pandas as pd
-
     out = [f"n = {n} of {n_blocks} blocks, run cost {run_cost}. {BLOCK_NOTE}"]
     table = pd.DataFrame([r for r in rows if r.get("feasible", True)])
     cols = [c for c in ("method", "removed", "objective", "gap", "rel_gap", "seconds", "span_lookups")

@@ -1,4 +1,4 @@
-"""Where a bridge folds into the weights, per model family: one table entry per `model_type`.
+"""Folding a bridge into the weights, where the family table (`mi_prun.models.families`) says.
 
 A bridge r ~ m T + c for a removed run i..j-1 is folded into the last module of block i-1's MLP
 branch, the one whose output m is added to the residual stream as it is:
@@ -17,67 +17,16 @@ approximation that was not asked for. A weight shared with another module (tied)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
+from mi_prun.models.families import FOLDS, Fold
 
 
 class HealRefused(MiPrunError):
     """Healing cannot fold a bridge exactly into this model; the message says why in one line."""
-
-
-@dataclass(frozen=True)
-class Fold:
-    """Where block b's bridge goes: `path` inside the block, `kind` "linear" or "norm", the norm's
-    weight `offset` (1 for Gemma's (1 + w)), and `refuse(config)`: a reason or None."""
-
-    path: str
-    kind: str = "linear"
-    offset: float = 0.0
-    refuse: Callable[[Any], str | None] | None = None
-
-
-def _opt_refuse(config: Any) -> str | None:
-    if not getattr(config, "do_layer_norm_before", True):
-        return "OPT with do_layer_norm_before=False normalises after the residual sum, so no weight folds a bridge exactly"
-    return None
-
-
-def _bloom_refuse(config: Any) -> str | None:
-    if getattr(config, "slow_but_exact", False) and getattr(config, "pretraining_tp", 1) > 1:
-        return "BLOOM with slow_but_exact and pretraining_tp > 1 bypasses dense_4h_to_h's forward"
-    return None
-
-
-def _moe(config: Any) -> str | None:
-    return ("mixture-of-experts MLP: an exact bridge would have to be folded into every expert "
-            "(not supported)")
-
-
-_DOWN = Fold("mlp.down_proj")
-FOLDS: dict[str, Fold] = {
-    "llama": _DOWN, "mistral": _DOWN, "qwen2": _DOWN, "qwen3": _DOWN, "gemma": _DOWN,
-    "phi3": _DOWN, "olmo": _DOWN, "granite": _DOWN, "stablelm": _DOWN, "cohere": _DOWN,
-    "smollm3": _DOWN,
-    "gemma2": Fold("post_feedforward_layernorm", kind="norm", offset=1.0),
-    "gemma3_text": Fold("post_feedforward_layernorm", kind="norm", offset=1.0),
-    "olmo2": Fold("post_feedforward_layernorm", kind="norm"),
-    "phi": Fold("mlp.fc2"),
-    "starcoder2": Fold("mlp.c_proj"),
-    "gpt2": Fold("mlp.c_proj"),
-    "gpt_bigcode": Fold("mlp.c_proj"),
-    "gpt_neo": Fold("mlp.c_proj"),
-    "gptj": Fold("mlp.fc_out"),
-    "gpt_neox": Fold("mlp.dense_4h_to_h"),
-    "falcon": Fold("mlp.dense_4h_to_h"),
-    "bloom": Fold("mlp.dense_4h_to_h", refuse=_bloom_refuse),
-    "opt": Fold("fc2", refuse=_opt_refuse),
-    "mixtral": Fold("block_sparse_moe", refuse=_moe),
-    "qwen3_moe": Fold("mlp", refuse=_moe),
-}
 
 
 @dataclass(frozen=True)
@@ -104,7 +53,7 @@ def fold_for(model: nn.Module) -> Fold:
     fold = FOLDS.get(model_type or "")
     if fold is None:
         raise HealRefused(f"cannot heal model_type {model_type!r}: no exact fold is known for it "
-                          "(add an entry to mi_prun.heal.FOLDS).")
+                          "(add a fold to its entry of mi_prun.models.families.FAMILIES).")
     why = fold.refuse(config) if fold.refuse else None
     if why:
         raise HealRefused(f"cannot heal {model_type}: {why}.")
@@ -118,7 +67,7 @@ def site(model: nn.Module, block_path: str, new_index: int, fold: Fold) -> Site:
         module = model.get_submodule(name)
     except AttributeError:
         raise HealRefused(f"cannot heal: {type(model).__name__} has no module {name} "
-                          "(the family table mi_prun.heal.FOLDS does not match this model).") from None
+                          "(the family table mi_prun.models.families does not match this model).") from None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise HealRefused(f"cannot heal: {name} has no weight to fold a bridge into.")

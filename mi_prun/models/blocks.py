@@ -1,7 +1,7 @@
 """Where a model keeps its decoder blocks, how many it declares, and how long an input it takes.
 
-`find_blocks(model)` returns the ordered decoder blocks and their container, from one table keyed
-by `model_type` (`BLOCK_PATHS`) with a generic fallback. `num_layers_of(config)` and
+`find_blocks(model)` returns the ordered decoder blocks and their container, from the family
+table (`models.families`, keyed by `model_type`) with a generic fallback. `num_layers_of(config)` and
 `context_length(config)` read the block count and the context window under whatever name a family
 gives them. Blocks are numbered from 0 everywhere in mi-prun.
 """
@@ -12,42 +12,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import as_module
+from mi_prun.models.families import BLOCK_PATHS
 
 log = logging.getLogger(__name__)
-
-# model_type -> dotted path from the *CausalLM model to its nn.ModuleList of decoder blocks.
-BLOCK_PATHS: dict[str, str] = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "mixtral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "qwen3_moe": "model.layers",
-    "gemma": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "phi": "model.layers",
-    "phi3": "model.layers",
-    "olmo": "model.layers",
-    "olmo2": "model.layers",
-    "granite": "model.layers",
-    "stablelm": "model.layers",
-    "cohere": "model.layers",
-    "starcoder2": "model.layers",
-    "smollm3": "model.layers",
-    "gpt2": "transformer.h",
-    "gpt_bigcode": "transformer.h",
-    "gptj": "transformer.h",
-    "bloom": "transformer.h",
-    "falcon": "transformer.h",
-    "gpt_neo": "transformer.h",
-    "gpt_neox": "gpt_neox.layers",
-    "opt": "model.decoder.layers",
-}
 
 # Config attribute names that hold the number of blocks, in the order they are looked for.
 NUM_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -179,5 +151,24 @@ def find_blocks(model: nn.Module) -> Blocks:
         f"cannot find the decoder blocks of {type(model).__name__} (model_type={model_type!r}): "
         f"looked for {path or 'no known path'} and for an nn.ModuleList of length "
         f"{n_layers if n_layers is not None else '<no num_hidden_layers in config>'}. "
-        "mi-prun supports decoder-only causal LMs; add the block path to mi_prun.models.BLOCK_PATHS."
+        "mi-prun supports decoder-only causal LMs; add the family to mi_prun.models.families.FAMILIES."
     )
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go: the device of the input embeddings (with an accelerate device map,
+    the first parameter can live elsewhere)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    hook = getattr(emb, "_hf_hook", None)  # accelerate: weights offloaded, run on execution_device
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for p in (emb.parameters() if emb is not None else ()):
+        if p.device.type != "meta":
+            return p.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")

@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.errors import MiPrunError
 from mi_prun.files import check_path_length, parse_json
-from mi_prun.models.blocks import find_blocks
+from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.models.identity import model_identity
 from mi_prun.models.memory import check_memory, weights_bytes
+from mi_prun.models.tiny import tiny_model
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
     ZOO,
@@ -111,9 +114,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What results record of the model: names, size, hub id and its identity (see
-        `mi_prun.results.model_identity`), so an analysis can refuse to prune another model."""
-        from mi_prun.results import model_identity
-
+        `mi_prun.models.identity.model_identity`), so an analysis can refuse to prune another model."""
         return {
             "spec": self.spec,
             "source": self.source,
@@ -138,6 +139,7 @@ def _is_encoder_config(config: Any) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return True
     try:
+        # optional: a private transformers path that may move between versions
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
     except ImportError:
         return False
@@ -271,8 +273,6 @@ def _damaged_config(what: str, exc: BaseException) -> MiPrunError:
 
 
 def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) -> Any:
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
     except MiPrunError:
@@ -346,8 +346,6 @@ def _tokenizer_error(spec: str, source: str, exc: BaseException) -> MiPrunError:
 
 
 def _load_weights(spec: str, source: str, config: Any, kwargs: dict) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     if Path(source).is_dir():
         check_weight_index(Path(source))
     try:
@@ -391,8 +389,6 @@ def load_model(
     for it. check_memory_first: refuse weights larger than the free memory of the device before
     loading (skipped with a device_map, or when the size is unknown).
     """
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     is_path = isinstance(spec, os.PathLike)
     spec = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
@@ -406,8 +402,6 @@ def load_model(
     info: dict = {}
     family = None if is_path else tiny_family(spec)
     if family is not None:
-        from mi_prun.testing import tiny_model
-
         model, tokenizer = tiny_model(family)
         model = model.to(device=dev, dtype=dt)
         source = spec
@@ -441,7 +435,7 @@ def load_model(
     find_blocks(model)  # fail early, with the model class named, if blocks cannot be found
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if device_map is not None:
-        dev = next(model.parameters()).device
+        dev = input_device(model)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source,
                        model_type=model_type, device=dev, dtype=dt,
                        load_seconds=time.perf_counter() - t0, info=info)

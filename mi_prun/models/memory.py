@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
+from huggingface_hub import try_to_load_from_cache
 
 from mi_prun.errors import MiPrunError
 from mi_prun.files import parse_json
@@ -50,8 +52,6 @@ def _safetensors_numels(path: Path) -> list[tuple[str, int, int]]:
 
 def _gguf_numel(path: Path) -> int:
     """Number of weights in a GGUF file (the reader maps the file; no tensor data is read)."""
-    from gguf import GGUFReader
-
     return sum(int(tensor.n_elements) for tensor in GGUFReader(path).tensors)
 
 
@@ -71,8 +71,6 @@ def weights_bytes(source: str | os.PathLike, gguf_file: str | os.PathLike | None
             return _gguf_numel(Path(source) / gguf_file) * itemsize
         folder = Path(source)
         if not folder.is_dir():
-            from huggingface_hub import try_to_load_from_cache
-
             for name in ("model.safetensors.index.json", "model.safetensors", "config.json"):
                 hit = try_to_load_from_cache(source, name)
                 if isinstance(hit, str):
@@ -102,7 +100,7 @@ def available_memory(device: torch.device) -> int | None:
             return int(free)
         if device.type == "cpu":
             try:
-                import psutil
+                import psutil  # optional: not a dependency of mi-prun
 
                 return int(psutil.virtual_memory().available)
             except ImportError:

