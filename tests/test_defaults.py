@@ -4,7 +4,6 @@ capture against a reference forward pass; export provenance filled by the librar
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import yaml
 
 from mi_prun.cli import main
-from mi_prun.config import DPI_TOL, AnalysisConfig, EvalConfig, SelectConfig
+from mi_prun.config import AnalysisConfig, EvalConfig, SelectConfig
 from mi_prun.data import builtin_text
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import perplexity
@@ -21,7 +20,7 @@ from mi_prun.models import load_model, prune
 from mi_prun.pipeline import analyze
 from mi_prun.export import export
 from mi_prun.results import Analysis
-from mi_prun.select import Selection, compare, cost_matrix, select, sleb_select
+from mi_prun.select import Selection, cost_matrix, select
 
 TINY = ["--model", "tiny-llama", "--samples", "8", "--tokens", "48"]
 

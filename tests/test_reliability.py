@@ -170,7 +170,7 @@ def test_architecture_without_findable_blocks_cli(llama_dir, monkeypatch):
     # An architecture neither in the table nor with a ModuleList of the configured length.
     monkeypatch.setitem(blocks_mod.BLOCK_PATHS, "llama", "model.no_such_list")
     monkeypatch.setattr(blocks_mod, "num_layers_of", lambda config: 99)
-    with pytest.raises(MiPrunError, match=r"cannot find the decoder blocks of LlamaForCausalLM.*BLOCK_PATHS"):
+    with pytest.raises(MiPrunError, match=r"cannot find the decoder blocks of LlamaForCausalLM.*families.FAMILIES"):
         load_model(str(llama_dir), device="cpu")
     rc, _, err = run_cli("analyze", "--model", str(llama_dir), *SMALL)
     assert_one_line_error(rc, err, "cannot find the decoder blocks")
@@ -509,7 +509,8 @@ CHILD = textwrap.dedent("""
             stall()
             return real(*args, **kwargs)
         P.mergekit_yaml = slow_yaml
-        P.export(P.pruned_view(model, [1]), tok, None, target, overwrite=mode.endswith("overwrite"))
+        from mi_prun.models import pruned_view
+        P.export(pruned_view(model, [1]), tok, None, target, overwrite=mode.endswith("overwrite"))
     else:
         import mi_prun.files as F
         import mi_prun.results as R

@@ -315,7 +315,7 @@ def test_analysis_of_another_model_is_refused_unless_forced(tmp_path, llama_anal
 def test_force_never_accepts_another_block_count(tmp_path, llama_analysis, model_dir):
     rc, _, err = run_cli("prune", "--model", str(model_dir), "--analysis", str(llama_analysis), "--n", "1",
                          "--out", str(tmp_path / "x"), "--force")
-    assert_one_line_error(rc, err, "6 blocks but the model has 3")
+    assert_one_line_error(rc, err, "for a model of 6 blocks; this one has 3")
     assert not (tmp_path / "x").exists()
 
 

@@ -179,7 +179,6 @@ def cmd_prune(args) -> int:
         analysis.check_model(loaded.model, force=export_cfg.force,
                              where=f"analysis {args.analysis}" if args.analysis else "the analysis")
         if sel_cfg.method == "sleb":
-
             calib = prepare_calibration(loaded, acfg or analysis_config(args))
             sel = sleb_select(loaded.model, calib.input_ids, attention_mask=calib.attention_mask, config=sel_cfg,
                               analysis=analysis, progress=progress)

@@ -38,12 +38,11 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     Method options (e.g. fbs: pool, k, max_iter) go in `options`.
 
     With a `model` (a `LoadedModel`, or a module with `tokens`; refused unless it is the analysed
-    model): `config.verify_passes` not 0 and a method of `VERIFIABLE` run the verified search
+    model, unless `force` and it has the same block count): `config.verify_passes` not 0 and a method of `VERIFIABLE` run the verified search
     (`verify.verified_select`); "sleb" and "mi-guided" score their sets on `tokens` (default: the
     verification tokens drawn from the analysis's calibration text) through the same NLL scorer.
     `cache` (an `NLLCache`) and `progress` go to them. Without a model the answer is the one-pass
-    one, with `verified` False and a note saying so. `force=True` accepts a model other than the
-    analysed one with the same block count; a model is checked whatever the method
+    one, with `verified` False and a note saying so. A model is checked whatever the method
     (`mi_prun.models.identity.check_same_model`).
     """
     cfg = resolve_config(method, n, ratio, run_cost, protect_ends, seed, options, config)

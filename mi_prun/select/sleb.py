@@ -130,5 +130,6 @@ def sleb_select(model: Any, input_ids: Any, n: int | None = None, attention_mask
 
 def _bare_analysis(L: int) -> Any:
     """A stand-in analysis for a search without one (its MI objective is reported as NaN)."""
-    return SimpleNamespace(block_mi=np.zeros(L), span=np.zeros((L + 1, L + 1)), span_norm=None, baselines={},
+    return SimpleNamespace(block_mi=np.zeros(L), span=np.zeros((L + 1, L + 1)), span_norm=np.ones((L + 1, L + 1)),
+                           baselines={}, span_unexplained=np.zeros((L + 1, L + 1)),
                            model=None, estimator=None, estimator_options=None, calibration=None)

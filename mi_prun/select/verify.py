@@ -157,8 +157,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     `model` is a `LoadedModel` (its tokenizer draws the tokens) or a module (then `tokenizer` or
     `tokens`). With verify_passes 0, or a method outside `VERIFIABLE`, this is `select`'s answer.
     The model is only read: every pass runs a weight-sharing `pruned_view`. A model other than the
-    analysed one is refused (`mi_prun.models.identity.check_same_model`, the CLI's check; `force=True`
-    accepts one with the same block count).
+    analysed one is refused (`force=True`: accepted with the same block count, as `prune --force`).
     `progress("verify", fraction, message)` is called after every pass.
     """
     t0 = time.perf_counter()
