@@ -78,19 +78,21 @@ VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens"}
 
 
 def _refuse_ignored_select_flags(args, cfg) -> None:
-    """No flag of `select` (or `prune`) may be given and then silently not used."""
+    """No flag of `select` (or `prune`) may be given and then silently not used
+    (`--verify-passes 0`, which asks for no verification, is never refused)."""
+    verify = VERIFY_DESTS if cfg.verifies else VERIFY_DESTS - {"verify_passes"}
     if getattr(args, "compare", False):
-        _refuse_flags(args, {"model", "device", "dtype", "method"} | VERIFY_DESTS,
+        _refuse_flags(args, {"model", "device", "dtype", "method"} | verify,
                       "--compare runs every one-pass method on the analysis, without the model")
     if getattr(args, "model", "") is None:  # select without --model
         _refuse_flags(args, {"device", "dtype"}, "no --model is given")
-        _refuse_flags(args, VERIFY_DESTS, "verification runs the model, and no --model is given (add --model "
+        _refuse_flags(args, verify, "verification runs the model, and no --model is given (add --model "
                       "to verify)")
     if cfg.method not in VERIFIABLE:
         needs_model = get_selector(cfg.method).needs_model
         # sleb and mi-guided search on the verification tokens themselves (prune's sleb: on calibration tokens)
-        unused = VERIFY_DESTS if not needs_model or (args.command == "prune" and cfg.method == "sleb") \
-            else {"verify_passes"}
+        unused = verify if not needs_model or (args.command == "prune" and cfg.method == "sleb") \
+            else verify & {"verify_passes"}
         _refuse_flags(args, unused, f"method {cfg.method} is not verified (only {', '.join(VERIFIABLE)} are)")
         if args.command == "select" and not needs_model:
             _refuse_flags(args, {"model", "device", "dtype"}, f"method {cfg.method} needs no model (only the "

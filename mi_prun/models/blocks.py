@@ -101,7 +101,7 @@ def check_context(model: Any, seq_len: int, what: str = "tokens per sample", nam
     before any text is read or any forward pass (past the context, GPT-2's position embedding is
     an IndexError and Llama's rotary positions extrapolate silently)."""
     spec = getattr(model, "spec", None)
-    module = as_module(model)
+    module = model if hasattr(model, "config") else getattr(model, "model", model)  # a module or a LoadedModel
     limit = context_length(getattr(module, "config", None))
     if isinstance(limit, int) and seq_len > limit:
         raise MiPrunError(f"{seq_len} {what} exceed the context of {name or spec or type(module).__name__} "
