@@ -565,3 +565,15 @@ def test_token_ids_outside_the_vocabulary_are_one_line(loaded, llama_analysis):
     with pytest.raises(MiPrunError, match="verification tokens holds token id"):
         verified_select(loaded, Analysis.load(llama_analysis), SelectConfig(n=1, verify_passes=2),
                         tokens=torch.full((2, 8), vocab + 5))
+
+
+def test_prune_force_reaches_every_method(tmp_path, llama_analysis):
+    """`--force` accepts another model of the same block count for every method, sleb included
+    (its search checks the model too)."""
+    for method in ("sleb", "fbs", "shortgpt"):
+        rc, _, err = run_cli("prune", "--model", "tiny-qwen2", "--analysis", str(llama_analysis), "--n", "1",
+                             "--method", method, "--force", "--out", str(tmp_path / method))
+        assert rc == 0, (method, err)
+        rc, _, err = run_cli("prune", "--model", "tiny-qwen2", "--analysis", str(llama_analysis), "--n", "1",
+                             "--method", method, "--out", str(tmp_path / f"{method}-refused"))
+        assert_one_line_error(rc, err, "another model", "--force")

@@ -183,7 +183,7 @@ def cmd_prune(args) -> int:
         if sel_cfg.method == "sleb":
             calib = prepare_calibration(loaded, acfg or analysis_config(args))
             sel = sleb_select(loaded.model, calib.input_ids, attention_mask=calib.attention_mask, config=sel_cfg,
-                              analysis=analysis, progress=progress)
+                              analysis=analysis, progress=progress, force=export_cfg.force)
         else:
             tokens = None
             if acfg is not None and sel_cfg.verifies:
