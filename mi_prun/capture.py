@@ -30,6 +30,7 @@ from mi_prun.models.hooks import block_hooks, run_until_stop
 from mi_prun.models.stream import BlockRunner, is_streamed
 from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
+from mi_prun.models.accept import as_module, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     about 0.2 s for a 135M model) instead of `model` itself, so that other threads running the
     same shared model (app sessions) never fire this capture's hooks.
     """
+    model = as_module(model)
+    input_ids = check_token_ids(input_ids, model)
     if input_ids.dim() != 2:
         raise MiPrunError(f"input_ids must be (samples, tokens), got shape {tuple(input_ids.shape)}")
     if max_positions <= 0 or batch_size <= 0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
@@ -49,7 +50,7 @@ def calibration_spec(calibration: Mapping[str, Any]) -> str | None:
         return "builtin"
     if source.startswith(("file:", "folder:")):
         return source.split(":", 1)[1]
-    if source in ("wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-test"):
+    if source in ("wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-tokenised", "wikitext2-test"):
         return source
     return None
 
@@ -280,6 +281,17 @@ class EvalConfig:
         return cls(**{"seq_len": 128, "max_windows": 8, **changes})
 
 
+def _is_shard_size(value: Any) -> bool:
+    """A size `save_pretrained` reads (transformers' `convert_file_size_to_int`): a positive int of
+    bytes, or a whole number with a unit KB, MB, GB (Kb, Mb, Gb: bits), KiB, MiB or GiB."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return int(value) > 0
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B)", value, flags=re.IGNORECASE) if isinstance(value, str) else None
+    return match is not None and int(match.group(1)) > 0
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """How a pruned model is written. `overwrite` replaces only an earlier mi-prun export (see
@@ -294,8 +306,13 @@ class ExportConfig:
         for name in ("overwrite", "force"):
             if not isinstance(getattr(self, name), bool):
                 raise MiPrunError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if not isinstance(self.max_shard_size, str) or not self.max_shard_size.strip():
-            raise MiPrunError(f"max_shard_size must be a size such as '5GB', got {self.max_shard_size!r}.")
+        if not _is_shard_size(self.max_shard_size):
+            raise MiPrunError(f"max_shard_size must be a size such as '5GB', '500MB' or '2GiB' (or a number "
+                              f"of bytes), got {self.max_shard_size!r}.")
+
+
+# A relative ridge past this only shrinks a bridge to zero; larger ones overflow in float64.
+MAX_RIDGE = 1e6
 
 
 OFFLOAD_CHOICES = (True, False, "auto")
@@ -363,13 +380,14 @@ class HealConfig:
             if not isinstance(getattr(self, name), bool):
                 raise MiPrunError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.ridge is not None:
-            _set(self, "ridge", as_float(self.ridge, "ridge (relative lambda)", low=0.0))
+            _set(self, "ridge", as_float(self.ridge, "ridge (relative lambda)", low=0.0, high=MAX_RIDGE))
         grid = self.ridge_grid
         if isinstance(grid, (str, bytes)) or not isinstance(grid, (tuple, list)) or not grid:
             raise MiPrunError(f"ridge_grid must be a non-empty list of numbers, got {grid!r}.")
-        _set(self, "ridge_grid", tuple(as_float(v, "ridge_grid value", low=0.0) for v in grid))
-        _set(self, "default_ridge", as_float(self.default_ridge, "default_ridge", low=0.0))
-        _set(self, "holdout", as_float(self.holdout, "holdout fraction", 0.0, 1.0, open_high=True))
+        _set(self, "ridge_grid", tuple(as_float(v, "ridge_grid value", low=0.0, high=MAX_RIDGE) for v in grid))
+        _set(self, "default_ridge", as_float(self.default_ridge, "default_ridge", low=0.0, high=MAX_RIDGE))
+        # every k-th sample is held out (k >= 2), so at most half: 0.99 would silently mean 0.5
+        _set(self, "holdout", as_float(self.holdout, "holdout fraction (every k-th sample, k >= 2)", 0.0, 0.5))
 
     def replace(self, **changes: Any) -> "HealConfig":
         return replace(self, **changes)
@@ -403,5 +421,5 @@ def describe_defaults() -> dict[str, dict[str, Any]]:
 
 
 __all__ = ["AnalysisConfig", "DPI_TOL", "calibration_spec", "EvalConfig", "ExecutionConfig", "OFFLOAD_CHOICES",
-           "ExportConfig", "HealConfig", "SelectConfig", "as_float",
+           "ExportConfig", "HealConfig", "MAX_RIDGE", "SelectConfig", "as_float",
            "as_int", "as_path", "check_protect_ends", "describe_defaults"]

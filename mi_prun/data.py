@@ -2,14 +2,20 @@
 
 Text sources (`load_text`):
   builtin            offline English corpus that every Python ships (`pydoc_data` topics)
-  wikitext2          WikiText-2: the validation split for calibration, the raw test split for
-                     evaluation (`purpose=`); also `wikitext2-valid` / `wikitext2-test` explicitly,
-                     and `wikitext2-valid-nounk`: the validation split with its `<unk>`
-                     placeholders dropped (closer to the raw test text). Read from `$MI_PRUN_DATA_DIR` (files `wikitext2-valid.tokens`,
+  wikitext2          WikiText-2: for calibration the validation split without the `<unk>`
+                     placeholders of its tokenised release (`wikitext2-valid-nounk`, the text whose
+                     NLL ranks pruned models like the test split does); for evaluation the raw test
+                     split (`wikitext2-test`); `purpose=` decides
+  wikitext2-tokenised the validation split as released, with `<unk>` for 5 % of its words (what
+                     `wikitext2` meant for calibration before; `wikitext2-valid` is its old name,
+                     kept so earlier commands and analyses mean what they meant)
+                     All read from `$MI_PRUN_DATA_DIR` (files `wikitext2-valid.tokens`,
                      `wikitext2-test.raw`) when set, else through the `datasets` library (online)
   <file>.txt|.md     UTF-8 text file
   <file>.jsonl       one JSON object per line; its "text" field is used
-  <folder>           every .txt/.md file below it, sorted by path, joined by blank lines
+  <file>.json        an array of records (`[{"text": ...}, ...]`, as `datasets` exports them)
+  <folder>           every .txt/.md/.jsonl file below it, sorted by path, joined by blank lines
+                     (a subfolder that cannot be read is refused, never skipped)
   text:<string>      the string itself
 
 `calibration_tokens` turns text into N samples x T tokens: the text is tokenised once, cut into
@@ -25,17 +31,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from mi_prun.config import calibration_spec
 from mi_prun.errors import MiPrunError
+from mi_prun.files import check_path_length, parse_json
 
 log = logging.getLogger(__name__)
 
 WIKITEXT_FILES = {"valid": "wikitext2-valid.tokens", "test": "wikitext2-test.raw"}
-BUILTIN_SOURCES = ("builtin", "wikitext2", "wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-test")
+BUILTIN_SOURCES = ("builtin", "wikitext2", "wikitext2-valid-nounk", "wikitext2-tokenised", "wikitext2-valid",
+                   "wikitext2-test")
 UNK = " <unk>"  # the tokenised release's placeholder for rare words
 MAX_TEXT_BYTES = 200 * 1024 * 1024  # refuse files larger than this: calibration needs far less
 
@@ -74,6 +82,28 @@ def decode_bytes(raw: bytes, source: str) -> str:
                           "Fix: convert it to UTF-8, e.g. `iconv -t utf-8`.") from exc
 
 
+def parse_json_records(text: str, source: str, field: str = "text") -> str:
+    """The `field` of every object of a `.json` file holding an array of records (as `datasets`
+    writes them: `[{"text": ...}, ...]`), joined by blank lines; a list of strings is joined too."""
+    try:
+        data = parse_json(text)
+    except json.JSONDecodeError as exc:
+        raise MiPrunError(f"{source} is not JSON ({exc.msg}). Fix: give an array of objects like "
+                          f"[{{\"{field}\": \"...\"}}], or rename it to .txt to read it as plain text.") from exc
+    records = data.get("data", data.get("rows")) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise MiPrunError(f"{source} holds a JSON {type(data).__name__}, not an array of records. Fix: give "
+                          f"[{{\"{field}\": \"...\"}}, ...], or rename it to .txt to read it as plain text.")
+    parts = []
+    for i, rec in enumerate(records):
+        value = rec if isinstance(rec, str) else rec.get(field) if isinstance(rec, dict) else None
+        if not isinstance(value, str):
+            raise MiPrunError(f"{source} record {i} has no string field {field!r}. "
+                              f"Fix: write objects like {{\"{field}\": \"...\"}}.")
+        parts.append(value)
+    return "\n\n".join(parts)
+
+
 def parse_jsonl(text: str, source: str, field: str = "text") -> str:
     """Join the `field` of every JSON line; malformed lines are reported with their number."""
     parts = []
@@ -81,7 +111,7 @@ def parse_jsonl(text: str, source: str, field: str = "text") -> str:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = parse_json(line)
         except json.JSONDecodeError as exc:
             raise MiPrunError(f"{source} line {lineno} is not JSON ({exc.msg}). Fix: one JSON object per line.") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
@@ -108,7 +138,26 @@ def _read_file(path: Path) -> str:
     text = decode_bytes(raw, str(path))
     if path.suffix.lower() == ".jsonl":
         text = parse_jsonl(text, str(path))
+    elif path.suffix.lower() == ".json":
+        text = parse_json_records(text, str(path))
     return text
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")  # what a folder source reads
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The text files below `folder`, sorted by path. A subfolder that cannot be listed is refused
+    (`MiPrunError` naming it), never skipped: half a folder recorded as the whole would be a
+    different calibration set under the same name."""
+    def refuse(exc: OSError) -> None:
+        raise MiPrunError(f"cannot read {exc.filename or folder}: {exc.strerror or exc}. Fix: make it "
+                          f"readable (chmod u+rx) or move it out of {folder}.") from exc
+
+    files = []
+    for root, _dirs, names in os.walk(folder, onerror=refuse):
+        files += [Path(root) / n for n in names if Path(n).suffix.lower() in TEXT_SUFFIXES]
+    return sorted(p for p in files if p.is_file())
 
 
 def data_dir() -> Path | None:
@@ -154,18 +203,22 @@ def load_text(source: str, purpose: str = "calibration") -> Text:
         return _make(source[len("text:"):], "text:<string>")
     if source == "builtin":
         return _make(builtin_text(), "builtin:pydoc_data")
+    if source == "wikitext2":
+        source = "wikitext2-valid-nounk" if purpose == "calibration" else "wikitext2-test"
     if source == "wikitext2-valid-nounk":
         # The validation split with its `<unk>` placeholders dropped: closer to the raw text the
-        # test split is evaluated on (the raw validation split needs `datasets`, online). Measured:
-        # NLL on it ranks pruned models in the test split's order, NLL on the release with <unk>
-        # does not (benchmarks/RESULTS.md, "Verified search").
+        # test split is evaluated on, and the same offline and through `datasets`. Measured: NLL on
+        # it ranks pruned models in the test split's order, NLL on the release with <unk> does not
+        # (benchmarks/RESULTS.md, "Verified search").
         return _make(wikitext2("valid").replace(UNK, ""), "wikitext2-valid-nounk")
-    if source in ("wikitext2", "wikitext2-valid", "wikitext2-test"):
-        split = source.split("-")[1] if "-" in source else ("valid" if purpose == "calibration" else "test")
-        return _make(wikitext2(split), f"wikitext2-{split}")
+    if source in ("wikitext2-tokenised", "wikitext2-valid"):  # the release as it is, with <unk>
+        return _make(wikitext2("valid"), source)
+    if source == "wikitext2-test":
+        return _make(wikitext2("test"), "wikitext2-test")
+    check_path_length(source, "text source")
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md", ".jsonl"))
+        files = folder_files(path)
         if not files:
             raise MiPrunError(f"folder {path} holds no .txt, .md or .jsonl files. Fix: put text files in it.")
         return _make("\n\n".join(_read_file(p) for p in files), f"folder:{path}")
@@ -204,10 +257,70 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+# A tokenizer call holds about 200 bytes per character of its input (offsets, token strings,
+# Python ints): 22 MB of text took 4.5 GB. Texts up to WHOLE_TOKENIZE_CHARS are tokenised in one
+# call, as every result so far was; longer ones piece by piece (`text_pieces`), so the peak is the
+# text, its ids and one piece's overhead (measured in docs/RELIABILITY.md).
+WHOLE_TOKENIZE_CHARS = 2 * 2**20
+TOKENIZE_PIECE_CHARS = 2**20
+
+
+def text_pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """Consecutive pieces of `text` of at most `size` characters (default `TOKENIZE_PIECE_CHARS`)
+    that join to `text`, each cut just before a newline (else before a space) so that no word is
+    split between two pieces."""
+    size = TOKENIZE_PIECE_CHARS if size is None else size
+    start, n = 0, len(text)
+    while start < n:
+        end = min(n, start + size)
+        if end < n:
+            cut = text.rfind("\n", start + 1, end)
+            if cut <= start:
+                cut = text.rfind(" ", start + 1, end)
+            if cut > start:
+                end = cut
+        yield text[start:end]
+        start = end
+
+
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """The text as one stream of token ids, without special tokens: (n_tokens,) long."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False).input_ids
-    return torch.tensor(ids, dtype=torch.long)
+    """The text as one stream of token ids, without special tokens: (n_tokens,) long. A text over
+    `WHOLE_TOKENIZE_CHARS` is tokenised in `text_pieces` (bounded memory per call)."""
+    def ids_of(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, return_attention_mask=False, verbose=False).input_ids
+
+    if len(text) <= WHOLE_TOKENIZE_CHARS:
+        return torch.tensor(ids_of(text), dtype=torch.long)
+    parts: list[torch.Tensor | None] = [torch.tensor(ids_of(p), dtype=torch.int32) for p in text_pieces(text)]
+    out = torch.empty(sum(int(p.numel()) for p in parts if p is not None), dtype=torch.long)
+    pos = 0
+    for i, part in enumerate(parts):  # copied into place one by one: never two full copies at once
+        assert part is not None
+        out[pos:pos + part.numel()] = part
+        pos += int(part.numel())
+        parts[i] = None
+    return out
+
+
+def as_tokenizer(tokenizer: Any, what: str = "tokenizer") -> Any:
+    """A tokenizer: itself, or the tokenizer of a `LoadedModel`; `MiPrunError` for None, a str or
+    a model given in its place."""
+    if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "model"):  # a LoadedModel
+        return tokenizer.tokenizer
+    if tokenizer is None or isinstance(tokenizer, (str, bytes, torch.nn.Module)) or not callable(tokenizer):
+        raise MiPrunError(f"{what} must be a tokenizer, got {type(tokenizer).__name__}. Fix: pass the "
+                          "tokenizer of mi_prun.load_model(spec) (its .tokenizer) or the LoadedModel itself.")
+    return tokenizer
+
+
+def as_text(text: Any) -> Text:
+    """A `Text`: itself, or a str wrapped as inline text; `MiPrunError` for anything else."""
+    if isinstance(text, Text):
+        return text
+    if isinstance(text, str):
+        return _make(text, "text:<string>")
+    raise MiPrunError(f"text must be a mi_prun.data.Text or a str, got {type(text).__name__}. Fix: pass "
+                      "mi_prun.load_text(source).")
 
 
 def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int, seed: int = 0,
@@ -221,6 +334,7 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
         raise MiPrunError(f"number of samples must be a positive integer, got {n_samples!r}.")
     if not isinstance(seq_len, int) or seq_len < 2:
         raise MiPrunError(f"tokens per sample must be an integer >= 2, got {seq_len!r}.")
+    tokenizer, text = as_tokenizer(tokenizer), as_text(text)
     use_bos = adds_bos(tokenizer) if add_bos is None else add_bos
     body = seq_len - 1 if use_bos else seq_len
     stream = tokenize(tokenizer, text.text)

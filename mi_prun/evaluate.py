@@ -20,6 +20,7 @@ from torch import nn
 from mi_prun.config import EvalConfig, as_int
 from mi_prun.data import adds_bos, load_text, tokenize
 from mi_prun.errors import MiPrunError
+from mi_prun.models.accept import as_module, as_tokenizer, check_token_ids
 from mi_prun.models.blocks import context_length, input_device
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import BlockRunner, is_streamed, nll_sums
@@ -78,7 +79,8 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
     The log-softmax runs in float32 (bf16 logits lose the small probabilities that dominate NLL).
     `progress(stage, fraction, message)` is called after every batch.
     """
-    ids = torch.as_tensor(input_ids)
+    model = as_module(model)
+    ids = check_token_ids(input_ids, model)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise MiPrunError(f"input_ids must be (batch, length >= 2); got {tuple(ids.shape)}.")
     mask = None if attention_mask is None else torch.as_tensor(attention_mask)
@@ -157,6 +159,7 @@ def perplexity(
     Raises MiPrunError when the text is too short for one window (saying how many tokens are
     needed and found) or `seq_len` exceeds the model's context.
     """
+    model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
     seq_len = as_int(seq_len, "seq_len (one token of context, one predicted)", minimum=2)
     batch_size = as_int(batch_size, "batch_size", minimum=1)
     if max_windows is not None:
@@ -170,7 +173,7 @@ def perplexity(
     t0 = time.perf_counter()
     bos = _uses_bos(tokenizer, add_bos)
     # verbose=False: a whole corpus is longer than model_max_length on purpose; it is windowed.
-    ids = tokenize(tokenizer, text).tolist()
+    ids = tokenize(tokenizer, text)  # (N,) tensor: a list of N Python ints costs ~9x its memory
     per_window = seq_len - 1 if bos else seq_len
     n_windows = len(ids) // per_window
     if n_windows == 0:
@@ -179,7 +182,7 @@ def perplexity(
                           "Fix: give more text or a smaller seq_len.")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    tokens = torch.tensor(ids[: n_windows * per_window], dtype=torch.long).view(n_windows, per_window)
+    tokens = ids[: n_windows * per_window].to(torch.long).reshape(n_windows, per_window)
     if bos:
         bos_col = torch.full((n_windows, 1), int(tokenizer.bos_token_id), dtype=torch.long)
         tokens = torch.cat([bos_col, tokens], dim=1)
@@ -208,13 +211,18 @@ def evaluate(model: nn.Module, tokenizer: Any, config: Any = None, *,
     if not isinstance(cfg, EvalConfig):
         raise MiPrunError(f"config must be an EvalConfig, got {type(cfg).__name__}.")
     text = load_text(cfg.data, purpose="evaluation")
+    model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
     res = perplexity(model, tokenizer, text.text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,
                      batch_size=cfg.batch_size, progress=progress)
     return replace(res, source=text.source, peak_memory=peak_memory())
 
 
 def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
-    """The greedy continuation of `prompt` (new text only), with a KV cache."""
+    """The greedy continuation of `prompt` (new text only), with a KV cache. `model` may be a
+    `LoadedModel` (then `tokenizer` may be None)."""
+    model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
+    if not isinstance(prompt, str):
+        raise MiPrunError(f"prompt must be a str, got {type(prompt).__name__}.")
     if is_streamed(model):
         raise MiPrunError("a generation sample needs the model in memory, and this one is offloaded (its "
                           "blocks stream from disk or the CPU). Fix: drop --sample, or load without --offload.")

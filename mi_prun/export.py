@@ -30,6 +30,7 @@ from torch import nn
 from mi_prun.config import ExportConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
+from mi_prun.models.accept import as_module, is_loaded
 from mi_prun.heal import healing_of
 from mi_prun.models.blocks import find_blocks, num_layers_of
 from mi_prun.models.memory import peak_memory
@@ -232,6 +233,9 @@ def export(
     cfg = config if config is not None else ExportConfig()
     if not isinstance(cfg, ExportConfig):
         raise MiPrunError(f"config must be an ExportConfig, got {type(cfg).__name__}.")
+    if tokenizer is None and is_loaded(pruned):
+        tokenizer = pruned.tokenizer
+    pruned = as_module(pruned, "the pruned model")
     if overwrite is not None:
         cfg = replace(cfg, overwrite=overwrite)
     inputs = [*inputs, getattr(loaded, "source", None) if loaded is not None else None]

@@ -62,6 +62,32 @@ EXPORT = OutputKind("export", "mi_prun.json", "mi-prun-pruned-model",
 
 # ---------------------------------------------------------------------------------------- JSON
 
+MAX_JSON_DEPTH = 64  # mi-prun's own files nest under 10 levels; deeper is damage, not data
+
+
+def parse_json(text: str | bytes) -> Any:
+    """`json.loads`, but nesting deeper than `MAX_JSON_DEPTH` (which would be a RecursionError in
+    the decoder or in whatever walks the result) is a `json.JSONDecodeError` like any other
+    malformed JSON, so every reader's one-line message for a damaged file covers it. The one JSON
+    reader of mi-prun's files and inputs."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        obj = None
+    else:
+        stack = [(obj, 1)]
+        while stack:
+            value, depth = stack.pop()
+            if isinstance(value, (dict, list)):
+                if depth > MAX_JSON_DEPTH:
+                    break
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+        else:
+            return obj
+    doc = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", doc[:1], 0)
+
+
 def jsonable(obj: Any) -> Any:
     """Plain JSON types from numpy scalars and arrays, tuples, paths, sets, dtypes, objects with
     `to_dict()` and nested containers. Non-finite floats become None (JSON has no NaN)."""
@@ -131,9 +157,45 @@ def _foreign_files(folder: Path, kind: OutputKind, marker: dict[str, Any]) -> li
     return foreign
 
 
+def check_path_length(path: str | os.PathLike, what: str) -> None:
+    """Refuse a path the file system cannot hold (a name over NAME_MAX, the whole over PATH_MAX)
+    before any call fails on it with ENAMETOOLONG: one line, the fix named."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return
+    try:
+        name_max = os.pathconf("/", "PC_NAME_MAX")
+        path_max = os.pathconf("/", "PC_PATH_MAX")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        name_max, path_max = 255, 4096
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in text.split(os.sep)), default=0)
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if longest > name_max or size >= path_max:
+        shown = text if len(text) <= 60 else text[:40] + "..." + text[-12:]
+        too = (f"has a name of {longest} bytes; the file system allows {name_max}" if longest > name_max
+               else f"is {size} bytes long; the file system allows {path_max - 1}")
+        raise MiPrunError(f"{what} {shown} {too}. Fix: use a shorter path.")
+
+
 def check_output(out: str | os.PathLike, kind: OutputKind, overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Validate an output folder before any work; return its absolute path.
+    """Validate an output folder before any work; return its absolute path. The checks run under
+    the lock that `write_folder`'s last step takes, so a writer replacing the folder meanwhile is
+    never seen half-done (`_check_output` has the checks themselves)."""
+    if isinstance(out, (str, os.PathLike)) and os.fspath(out).strip():
+        check_path_length(out, "the output folder")
+        probe = Path(os.path.abspath(Path(os.fspath(out)).expanduser())).parent
+        while not probe.is_dir() and probe != probe.parent:
+            probe = probe.parent
+        if os.access(probe, os.R_OK):
+            with _parent_lock(probe):
+                return _check_output(out, kind, overwrite, inputs)
+    return _check_output(out, kind, overwrite, inputs)
+
+
+def _check_output(out: str | os.PathLike, kind: OutputKind, overwrite: bool = False,
+                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """The checks of `check_output`, without the lock.
 
     Refused with `MiPrunError` (one line, with the fix): a path that is a file; a non-empty folder
     without `overwrite`; with `overwrite`, a folder that is not an earlier mi-prun output of this
@@ -254,7 +316,7 @@ def write_folder(out: str | os.PathLike, kind: OutputKind, fill: Callable[[Path]
         except OSError as exc:
             raise write_error(target, exc, kind.what) from exc
         with _parent_lock(parent):
-            check_output(target, kind, overwrite, inputs)  # the folder may have changed meanwhile
+            _check_output(target, kind, overwrite, inputs)  # the folder may have changed meanwhile
             try:
                 if target.is_dir() and any(target.iterdir()):
                     old = parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
@@ -318,5 +380,5 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
-__all__ = ["ANALYSIS", "EXPORT", "OutputKind", "check_output", "dump_json", "folder_files", "fsync_tree",
-           "jsonable", "read_marker", "write_error", "write_file", "write_folder"]
+__all__ = ["ANALYSIS", "EXPORT", "OutputKind", "check_output", "check_path_length", "dump_json", "folder_files",
+           "fsync_tree", "jsonable", "parse_json", "read_marker", "write_error", "write_file", "write_folder"]

@@ -14,9 +14,10 @@ import torch
 from mi_prun.capture import Capture, capture
 from mi_prun.config import AnalysisConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
-from mi_prun.errors import MiPrunError
 from mi_prun.estimators import get_estimator
-from mi_prun.models import LoadedModel, context_length
+from mi_prun.models import LoadedModel
+from mi_prun.models.accept import as_loaded
+from mi_prun.models.blocks import check_context as check_model_context
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import stream_of
 from mi_prun.progress import Progress
@@ -34,11 +35,8 @@ def check_analysis_config(cfg: AnalysisConfig) -> AnalysisConfig:
 
 
 def check_context(loaded: LoadedModel, seq_len: int) -> None:
-    """Refuse sequences longer than the model's context window."""
-    limit = context_length(loaded.model.config)
-    if isinstance(limit, int) and seq_len > limit:
-        raise MiPrunError(f"{seq_len} tokens per sample exceed the context of {loaded.spec} ({limit} tokens). "
-                          f"Fix: use at most {limit}.")
+    """Refuse sequences longer than the model's context window (`models.blocks.check_context`)."""
+    check_model_context(loaded, seq_len, "tokens per sample")
 
 
 def prepare_calibration(loaded: LoadedModel, cfg: AnalysisConfig) -> Calibration:
@@ -91,6 +89,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
 
     `timings` holds seconds per stage; "total" covers tokenising, capture and scoring, and the
     model's load time is reported apart as "load_model"."""
+    loaded = as_loaded(loaded, "analyze")
     cfg = check_analysis_config(cfg or AnalysisConfig())
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)

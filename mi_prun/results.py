@@ -11,7 +11,6 @@ exclusive, never replacing anything but an earlier analysis). Loading validates 
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import os
 import platform
 from dataclasses import dataclass, field, fields
@@ -21,7 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mi_prun.errors import MiPrunError
-from mi_prun.files import ANALYSIS, dump_json, write_folder
+from mi_prun.files import ANALYSIS, check_path_length, dump_json, parse_json, write_folder
 from mi_prun.models.identity import check_same_model
 
 FORMAT = ANALYSIS.format
@@ -124,13 +123,14 @@ class Analysis:
         """Reload a saved analysis; a corrupt, damaged or incompatible folder gets `MiPrunError`."""
         if not isinstance(folder, (str, os.PathLike)):
             raise MiPrunError(f"an analysis folder must be a path, got {type(folder).__name__}.")
+        check_path_length(folder, "analysis folder")
         src = Path(folder)
         meta_path, arr_path = src / "analysis.json", src / "arrays.npz"
         if not meta_path.is_file() or not arr_path.is_file():
             raise MiPrunError(f"{src} is not a saved analysis (analysis.json and arrays.npz expected). "
                               "Fix: give a folder written by `mi-prun analyze --out`.")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = parse_json(meta_path.read_text(encoding="utf-8"))
         except PermissionError as exc:
             raise MiPrunError(f"cannot read {meta_path}: permission denied. Fix: check the file's "
                               "permissions (chmod u+r).") from exc
@@ -139,7 +139,11 @@ class Analysis:
                               "analysis again.") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise MiPrunError(f"{src} is not a mi-prun analysis. Fix: run the analysis again.")
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise MiPrunError(f"{meta_path}: format_version must be a whole number, got {version!r}; the "
+                              "analysis is damaged or was edited. Fix: run the analysis again.")
+        if version != FORMAT_VERSION:
             raise MiPrunError(
                 f"{src} was saved in analysis format {meta.get('format_version')}; this mi-prun reads "
                 f"format {FORMAT_VERSION}. Fix: run the analysis again with this version.")

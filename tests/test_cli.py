@@ -136,3 +136,19 @@ def test_prune_reports_verification_progress_with_passes_left_and_time_left(tmp_
     assert main(["prune", *TINY, "--n", "2", "--verify-tokens", "32", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "left in the budget" in err and ("s left" in err or "almost done" in err)
+
+
+def test_prune_runs_every_registered_method(analysis_dir, tmp_path, capsys):
+    """Every method `--method` offers exports a loadable model through `prune` (sleb used to fail
+    always: the CLI passed the attention mask as sleb_select's `n`)."""
+    from mi_prun.select import SELECTORS
+
+    for method in sorted(SELECTORS):
+        out = tmp_path / method
+        rc = main(["--quiet", "prune", "--model", "tiny-llama", "--analysis", str(analysis_dir),
+                   "--method", method, "--n", "2", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 0, (method, err)
+        meta = json.loads((out / "mi_prun.json").read_text())
+        assert meta["method"] == method and len(meta["removed"]) == 2, (method, meta)
+        assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4

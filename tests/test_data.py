@@ -45,7 +45,8 @@ def test_file_jsonl_folder_and_string_sources(tmp_path, tok):
 def test_wikitext_from_local_folder(data_dir):
     valid = load_text("wikitext2", purpose="calibration")
     test = load_text("wikitext2", purpose="evaluation")
-    assert valid.source == "wikitext2-valid" and test.source == "wikitext2-test"
+    assert valid.source == "wikitext2-valid-nounk" and test.source == "wikitext2-test"
+    assert "<unk>" not in valid.text  # calibration text without the tokenised release's placeholders
     assert test.sha256.startswith("4f3e427e")
 
 
@@ -94,3 +95,22 @@ def test_wikitext2_valid_without_unk_placeholders(tmp_path, monkeypatch):
     assert text.source == "wikitext2-valid-nounk" and "<unk>" not in text.text
     assert text.text.startswith(" The lobster is a species .")
     assert calibration_spec({"source": text.source}) == "wikitext2-valid-nounk"  # verification reloads it
+
+
+def test_wikitext2_means_the_text_without_placeholders(tmp_path, monkeypatch):
+    """`wikitext2` calibrates on the validation split without `<unk>` (the text that ranks pruned
+    models like the test split); the release as it is keeps an explicit name, and its old name
+    `wikitext2-valid` still means it, so earlier commands and analyses reload the same text."""
+    from mi_prun.data import calibration_spec, calibration_text, load_text
+
+    (tmp_path / "wikitext2-valid.tokens").write_text(" The <unk> lobster is a <unk> species . \n" * 3)
+    monkeypatch.setenv("MI_PRUN_DATA_DIR", str(tmp_path))
+    default = load_text("wikitext2", purpose="calibration")
+    assert default == load_text("wikitext2-valid-nounk") and "<unk>" not in default.text
+    released = load_text("wikitext2-tokenised")
+    assert released.source == "wikitext2-tokenised" and released.text.count("<unk>") == 6
+    old = load_text("wikitext2-valid")
+    assert old.text == released.text and old.source == "wikitext2-valid"
+    for text in (default, released, old):  # verification and healing reload each from its record
+        record = {"source": text.source, "sha256": text.sha256}
+        assert calibration_spec(record) == text.source and calibration_text(record) == text

@@ -7,11 +7,15 @@ with status 2; `--debug` shows the traceback. Blocks are numbered from 0 in all 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from typing import Iterator
 
 from transformers.utils import logging as hf_logging
 
@@ -33,8 +37,31 @@ def _quiet_libraries(debug: bool) -> None:
         hf_logging.set_verbosity_error()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's time limit), raised like Ctrl-C so that every cleanup
+    that runs on an interrupt (temporary folders, hooks) runs on it too."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the command runs (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 a user error, 1 a bug, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 2 a user error, 1 a bug, 130 interrupted, 143
+    terminated by SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -43,14 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     _quiet_libraries(args.debug)
     try:
-        status = COMMANDS[args.command](args)
-        sys.stdout.flush()  # a full disk shows here, inside the handlers below
+        with _sigterm_raises():
+            status = COMMANDS[args.command](args)
+            sys.stdout.flush()  # a full disk shows here, inside the handlers below
         return status
     except MiPrunError as exc:
         if args.debug:
             raise
         print(f"mi-prun: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("mi-prun: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("mi-prun: interrupted", file=sys.stderr)
         return 130
@@ -58,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG and not args.debug:  # a path no check above caught
+            print(f"mi-prun: error: a path is too long for the file system ({exc.filename}). Fix: use "
+                  "a shorter path.", file=sys.stderr)
+            return 2
         if args.debug or exc.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
             if args.debug:
                 raise

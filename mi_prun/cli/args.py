@@ -8,6 +8,7 @@ import json
 from mi_prun import __version__
 from mi_prun.cli.output import BLOCK_NOTE
 from mi_prun.config import AnalysisConfig, EvalConfig, ExecutionConfig, HealConfig, SelectConfig
+from mi_prun.files import parse_json
 from mi_prun.models.zoo import DEFAULT_MODEL
 from mi_prun.select import SELECTORS, run_cost_descriptions
 
@@ -67,7 +68,7 @@ class Parser(argparse.ArgumentParser):
 
 def json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
+        value = parse_json(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc.msg}") from exc
     if not isinstance(value, dict):
@@ -175,7 +176,10 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
     d = AnalysisConfig()
     g = p.add_argument_group("analysis (capture and MI)")
-    g.add_argument("--calib", default=d.calib, help="builtin | wikitext2 | file.txt | file.jsonl | folder | text:<string>")
+    g.add_argument("--calib", default=d.calib,
+                   help="builtin | wikitext2 (its validation split without <unk> placeholders; the release "
+                        "with them is wikitext2-tokenised) | file.txt | file.jsonl | file.json (an array of "
+                        "{\"text\": ...}) | folder | text:<string>")
     g.add_argument("--samples", type=positive_int, default=d.n_samples, help="calibration samples N")
     g.add_argument("--tokens", type=positive_int, default=d.seq_len, help="tokens per sample T")
     g.add_argument("--positions", type=positive_int, default=d.max_positions, help="token positions kept per layer (m)")

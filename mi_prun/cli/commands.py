@@ -18,7 +18,8 @@ from mi_prun.heal import check_healable, heal, heal_calibration
 from mi_prun.models import load_model, prune
 from mi_prun.pipeline import analyze, check_analysis_config, prepare_calibration
 from mi_prun.results import Analysis
-from mi_prun.select import Selection, compare, resolve_n, select, sleb_select
+from mi_prun.select import Selection, compare, get_selector, resolve_n, select, sleb_select
+from mi_prun.select.registry import VERIFIABLE
 
 
 def _load(args) -> Any:
@@ -74,6 +75,31 @@ def _refuse_flags(args, dests: set[str], why: str) -> None:
                           f"{'it' if len(flags) == 1 else 'them'}.")
 
 
+VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens"}
+
+
+def _refuse_ignored_select_flags(args, cfg) -> None:
+    """No flag of `select` (or `prune`) may be given and then silently not used
+    (`--verify-passes 0`, which asks for no verification, is never refused)."""
+    verify = VERIFY_DESTS if cfg.verifies else VERIFY_DESTS - {"verify_passes"}
+    if getattr(args, "compare", False):
+        _refuse_flags(args, {"model", "device", "dtype", "method"} | verify,
+                      "--compare runs every one-pass method on the analysis, without the model")
+    if getattr(args, "model", "") is None:  # select without --model
+        _refuse_flags(args, {"device", "dtype"}, "no --model is given")
+        _refuse_flags(args, verify, "verification runs the model, and no --model is given (add --model "
+                      "to verify)")
+    if cfg.method not in VERIFIABLE:
+        needs_model = get_selector(cfg.method).needs_model
+        # sleb and mi-guided search on the verification tokens themselves (prune's sleb: on calibration tokens)
+        unused = verify if not needs_model or (args.command == "prune" and cfg.method == "sleb") \
+            else verify & {"verify_passes"}
+        _refuse_flags(args, unused, f"method {cfg.method} is not verified (only {', '.join(VERIFIABLE)} are)")
+        if args.command == "select" and not needs_model:
+            _refuse_flags(args, {"model", "device", "dtype"}, f"method {cfg.method} needs no model (only the "
+                          f"verified methods {', '.join(VERIFIABLE)} run it)")
+
+
 def cmd_analyze(args) -> int:
     analysis_config(args)  # bad settings fail before anything else
     if args.out:
@@ -105,6 +131,7 @@ def cmd_select(args) -> int:
     cfg = select_config(args)
     if args.out and args.compare:
         raise MiPrunError("--out writes one selection; --compare prints several. Fix: drop one of them.")
+    _refuse_ignored_select_flags(args, cfg)
     analysis = Analysis.load(args.analysis)
     if args.compare:
         n = resolve_n(analysis.n_blocks, **cfg.count, protect_ends=cfg.protect_ends)
@@ -134,6 +161,8 @@ def cmd_prune(args) -> int:
         _refuse_flags(args, SELECT_DESTS, "--selection already says which blocks to remove")
     export_cfg = ExportConfig(overwrite=args.overwrite, force=args.force)
     sel_cfg = None if args.selection else select_config(args)
+    if sel_cfg is not None:
+        _refuse_ignored_select_flags(args, sel_cfg)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
     if args.sample and args.offload is True:
@@ -158,7 +187,7 @@ def cmd_prune(args) -> int:
         if sel_cfg.method == "sleb":
             calib = prepare_calibration(loaded, acfg or analysis_config(args))
             sel = sleb_select(loaded.model, calib.input_ids, attention_mask=calib.attention_mask, config=sel_cfg,
-                              analysis=analysis, progress=progress)
+                              analysis=analysis, progress=progress, force=export_cfg.force)
         else:
             tokens = None
             if acfg is not None and sel_cfg.verifies:

@@ -31,7 +31,8 @@ from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
-from mi_prun.models.blocks import context_length, find_blocks, input_device
+from mi_prun.models.accept import as_module, check_token_ids
+from mi_prun.models.blocks import check_context, find_blocks, input_device
 from mi_prun.models.hooks import hidden_of, output_hooks, run_until_stop
 from mi_prun.models.stream import (
     BlockRunner,
@@ -176,10 +177,7 @@ def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
 def heal_calibration(loaded: Any, config: HealConfig | None = None) -> Calibration:
     """The calibration tokens of `config` for `loaded`'s tokenizer (a `LoadedModel`)."""
     cfg = config or HealConfig()
-    limit = context_length(loaded.model.config)
-    if isinstance(limit, int) and cfg.seq_len > limit:
-        raise MiPrunError(f"{cfg.seq_len} healing tokens per sample exceed the context of {loaded.spec} "
-                          f"({limit} tokens). Fix: use at most {limit}.")
+    check_context(loaded, cfg.seq_len, "healing tokens per sample")
     text = load_text(cfg.calib, purpose="calibration")
     return calibration_tokens(loaded.tokenizer, text, cfg.n_samples, cfg.seq_len, seed=cfg.seed)
 
@@ -211,6 +209,11 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     cfg = config or HealConfig()
     if not isinstance(cfg, HealConfig):
         raise MiPrunError(f"config must be a HealConfig, got {type(cfg).__name__}.")
+    model = as_module(model)
+    if not hasattr(calib, "input_ids"):
+        raise MiPrunError(f"calib must be calibration tokens, got {type(calib).__name__}. Fix: pass "
+                          "mi_prun.heal.heal_calibration(loaded, config) or mi_prun.data.calibration_tokens(...).")
+    check_token_ids(calib.input_ids, model, "calib.input_ids")
     if prune_info(model) is not None:
         raise MiPrunError("heal the original model, not a pruned one: healing needs the removed blocks' "
                           "outputs as targets. Fix: pass the unpruned model and all blocks to remove.")

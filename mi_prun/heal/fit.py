@@ -11,9 +11,13 @@ held-out set scores candidate lambdas without another forward pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from mi_prun.config import MAX_RIDGE
+from mi_prun.errors import MiPrunError
 
 
 class BridgeStats:
@@ -74,7 +78,19 @@ class Bridge:
 
 def solve(stats: BridgeStats, ridge: float, intercept: bool) -> Bridge:
     """The ridge least-squares bridge of `stats`; lambda = ridge x mean diagonal of the Gram matrix
-    (centred when there is an intercept, and the intercept is not penalised)."""
+    (centred when there is an intercept, and the intercept is not penalised).
+
+    Without a ridge the fit must be determined: a full bridge needs at least d + 1 rows (d with no
+    intercept), a diagonal one 2 (1); fewer rows fit the calibration tokens exactly and heal to a
+    worse model (issue 23 reported 607 against 558 held-out perplexity), so they are refused with
+    the fix named."""
+    d = int(stats.sm.shape[0])
+    need = (1 if stats.diagonal else d) + int(intercept)
+    if float(ridge) == 0.0 and stats.n < need:
+        raise MiPrunError(f"a bridge without ridge needs at least {need} calibration rows (tokens) for its "
+                          f"{need} unknowns per channel, but has {stats.n}: the fit would be under-determined. "
+                          "Fix: more or longer healing samples (--heal-samples), or a ridge above 0 "
+                          "(--heal-ridge, or leave it unset to choose one).")
     n = max(stats.n, 1)
     mu_m, mu_r = stats.sm / n, stats.sr / n
     A, B = stats.mm, stats.mr
@@ -85,6 +101,9 @@ def solve(stats: BridgeStats, ridge: float, intercept: bool) -> Bridge:
             A, B = A - n * torch.outer(mu_m, mu_m), B - n * torch.outer(mu_m, mu_r)
     diag = A if stats.diagonal else torch.diagonal(A)
     lam = float(ridge) * float(diag.mean().clamp_min(0.0))
+    if not math.isfinite(lam):
+        raise MiPrunError(f"ridge {ridge:g} times the Gram matrix's mean diagonal overflows. Fix: a relative "
+                          f"ridge of at most {MAX_RIDGE:g} (--heal-ridge).")
     if stats.diagonal:
         T = torch.where(A + lam > 0, B / (A + lam).clamp_min(torch.finfo(torch.float64).tiny),
                         torch.ones_like(A))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
+from mi_prun.models.accept import as_module
 from mi_prun.models.families import BLOCK_PATHS
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,19 @@ def context_length(config: Any) -> int | None:
     return None
 
 
+def check_context(model: Any, seq_len: int, what: str = "tokens per sample", name: str | None = None) -> None:
+    """Refuse (`MiPrunError`) sequences of `seq_len` tokens longer than the context of `model` (a
+    module or a `LoadedModel`): the one check of analysis, healing and verification tokens, run
+    before any text is read or any forward pass (past the context, GPT-2's position embedding is
+    an IndexError and Llama's rotary positions extrapolate silently)."""
+    spec = getattr(model, "spec", None)
+    module = model if hasattr(model, "config") else getattr(model, "model", model)  # a module or a LoadedModel
+    limit = context_length(getattr(module, "config", None))
+    if isinstance(limit, int) and seq_len > limit:
+        raise MiPrunError(f"{seq_len} {what} exceed the context of {name or spec or type(module).__name__} "
+                          f"({limit} tokens). Fix: use at most {limit}.")
+
+
 def _blocks_at(model: nn.Module, path: str) -> Blocks:
     parent_path, _, attr = path.rpartition(".")
     parent = _get_path(model, parent_path) if parent_path else model
@@ -107,7 +121,9 @@ def find_blocks(model: nn.Module) -> Blocks:
     Looks up `BLOCK_PATHS[config.model_type]` first; otherwise takes the unique `nn.ModuleList`
     whose length equals the config's layer count (`num_hidden_layers`, `n_layer`, ...).
     Raises `MiPrunError` naming the model class and what was looked for when neither works.
+    A `LoadedModel` stands for its model (`accept.as_module`).
     """
+    model = as_module(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     n_layers = num_layers_of(config) if config is not None else None

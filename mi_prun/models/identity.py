@@ -17,6 +17,7 @@ import torch
 
 from mi_prun.errors import MiPrunError
 from mi_prun.files import jsonable
+from mi_prun.models.accept import as_module
 from mi_prun.models.blocks import find_blocks
 from mi_prun.models.stream import real_values
 
@@ -78,19 +79,49 @@ def identity_mismatch(expected: dict[str, Any] | None, model: Any) -> str | None
     return None
 
 
+# What a record made before identities existed (analysis format 1, early selections) still says of
+# its model; each one recorded is compared, so an old file cannot prune another model silently.
+_RECORDED_KEYS = ("architecture", "model_type", "n_blocks", "hidden_size", "n_params", "config_digest")
+
+
+def recorded_mismatch(recorded: Any, model: Any) -> str | None:
+    """Why `model` is not the model `recorded` (an analysis's or selection's `model` record)
+    describes, or None. With an identity this is `identity_mismatch`; without one, every field the
+    record holds of architecture, model type, block count, hidden size, parameter count and config
+    digest is compared. A record that holds none of them cannot be checked (None)."""
+    if not isinstance(recorded, dict):
+        return None
+    ident = recorded.get("identity")
+    if isinstance(ident, dict) and "weight_sample" in ident:
+        return identity_mismatch(ident, model)
+    fields = {**recorded, **(ident if isinstance(ident, dict) else {})}
+    wanted = {k: fields[k] for k in _RECORDED_KEYS if fields.get(k) is not None}
+    if not wanted:
+        return None
+    found = model_identity(model)
+    for key, value in wanted.items():
+        if value != found.get(key):
+            return ("the configs differ" if key == "config_digest"
+                    else f"{key} {value} recorded, {found.get(key)} in the model")
+    return None
+
+
 def check_same_model(recorded: dict[str, Any] | None, n_blocks: int, model: Any, *, force: bool = False,
                      where: str = "the analysis", what: str = "analysis") -> None:
     """Refuse (`MiPrunError`) to apply a result recorded for `recorded` (its `model` dict, with an
-    "identity" where one was recorded) and `n_blocks` blocks to another `model`.
+    "identity" where one was recorded) and `n_blocks` blocks to another `model` (a module or a
+    `LoadedModel`). Without an identity (analyses of format 1 saved before identities existed) the
+    fields the record holds are compared (`recorded_mismatch`).
 
     `force=True` accepts a model with the same block count (for a user who knows the two share a
     structure); a different block count is refused always."""
+    model = as_module(model)
     n = len(find_blocks(model))
     if n != n_blocks:
         raise MiPrunError(f"{where} is for a model of {n_blocks} blocks; this one has {n}. Fix: use the "
                           f"{what} of this model, or run the analysis on it.")
     meta = recorded if isinstance(recorded, dict) else {}
-    why = identity_mismatch(meta.get("identity"), model)
+    why = recorded_mismatch(meta, model)
     if why and not force:
         raise MiPrunError(f"{where} was made on another model ({meta.get('spec')}): {why}. Fix: use the "
                           f"{what} of this model, or pass --force (force=True) if you know the two share "

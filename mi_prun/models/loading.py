@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.errors import MiPrunError
 from mi_prun.config import ExecutionConfig
+from mi_prun.files import check_path_length, parse_json
 from mi_prun.models.blocks import find_blocks, input_device, num_layers_of
 from mi_prun.models.identity import model_identity
 from mi_prun.models.memory import check_memory, check_streamable, fits, weights_bytes
@@ -304,7 +305,53 @@ def _load_config(spec: str, source: str, kwargs: dict, gguf_file: str | None) ->
         raise
 
 
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "spiece.model")
+
+
+def check_weight_index(folder: Path) -> None:
+    """Refuse a sharded checkpoint whose index file is damaged or names a shard that is missing,
+    naming the file (transformers reports these as a KeyError or TypeError about its internals)."""
+    for name in WEIGHT_INDEXES:
+        index = folder / name
+        if not index.is_file():
+            continue
+        fix = "Fix: download or export the model again (the index and every shard it names)."
+        try:
+            data = parse_json(index.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MiPrunError(f"the weight index {index} cannot be read ({type(exc).__name__}). {fix}") from exc
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise MiPrunError(f"the weight index {index} holds no valid 'weight_map' (tensor name -> shard file). {fix}")
+        missing = sorted({v for v in weight_map.values() if not (folder / v).is_file()})
+        if missing:
+            raise MiPrunError(f"the weight index {index} names shard(s) that are not there: "
+                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}. {fix}")
+
+
+def _tokenizer_error(spec: str, source: str, exc: BaseException) -> MiPrunError:
+    """A tokenizer that cannot be loaded, with the files that were there and the fix."""
+    folder = Path(source)
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+    if folder.is_dir():
+        present = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+        if not present:
+            return MiPrunError(f"cannot load the tokenizer of {spec}: {folder} holds no tokenizer file "
+                               f"({', '.join(TOKENIZER_FILES[:3])}, ...). Fix: copy the tokenizer files of the "
+                               "original model into the folder, or export or download it again.")
+        return MiPrunError(f"cannot load the tokenizer of {spec}: {reason} (tokenizer files in {folder}: "
+                           f"{', '.join(present)}; one of them is damaged). Fix: copy the tokenizer "
+                           "files of the original model into the folder, or export or download it again.")
+    return MiPrunError(f"cannot load the tokenizer of {spec}: {reason}. Fix: check the model id, or download "
+                       "the model again.")
+
+
 def _load_weights(spec: str, source: str, config: Any, kwargs: dict) -> nn.Module:
+    if Path(source).is_dir():
+        check_weight_index(Path(source))
     try:
         model, loading_info = AutoModelForCausalLM.from_pretrained(
             source, config=config, output_loading_info=True, **kwargs)
@@ -426,6 +473,7 @@ def load_model(
     spec = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else spec
     if not isinstance(spec, str) or not spec.strip():
         raise MiPrunError(f"model spec must be a name or a path, got {spec!r}.")
+    check_path_length(spec, "model path")
     dev = resolve_device(device)
     if isinstance(device_map, (str, os.PathLike)) and os.fspath(device_map).endswith(".json"):
         device_map = read_device_map(device_map)
@@ -489,8 +537,8 @@ def load_model(
             model = model.to(dev)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
-        except (OSError, ValueError) as exc:
-            raise MiPrunError(f"cannot load the tokenizer of {spec}: {str(exc).splitlines()[0]}") from exc
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # damaged files, all alike
+            raise _tokenizer_error(spec, source, exc) from exc
     model.eval()
     model.requires_grad_(False)
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:

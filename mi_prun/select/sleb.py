@@ -98,13 +98,14 @@ def calibration_nll(model: Any, input_ids: Any, attention_mask: Any | None = Non
 def sleb_select(model: Any, input_ids: Any, n: int | None = None, attention_mask: Any | None = None,
                 batch_size: int = 8, protect_ends: bool | int | float = SelectConfig.protect_ends,
                 progress: Progress | None = None, *, ratio: float | None = None, analysis: Any | None = None,
-                run_cost: str = SelectConfig.run_cost, config: Any = None) -> Selection:
+                run_cost: str = SelectConfig.run_cost, config: Any = None, force: bool = False) -> Selection:
     """SLEB on a real model, scored on the given calibration tokens (`input_ids` (B, T)): the
     registered "sleb" selector with the model's NLL scorer (`mi_prun.select.scorer`).
 
     The model is not changed (blocks are skipped through weight-sharing views). Costs
     sum_{t<n} (L' - t) calibration passes (L' removable blocks). Give `analysis` to also report
-    the MI objective under `run_cost` (and to refuse another model); without it the objective is NaN.
+    the MI objective under `run_cost` (and to refuse another model, unless `force` and it has the
+    same block count); without it the objective is NaN.
     """
     if config is not None:
         if not isinstance(config, SelectConfig):
@@ -123,7 +124,7 @@ def sleb_select(model: Any, input_ids: Any, n: int | None = None, attention_mask
     target = analysis if analysis is not None else _bare_analysis(len(find_blocks(module)))
     scorer = model_scorer(module, analysis, cfg, n_blocks=target.block_mi.shape[0],
                           starts=(), tokens=tokens, batch_size=as_int(batch_size, "batch_size"),
-                          use_prefix=False, progress=progress)
+                          use_prefix=False, progress=progress, force=force)
     sel = run_selector(target, cfg, scorer)
     return sel if analysis is not None else replace(sel, objective=math.nan, provenance={})
 
