@@ -274,6 +274,36 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot accuracy through lm-evaluation-harness (`mi_prun.zeroshot`).
+
+    `tasks`: lm-eval task names (their datasets cached, or reachable), task YAML files, or folders
+    of them, as a sequence or one comma-separated string. `limit`: at most that many items per task
+    (None: all). `num_fewshot`: examples in each prompt (0: zero-shot, the block-pruning papers'
+    protocol). `batch_size`: requests per forward pass."""
+
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    num_fewshot: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        tasks = self.tasks
+        if isinstance(tasks, (str, os.PathLike)):
+            tasks = os.fspath(tasks).split(",")
+        if not isinstance(tasks, (tuple, list)):
+            raise MiPrunError(f"tasks must be task names or YAML paths, got {tasks!r}.")
+        _set(self, "tasks", tuple(t for t in (as_path(t, "task").strip() for t in tasks) if t))
+        if self.limit is not None:
+            _set(self, "limit", as_int(self.limit, "limit (items per task)", minimum=1))
+        _set(self, "num_fewshot", as_int(self.num_fewshot, "num_fewshot", minimum=0))
+        _set(self, "batch_size", as_int(self.batch_size, "batch size", minimum=1))
+
+    def replace(self, **changes: Any) -> "ZeroShotConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """How a pruned model is written. `overwrite` replaces only an earlier mi-prun export (see
     `mi_prun.files`); `force` exports even when the analysis was made on another model with the
@@ -363,11 +393,11 @@ class HealConfig:
 def describe_defaults() -> dict[str, dict[str, Any]]:
     """Every shipped default, by config (for `mi-prun --version`-style reports and the docs)."""
     out = {}
-    for cls in (AnalysisConfig, SelectConfig, EvalConfig, ExportConfig, HealConfig):
+    for cls in (AnalysisConfig, SelectConfig, EvalConfig, ExportConfig, HealConfig, ZeroShotConfig):
         out[cls.__name__] = {f.name: (f.default_factory() if callable(f.default_factory)  # type: ignore[misc]
                                       else f.default) for f in fields(cls)}
     return out
 
 
-__all__ = ["AnalysisConfig", "DPI_TOL", "EvalConfig", "ExportConfig", "HealConfig", "SelectConfig", "as_float",
-           "as_int", "as_path", "check_protect_ends", "describe_defaults"]
+__all__ = ["AnalysisConfig", "DPI_TOL", "EvalConfig", "ExportConfig", "HealConfig", "SelectConfig", "ZeroShotConfig",
+           "as_float", "as_int", "as_path", "check_protect_ends", "describe_defaults"]

@@ -279,10 +279,28 @@ def write_folder(out: str | os.PathLike, kind: OutputKind, fill: Callable[[Path]
     return target
 
 
+def replace_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as strict JSON to the file `path`, atomically: into a hidden temporary sibling,
+    flushed, then renamed over `path` under the parent folder's lock, so a reader sees the old file
+    or the new one, never a part (how an export's `mi_prun.json` gains a later record)."""
+    target = Path(os.path.abspath(Path(os.fspath(path)).expanduser()))
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        dump_json(obj, tmp)
+        with _parent_lock(target.parent):
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise write_error(target, exc, target.name) from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
 def folder_files(folder: Path) -> list[str]:
     """Names of the plain files directly in `folder`, sorted (recorded in markers)."""
     return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
 __all__ = ["ANALYSIS", "EXPORT", "OutputKind", "check_output", "dump_json", "folder_files", "fsync_tree",
-           "jsonable", "read_marker", "write_error", "write_folder"]
+           "jsonable", "read_marker", "replace_json", "write_error", "write_folder"]

@@ -215,7 +215,7 @@ def add_heal_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from mi_prun import __version__
     from mi_prun.cli import commands as c
-    from mi_prun.config import EvalConfig
+    from mi_prun.config import EvalConfig, ZeroShotConfig
 
     parser = Parser(prog="mi-prun", description="Find and remove redundant transformer blocks with "
                                                 f"mutual information. {BLOCK_NOTE}")
@@ -276,5 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=positive_int, default=e.max_windows,
                    help="evaluate only the first windows (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=e.batch_size, help="windows per forward pass")
+    z = ZeroShotConfig()
+    t = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness; needs the [eval] extra)")
+    t.add_argument("--tasks", default=None, metavar="NAMES_OR_YAML",
+                   help="comma-separated lm-eval task names (datasets cached), task YAML files or folders of "
+                        "them, e.g. piqa,my_task.yaml; accuracy beside perplexity, recorded in mi_prun.json "
+                        "when --model is a mi-prun export (default: none)")
+    t.add_argument("--limit", type=positive_int, default=z.limit, help="at most this many items per task "
+                                                                       "(default: all)")
+    t.add_argument("--num-fewshot", type=nonneg_int, default=z.num_fewshot, help="examples per prompt")
     p.set_defaults(func=c.cmd_eval)
     return parser

@@ -209,17 +209,37 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mi_prun.config import EvalConfig
+    from mi_prun.config import EvalConfig, ZeroShotConfig
     from mi_prun.evaluate import evaluate
 
     cfg = EvalConfig(data=args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                      batch_size=args.batch_size)
+    zcfg = None
+    if args.tasks is not None:
+        from mi_prun.zeroshot import build_tasks
+
+        zcfg = ZeroShotConfig(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                              batch_size=args.batch_size)
+        build_tasks(zcfg)  # an unknown task or a bad YAML fails before the (slow) model load
+    else:
+        _refuse_flags(args, {"limit", "num_fewshot"}, "no --tasks given")
     progress = TqdmProgress(not args.quiet)
     loaded = _load(args)
     res = evaluate(loaded.model, loaded.tokenizer, cfg, progress=progress)
     progress.close()
     print(f"perplexity {res.ppl:.3f} on {res.source}: seq_len {res.seq_len}, {res.windows} windows, "
           f"{res.tokens_scored} tokens scored, BOS {'prepended' if res.bos else 'not used'} ({res.protocol})")
+    if zcfg is not None:
+        from mi_prun.zeroshot import is_export, record_zero_shot, zero_shot
+
+        zs = zero_shot(loaded, config=zcfg, progress=progress)
+        progress.close()
+        print(f"zero-shot accuracy (lm-eval {zs.lm_eval_version}, {zs.num_fewshot}-shot"
+              f"{'' if zs.limit is None else f', at most {zs.limit} items per task'}):")
+        print(zs.summary())
+        if is_export(args.model):
+            path = record_zero_shot(args.model, zs)
+            print(f"recorded in {path}")
     return 0
 
 
