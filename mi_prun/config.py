@@ -159,6 +159,11 @@ class SelectConfig:
     default) allows a quarter of what SLEB-style greedy removal spends for the same n and model
     (n L' - n (n - 1) / 2 passes over the L' removable blocks), so the budget grows with the model
     and with n; an int is a fixed budget; 0 gives the one-pass answer.
+
+    `verify_on` chooses what the passes score (`mi_prun.select.task_scorer`): None, the default,
+    the calibration text apart from the capture's samples; a text source (as `calib` takes) for
+    `verify_samples` x `verify_seq_len` tokens of another text; a multiple-choice task YAML (lm-eval's
+    format, the [eval] extra) for its mean choice NLL over `verify_items` items (None: all).
     """
 
     method: str = "fbs"
@@ -171,6 +176,8 @@ class SelectConfig:
     verify_passes: int | str = "auto"
     verify_samples: int = 16  # 16 x 256 tokens: measured by benchmarks/verification_size.py (RESULTS.md)
     verify_seq_len: int = 256
+    verify_on: str | None = None  # None: the calibration text; else a text source or a task YAML (task_scorer)
+    verify_items: int | None = None  # a task's items scored per set (None: all)
 
     DEFAULT_RATIO = 0.25
     AUTO = "auto"
@@ -203,6 +210,11 @@ class SelectConfig:
             _set(self, "verify_passes", self.AUTO)
         _set(self, "verify_samples", as_int(self.verify_samples, "verification samples", minimum=1))
         _set(self, "verify_seq_len", as_int(self.verify_seq_len, "verification tokens per sample", minimum=2))
+        if self.verify_on is not None:
+            spec = as_path(self.verify_on, "verify_on (a text source or a task YAML)").strip()
+            _set(self, "verify_on", spec or None)
+        if self.verify_items is not None:
+            _set(self, "verify_items", as_int(self.verify_items, "verification task items", minimum=1))
         if not isinstance(self.options, Mapping):
             raise MiPrunError(f"options must be a mapping, got {self.options!r}.")
         _set(self, "options", dict(self.options))

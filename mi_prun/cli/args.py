@@ -119,7 +119,7 @@ MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or H
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
 SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes", "verify_samples",
-                "verify_tokens"}
+                "verify_tokens", "verify_on", "verify_items"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -191,6 +191,13 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
                    help="verification samples (drawn from the calibration text, apart from the capture's)")
     g.add_argument("--verify-tokens", type=positive_int, default=d.verify_seq_len, help="tokens per verification sample")
+    g.add_argument("--verify-on", default=d.verify_on, metavar="TEXT_OR_TASK",
+                   help="what the verification passes score: a text source (as --calib takes; "
+                        "--verify-samples x --verify-tokens of it) or a multiple-choice task YAML in lm-eval's "
+                        "format (its mean NLL of the right choice among the choices; needs the [eval] extra) "
+                        "(default: the calibration text, apart from the capture's samples)")
+    g.add_argument("--verify-items", type=positive_int, default=d.verify_items,
+                   help="items of the --verify-on task scored per set (default: all)")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}

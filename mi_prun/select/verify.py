@@ -48,6 +48,7 @@ from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neigh
 from mi_prun.select.costs import set_cost
 from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem
 from mi_prun.select.selection import Selection, make_selection
+from mi_prun.select.task_scorer import verification_source
 
 log = logging.getLogger(__name__)
 
@@ -352,11 +353,17 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
         raise MiPrunError(f"the analysis has {problem.n_blocks} blocks, the model {len(find_blocks(model))}. "
                           "Fix: verify with the model the analysis was made on.")
     cache = cache if cache is not None else NLLCache()
-    ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
-    cache.bind(model, tokens_key(ids, mask))
+    task = None
+    if tokens is None:  # config.verify_on: another text's tokens, or a task's scorer (task_scorer)
+        tokens, task = verification_source(config, model, tokenizer, cache, batch_size)
+    if task is None:
+        ids, mask, tok_prov = resolve_tokens(tokens, tokenizer, analysis, config, cache)
+        cache.bind(model, tokens_key(ids, mask))
+        scorer: Any = PrefixScorer(model, ids, mask, batch_size, problem.allowed, cache)
+    else:
+        scorer, tok_prov = task, task.provenance
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
-    scorer = PrefixScorer(model, ids, mask, batch_size, problem.allowed, cache)
     budget = config.verify_budget(problem.n, len(problem.allowed))
     out = verified_search(problem, cands, scorer.score, budget, progress)
     best, scored, passes = out["best"], out["scored"], out["passes"]
@@ -371,7 +378,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
         time.perf_counter() - t0, forward_passes=passes, span_lookups=one.span_lookups, ratio=one.ratio,
         trajectory=one.trajectory, options={**one.options, "verify_passes": config.verify_passes,
                                            "verify_samples": config.verify_samples,
-                                           "verify_seq_len": config.verify_seq_len},
+                                           "verify_seq_len": config.verify_seq_len,
+                                           **({"verify_on": config.verify_on} if config.verify_on else {})},
         provenance=one.provenance)
     log.info("verified %s: removed %s (NLL %.4f, proposed by %s) after %d of %d sets (%d new passes); "
              "one-pass %s NLL %s", config.method, list(winner), best["nll"], best["proposers"][0], len(scored),
@@ -384,7 +392,9 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig = SelectConf
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
-                       "tokens": tok_prov, "note": PASS_NOTE})
+                       "tokens": tok_prov, "note": PASS_NOTE,
+                       **({"task": task.report(winner, one.removed if one_nll is not None else None)}
+                          if task is not None else {})})
 
 
 __all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_search",
