@@ -15,7 +15,7 @@ import streamlit as st
 from mi_prun.config import ExportConfig, SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.heal import HealRefused
-from mi_prun_app import healing, search, state, tables, viz
+from mi_prun_app import accuracy, healing, search, state, tables, viz
 from mi_prun_app.ui import (COMPARE_METHODS, chart, generate, model_for, n_slider, ppl, ppl_protocol_short,
                             ppl_protocol_text, require_analysis, selection, show_error, table)
 
@@ -136,6 +136,7 @@ with right:
               ppl_protocol_text() + "; healed_ratio = healed / unhealed perplexity (below 1 = recovered).")
     else:
         st.caption("Press a button to compute perplexity.")
+    accuracy.section(analysis, n, {viz.sel_label(m, chosen(m).verified): chosen(m) for m in methods}, points)
 
 st.divider()
 c_gen, c_size = st.columns(2, gap="large")
