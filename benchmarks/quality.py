@@ -54,7 +54,7 @@ from mi_prun.estimators import get_estimator  # noqa: E402
 from mi_prun.evaluate import perplexity  # noqa: E402
 from mi_prun.models import load_model  # noqa: E402
 from mi_prun.pipeline import analysis_from_capture, prepare_calibration, run_capture  # noqa: E402
-from mi_prun.prune import pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
 from mi_prun.results import library_versions  # noqa: E402
 from mi_prun.select import select, sleb_select  # noqa: E402
 

@@ -8,7 +8,7 @@ thin shells over it. Blocks are numbered from 0 everywhere. The public API, in d
 
 Names are imported lazily (`import mi_prun` stays fast; torch loads on first use). Four functions
 share their name with their module and are imported from it: `mi_prun.select.select`,
-`mi_prun.models.prune` (also `mi_prun.prune.prune`), `mi_prun.capture.capture` and
+`mi_prun.models.prune`, `mi_prun.capture.capture` and
 `mi_prun.evaluate.evaluate`.
 """
 
@@ -32,7 +32,7 @@ _API = {
     "analyze": "mi_prun.pipeline",
     "Analysis": "mi_prun.results",
     "compare": "mi_prun.select", "sleb_select": "mi_prun.select", "Selection": "mi_prun.select",
-    "export": "mi_prun.prune",
+    "export": "mi_prun.export",
     "perplexity": "mi_prun.evaluate", "generate_sample": "mi_prun.evaluate",
 }
 

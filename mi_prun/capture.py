@@ -7,28 +7,27 @@ position optionally dropped); the hooks copy only those rows, the same rows in e
 two layers form paired samples and the capture holds (L+1, m, d) floats whatever the calibration
 size. The forward pass stops after the last block (final norm and LM head are skipped).
 
-Hooks are added only through `block_hooks`, a context manager that removes them in `finally`:
-an exception or Ctrl-C leaves the model without hooks. By default they go on a weight-sharing
+Hooks come from `mi_prun.models.hooks.block_hooks`, a context manager that removes them in
+`finally`: an exception or Ctrl-C leaves the model without hooks. By default they go on a weight-sharing
 structural copy, never on the caller's (possibly shared) model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError, NonFiniteError
+from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.models.hooks import block_hooks, run_until_stop
+from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
-from mi_prun.models import find_blocks
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -56,55 +55,6 @@ class Capture:
     def info(self) -> dict:
         return {"positions_kept": self.m, "drop_first": self.drop_first, "capture_seed": self.seed,
                 "tokens_seen": self.tokens_seen, "hidden_size": int(self.hidden.shape[2])}
-
-
-class _StopForward(Exception):
-    """Raised by the last block's hook: nothing after the blocks is needed."""
-
-
-def _hidden_of(output) -> torch.Tensor:
-    # Decoder layers return a tensor (transformers >= 4.56 for most families) or a tuple whose
-    # first element is the hidden state.
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@contextlib.contextmanager
-def block_hooks(model: nn.Module, on_input: Callable[[torch.Tensor], None],
-                on_output: Callable[[int, torch.Tensor], None], stop_after_last: bool = True) -> Iterator[None]:
-    """Hooks on every block: `on_input(h_0)` before block 0, `on_output(b, h_{b+1})` after block b.
-
-    Always removed on exit, whatever happens inside (exceptions, KeyboardInterrupt).
-    """
-    blocks = find_blocks(model).blocks
-    last = len(blocks) - 1
-    handles = []
-
-    def pre_hook(module, args, kwargs):
-        hs = args[0] if args else kwargs.get("hidden_states")
-        if hs is None:
-            raise MiPrunError(f"cannot find the hidden states passed to block 0 of {type(model).__name__}")
-        on_input(hs)
-
-    def make_post(b: int):
-        def post_hook(module, args, output):
-            on_output(b, _hidden_of(output))
-            if stop_after_last and b == last:
-                raise _StopForward
-        return post_hook
-
-    try:
-        handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for b, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(make_post(b)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def count_hooks(model: nn.Module) -> int:
-    """Forward and pre-forward hooks on any module of `model` (tests use it to prove cleanup)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def choose_positions(attention_mask: torch.Tensor, m: int, drop_first: bool, seed: int) -> torch.Tensor:
@@ -151,16 +101,13 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if isolate:
-        from mi_prun.models.surgery import pruned_view
-
         model = pruned_view(model, [])
     n_samples, seq_len = input_ids.shape
     blocks = find_blocks(model).blocks
     n_layers = len(blocks)
     rows = choose_positions(attention_mask, max_positions, drop_first, seed)
     m = rows.shape[0]
-    first_param = next(model.parameters())
-    in_device = first_param.device
+    in_device = input_device(model)
     store: torch.Tensor | None = None  # (L+1, m, d), allocated on the first hook call
     store_device = torch.device(storage_device) if storage_device is not None else None
     # Per batch: which rows of the capture come from this batch, and where they sit in it.
@@ -193,10 +140,7 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
             state.update(dst=dst, local_sample=rows[dst, 0] - start, local_pos=rows[dst, 1])
             ids = input_ids[start:stop].to(in_device)
             mask = attention_mask[start:stop].to(in_device)
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
+            run_until_stop(model, input_ids=ids, attention_mask=mask, use_cache=False)
             tokens_seen += int(mask.sum())
             if progress:
                 progress("capture", (k + 1) / n_batches, f"batch {k + 1}/{n_batches}")

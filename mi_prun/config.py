@@ -19,13 +19,11 @@ Selection (`SelectConfig`):
 - the first and last 10 % of blocks are protected: their removal costs far more perplexity than
   their MI suggests.
 - ratio 0.25 when neither n nor ratio is given.
-- verification (when a model is at hand): at most 16 forward passes on 8 x 256 calibration tokens
-  kept apart from the capture's. Measured on smollm2-135m, n = 8 (calib wikitext2, N 32 x T 256;
-  `python benchmarks/verify_bench.py --budget-curve --budget 20 --n 8`): 14 distinct candidates,
-  so 16 scores all of them plus refinement, about 6.6 s a pass on 2 CPU cores (SLEB would need
-  164 passes); verification NLL ranged 4.63-6.67 (dense 3.49), so scattered or misplaced sets are
-  rejected, but 8 x 256 tokens did not separate the two best sets (0.09 nats apart) in the order
-  of 8 test windows (perplexity 146 for the winner, 141 for the one-pass answer).
+- verification (when a model is at hand): the `auto` budget, a quarter of the forward passes
+  SLEB-style greedy removal spends for the same n (at least 8), on 16 x 256 calibration tokens
+  kept apart from the capture's: the verified suite of benchmarks/RESULTS.md (`python
+  benchmarks/quality.py --suite verified ...`) and its token-count measurement
+  (`python benchmarks/verification_size.py ...`).
 """
 
 from __future__ import annotations
@@ -42,6 +40,19 @@ DPI_TOL: tuple[float, float] = (0.05, 0.05)  # (rtol, atol in nats) for DPI viol
 
 
 # ---------------------------------------------------------------------------------------- checks
+
+def calibration_spec(calibration: Mapping[str, Any]) -> str | None:
+    """The `mi_prun.data.load_text` spec that reloads a calibration text from its provenance (an
+    analysis's `calibration` dict), or None where it cannot be reloaded (text given inline)."""
+    source = str(calibration.get("source") or "")
+    if source.startswith("builtin:"):
+        return "builtin"
+    if source.startswith(("file:", "folder:")):
+        return source.split(":", 1)[1]
+    if source in ("wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-test"):
+        return source
+    return None
+
 
 def as_int(value: Any, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
     """`value` as a Python int (numpy integers accepted; bools, floats and strings refused)."""
@@ -136,9 +147,8 @@ class AnalysisConfig:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise MiPrunError(f"dpi_tol must be a number or (rtol, atol), got {tol!r}.")
         _set(self, "dpi_tol", tuple(as_float(v, "DPI tolerance", low=0.0) for v in pair))
-        from mi_prun.estimators import get_estimator
-
-        get_estimator(self.estimator, **self.estimator_options)  # unknown names and bad options fail here
+        # The estimator's name and options are checked against the registry by
+        # `mi_prun.pipeline.check_analysis_config` (configs are plain data: types and ranges only).
 
     def replace(self, **changes: Any) -> "AnalysisConfig":
         return replace(self, **changes)
@@ -187,14 +197,11 @@ class SelectConfig:
     AUTO_MIN_PASSES = 8
 
     def __post_init__(self) -> None:
-        from mi_prun.select import costs, registry
-
-        SELECTORS, RUN_COSTS = registry.SELECTORS, costs.RUN_COSTS
-        if not isinstance(self.method, str) or self.method not in SELECTORS:
-            raise MiPrunError(f"unknown selection method {self.method!r}: choose one of "
-                              f"{', '.join(sorted(SELECTORS))}.")
-        if not isinstance(self.run_cost, str) or self.run_cost not in RUN_COSTS:
-            raise MiPrunError(f"unknown run cost {self.run_cost!r}: choose one of {', '.join(sorted(RUN_COSTS))}.")
+        # Names are checked against the registries where they are looked up (`mi_prun.select`):
+        # configs are plain data, types and ranges only.
+        for name in ("method", "run_cost"):
+            if not isinstance(getattr(self, name), str):
+                raise MiPrunError(f"{name} must be a name, got {getattr(self, name)!r}.")
         _set(self, "protect_ends", check_protect_ends(self.protect_ends))
         if self.n is not None and self.ratio is not None:
             raise MiPrunError(f"give n or ratio, not both (got n={self.n!r}, ratio={self.ratio!r}).")
@@ -387,8 +394,6 @@ class HealConfig:
         first-position choice, from an `AnalysisConfig` or an analysis's `calibration`
         provenance (an `Analysis` or its dict). Where the text cannot be reloaded (given inline as
         `text:...`), the defaults; `changes` override either."""
-        from mi_prun.data import calibration_spec
-
         kw: dict[str, Any] = {}
         if isinstance(analysis, AnalysisConfig):
             kw = {"calib": analysis.calib, "n_samples": analysis.n_samples, "seq_len": analysis.seq_len,
@@ -411,5 +416,5 @@ def describe_defaults() -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["AnalysisConfig", "DPI_TOL", "EvalConfig", "ExportConfig", "HealConfig", "SelectConfig", "ZeroShotConfig",
-           "as_float", "as_int", "as_path", "check_protect_ends", "describe_defaults"]
+__all__ = ["AnalysisConfig", "DPI_TOL", "calibration_spec", "EvalConfig", "ExportConfig", "HealConfig", "SelectConfig",
+           "ZeroShotConfig", "as_float", "as_int", "as_path", "check_protect_ends", "describe_defaults"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mi_prun.config import calibration_spec
 from mi_prun.errors import MiPrunError
 
 log = logging.getLogger(__name__)
@@ -241,19 +242,6 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
         "chunks_available": int(n_chunks),
     }
     return Calibration(input_ids=chunks.contiguous(), attention_mask=torch.ones_like(chunks), provenance=provenance)
-
-
-def calibration_spec(calibration: dict[str, Any]) -> str | None:
-    """The `load_text` spec that reloads an analysis's calibration text from its provenance, or
-    None where it cannot be reloaded (text given inline)."""
-    source = str(calibration.get("source") or "")
-    if source.startswith("builtin:"):
-        return "builtin"
-    if source.startswith(("file:", "folder:")):
-        return source.split(":", 1)[1]
-    if source in ("wikitext2-valid", "wikitext2-valid-nounk", "wikitext2-test"):
-        return source
-    return None
 
 
 def calibration_text(calibration: dict[str, Any]) -> Text:

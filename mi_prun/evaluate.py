@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from mi_prun.config import EvalConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import context_length
+from mi_prun.models.blocks import context_length, input_device
 from mi_prun.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    # With a device_map the embeddings may sit elsewhere than the first parameter.
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
 
 
 def model_context(model: nn.Module) -> int | None:
@@ -93,7 +85,7 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
     mask = None if attention_mask is None else torch.as_tensor(attention_mask)
     if mask is not None and mask.shape != ids.shape:
         raise MiPrunError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}.")
-    device = _input_device(model)
+    device = input_device(model)
     bs = max(1, int(batch_size))
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -229,7 +221,7 @@ def evaluate(model: nn.Module, tokenizer: Any, config: Any = None, *,
 def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """The greedy continuation of `prompt` (new text only), with a KV cache."""
     enc = tokenizer(prompt, return_tensors="pt")
-    device = _input_device(model)
+    device = input_device(model)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -325,7 +317,7 @@ def size_and_speed(
         raise MiPrunError(f"prompt_tokens + decode_tokens = {prompt_tokens + decode_tokens} exceeds "
                           f"the model's context of {context}. Fix: measure shorter sequences.")
     _warn_if_training(model)
-    device = _input_device(model)
+    device = input_device(model)
     ids = _prompt_ids(model, tokenizer, prompt_tokens).to(device)
     _speed(model, ids, min(decode_tokens, 2))  # warm-up: allocator, kernels, lazy init
     prefill, decode = [], []
@@ -360,7 +352,7 @@ def compare_speed(
     ids = {}
     for name, m in models.items():
         _warn_if_training(m)
-        ids[name] = _prompt_ids(dense, tokenizer, prompt_tokens).to(_input_device(m))
+        ids[name] = _prompt_ids(dense, tokenizer, prompt_tokens).to(input_device(m))
         _speed(m, ids[name], min(decode_tokens, 2))
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in models}
     for _ in range(repeats):
@@ -370,7 +362,7 @@ def compare_speed(
             times[name][1].append(d)
     out: dict[str, Any] = {}
     for name, m in models.items():
-        out[name] = {**model_size(m), "device": str(_input_device(m)),
+        out[name] = {**model_size(m), "device": str(input_device(m)),
                      **_summarise(*times[name], prompt_tokens, decode_tokens)}
     d, p = out["dense"], out["pruned"]
     out.update({

@@ -279,18 +279,34 @@ def write_folder(out: str | os.PathLike, kind: OutputKind, fill: Callable[[Path]
     return target
 
 
-def replace_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as strict JSON to the file `path`, atomically: into a hidden temporary sibling,
-    flushed, then renamed over `path` under the parent folder's lock, so a reader sees the old file
-    or the new one, never a part (how an export's `mi_prun.json` gains a later record)."""
-    target = Path(os.path.abspath(Path(os.fspath(path)).expanduser()))
+def write_file(path: str | os.PathLike, what: str, record: dict[str, Any], *, overwrite: bool = False,
+               is_ours: Callable[[Path], bool]) -> Path:
+    """Write `record` as JSON to the file `path` atomically (a hidden temporary sibling, then a
+    rename under the parent's lock). An existing file is replaced only with `overwrite` and only
+    when `is_ours(path)` says it is an earlier output of the same kind; the check runs under the
+    lock, so two writers never see a half-replaced file."""
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise MiPrunError(f"{target} is a folder. Fix: give a file name such as {what.replace(' ', '_')}.json.")
+
+    def refuse_existing() -> None:
+        if target.exists():
+            if not overwrite:
+                raise MiPrunError(f"{target} exists. Fix: choose another file name or pass --overwrite.")
+            if not is_ours(target):
+                raise MiPrunError(f"{target} is not an earlier mi-prun {what}; --overwrite replaces only "
+                                  "those. Fix: choose another file name.")
+
+    refuse_existing()  # before any work; again under the lock below
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        dump_json(obj, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dump_json(record, tmp)
         with _parent_lock(target.parent):
+            refuse_existing()
             os.replace(tmp, target)
     except OSError as exc:
-        raise write_error(target, exc, target.name) from exc
+        raise write_error(target, exc, what) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -303,4 +319,4 @@ def folder_files(folder: Path) -> list[str]:
 
 
 __all__ = ["ANALYSIS", "EXPORT", "OutputKind", "check_output", "dump_json", "folder_files", "fsync_tree",
-           "jsonable", "read_marker", "replace_json", "write_error", "write_folder"]
+           "jsonable", "read_marker", "write_error", "write_file", "write_folder"]

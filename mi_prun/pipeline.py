@@ -15,11 +15,20 @@ from mi_prun.capture import Capture, capture
 from mi_prun.config import AnalysisConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
-from mi_prun.progress import Progress
+from mi_prun.estimators import get_estimator
 from mi_prun.models import LoadedModel, context_length
+from mi_prun.progress import Progress
 from mi_prun.results import Analysis
+from mi_prun.scores import score_capture, span_unexplained
 
 log = logging.getLogger(__name__)
+
+
+def check_analysis_config(cfg: AnalysisConfig) -> AnalysisConfig:
+    """`cfg` with its estimator name and options checked against the registry (one line naming the
+    valid choices otherwise): the checks a config, being plain data, cannot make itself."""
+    get_estimator(cfg.estimator, **cfg.estimator_options)
+    return cfg
 
 
 def check_context(loaded: LoadedModel, seq_len: int) -> None:
@@ -46,9 +55,6 @@ def run_capture(loaded: LoadedModel, calib: Calibration, cfg: AnalysisConfig,
 def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture, cfg: AnalysisConfig,
                           progress: Progress | None = None, timings: dict | None = None) -> Analysis:
     """Score a capture with the configured estimator and wrap everything as an `Analysis`."""
-    from mi_prun.estimators import get_estimator
-    from mi_prun.scores import score_capture
-
     estimator = get_estimator(cfg.estimator, **cfg.estimator_options)
     notes = []
     noisy = estimator.check_samples(int(cap.hidden.shape[1]), int(cap.hidden.shape[2]))  # refuses too few
@@ -58,8 +64,6 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
     parts = score_capture(cap.hidden, cap.sample_index, estimator, dpi_tol=cfg.dpi_tol,
                           n_groups=cfg.n_groups, seed=cfg.seed, progress=progress)
     t_lin = time.perf_counter()
-    from mi_prun.scores import span_unexplained
-
     parts["span_unexplained"] = span_unexplained(cap.hidden)  # for the linear-unexplained run cost
     stage_timings = dict(timings or {})
     stage_timings.update({f"score_{k}": v for k, v in parts.pop("timings", {}).items()})
@@ -78,7 +82,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
 
     `timings` holds seconds per stage; "total" covers tokenising, capture and scoring, and the
     model's load time is reported apart as "load_model"."""
-    cfg = cfg or AnalysisConfig()
+    cfg = check_analysis_config(cfg or AnalysisConfig())
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)
     t_tok = time.perf_counter() - t0

@@ -10,7 +10,7 @@ exclusive, never replacing anything but an earlier analysis). Loading validates 
 
 from __future__ import annotations
 
-import hashlib
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -21,7 +21,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from mi_prun.errors import MiPrunError
-from mi_prun.files import ANALYSIS, dump_json, jsonable, write_folder
+from mi_prun.files import ANALYSIS, dump_json, write_folder
+from mi_prun.models.identity import check_same_model
 
 FORMAT = ANALYSIS.format
 FORMAT_VERSION = 1
@@ -31,8 +32,6 @@ _SYM_TOL = 1e-5
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a result depends on, for provenance."""
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("mi-prun", "torch", "transformers", "numpy"):
         try:
@@ -40,68 +39,6 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-# ---------------------------------------------------------------------------------------- identity
-
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "torch_dtype", "dtype", "transformers_version", "_commit_hash",
-                         "use_cache", "_attn_implementation", "_attn_implementation_autoset",
-                         "quantization_config", "architectures", "gguf_file"}
-_SAMPLE_TENSORS = 24
-_SAMPLE_VALUES = 16
-
-
-def _config_digest(config: Any) -> str:
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    d = {k: v for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
-    text = json.dumps(jsonable(d), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_identity(model: Any) -> dict[str, Any]:
-    """What identifies a model across loads, devices and dtypes: its class, block count, hidden
-    size, a digest of its config (paths, dtype and version fields left out), and a few weight
-    values at fixed positions of evenly spaced tensors (compared with a tolerance that absorbs
-    float32 / bfloat16 / float16 rounding, never with a hash)."""
-    import torch
-
-    from mi_prun.models import find_blocks
-
-    params = list(model.named_parameters())
-    picks = np.unique(np.linspace(0, len(params) - 1, min(_SAMPLE_TENSORS, len(params))).astype(int)) \
-        if params else []
-    sample: list[float] = []
-    with torch.no_grad():
-        for i in picks:
-            flat = params[int(i)][1].detach().reshape(-1)
-            k = min(_SAMPLE_VALUES, flat.numel())
-            # integer arithmetic: float32 positions round past the end of tensors over 2^24 elements
-            idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
-            sample += [float(v) for v in flat[idx.to(flat.device)].float().cpu()]
-    cfg = model.config
-    return {"architecture": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
-            "n_blocks": len(find_blocks(model)),
-            "hidden_size": getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None),
-            "n_params": int(sum(p.numel() for _, p in params)),
-            "config_digest": _config_digest(cfg), "weight_sample": sample}
-
-
-def identity_mismatch(expected: dict[str, Any] | None, model: Any) -> str | None:
-    """Why `model` is not the model `expected` describes, or None when it is (or when `expected`
-    holds no identity, as in analyses saved before identities were recorded)."""
-    if not expected or "weight_sample" not in expected:
-        return None
-    found = model_identity(model)
-    for key in ("architecture", "n_blocks", "hidden_size", "n_params"):
-        if expected.get(key) != found.get(key):
-            return f"{key} {expected.get(key)} in the analysis, {found.get(key)} in the model"
-    if expected.get("config_digest") != found["config_digest"]:
-        return "the configs differ"
-    a = np.asarray(expected["weight_sample"], dtype=np.float64)
-    b = np.asarray(found["weight_sample"], dtype=np.float64)
-    if a.shape != b.shape or not np.allclose(a, b, rtol=2e-2, atol=2e-3 * max(1e-6, float(np.abs(a).max(initial=0)))):
-        return "the weights differ"
-    return None
 
 
 # ---------------------------------------------------------------------------------------- Analysis
@@ -154,17 +91,7 @@ class Analysis:
 
         `force=True` accepts a model with the same block count (for a user who knows the two
         share a structure); a different block count is refused always."""
-        from mi_prun.models import find_blocks
-
-        n = len(find_blocks(model))
-        if n != self.n_blocks:
-            raise MiPrunError(f"{where} has {self.n_blocks} blocks but the model has {n}. Fix: give the "
-                              "analysis of this model, or run the analysis on it.")
-        why = identity_mismatch(self.model.get("identity"), model)
-        if why and not force:
-            raise MiPrunError(f"{where} was made on another model ({self.model.get('spec')}): {why}. "
-                              "Fix: give the analysis of this model, or pass --force (force=True) if "
-                              "you know the two share a structure.")
+        check_same_model(self.model, self.n_blocks, model, force=force, where=where, what="analysis")
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
@@ -350,5 +277,4 @@ def rank_blocks(scores: Any, descending: bool = True, among: Iterable[int] | Non
     return sorted((int(b) for b in blocks), key=key)
 
 
-__all__ = ["Analysis", "FORMAT", "FORMAT_VERSION", "identity_mismatch", "library_versions",
-           "model_identity", "rank_blocks", "validate_arrays"]
+__all__ = ["Analysis", "FORMAT", "FORMAT_VERSION", "library_versions", "rank_blocks", "validate_arrays"]

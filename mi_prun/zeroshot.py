@@ -41,7 +41,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from mi_prun.config import ZeroShotConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.files import EXPORT, read_marker, replace_json
+from mi_prun.files import EXPORT, read_marker, write_file
+from mi_prun.models.loading import load_model
 from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
 
@@ -324,8 +325,6 @@ def _build(config: ZeroShotConfig) -> tuple[list[tuple[TaskSource, Any]], Any]:
 def _model_and_tokenizer(model: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
     """(module, tokenizer, LoadedModel or None) from a LoadedModel, a module, or a folder / spec."""
     if isinstance(model, (str, os.PathLike)):
-        from mi_prun.models import load_model
-
         model = load_model(model)
     if hasattr(model, "model") and hasattr(model, "tokenizer"):
         return model.model, tokenizer if tokenizer is not None else model.tokenizer, model
@@ -434,7 +433,8 @@ def record_zero_shot(folder: str | os.PathLike, result: ZeroShotResult) -> Path:
                          "num_fewshot": result.num_fewshot, "limit": result.limit, "evaluated": when}
     record.update({"tasks": tasks, "lm_eval_version": result.lm_eval_version, "updated": when,
                    "note": "accuracy through lm-evaluation-harness (mi_prun.zeroshot); acc_stderr is lm-eval's"})
-    return replace_json(target / EXPORT.marker, {**marker, "zero_shot": record})
+    return write_file(target / EXPORT.marker, "export report", {**marker, "zero_shot": record}, overwrite=True,
+                      is_ours=lambda path: read_marker(path.parent, EXPORT) is not None)
 
 
 # ---------------------------------------------------------------------------------------- requests

@@ -18,7 +18,11 @@ from typing import Any, Mapping
 import pandas as pd
 import streamlit as st
 
+from mi_prun.config import ZeroShotConfig
 from mi_prun.errors import MiPrunError
+from mi_prun.models import pruned_view
+from mi_prun.zeroshot import lm_eval_version, zero_shot
+from mi_prun_app.ui import model_for, show_error, table
 
 TASKS_DIR_ENV = "MI_PRUN_TASKS_DIR"
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -56,10 +60,6 @@ def accuracy_rows(loaded: Any, sets: Mapping[str, tuple[int, ...]], tasks: tuple
                   progress: Any = None) -> list[dict[str, Any]]:
     """One row per (set, task): the library's zero-shot scores of the dense model ("dense", ()) and
     of each removed set. `progress(fraction, text)` after every task."""
-    from mi_prun.config import ZeroShotConfig
-    from mi_prun.models import pruned_view
-    from mi_prun.zeroshot import zero_shot
-
     cfg = ZeroShotConfig(tasks=tasks, limit=limit)
     rows: list[dict[str, Any]] = []
     todo = list(sets.items())
@@ -78,12 +78,8 @@ def accuracy_rows(loaded: Any, sets: Mapping[str, tuple[int, ...]], tasks: tuple
 
 def section(analysis: Any, n: int, sets: Mapping[str, Any], ppl_points: list[dict[str, Any]]) -> None:
     """The accuracy widgets, button, progress and table for `sets` ({label: Selection}) at n."""
-    from mi_prun_app.ui import model_for, show_error, table
-
     st.subheader("Zero-shot accuracy")
     try:
-        from mi_prun.zeroshot import lm_eval_version
-
         lm_eval_version()
     except MiPrunError as exc:
         st.caption(str(exc))

@@ -228,7 +228,7 @@ st.caption(f"Removes blocks {list(sel.removed)} (numbered from 0)"
 if st.button("Export", type="primary", key="export", icon=":material/save:"):
     try:
         from mi_prun.models import pruned_view
-        from mi_prun.prune import export
+        from mi_prun.export import export
 
         target = state.safe_export_path(name, root)
         loaded = model_for(analysis)

@@ -82,7 +82,7 @@ def model_fingerprint(model) -> dict:
     and a checksum of the weights (compared before and after sessions use it)."""
     import torch
 
-    from mi_prun.capture import count_hooks
+    from mi_prun.models.hooks import count_hooks
     from mi_prun.models import find_blocks, num_layers_of
 
     blocks = find_blocks(model)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mi_prun.capture import block_hooks, capture, choose_positions, count_hooks
+from mi_prun.capture import capture, choose_positions
+from mi_prun.models.hooks import block_hooks, count_hooks
 from mi_prun.data import calibration_tokens, load_text
 from mi_prun.errors import NonFiniteError
 from mi_prun.testing import FAMILIES, tiny_model

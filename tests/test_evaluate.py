@@ -21,7 +21,7 @@ from mi_prun.evaluate import (
     size_and_speed,
 )
 from mi_prun.models import find_blocks
-from mi_prun.prune import pruned_view
+from mi_prun.models import pruned_view
 from mi_prun.testing import tiny_model
 
 # 17 ASCII bytes: the byte tokenizer maps each to one token id equal to the byte.

@@ -20,7 +20,7 @@ from mi_prun.data import calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.heal import FOLDS, BridgeStats, HealRefused, heal, solve, sse
 from mi_prun.models import find_blocks, pruned_view
-from mi_prun.prune import export
+from mi_prun.export import export
 from mi_prun.testing import FAMILIES, tiny_model
 
 CFG = HealConfig(n_samples=8, seq_len=48, batch_size=4)

@@ -16,10 +16,11 @@ import pytest
 import torch
 import yaml
 
-from mi_prun import prune as prune_mod
+import mi_prun.export as prune_mod
 from mi_prun.errors import MiPrunError
 from mi_prun.models import find_blocks
-from mi_prun.prune import export, mergekit_yaml, prune, pruned_view, remove_blocks_config
+from mi_prun.export import export, mergekit_yaml
+from mi_prun.models import prune, pruned_view, remove_blocks_config
 from mi_prun.testing import FAMILIES, tiny_model
 
 REMOVE = [1, 3]
@@ -58,7 +59,7 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
 
 
 def reference_model(model: torch.nn.Module, kept: list[int]) -> torch.nn.Module:
-    """The original without the other blocks, built independently of mi_prun.prune: a fresh model
+    """The original without the other blocks, built independently of mi_prun.models.surgery: a fresh model
     from a hand-edited config, loaded with the kept blocks' weights renumbered."""
     from transformers import AutoModelForCausalLM
 

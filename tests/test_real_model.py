@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mi_prun.capture import capture, count_hooks
+from mi_prun.capture import capture
+from mi_prun.models.hooks import count_hooks
 from mi_prun.data import calibration_tokens, load_text
 
 pytestmark = pytest.mark.real_model

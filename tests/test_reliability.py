@@ -26,18 +26,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mi_prun.models as models_mod
+import mi_prun.cli.commands as commands_mod
 import mi_prun.models.blocks as blocks_mod
 import mi_prun.models.memory as memory_mod
 import mi_prun.results as report_mod
-from mi_prun.capture import count_hooks
+from mi_prun.models.hooks import count_hooks
 from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.data import load_text
 from mi_prun.errors import MiPrunError, NonFiniteError
 from mi_prun.estimators import get_estimator, list_estimators
 from mi_prun.models import load_model, weights_bytes
 from mi_prun.pipeline import AnalysisConfig, analyze
-from mi_prun.prune import export, pruned_view
+from mi_prun.export import export
+from mi_prun.models import pruned_view
 from mi_prun.results import Analysis
 from mi_prun.scores import score_capture
 from mi_prun.select import select
@@ -321,7 +322,7 @@ def test_select_settings_out_of_range_cli(analysis_dir):
 
 
 def test_prune_refuses_bad_selector_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(commands_mod, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     rc, _, err = run_cli("prune", "--model", "tiny-llama", "--method", "nope", "--out", str(tmp_path / "o"))
     assert_one_line_error(rc, err, "invalid choice: 'nope'", "fbs")
 
@@ -500,7 +501,7 @@ CHILD = textwrap.dedent("""
         print("READY", flush=True)
         time.sleep(120)
     if mode.startswith("export"):
-        import mi_prun.prune as P
+        import mi_prun.export as P
         from mi_prun.testing import tiny_model
         model, tok = tiny_model("llama", n_layers=3)
         real = P.mergekit_yaml

@@ -377,7 +377,7 @@ def test_bad_input_messages():
         S.select(a, "fbs", n=2, bogus=1)
     with pytest.raises(MiPrunError, match="unknown run cost"):
         S.select(a, "exact", n=2, run_cost="nope")
-    with pytest.raises(MiPrunError, match="sleb_select"):
+    with pytest.raises(MiPrunError, match=r"forward passes of the model.*Fix: pass the model"):
         S.select(a, "sleb", n=2)
     no_norm = make_analysis(a.span)
     with pytest.raises(MiPrunError, match="neg-mi"):

@@ -23,7 +23,7 @@ from mi_prun.pipeline import analyze
 from mi_prun.select import NLLCache, Selection, guided_select, k_best_combinations, select
 from mi_prun.select.costs import set_cost
 from mi_prun.select.search import best_combination
-from mi_prun.select.verify import PrefixScorer, resolve_tokens
+from mi_prun.select.scorer import PrefixScorer, resolve_tokens
 
 CFG = SelectConfig(verify_seq_len=64)  # short verification samples: the tiny models' tests stay fast
 
@@ -253,7 +253,7 @@ def test_prune_verifies_with_inline_calibration_text(tmp_path, capsys):
 
 def test_nll_cache_draws_the_verification_tokens_once(tiny, monkeypatch):
     """A cache kept across calls (the app's slider) reloads and tokenises the calibration text once."""
-    import mi_prun.data as data_mod
+    import mi_prun.select.scorer as data_mod  # where the verification text is reloaded
 
     loaded, analysis = tiny
     calls = []

@@ -154,7 +154,7 @@ def test_every_method_has_a_colour_and_a_label():
 def test_core_and_app_helpers_never_import_streamlit():
     # The app's Streamlit-free helpers and the core; only mi_prun_app.ui (the pages' glue) may.
     code = ("import sys, mi_prun_app, mi_prun_app.state, mi_prun_app.tables, mi_prun_app.viz, mi_prun.pipeline, "
-            "mi_prun.select, mi_prun.prune, mi_prun.cli;"
+            "mi_prun.select, mi_prun.export, mi_prun.cli;"
             "sys.exit(1 if 'streamlit' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -124,7 +124,7 @@ def test_items_are_the_requests_lm_eval_scores(task_yaml):
 
 def test_export_gets_the_record_and_eval_from_the_folder_agrees(tiny, task_yaml, tmp_path):
     from mi_prun.models import prune
-    from mi_prun.prune import export
+    from mi_prun.export import export
 
     pruned = prune(tiny.model, [1, 4])
     out = export(pruned, tiny.tokenizer, None, tmp_path / "exp")
@@ -142,7 +142,7 @@ def test_export_gets_the_record_and_eval_from_the_folder_agrees(tiny, task_yaml,
 
 def test_cli_eval_tasks_records_in_export(tiny, task_yaml, tmp_path):
     from mi_prun.models import prune
-    from mi_prun.prune import export
+    from mi_prun.export import export
 
     out = export(prune(tiny.model, [2]), tiny.tokenizer, None, tmp_path / "exp")
     rc, stdout, err = run_cli("eval", "--model", str(out), "--data", "text:" + "hello world " * 40,

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from mi_prun.cli.args import build_parser
+from mi_prun.cli.commands import COMMANDS
 from mi_prun.cli.output import BLOCK_NOTE, format_analysis, format_selection
 from mi_prun.errors import MiPrunError
 
@@ -43,11 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or a usage error (2, printed on one line)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    args.argv_ = argv
-    args.parser_ = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     _quiet_libraries(args.debug)
     try:
-        status = args.func(args)
+        status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a full disk shows here, inside the handlers below
         return status
     except MiPrunError as exc:

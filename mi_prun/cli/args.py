@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from mi_prun import __version__
 from mi_prun.cli.output import BLOCK_NOTE
+from mi_prun.config import AnalysisConfig, EvalConfig, HealConfig, SelectConfig, ZeroShotConfig
+from mi_prun.models.zoo import DEFAULT_MODEL
+from mi_prun.select import RUN_COST_DESCRIPTIONS, SELECTORS
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -19,13 +23,41 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class _Given(argparse.Action):
+    """`store` (and, with nargs=0, `store_const`) that also records, in `namespace.given_`, the
+    option string the user typed for its destination, so which flags were given is known without
+    reading argparse's internals (`given`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        if option_string is not None:
+            if getattr(namespace, "given_", None) is None:
+                namespace.given_ = {}
+            namespace.given_.setdefault(self.dest, option_string)
+
+
+class _GivenConst(_Given):
+    def __init__(self, option_strings, dest, const=None, default=None, required=False, help=None, metavar=None):
+        super().__init__(option_strings, dest, nargs=0, const=const, default=default, required=required,
+                         help=help, metavar=metavar)
+
+
+class _GivenTrue(_GivenConst):
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, const=True, default=default, required=required, help=help)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with the CLI's one-line error format (no usage dump) and no abbreviations."""
+    """argparse with the CLI's one-line error format (no usage dump), no abbreviations, and a
+    record of the flags given (`given`)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        for name, action in ((None, _Given), ("store", _Given), ("store_const", _GivenConst),
+                             ("store_true", _GivenTrue)):
+            self.register("action", name, action)
 
     def error(self, message: str):
         self.exit(2, f"mi-prun: error: {message} (see `{self.prog} --help`)\n")
@@ -102,15 +134,9 @@ def ratio_value(text: str) -> float:
     return value
 
 
-def given(argv: list[str], parser: argparse.ArgumentParser, dests: set[str]) -> list[str]:
-    """The option strings in `argv` whose destination is in `dests` (abbreviations are off)."""
-    by_flag = {flag: a.dest for a in parser._actions for flag in a.option_strings}
-    found = []
-    for tok in argv:
-        flag = tok.split("=", 1)[0]
-        if flag in by_flag and by_flag[flag] in dests and flag not in found:
-            found.append(flag)
-    return found
+def given(args: argparse.Namespace, dests: set[str]) -> list[str]:
+    """The option strings the user typed whose destination is in `dests`, in the order given."""
+    return [flag for dest, flag in getattr(args, "given_", {}).items() if dest in dests]
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -123,8 +149,6 @@ SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_pass
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    from mi_prun.models import DEFAULT_MODEL
-
     p.add_argument("--model", default=None if required else DEFAULT_MODEL, required=required,
                    help=MODEL_HELP.format(default=DEFAULT_MODEL))
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cpu | cuda[:N] | mps")
@@ -137,8 +161,6 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
-    from mi_prun.config import AnalysisConfig
-
     d = AnalysisConfig()
     g = p.add_argument_group("analysis (capture and MI)")
     g.add_argument("--calib", default=d.calib, help="builtin | wikitext2 | file.txt | file.jsonl | folder | text:<string>")
@@ -161,9 +183,6 @@ def _choices_help(intro: str, items: dict[str, str], default: str) -> str:
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
-    from mi_prun.config import SelectConfig
-    from mi_prun.select import RUN_COST_DESCRIPTIONS, SELECTORS
-
     d = SelectConfig()
     g = p.add_argument_group("selection")
     x = g.add_mutually_exclusive_group()
@@ -204,8 +223,6 @@ HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}
 
 
 def add_heal_args(p: argparse.ArgumentParser) -> None:
-    from mi_prun.config import HealConfig
-
     d = HealConfig()
     g = p.add_argument_group("healing (a closed-form linear bridge per removed run, folded into the weights)")
     g.add_argument("--heal", action="store_true", help="bridge every removed run with a least-squares map fitted "
@@ -220,10 +237,7 @@ def add_heal_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mi_prun import __version__
-    from mi_prun.cli import commands as c
-    from mi_prun.config import EvalConfig, ZeroShotConfig
-
+    """The `mi-prun` parser; each subcommand's `command` names its function in `cli.commands`."""
     parser = Parser(prog="mi-prun", description="Find and remove redundant transformer blocks with "
                                                 f"mutual information. {BLOCK_NOTE}")
     parser.add_argument("--version", action="version", version=f"mi-prun {__version__}")
@@ -236,14 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_args(p)
     p.add_argument("--out", default=None, help="folder to save the analysis in (default: not saved)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier mi-prun analysis in --out")
-    p.set_defaults(func=c.cmd_analyze)
 
     p = sub.add_parser("show", help="print a saved analysis")
     p.add_argument("folder", help="a folder written by `mi-prun analyze --out`")
-    p.set_defaults(func=c.cmd_show)
 
     p = sub.add_parser("estimators", help="list the MI estimators with their options")
-    p.set_defaults(func=c.cmd_estimators)
 
     p = sub.add_parser("select", help="choose blocks to remove from a saved analysis")
     p.add_argument("analysis", help="a folder written by `mi-prun analyze --out`")
@@ -257,7 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FBS, local search, exact optimum and exhaustive side by side")
     p.add_argument("--out", default=None, help="write the selection to this JSON file (for `prune --selection`)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier selection file at --out")
-    p.set_defaults(func=c.cmd_select)
 
     p = sub.add_parser("prune", help="remove blocks and export a model folder")
     add_model_args(p)
@@ -273,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "model with the same number of blocks")
     p.add_argument("--sample", default=None, help="prompt for a generation sample before and after")
     add_heal_args(p)
-    p.set_defaults(func=c.cmd_prune)
 
     e = EvalConfig()
     p = sub.add_parser("eval", help="perplexity by the standard protocol")
@@ -292,5 +301,4 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=positive_int, default=z.limit, help="at most this many items per task "
                                                                        "(default: all)")
     t.add_argument("--num-fewshot", type=nonneg_int, default=z.num_fewshot, help="examples per prompt")
-    p.set_defaults(func=c.cmd_eval)
     return parser

@@ -5,38 +5,44 @@ from __future__ import annotations
 
 from typing import Any
 
-from mi_prun.cli.args import ANALYSIS_DESTS, SELECT_DESTS, given
+from mi_prun.cli.args import ANALYSIS_DESTS, HEAL_DESTS, SELECT_DESTS, given
 from mi_prun.cli.output import TqdmProgress, format_analysis, format_compare, format_selection
+from mi_prun.config import AnalysisConfig, EvalConfig, ExportConfig, HealConfig, SelectConfig, ZeroShotConfig
+from mi_prun.data import load_text, verification_tokens
 from mi_prun.errors import MiPrunError
+from mi_prun.estimators import describe_estimators
+from mi_prun.evaluate import evaluate, generate_sample
+from mi_prun.export import export
+from mi_prun.files import ANALYSIS, EXPORT, check_output
+from mi_prun.heal import check_healable, heal, heal_calibration
+from mi_prun.models import load_model, prune
+from mi_prun.pipeline import analyze, check_analysis_config, prepare_calibration
+from mi_prun.results import Analysis
+from mi_prun.select import Selection, compare, resolve_n, select, sleb_select
+from mi_prun.zeroshot import build_tasks, is_export, record_zero_shot, zero_shot
 
 
 def _load(args) -> Any:
-    from mi_prun.models import load_model
-
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code,
                       check_memory_first=not args.skip_memory_check)
 
 
 def analysis_config(args):
-    from mi_prun.config import AnalysisConfig
-
-    return AnalysisConfig(calib=args.calib, n_samples=args.samples, seq_len=args.tokens,
-                          max_positions=args.positions, drop_first=not args.keep_first,
-                          estimator=args.estimator, estimator_options=args.estimator_options or {},
-                          batch_size=args.batch_size, seed=args.seed)
+    return check_analysis_config(AnalysisConfig(
+        calib=args.calib, n_samples=args.samples, seq_len=args.tokens, max_positions=args.positions,
+        drop_first=not args.keep_first, estimator=args.estimator,
+        estimator_options=args.estimator_options or {}, batch_size=args.batch_size, seed=args.seed))
 
 
 def select_config(args):
-    from mi_prun.config import SelectConfig
-
     kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio,
                           "verify_passes": args.verify_passes, "verify_samples": args.verify_samples,
                           "verify_seq_len": args.verify_tokens, "verify_on": args.verify_on,
                           "verify_items": args.verify_items}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
-    if getattr(args, "heal", False) and not given(args.argv_, args.parser_, {"verify_passes"}):
+    if getattr(args, "heal", False) and not given(args, {"verify_passes"}):
         return SelectConfig.for_healing(**{k: v for k, v in kw.items() if k != "verify_passes"})
     return SelectConfig(**kw)
 
@@ -45,9 +51,6 @@ def heal_config(args, acfg, calibration: dict | None = None):
     """The `HealConfig` of `prune --heal` (`HealConfig.for_analysis`: calibrated like the analysis
     run here, or like the saved one whose `calibration` provenance is given), then the --heal-*
     flags; None without --heal (and --heal-* flags refused)."""
-    from mi_prun.cli.args import HEAL_DESTS
-    from mi_prun.config import HealConfig
-
     if not args.heal:
         _refuse_flags(args, HEAL_DESTS, "healing is off")
         return None
@@ -58,8 +61,6 @@ def heal_config(args, acfg, calibration: dict | None = None):
 
 
 def _analyze(args, progress: TqdmProgress):
-    from mi_prun.pipeline import analyze
-
     cfg = analysis_config(args)  # settings are validated before the (slow) model load
     progress("load", 0.0, args.model)
     loaded = _load(args)
@@ -68,15 +69,13 @@ def _analyze(args, progress: TqdmProgress):
 
 
 def _refuse_flags(args, dests: set[str], why: str) -> None:
-    flags = given(args.argv_, args.parser_, dests)
+    flags = given(args, dests)
     if flags:
         raise MiPrunError(f"{', '.join(flags)} would be ignored: {why}. Fix: drop "
                           f"{'it' if len(flags) == 1 else 'them'}.")
 
 
 def cmd_analyze(args) -> int:
-    from mi_prun.files import ANALYSIS, check_output
-
     analysis_config(args)  # bad settings fail before anything else
     if args.out:
         check_output(args.out, ANALYSIS, args.overwrite, inputs=[args.model])
@@ -91,15 +90,11 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from mi_prun.results import Analysis
-
     print(format_analysis(Analysis.load(args.folder)))
     return 0
 
 
 def cmd_estimators(args) -> int:
-    from mi_prun.estimators import describe_estimators
-
     for row in describe_estimators():
         print(f"{row['name']}: {row['description']}")
         for opt, (default, text) in row["options"].items():
@@ -108,9 +103,6 @@ def cmd_estimators(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from mi_prun.results import Analysis
-    from mi_prun.select import compare, resolve_n, select
-
     cfg = select_config(args)
     if args.out and args.compare:
         raise MiPrunError("--out writes one selection; --compare prints several. Fix: drop one of them.")
@@ -134,14 +126,6 @@ def cmd_select(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from mi_prun.config import ExportConfig
-    from mi_prun.evaluate import generate_sample
-    from mi_prun.files import EXPORT, check_output
-    from mi_prun.models import prune
-    from mi_prun.prune import export
-    from mi_prun.results import Analysis
-    from mi_prun.select import Selection, select, sleb_select
-
     if args.analysis and args.selection:
         raise MiPrunError("give --analysis or --selection, not both (a selection file records its analysis).")
     if args.analysis or args.selection:
@@ -170,7 +154,6 @@ def cmd_prune(args) -> int:
         analysis.check_model(loaded.model, force=export_cfg.force,
                              where=f"analysis {args.analysis}" if args.analysis else "the analysis")
         if sel_cfg.method == "sleb":
-            from mi_prun.pipeline import prepare_calibration
 
             calib = prepare_calibration(loaded, acfg or analysis_config(args))
             sel = sleb_select(loaded.model, calib.input_ids, calib.attention_mask, config=sel_cfg,
@@ -179,7 +162,6 @@ def cmd_prune(args) -> int:
             tokens = None
             if acfg is not None and sel_cfg.verifies and sel_cfg.verify_on is None:
                 # the analysis ran here: its text is at hand even when it cannot be reloaded (text:...)
-                from mi_prun.data import load_text, verification_tokens
 
                 tokens = verification_tokens(loaded.tokenizer, load_text(acfg.calib, purpose="calibration"),
                                              analysis.calibration, sel_cfg.verify_samples,
@@ -188,7 +170,6 @@ def cmd_prune(args) -> int:
     print(format_selection(sel))
     healing = None
     if hcfg is not None:
-        from mi_prun.heal import check_healable, heal, heal_calibration
 
         check_healable(loaded.model, sel.removed)  # the one-line refusal, before any forward pass
         pruned, healing = heal(loaded.model, sel.removed, heal_calibration(loaded, hcfg), config=hcfg,
@@ -210,15 +191,10 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mi_prun.config import EvalConfig, ZeroShotConfig
-    from mi_prun.evaluate import evaluate
-
     cfg = EvalConfig(data=args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                      batch_size=args.batch_size)
     zcfg = None
     if args.tasks is not None:
-        from mi_prun.zeroshot import build_tasks
-
         zcfg = ZeroShotConfig(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                               batch_size=args.batch_size)
         build_tasks(zcfg)  # an unknown task or a bad YAML fails before the (slow) model load
@@ -231,8 +207,6 @@ def cmd_eval(args) -> int:
     print(f"perplexity {res.ppl:.3f} on {res.source}: seq_len {res.seq_len}, {res.windows} windows, "
           f"{res.tokens_scored} tokens scored, BOS {'prepended' if res.bos else 'not used'} ({res.protocol})")
     if zcfg is not None:
-        from mi_prun.zeroshot import is_export, record_zero_shot, zero_shot
-
         zs = zero_shot(loaded, config=zcfg, progress=progress)
         progress.close()
         print(f"zero-shot accuracy (lm-eval {zs.lm_eval_version}, {zs.num_fewshot}-shot"
@@ -244,5 +218,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-__all__ = ["analysis_config", "select_config", "cmd_analyze", "cmd_eval", "cmd_estimators", "cmd_prune",
+COMMANDS = {"analyze": cmd_analyze, "show": cmd_show, "estimators": cmd_estimators, "select": cmd_select,
+            "prune": cmd_prune, "eval": cmd_eval}
+
+__all__ = ["COMMANDS", "analysis_config", "select_config", "cmd_analyze", "cmd_eval", "cmd_estimators", "cmd_prune",
            "cmd_select", "cmd_show"]

@@ -11,17 +11,16 @@ sample's first position (the attention sink) are left out.
 
 The model passed in is never modified: the healed model is a `pruned_view` sharing every tensor
 with it except the folded weights, which are new tensors. Forward passes stop after the last block
-they need; hooks live only on private views and are removed in `finally`.
+they need; hooks (`mi_prun.models.hooks`) live only on private views and are removed on exit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +31,8 @@ from mi_prun.data import Calibration
 from mi_prun.errors import MiPrunError
 from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
-from mi_prun.models.blocks import find_blocks
+from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.models.hooks import hidden_of, output_hooks, run_until_stop
 from mi_prun.models.surgery import _validate_remove, prune_info, pruned_view
 from mi_prun.progress import Progress
 from mi_prun.select.costs import runs_of
@@ -84,44 +84,17 @@ class Healing:
         return out
 
 
-class _Stop(Exception):
-    """Raised by the hook of the last module a pass needs."""
-
-
-def _hidden_of(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@contextlib.contextmanager
-def _grab(modules: dict[str, nn.Module], stop: nn.Module, out: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Forward hooks storing each module's output in `out[name]`; `stop` ends the pass."""
-    handles = []
-
-    def make(name: str, module: nn.Module) -> Callable:
-        def hook(mod, args, output):
-            out[name] = _hidden_of(output).clone()  # some families (Falcon) add to it in place
-            if module is stop:
-                raise _Stop
-        return hook
-
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make(name, module)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, modules: dict[str, nn.Module],
          stop: nn.Module) -> dict[str, torch.Tensor]:
+    """The output of each of `modules` on one batch; the pass ends after `stop`."""
     out: dict[str, torch.Tensor] = {}
-    device = next(model.parameters()).device
-    with _grab(modules, stop, out):
-        try:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        except _Stop:
-            pass
+
+    def keep(name: str, output: Any) -> None:
+        out[name] = hidden_of(output).clone()  # some families (Falcon) add to it in place
+
+    device = input_device(model)
+    with output_hooks(modules, keep, stop=stop):
+        run_until_stop(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     missing = [name for name in modules if name not in out]
     if missing:
         raise HealRefused(f"cannot heal {type(model).__name__}: the forward pass never ran "

@@ -9,7 +9,7 @@
   (`num_layers_of`) and context window (`context_length`) from a config.
 - `memory`: weight sizes from file headers and the free-memory check before loading.
 - `surgery`: `pruned_view` / `prune`, models without some blocks, with the config and layer
-  indices fixed (export to disk is `mi_prun.prune`).
+  indices fixed (export to disk is `mi_prun.export`).
 
 Blocks are numbered from 0 everywhere in mi-prun.
 """

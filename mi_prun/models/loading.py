@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import find_blocks
+from mi_prun.models.blocks import find_blocks, input_device
+from mi_prun.models.identity import model_identity
 from mi_prun.models.memory import check_memory, weights_bytes
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
@@ -110,9 +111,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What results record of the model: names, size, hub id and its identity (see
-        `mi_prun.results.model_identity`), so an analysis can refuse to prune another model."""
-        from mi_prun.results import model_identity
-
+        `mi_prun.models.identity.model_identity`), so an analysis can refuse to prune another model."""
         return {
             "spec": self.spec,
             "source": self.source,
@@ -393,7 +392,7 @@ def load_model(
     find_blocks(model)  # fail early, with the model class named, if blocks cannot be found
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if device_map is not None:
-        dev = next(model.parameters()).device
+        dev = input_device(model)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source,
                        model_type=model_type, device=dev, dtype=dt,
                        load_seconds=time.perf_counter() - t0, info=info)

@@ -12,7 +12,7 @@ that depends on the block count, the omission behind most peers' bugs:
   indexes the right layer (transformers #30508).
 
 The result remembers what it was cut from (`prune_info`), in the numbering of the first original
-also when a pruned model is pruned again. Writing it to disk is `mi_prun.prune.export`.
+also when a pruned model is pruned again. Writing it to disk is `mi_prun.export.export`.
 Blocks are numbered from 0 everywhere.
 """
 

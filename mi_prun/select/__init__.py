@@ -14,21 +14,24 @@ Pieces, each usable on its own (all importable from `mi_prun.select`):
   evaluates it once per problem into C[i, j] (i < j); `runs_of` and `set_cost` give the runs of a
   removed set and its objective.
 - `selection`: the result type `Selection` (JSON round trip with `to_dict` / `from_dict`).
-- `registry`: `SELECTORS` (`register_selector`, `get_selector`) and the entry points
+- `registry`: `SELECTORS` (`register_selector`, `get_selector`), `Problem`, `run_selector` and the
   `select(analysis, method, ...)` -> `Selection` and `compare`, which tabulates each method's gap
   to the exact optimum. Every `Selection` reports its MI objective under the chosen run cost, so
   all methods are comparable.
 - `baselines`: "topk" and the baselines "shortgpt", "angular", "random".
 - `search`: "fbs" (Fast-Block-Select, with trajectory), "local", "exact" (dynamic programme,
   O(L^2 n), optimal for any additive run cost), "exhaustive".
-- `sleb`: "sleb" needs a model and calibration tokens: `sleb_search` (the search, given any NLL
-  oracle) and `sleb_select` (runs the model with blocks skipped).
+- `scorer`: the one NLL scorer (`PrefixScorer`, `NLLCache`, `model_scorer`) behind every selector
+  that runs the model: "sleb", "mi-guided" and the verified search.
+- `sleb`: "sleb", SLEB's greedy removal: `sleb_search` (the search, given any NLL oracle) and
+  `sleb_select` (on calibration tokens given directly); `select(..., method="sleb", model=...)`.
+- `api`: the entry points `select` and `compare`.
 - `candidates`, `verify`: the verified search (the default when a model is at hand,
   `SelectConfig.verify_passes`, "auto" = a quarter of SLEB's passes): every criterion's candidate
   sets (`propose`, with `k_best_combinations`, the exact programme's k best sets) scored by forward
   passes on verification tokens, then swaps and exchanges from the best set (`verified_search`, the
-  search given any NLL oracle; `verified_select`, on the model; `NLLCache`). `guided`: SLEB's greedy
-  steps trying only the c most redundant blocks by MI and BI (`guided_select`).
+  search given any NLL oracle; `verified_select`, on the model). `guided`: "mi-guided", SLEB's
+  greedy steps trying only the c most redundant blocks by MI and BI (`guided_select`).
 
 `forward_passes` counts full passes over the calibration set (0 for score-based methods);
 `span_lookups` counts distinct span entries a method read (what a lazy span oracle would have had
@@ -37,18 +40,21 @@ to estimate).
 
 from __future__ import annotations
 
-# Import order is registration order: SELECTORS lists topk, the baselines, the search methods, sleb.
+# Import order is registration order: SELECTORS lists topk, the baselines, the search methods, sleb,
+# mi-guided.
 from mi_prun.select.costs import (RUN_COST_DESCRIPTIONS, RUN_COSTS, RunCostFn, cost_matrix,
                                   register_run_cost, runs_of, set_cost)
 from mi_prun.select.counts import n_protected, resolve_n
-from mi_prun.select.registry import (SELECTORS, Problem, Selector, SelectorFn, SelectorOutput, compare,
-                                     get_selector, register_selector, select)
+from mi_prun.select.registry import (SELECTORS, Problem, Selector, SelectorFn, SelectorOutput,
+                                     get_selector, register_selector)
 from mi_prun.select.selection import Selection
-from mi_prun.select import baselines, search  # noqa: F401,E402  (importing them registers their selectors)
+from mi_prun.select import baselines, search  # noqa: F401  (importing them registers their selectors)
+from mi_prun.select.scorer import NLLCache, PrefixScorer
 from mi_prun.select.sleb import calibration_nll, sleb_search, sleb_select
 from mi_prun.select.candidates import k_best_combinations, propose
-from mi_prun.select.verify import NLLCache, verified_search, verified_select
+from mi_prun.select.verify import verified_search, verified_select
 from mi_prun.select.guided import guided_search, guided_select
+from mi_prun.select.api import compare, select
 
 __all__ = [
     "RUN_COST_DESCRIPTIONS", "RUN_COSTS", "RunCostFn", "cost_matrix", "register_run_cost", "runs_of",
@@ -58,5 +64,5 @@ __all__ = [
     "SELECTORS", "Problem", "Selector", "SelectorFn", "SelectorOutput", "compare", "get_selector",
     "register_selector", "select",
     "calibration_nll", "sleb_search", "sleb_select",
-    "k_best_combinations", "propose", "NLLCache", "verified_search", "verified_select", "guided_search", "guided_select",
+    "k_best_combinations", "propose", "NLLCache", "PrefixScorer", "verified_search", "verified_select", "guided_search", "guided_select",
 ]

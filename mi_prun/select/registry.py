@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mi_prun.config import SelectConfig
+from mi_prun.config import SelectConfig, as_float, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.select.costs import analysis_stats, cost_matrix, set_cost
 from mi_prun.select.counts import allowed_blocks, resolve_n
@@ -38,6 +38,7 @@ class Problem:
     allowed: tuple[int, ...]  # removable blocks (protect_ends drops 0 and L-1)
     baselines: Mapping[str, np.ndarray]
     seed: int
+    scorer: Any = None  # the NLL scorer (`mi_prun.select.scorer`) of selectors that run the model
 
 
 @dataclass
@@ -48,6 +49,7 @@ class SelectorOutput:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     forward_passes: int = 0
     span_lookups: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # extra facts for the Selection's options
 
 
 SelectorFn = Callable[..., SelectorOutput]
@@ -58,10 +60,10 @@ class Selector:
     """A registered selector: its function, accepted options with defaults, and a one-line description."""
 
     name: str
-    fn: SelectorFn | None  # fn(problem, **options); None where a model is needed
+    fn: SelectorFn  # fn(problem, **options)
     defaults: Mapping[str, Any]
     description: str
-    needs_model: bool = False
+    needs_model: bool = False  # fn scores sets with `problem.scorer` (forward passes of the model)
 
 
 SELECTORS: dict[str, Selector] = {}
@@ -71,14 +73,15 @@ def register_selector(name: str, defaults: Mapping[str, Any] | None = None, desc
                       needs_model: bool = False) -> Callable[[SelectorFn], SelectorFn]:
     """Decorator adding `fn(problem, **options) -> SelectorOutput` under `name`; refuses duplicates.
 
-    `defaults` lists every option the selector accepts; `select` rejects any other.
+    `defaults` lists every option the selector accepts; `select` rejects any other. A selector
+    with `needs_model` scores removed sets with `problem.scorer.score(removed)` (the one NLL
+    scorer, `mi_prun.select.scorer`), which `select` builds from the model it is given.
     """
 
     def deco(fn: SelectorFn) -> SelectorFn:
         if name in SELECTORS:
             raise MiPrunError(f"selector {name!r} is already registered.")
-        SELECTORS[name] = Selector(name, None if needs_model else fn, dict(defaults or {}),
-                                   description, needs_model)
+        SELECTORS[name] = Selector(name, fn, dict(defaults or {}), description, needs_model)
         return fn
 
     return deco
@@ -94,8 +97,6 @@ def get_selector(name: str) -> Selector:
 
 def _validated_options(sel: Selector, options: Mapping[str, Any]) -> dict[str, Any]:
     """The selector's defaults updated by `options`, each checked against its default's type."""
-    from mi_prun.config import as_float, as_int
-
     unknown = sorted(set(options) - set(sel.defaults))
     if unknown:
         valid = ", ".join(sorted(sel.defaults)) or "none"
@@ -135,7 +136,7 @@ def check_analysis(analysis: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     return block_mi, span, None if norm is None else np.asarray(norm, dtype=np.float64)
 
 
-def _config(method: Any, n: Any, ratio: Any, run_cost: str, protect_ends: Any, seed: Any,
+def resolve_config(method: Any, n: Any, ratio: Any, run_cost: str, protect_ends: Any, seed: Any,
             options: Mapping[str, Any], config: Any) -> Any:
     """One validated `SelectConfig` from either `config` (n/ratio may still override its count)
     or the individual arguments."""
@@ -153,8 +154,11 @@ def _config(method: Any, n: Any, ratio: Any, run_cost: str, protect_ends: Any, s
     return config.replace(n=n, ratio=ratio) if (n is not None or ratio is not None) else config
 
 
-def _provenance(analysis: Any) -> dict[str, Any]:
-    """What a selection records of the analysis it came from (model identity included)."""
+def provenance_of(analysis: Any) -> dict[str, Any]:
+    """What a selection records of the analysis it came from (model identity included); the one
+    provenance builder of every selector, verified or not."""
+    if analysis is None:
+        return {}
     return {key: getattr(analysis, key, None) for key in ("model", "estimator", "estimator_options", "calibration")}
 
 
@@ -173,106 +177,33 @@ def make_problem(analysis: Any, cfg: SelectConfig) -> Problem:
 VERIFIABLE = ("fbs", "exact", "local", "exhaustive", "topk")
 
 
-def select(analysis: Any, method: str = SelectConfig.method, n: int | None = None, ratio: float | None = None,
-           run_cost: str = SelectConfig.run_cost, protect_ends: bool | int | float = SelectConfig.protect_ends,
-           seed: int = 0, *, config: Any = None, model: Any = None, tokens: Any = None, cache: Any = None,
-           progress: Any = None, **options: Any) -> Selection:
-    """Choose blocks to remove from an `Analysis`; every default is `SelectConfig`'s (the shipped one).
-
-    Give the settings as a `SelectConfig` (`select(analysis, cfg)` or `config=cfg`) or as
-    arguments. `n` blocks, or `ratio` of the L blocks (rounded half up); with neither, the config's
-    default ratio. `method` is a name of `SELECTORS`; `run_cost` names the entry of `RUN_COSTS` that
-    the MI objective uses (optimised by "fbs", "local", "exact", "exhaustive"; reported for every
-    method). `protect_ends` keeps the ends: True never removes block 0 or block L-1, an int k the
-    first and last k blocks, a float in (0, 0.5) that fraction of L. `seed` drives "random" only.
-    Method options (e.g. fbs: pool, k, max_iter) go in `options`.
-
-    Verification: with `config.verify_passes` not 0 and a method of `VERIFIABLE`, a `model` (a
-    `LoadedModel`, or a module with `tokens`) lets `mi_prun.select.verify.verified_select` check
-    candidate sets by forward passes (`tokens`, `cache`, `progress` go to it). Without a model the
-    answer is the one-pass one, with `verified` False and a note saying so.
-    """
-    cfg = _config(method, n, ratio, run_cost, protect_ends, seed, options, config)
-    if model is not None and cfg.verifies and cfg.method in VERIFIABLE:
-        from mi_prun.select.verify import verified_select
-
-        return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress)
+def run_selector(analysis: Any, cfg: SelectConfig, scorer: Any = None) -> Selection:
+    """One registered selector's answer on `analysis` under `cfg` (no verification; `select` is
+    the entry point). `scorer`: the NLL scorer a `needs_model` selector uses."""
+    if not isinstance(cfg, SelectConfig):
+        raise MiPrunError(f"config must be a SelectConfig, got {type(cfg).__name__}.")
     sel = get_selector(cfg.method)
-    if sel.needs_model:
-        raise MiPrunError(f"method {cfg.method!r} needs the model and calibration tokens, which an "
-                          "analysis does not hold. Fix: call mi_prun.select.sleb_select(model, "
-                          "input_ids, n) instead.")
+    if sel.needs_model and scorer is None:
+        raise MiPrunError(f"method {cfg.method!r} scores removed sets by forward passes of the model, which "
+                          "an analysis does not hold. Fix: pass the model (select(..., model=loaded)) or "
+                          f"`--model` on the command line.")
     opts = _validated_options(sel, cfg.options)
     t0 = time.perf_counter()
-    block_mi, span, span_norm = check_analysis(analysis)
-    L = block_mi.shape[0]
-    count = resolve_n(L, **cfg.count, protect_ends=cfg.protect_ends)
-    C = cost_matrix(span, span_norm, cfg.run_cost, stats=analysis_stats(analysis))
-    problem = Problem(n_blocks=L, n=count, block_mi=block_mi, span=span, C=C,
-                      allowed=tuple(allowed_blocks(L, cfg.protect_ends)),
-                      baselines=dict(getattr(analysis, "baselines", {}) or {}), seed=cfg.seed)
-    assert sel.fn is not None
+    problem = make_problem(analysis, cfg)
+    if scorer is not None:
+        problem = replace(problem, scorer=scorer)
     out = sel.fn(problem, **opts)
     seconds = time.perf_counter() - t0
-    result = make_selection(cfg.method, count, L, out.removed, set_cost(out.removed, C), cfg.run_cost,
-                            seconds, forward_passes=out.forward_passes,
+    result = make_selection(cfg.method, problem.n, problem.n_blocks, out.removed, set_cost(out.removed, problem.C),
+                            cfg.run_cost, seconds, forward_passes=out.forward_passes,
                             span_lookups=out.span_lookups, ratio=cfg.count.get("ratio"),
                             trajectory=out.trajectory,
-                            options={"protect_ends": cfg.protect_ends, "seed": cfg.seed, **opts},
-                            provenance=_provenance(analysis))
+                            options={"protect_ends": cfg.protect_ends, "seed": cfg.seed, **opts, **out.options},
+                            provenance=provenance_of(analysis))
     log.info("%s removed %s (objective %.6g, %s) in %.3fs", cfg.method, list(result.removed),
              result.objective, cfg.run_cost, seconds)
     if cfg.verifies and cfg.method in VERIFIABLE:
-        from dataclasses import replace
-
         result = replace(result, verification={
-            "budget": cfg.verify_budget(count, len(problem.allowed)), "budget_rule": cfg.verify_passes,
+            "budget": cfg.verify_budget(problem.n, len(problem.allowed)), "budget_rule": cfg.verify_passes,
             "note": "unverified (no model given): the one-pass answer; give a model to check it"})
     return result
-
-
-COMPARE_METHODS = ("fbs", "local", "exact", "exhaustive")
-
-
-def compare(analysis: Any, n: int | None = None, ratio: float | None = None,
-            run_cost: str = SelectConfig.run_cost, methods: Sequence[str] = COMPARE_METHODS,
-            protect_ends: bool | int | float = SelectConfig.protect_ends, seed: int = 0,
-            options: Mapping[str, Mapping[str, Any]] | None = None, *, config: Any = None) -> list[dict[str, Any]]:
-    """One row per method: removed, objective, gap to the exact optimum, time, feasibility.
-
-    Settings as in `select` (a `SelectConfig` in `config`, whose method is ignored, or arguments).
-    Rows: {"method", "removed", "objective", "gap", "rel_gap", "seconds", "forward_passes",
-    "span_lookups", "feasible", "reason"}. gap = objective - exact objective (>= 0);
-    rel_gap = gap / |exact| (None when exact is 0). A method that refuses (e.g. exhaustive past
-    its limit, a missing baseline) gives a row with feasible False and the reason.
-    """
-    if config is not None:
-        config = _config(SelectConfig.method, n, ratio, SelectConfig.run_cost, SelectConfig.protect_ends, 0, {},
-                         config)
-    else:
-        config = _config(SelectConfig.method, n, ratio, run_cost, protect_ends, seed, {}, None)
-    L = int(np.asarray(analysis.block_mi).shape[0])
-    count = resolve_n(L, **config.count, protect_ends=config.protect_ends)  # bad n fails once, up front
-    base = config.replace(n=count, ratio=None)
-    options = options or {}
-
-    def run(method: str) -> Selection:
-        return select(analysis, config=base.replace(method=method, options=dict(options.get(method, {}))))
-
-    exact = run("exact")
-    rows = []
-    for method in methods:
-        try:
-            s = exact if method == "exact" else run(method)
-        except MiPrunError as exc:
-            rows.append({"method": method, "removed": None, "objective": None, "gap": None,
-                         "rel_gap": None, "seconds": None, "forward_passes": None,
-                         "span_lookups": None, "feasible": False, "reason": str(exc)})
-            continue
-        gap = s.objective - exact.objective
-        rel = gap / abs(exact.objective) if exact.objective != 0 else None
-        rows.append({"method": method, "removed": list(s.removed), "objective": s.objective,
-                     "gap": gap, "rel_gap": rel, "seconds": s.seconds,
-                     "forward_passes": s.forward_passes, "span_lookups": s.span_lookups,
-                     "feasible": True, "reason": None})
-    return rows

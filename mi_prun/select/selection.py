@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-
+from mi_prun.config import as_path
 from mi_prun.errors import MiPrunError
-from mi_prun.files import dump_json, jsonable, write_error
+from mi_prun.files import jsonable, write_file
+from mi_prun.models.identity import check_same_model
 from mi_prun.select.costs import runs_of
 
 
@@ -37,11 +37,8 @@ class Selection:
     """
 
     method: str
-    n: int
     n_blocks: int
     removed: tuple[int, ...]
-    kept: tuple[int, ...]
-    runs: list[tuple[int, int]]
     objective: float
     run_cost: str
     seconds: float
@@ -59,41 +56,46 @@ class Selection:
     one_pass_nll: float | None = None
     verification: dict[str, Any] = field(default_factory=dict)
 
+    # Derived from `removed` (written to JSON for readers, checked against it on load).
+    @property
+    def n(self) -> int:
+        return len(self.removed)
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        gone = set(self.removed)
+        return tuple(b for b in range(self.n_blocks) if b not in gone)
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        return runs_of(self.removed)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types; non-finite floats become None (strict JSON has no NaN)."""
-        return jsonable({
-            "method": self.method, "n": self.n, "n_blocks": self.n_blocks,
-            "removed": list(self.removed), "kept": list(self.kept),
-            "runs": [list(r) for r in self.runs], "objective": self.objective,
-            "run_cost": self.run_cost, "seconds": self.seconds,
-            "forward_passes": self.forward_passes, "span_lookups": self.span_lookups,
-            "ratio": self.ratio, "trajectory": self.trajectory, "options": self.options,
-            "provenance": self.provenance, "verified": self.verified, "nll": self.nll,
-            "candidates": self.candidates, "winner_source": self.winner_source,
-            "one_pass_removed": None if self.one_pass_removed is None else list(self.one_pass_removed),
-            "one_pass_nll": self.one_pass_nll, "verification": self.verification,
-        })
+        """Plain JSON types; non-finite floats become None (strict JSON has no NaN). Holds every
+        field, and the derived n, kept and runs."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(n=self.n, kept=self.kept, runs=self.runs)
+        return jsonable(out)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict` (the derived n, kept and runs are checked by `load`)."""
         try:
             objective = d["objective"]
+            one = d.get("one_pass_removed")
             return cls(
-                method=str(d["method"]), n=int(d["n"]), n_blocks=int(d["n_blocks"]),
-                removed=tuple(int(b) for b in d["removed"]), kept=tuple(int(b) for b in d["kept"]),
-                runs=[(int(s), int(e)) for s, e in d["runs"]],
+                method=str(d["method"]), n_blocks=_whole(d["n_blocks"]),
+                removed=tuple(_whole(b) for b in d["removed"]),
                 objective=math.nan if objective is None else float(objective),
                 run_cost=str(d["run_cost"]), seconds=float(d["seconds"]),
-                forward_passes=int(d.get("forward_passes", 0)),
-                span_lookups=int(d.get("span_lookups", 0)),
+                forward_passes=_whole(d.get("forward_passes", 0)),
+                span_lookups=_whole(d.get("span_lookups", 0)),
                 ratio=None if d.get("ratio") is None else float(d["ratio"]),
                 trajectory=list(d.get("trajectory", [])), options=dict(d.get("options", {})),
                 provenance=dict(d.get("provenance") or {}),
                 verified=bool(d.get("verified", False)), nll=_opt_float(d.get("nll")),
                 candidates=list(d.get("candidates") or []), winner_source=d.get("winner_source"),
-                one_pass_removed=None if d.get("one_pass_removed") is None else
-                tuple(int(b) for b in d["one_pass_removed"]),
+                one_pass_removed=None if one is None else tuple(_whole(b) for b in one),
                 one_pass_nll=_opt_float(d.get("one_pass_nll")),
                 verification=dict(d.get("verification") or {}),
             )
@@ -102,37 +104,15 @@ class Selection:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the selection as a JSON file (atomically); an existing file is replaced only with
-        `overwrite` and only if it is an earlier selection file."""
-        from mi_prun.config import as_path
-
-        target = Path(as_path(path, "selection file")).expanduser().absolute()
-        if target.is_dir():
-            raise MiPrunError(f"{target} is a folder. Fix: give a file name such as selection.json.")
-        if target.exists():
-            if not overwrite:
-                raise MiPrunError(f"{target} exists. Fix: choose another file name or pass --overwrite.")
-            if _read(target, quiet=True) is None:
-                raise MiPrunError(f"{target} is not an earlier mi-prun selection; --overwrite replaces only "
-                                  "those. Fix: choose another file name.")
-        record = {"format": SELECTION_FORMAT, "format_version": 1, **self.to_dict()}
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            dump_json(record, tmp)
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise write_error(target, exc, "selection") from exc
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return target
+        """Write the selection as a JSON file (atomically, `mi_prun.files.write_file`); an existing
+        file is replaced only with `overwrite` and only if it is an earlier selection file."""
+        record = {"format": SELECTION_FORMAT, "format_version": SELECTION_FORMAT_VERSION, **self.to_dict()}
+        return write_file(as_path(path, "selection file"), "selection", record, overwrite=overwrite,
+                          is_ours=lambda p: _read(p, quiet=True) is not None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Selection":
         """Read a selection file written by `save` (or `mi-prun select --out`), checked."""
-        from mi_prun.config import as_path
-
         src = Path(as_path(path, "selection file"))
         if not src.is_file():
             raise MiPrunError(f"selection file {src} not found. Fix: give a file written by "
@@ -141,9 +121,10 @@ class Selection:
         assert record is not None
         sel = cls.from_dict(record)
         L = sel.n_blocks
+        derived = {"n": sel.n, "kept": list(sel.kept), "runs": [list(r) for r in sel.runs]}
         if L < 1 or len(set(sel.removed)) != sel.n or not 0 < sel.n < L or \
                 any(not 0 <= b < L for b in sel.removed) or \
-                tuple(sorted(set(range(L)) - set(sel.removed))) != sel.kept or runs_of(sel.removed) != sel.runs:
+                any(key in record and record[key] != value for key, value in derived.items()):
             raise MiPrunError(f"selection file {src} is inconsistent (removed {list(sel.removed)} of "
                               f"{L} blocks). Fix: write it again with `mi-prun select --out`.")
         return sel
@@ -151,22 +132,20 @@ class Selection:
     def check_model(self, model: Any, force: bool = False, where: str = "the selection") -> None:
         """Refuse to apply this selection to a model other than the one its analysis was made on
         (`force=True` accepts another model with the same block count)."""
-        from mi_prun.models import find_blocks
-        from mi_prun.results import identity_mismatch
-
-        n = len(find_blocks(model))
-        if n != self.n_blocks:
-            raise MiPrunError(f"{where} is for a model of {self.n_blocks} blocks; this one has {n}. "
-                              "Fix: select blocks from an analysis of this model.")
-        model_meta = self.provenance.get("model") if isinstance(self.provenance.get("model"), dict) else {}
-        why = identity_mismatch(model_meta.get("identity"), model)
-        if why and not force:
-            raise MiPrunError(f"{where} was made for another model ({model_meta.get('spec')}): {why}. "
-                              "Fix: use a selection of this model, or pass --force (force=True) if you "
-                              "know the two share a structure.")
+        model_meta = self.provenance.get("model")
+        check_same_model(model_meta if isinstance(model_meta, dict) else None, self.n_blocks, model,
+                         force=force, where=where, what="selection")
 
 
 SELECTION_FORMAT = "mi-prun-selection"
+SELECTION_FORMAT_VERSION = 1
+
+
+def _whole(value: Any) -> int:
+    """A whole number from JSON: an int (not a bool, not 2.7)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number")
+    return value
 
 
 def _opt_float(value: Any) -> float | None:
@@ -186,6 +165,12 @@ def _read(path: Path, quiet: bool = False) -> dict[str, Any] | None:
             return None
         raise MiPrunError(f"{path} is not a mi-prun selection file. Fix: give a file written by "
                           "`mi-prun select --out`.")
+    if record.get("format_version") != SELECTION_FORMAT_VERSION:
+        if quiet:
+            return None
+        raise MiPrunError(f"selection file {path} has format_version {record.get('format_version')!r}; this "
+                          f"mi-prun reads format_version {SELECTION_FORMAT_VERSION}. Fix: write it again with "
+                          "`mi-prun select --out` (or use the mi-prun version that wrote it).")
     return record
 
 
@@ -202,9 +187,7 @@ def make_selection(method: str, n: int, L: int, removed: Iterable[int], objectiv
     if len(set(rem)) != n or any(b < 0 or b >= L for b in rem):
         # A selector bug, not a user problem: fail loudly.
         raise AssertionError(f"{method} returned {rem}, expected {n} distinct blocks in 0..{L - 1}")
-    gone = set(rem)
-    kept = tuple(b for b in range(L) if b not in gone)
-    return Selection(method=method, n=n, n_blocks=L, removed=rem, kept=kept, runs=runs_of(rem),
+    return Selection(method=method, n_blocks=L, removed=rem,
                      objective=float(objective), run_cost=run_cost, seconds=float(seconds),
                      forward_passes=int(forward_passes), span_lookups=int(span_lookups),
                      ratio=None if ratio is None else float(ratio),

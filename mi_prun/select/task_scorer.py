@@ -2,7 +2,7 @@
 
 The verified search (`verify.verified_search`) is a pure search over any scorer
 `score(removed) -> (value, cached)`, lower is better. `verification_source` turns `verify_on` into
-what `verify.verified_select` needs:
+the scorer `verify.verified_select` runs (`verification_scorer`):
 
 - None (the default): verification tokens from the analysis's calibration text, apart from the
   capture's samples (`verify.resolve_tokens`, unchanged);
@@ -41,7 +41,12 @@ import torch
 from torch.nn import functional as F
 
 from mi_prun.config import SelectConfig, ZeroShotConfig, as_int
+from mi_prun.data import calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
+from mi_prun.models.blocks import input_device
+from mi_prun.models.identity import check_same_model
+from mi_prun.models.surgery import pruned_view
+from mi_prun.select.scorer import NLLCache, PrefixScorer, model_scorer, unwrap_model
 from mi_prun.zeroshot import YAML_SUFFIXES, ChoiceItem, multiple_choice_items, task_provenance
 
 
@@ -106,10 +111,8 @@ class TaskScorer:
 
     def _loglik(self, model: torch.nn.Module) -> list[list[float]]:
         """ll[item][choice]: summed log-probability of each choice's tokens given its context."""
-        from mi_prun.evaluate import _input_device
-
         ll = [[math.nan] * len(it.choices) for it in self.items]
-        device = _input_device(model)
+        device = input_device(model)
         with torch.inference_mode():
             for start in range(0, len(self.seqs), self.batch_size):
                 batch = self.seqs[start:start + self.batch_size]
@@ -129,8 +132,6 @@ class TaskScorer:
 
     def measure(self, removed: Iterable[int]) -> tuple[float, float]:
         """(mean choice NLL, accuracy) with `removed` skipped; one pass over every sequence."""
-        from mi_prun.models.surgery import pruned_view
-
         rem = tuple(sorted(int(b) for b in removed))
         ll = self._loglik(pruned_view(self.model, rem))
         nll, hits = 0.0, 0
@@ -166,24 +167,27 @@ class TaskScorer:
         return out
 
 
-def verification_source(config: SelectConfig, model: torch.nn.Module, tokenizer: Any, cache: Any,
-                        batch_size: int = 8) -> tuple[Any, TaskScorer | None]:
-    """(tokens, None) for a text `verify_on` (None, None for the default, the calibration text),
-    (None, TaskScorer) for a task."""
+def verification_scorer(model: Any, analysis: Any, config: SelectConfig, *, n_blocks: int, starts: Iterable[int],
+                        tokenizer: Any = None, tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None
+                        ) -> PrefixScorer | TaskScorer:
+    """`scorer.model_scorer` with `config.verify_on` honoured (module docstring): given `tokens`, or
+    with verify_on None, exactly model_scorer; a text source: model_scorer on `verify_samples` x
+    `verify_seq_len` tokens of it (seed 0); a task: a `TaskScorer` on its items."""
     spec = config.verify_on
-    if spec is None:
-        return None, None
-    if tokenizer is None:
-        raise MiPrunError("verifying on a text or task needs the tokenizer. Fix: pass a LoadedModel.")
-    if is_task_spec(spec):
-        zcfg = ZeroShotConfig(tasks=(spec,), limit=config.verify_items)
-        items = multiple_choice_items(zcfg)
-        return None, TaskScorer(model, tokenizer, items, cache, batch_size, provenance=task_provenance(zcfg))
-    from mi_prun.data import calibration_tokens, load_text
+    if tokens is None and spec is not None:
+        module, tokenizer = unwrap_model(model, tokenizer, config)
+        if tokenizer is None:
+            raise MiPrunError("verifying on a text or task needs the tokenizer. Fix: pass a LoadedModel.")
+        if is_task_spec(spec):
+            if analysis is not None:
+                check_same_model(getattr(analysis, "model", None), n_blocks, module, where="the analysis")
+            zcfg = ZeroShotConfig(tasks=(spec,), limit=config.verify_items)
+            return TaskScorer(module, tokenizer, multiple_choice_items(zcfg), cache if cache is not None else NLLCache(),
+                              batch_size, provenance=task_provenance(zcfg))
+        text = load_text(spec, purpose="calibration")  # wikitext2: the validation split, never the test split
+        tokens = calibration_tokens(tokenizer, text, config.verify_samples, config.verify_seq_len, seed=0)
+    return model_scorer(model, analysis, config, n_blocks=n_blocks, starts=starts, tokenizer=tokenizer,
+                        tokens=tokens, batch_size=batch_size, cache=cache)
 
-    text = load_text(spec, purpose="calibration")  # wikitext2: the validation split, never the test split
-    calib = calibration_tokens(tokenizer, text, config.verify_samples, config.verify_seq_len, seed=0)
-    return calib, None
 
-
-__all__ = ["TaskScorer", "is_task_spec", "verification_source"]
+__all__ = ["TaskScorer", "is_task_spec", "verification_scorer"]

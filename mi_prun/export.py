@@ -1,7 +1,7 @@
 """Export a pruned model.
 
-Removing blocks from a model object (`pruned_view`, `prune`, `prune_info`, config fixing) lives in
-`mi_prun.models.surgery`; those names are re-exported here for existing callers.
+Removing blocks from a model object (`pruned_view`, `prune`, `prune_info`, config fixing) is
+`mi_prun.models.surgery`; this module writes the result to disk.
 
 `export(...)` writes a folder that plain `transformers` loads (safetensors, config, tokenizer),
 plus `mi_prun.json` (what was removed and why) and `mergekit.yaml` (a passthrough merge that
@@ -17,20 +17,21 @@ import errno
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
-import yaml
-
+from mi_prun.config import ExportConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
 from mi_prun.models.blocks import find_blocks, num_layers_of
-from mi_prun.models.surgery import (  # noqa: F401  (re-exported: surgery moved to mi_prun.models)
-    PRUNE_INFO_ATTR, PruneInfo, _fix_config_inplace, _pruned_copy, _structural_copy, _validate_remove,
-    prune, prune_info, pruned_view, remove_blocks_config)
-from mi_prun.models.zoo import drop_quantization_marker
+from mi_prun.heal import healing_of
+from mi_prun.models.surgery import PRUNE_INFO_ATTR, PruneInfo, _structural_copy, _validate_remove, prune_info
+from mi_prun.models.zoo import drop_quantization_marker, hub_id
+from mi_prun.results import library_versions
 from mi_prun.select.costs import runs_of
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def _resolve_blocks(pruned: nn.Module, sel: dict[str, Any]) -> PruneInfo:
                          info.block_path if info else find_blocks(pruned).path)
     if info is None:
         raise MiPrunError("cannot tell which blocks were removed: the model was not made by "
-                          "mi_prun.prune and the selection lists no 'removed'. Fix: pass the "
-                          "selection, or prune with mi_prun.prune.prune().")
+                          "mi_prun.models.prune and the selection lists no 'removed'. Fix: pass the "
+                          "selection, or prune with mi_prun.models.prune().")
     if len(info.kept) != n_now:
         raise MiPrunError(f"the model has {n_now} blocks, but keeping {list(info.kept)} of "
                           f"{info.n_blocks} leaves {len(info.kept)}. Fix: export the model made "
@@ -102,7 +103,6 @@ def _source(loaded: Any, analysis: Any, pruned: nn.Module, source_model: str | N
     if hub is None and analysis is not None:
         hub = (getattr(analysis, "model", None) or {}).get("hub_id")
     if hub is None:
-        from mi_prun.models.zoo import hub_id
 
         name = getattr(pruned.config, "_name_or_path", None)
         hub = hub_id(name) if isinstance(name, str) and name else None
@@ -146,11 +146,6 @@ def export(
     changed: a copy sharing its tensors is saved (a GGUF-loaded model's quantisation marker is
     dropped on that copy).
     """
-    from dataclasses import replace
-
-    from mi_prun.config import ExportConfig
-    from mi_prun.results import library_versions
-
     cfg = config if config is not None else ExportConfig()
     if not isinstance(cfg, ExportConfig):
         raise MiPrunError(f"config must be an ExportConfig, got {type(cfg).__name__}.")
@@ -184,7 +179,7 @@ def export(
                                  if hasattr(to_save.config, "get_text_config") else to_save.config)
     if n_blocks_cfg is not None and n_blocks_cfg != len(info.kept):
         raise MiPrunError(f"the model's config says {n_blocks_cfg} blocks but it has "
-                          f"{len(info.kept)}. Fix: prune with mi_prun.prune.prune(), which fixes "
+                          f"{len(info.kept)}. Fix: prune with mi_prun.models.prune(), which fixes "
                           "the config.")
     dtype = str(next(to_save.parameters()).dtype).replace("torch.", "")
     sel_record = {k: v for k, v in sel.items() if k != "provenance"}
@@ -213,7 +208,6 @@ def export(
     }
     if source_note:
         record["source_note"] = source_note
-    from mi_prun.heal import healing_of
 
     heal_rec = healing if healing is not None else healing_of(pruned)
     mergekit_note = source_note
