@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 from mi_prun.config import ZeroShotConfig
 from mi_prun.errors import MiPrunError

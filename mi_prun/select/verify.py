@@ -39,7 +39,7 @@ from mi_prun.progress import Progress
 from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
 from mi_prun.select.costs import set_cost
 from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem, run_selector
-from mi_prun.select.scorer import NLLCache, PrefixScorer, model_scorer, resolve_tokens, tokens_key
+from mi_prun.select.scorer import NLLCache, PrefixScorer, resolve_tokens, tokens_key
 from mi_prun.select.selection import Selection, make_selection
 from mi_prun.select.task_scorer import TaskScorer, verification_scorer
 
