@@ -188,6 +188,7 @@ class SelectConfig:
     verify_seq_len: int = 256
     verify_on: str | None = None  # None: the calibration text; else a text source or a task YAML (task_scorer)
     verify_items: int | None = None  # a task's items scored per set (None: all)
+    verify_confirm: int = 0  # finalists re-scored on a fresh draw of tokens (select/confirm.py); 0: off
 
     DEFAULT_RATIO = 0.25
     AUTO = "auto"
@@ -222,6 +223,8 @@ class SelectConfig:
             _set(self, "verify_on", spec or None)
         if self.verify_items is not None:
             _set(self, "verify_items", as_int(self.verify_items, "verification task items", minimum=1))
+        _set(self, "verify_confirm", as_int(self.verify_confirm, "verify_confirm (finalists confirmed on fresh "
+                                            "tokens; 0 = off)", minimum=0))
         if not isinstance(self.options, Mapping):
             raise MiPrunError(f"options must be a mapping, got {self.options!r}.")
         _set(self, "options", dict(self.options))

@@ -145,7 +145,7 @@ MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or H
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
 SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes", "verify_samples",
-                "verify_tokens", "verify_on", "verify_items"}
+                "verify_tokens", "verify_on", "verify_items", "verify_confirm"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -217,6 +217,9 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "(default: the calibration text, apart from the capture's samples)")
     g.add_argument("--verify-items", type=positive_int, default=d.verify_items,
                    help="items of the --verify-on task scored per set (default: all)")
+    g.add_argument("--verify-confirm", type=nonneg_int, default=d.verify_confirm, metavar="K",
+                   help="re-score the K best sets on a fresh draw of as many verification tokens and take the "
+                        "lowest NLL over both draws (K + 1 passes more; 0 = off)")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}

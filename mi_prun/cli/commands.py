@@ -39,7 +39,7 @@ def select_config(args):
     kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio,
                           "verify_passes": args.verify_passes, "verify_samples": args.verify_samples,
                           "verify_seq_len": args.verify_tokens, "verify_on": args.verify_on,
-                          "verify_items": args.verify_items}
+                          "verify_items": args.verify_items, "verify_confirm": args.verify_confirm}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
     if getattr(args, "heal", False) and not given(args, {"verify_passes"}):
@@ -160,7 +160,7 @@ def cmd_prune(args) -> int:
                               analysis=analysis, progress=progress)
         else:
             tokens = None
-            if acfg is not None and sel_cfg.verifies and sel_cfg.verify_on is None:
+            if acfg is not None and sel_cfg.verifies and sel_cfg.verify_on is None and not sel_cfg.verify_confirm:
                 # the analysis ran here: its text is at hand even when it cannot be reloaded (text:...)
 
                 tokens = verification_tokens(loaded.tokenizer, load_text(acfg.calib, purpose="calibration"),

@@ -39,7 +39,8 @@ from mi_prun.progress import Progress
 from mi_prun.select.candidates import Candidate, exchange_order, nan_last, neighbours, propose
 from mi_prun.select.costs import set_cost
 from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem, run_selector
-from mi_prun.select.scorer import NLLCache, PrefixScorer, resolve_tokens, tokens_key
+from mi_prun.select.confirm import confirm, fresh_tokens
+from mi_prun.select.scorer import NLLCache, PrefixScorer, resolve_tokens, tokens_key, unwrap_model
 from mi_prun.select.selection import Selection, make_selection
 from mi_prun.select.task_scorer import TaskScorer, verification_scorer
 
@@ -177,6 +178,18 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     budget = config.verify_budget(problem.n, len(problem.allowed))
     out = verified_search(problem, cands, scorer.score, budget, progress)
     best, scored, passes = out["best"], out["scored"], out["passes"]
+    confirmed = None
+    if config.verify_confirm:  # finalists on a fresh draw of the same text (select/confirm.py)
+        if tokens is not None or not isinstance(scorer, PrefixScorer):
+            confirmed = {"note": "not confirmed: only tokens drawn here from a text can be drawn again"}
+        else:
+            draw_b = fresh_tokens(config, analysis, unwrap_model(model, tokenizer, config)[1], scorer.ids)
+            cache_b = NLLCache()
+            cache_b.bind(scorer.model, tokens_key(draw_b, None))
+            scorer_b = PrefixScorer(scorer.model, draw_b, None, batch_size, problem.allowed, cache_b)
+            best, confirmed = confirm(problem.n, scored, scorer_b.score, config.verify_confirm)
+            passes += confirmed["passes"]
+            confirmed["dense_passes"] = scorer_b.dense_passes
     if progress is not None:
         progress("verify", 1.0, f"{len(scored)} sets scored, {passes} new passes")
     one_nll = next((r["nll"] for r in scored if tuple(r["removed"]) == one.removed), None)
@@ -204,7 +217,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
                        "tokens": tok_prov, "note": PASS_NOTE,
                        **({"task": scorer.report(winner, one.removed if one_nll is not None else None)}
-                          if isinstance(scorer, TaskScorer) else {})})
+                          if isinstance(scorer, TaskScorer) else {}),
+                       **({"confirm": confirmed} if confirmed is not None else {})})
 
 
 __all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_search",
