@@ -61,3 +61,18 @@ def test_verified_select_confirms_on_disjoint_tokens(tiny):
     b = fresh_tokens(cfg, analysis, loaded.tokenizer, a)
     assert b.shape == a.shape and not {tuple(r.tolist()) for r in a} & {tuple(r.tolist()) for r in b}
     assert all(math.isfinite(f["nll_b"]) for f in rec["finalists"])
+
+
+def test_cli_select_verify_confirm(tmp_path):
+    import json
+
+    from cli_helpers import run_cli
+
+    rc, _, err = run_cli("analyze", "--model", "tiny-llama", "--samples", "8", "--tokens", "48", "--out",
+                         str(tmp_path / "a"))
+    assert rc == 0, err
+    rc, _, err = run_cli("select", str(tmp_path / "a"), "--n", "2", "--model", "tiny-llama", "--verify-samples", "4",
+                         "--verify-tokens", "48", "--verify-confirm", "2", "--out", str(tmp_path / "s.json"))
+    assert rc == 0, err
+    rec = json.loads((tmp_path / "s.json").read_text())["verification"]["confirm"]
+    assert len(rec["finalists"]) == 2 and rec["winner"] == json.loads((tmp_path / "s.json").read_text())["removed"]
