@@ -24,7 +24,7 @@ from mi_prun.errors import MiPrunError  # noqa: E402
 # public name -> module that defines it
 _API = {
     "AnalysisConfig": "mi_prun.config", "SelectConfig": "mi_prun.config", "EvalConfig": "mi_prun.config",
-    "ExportConfig": "mi_prun.config",
+    "ExportConfig": "mi_prun.config", "ZeroShotConfig": "mi_prun.config",
     "load_model": "mi_prun.models", "LoadedModel": "mi_prun.models", "find_blocks": "mi_prun.models",
     "pruned_view": "mi_prun.models",
     "load_text": "mi_prun.data", "calibration_tokens": "mi_prun.data",
@@ -33,7 +33,7 @@ _API = {
     "Analysis": "mi_prun.results",
     "compare": "mi_prun.select", "sleb_select": "mi_prun.select", "Selection": "mi_prun.select",
     "export": "mi_prun.export",
-    "perplexity": "mi_prun.evaluate", "generate_sample": "mi_prun.evaluate",
+    "perplexity": "mi_prun.evaluate", "generate_sample": "mi_prun.evaluate", "zero_shot": "mi_prun.zeroshot",
 }
 
 __all__ = ["MiPrunError", "__version__", *sorted(_API)]

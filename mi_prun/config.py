@@ -170,6 +170,11 @@ class SelectConfig:
     default) allows a quarter of what SLEB-style greedy removal spends for the same n and model
     (n L' - n (n - 1) / 2 passes over the L' removable blocks), so the budget grows with the model
     and with n; an int is a fixed budget; 0 gives the one-pass answer.
+
+    `verify_on` chooses what the passes score (`mi_prun.select.task_scorer`): None, the default,
+    the calibration text apart from the capture's samples; a text source (as `calib` takes) for
+    `verify_samples` x `verify_seq_len` tokens of another text; a multiple-choice task YAML (lm-eval's
+    format, the [eval] extra) for its mean choice NLL over `verify_items` items (None: all).
     """
 
     method: str = "fbs"
@@ -182,6 +187,9 @@ class SelectConfig:
     verify_passes: int | str = "auto"
     verify_samples: int = 16  # 16 x 256 tokens: measured by benchmarks/verification_size.py (RESULTS.md)
     verify_seq_len: int = 256
+    verify_on: str | None = None  # None: the calibration text; else a text source or a task YAML (task_scorer)
+    verify_items: int | None = None  # a task's items scored per set (None: all)
+    verify_confirm: int = 0  # finalists re-scored on a fresh draw of tokens (select/confirm.py); 0: off
 
     DEFAULT_RATIO = 0.25
     AUTO = "auto"
@@ -211,6 +219,13 @@ class SelectConfig:
             _set(self, "verify_passes", self.AUTO)
         _set(self, "verify_samples", as_int(self.verify_samples, "verification samples", minimum=1))
         _set(self, "verify_seq_len", as_int(self.verify_seq_len, "verification tokens per sample", minimum=2))
+        if self.verify_on is not None:
+            spec = as_path(self.verify_on, "verify_on (a text source or a task YAML)").strip()
+            _set(self, "verify_on", spec or None)
+        if self.verify_items is not None:
+            _set(self, "verify_items", as_int(self.verify_items, "verification task items", minimum=1))
+        _set(self, "verify_confirm", as_int(self.verify_confirm, "verify_confirm (finalists confirmed on fresh "
+                                            "tokens; 0 = off)", minimum=0))
         if not isinstance(self.options, Mapping):
             raise MiPrunError(f"options must be a mapping, got {self.options!r}.")
         _set(self, "options", dict(self.options))
@@ -290,6 +305,36 @@ def _is_shard_size(value: Any) -> bool:
         return int(value) > 0
     match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B)", value, flags=re.IGNORECASE) if isinstance(value, str) else None
     return match is not None and int(match.group(1)) > 0
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot accuracy through lm-evaluation-harness (`mi_prun.zeroshot`).
+
+    `tasks`: lm-eval task names (their datasets cached, or reachable), task YAML files, or folders
+    of them, as a sequence or one comma-separated string. `limit`: at most that many items per task
+    (None: all). `num_fewshot`: examples in each prompt (0: zero-shot, the block-pruning papers'
+    protocol). `batch_size`: requests per forward pass."""
+
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    num_fewshot: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        tasks = self.tasks
+        if isinstance(tasks, (str, os.PathLike)):
+            tasks = os.fspath(tasks).split(",")
+        if not isinstance(tasks, (tuple, list)):
+            raise MiPrunError(f"tasks must be task names or YAML paths, got {tasks!r}.")
+        _set(self, "tasks", tuple(t for t in (as_path(t, "task").strip() for t in tasks) if t))
+        if self.limit is not None:
+            _set(self, "limit", as_int(self.limit, "limit (items per task)", minimum=1))
+        _set(self, "num_fewshot", as_int(self.num_fewshot, "num_fewshot", minimum=0))
+        _set(self, "batch_size", as_int(self.batch_size, "batch size", minimum=1))
+
+    def replace(self, **changes: Any) -> "ZeroShotConfig":
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -414,12 +459,12 @@ class HealConfig:
 def describe_defaults() -> dict[str, dict[str, Any]]:
     """Every shipped default, by config (for `mi-prun --version`-style reports and the docs)."""
     out = {}
-    for cls in (AnalysisConfig, SelectConfig, EvalConfig, ExportConfig, HealConfig, ExecutionConfig):
+    for cls in (AnalysisConfig, SelectConfig, EvalConfig, ExportConfig, HealConfig, ExecutionConfig, ZeroShotConfig):
         out[cls.__name__] = {f.name: (f.default_factory() if callable(f.default_factory)  # type: ignore[misc]
                                       else f.default) for f in fields(cls)}
     return out
 
 
 __all__ = ["AnalysisConfig", "DPI_TOL", "calibration_spec", "EvalConfig", "ExecutionConfig", "OFFLOAD_CHOICES",
-           "ExportConfig", "HealConfig", "MAX_RIDGE", "SelectConfig", "as_float",
+           "ExportConfig", "HealConfig", "MAX_RIDGE", "SelectConfig", "ZeroShotConfig", "as_float",
            "as_int", "as_path", "check_protect_ends", "describe_defaults"]

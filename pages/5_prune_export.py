@@ -19,7 +19,7 @@ from mi_prun.export import export
 from mi_prun.heal import HealRefused
 from mi_prun.models import pruned_view
 from mi_prun.progress import TimeLeft
-from mi_prun_app import healing, search, state, tables, viz
+from mi_prun_app import accuracy, healing, search, state, tables, viz
 from mi_prun_app.labels import proposer_label
 from mi_prun_app.ui import (
     COMPARE_METHODS,
@@ -161,6 +161,7 @@ with right:
               missing="not computed (healing off for that point, or refused)")
     else:
         st.caption("Press a button to compute perplexity.")
+    accuracy.section(analysis, n, {viz.sel_label(m, chosen(m).verified): chosen(m) for m in methods}, points)
 
 st.divider()
 c_gen, c_size = st.columns(2, gap="large")

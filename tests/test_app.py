@@ -325,6 +325,47 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     assert model_fingerprint(shared_model.model) == before
 
 
+def test_prune_page_zero_shot_accuracy(shared_model, tmp_path, monkeypatch):
+    """Accuracy beside perplexity on the prune page: behind a button, the library's numbers for the
+    dense model and each method's set, task files only from the operator's folder."""
+    pytest.importorskip("lm_eval")
+    from mi_prun.models import pruned_view
+    from mi_prun.zeroshot import zero_shot
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    items = [{"q": "The sky is", "c": ["blue", "green"], "a": 0}, {"q": "Fire is", "c": ["cold", "hot", "wet"], "a": 1},
+             {"q": "Bees make", "c": ["milk", "honey"], "a": 1}]
+    (tasks / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
+    (tasks / "mc.yaml").write_text(
+        "task: app_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: items.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\n"
+        "doc_to_target: '{{a}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+        "    higher_is_better: true\n", encoding="utf-8")
+    monkeypatch.setenv("MI_PRUN_TASKS_DIR", str(tasks))
+    before = model_fingerprint(shared_model.model)
+    at = analysed_app()
+    at.switch_page(PAGES["prune"]).run()
+    no_errors(at)
+    at.slider(key="p_n_remove").set_value(2).run()
+    at.multiselect(key="pr_methods").set_value(["fbs", "shortgpt"]).run()
+    assert not at.session_state["acc_rows"]  # nothing computed before the button
+    at.text_input(key="acc_names").set_value("../../etc/task.yaml").run()
+    at.button(key="acc_now").click().run()
+    assert any("looks like a path" in e.value for e in at.error) and not at.session_state["acc_rows"]
+    at.text_input(key="acc_names").set_value("").run()
+    at.multiselect(key="acc_files").set_value(["mc.yaml"]).run()
+    at.button(key="acc_now").click().run()
+    no_errors(at)
+    rows = at.session_state["acc_rows"]
+    assert [r["set"] for r in rows][0] == "dense" and len(rows) == 3 and {r["task"] for r in rows} == {"app_mc"}
+    for r in rows:
+        removed = [int(b) for b in r["removed"].split()]
+        lib = zero_shot(pruned_view(shared_model.model, removed), shared_model.tokenizer, str(tasks / "mc.yaml"))
+        assert r["acc"] == pytest.approx(lib.by_task()["app_mc"].acc) and r["items"] == len(items)
+    assert model_fingerprint(shared_model.model) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # verified search and healing in the pages
 

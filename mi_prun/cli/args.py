@@ -7,7 +7,7 @@ import json
 
 from mi_prun import __version__
 from mi_prun.cli.output import BLOCK_NOTE
-from mi_prun.config import AnalysisConfig, EvalConfig, ExecutionConfig, HealConfig, SelectConfig
+from mi_prun.config import AnalysisConfig, EvalConfig, ExecutionConfig, HealConfig, SelectConfig, ZeroShotConfig
 from mi_prun.files import parse_json
 from mi_prun.models.zoo import DEFAULT_MODEL
 from mi_prun.select import SELECTORS, run_cost_descriptions
@@ -146,7 +146,7 @@ MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or H
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
 SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes", "verify_samples",
-                "verify_tokens"}
+                "verify_tokens", "verify_on", "verify_items", "verify_confirm"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -226,6 +226,16 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
                    help="verification samples (drawn from the calibration text, apart from the capture's)")
     g.add_argument("--verify-tokens", type=positive_int, default=d.verify_seq_len, help="tokens per verification sample")
+    g.add_argument("--verify-on", default=d.verify_on, metavar="TEXT_OR_TASK",
+                   help="what the verification passes score: a text source (as --calib takes; "
+                        "--verify-samples x --verify-tokens of it) or a multiple-choice task YAML in lm-eval's "
+                        "format (its mean NLL of the right choice among the choices; needs the [eval] extra) "
+                        "(default: the calibration text, apart from the capture's samples)")
+    g.add_argument("--verify-items", type=positive_int, default=d.verify_items,
+                   help="items of the --verify-on task scored per set (default: all)")
+    g.add_argument("--verify-confirm", type=nonneg_int, default=d.verify_confirm, metavar="K",
+                   help="re-score the K best sets on a fresh draw of as many verification tokens and take the "
+                        "lowest NLL over both draws (K + 1 passes more; 0 = off)")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}
@@ -302,4 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=positive_int, default=e.max_windows,
                    help="evaluate only the first windows (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=e.batch_size, help="windows per forward pass")
+    z = ZeroShotConfig()
+    t = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness; needs the [eval] extra)")
+    t.add_argument("--tasks", default=None, metavar="NAMES_OR_YAML",
+                   help="comma-separated lm-eval task names (datasets cached), task YAML files or folders of "
+                        "them, e.g. piqa,my_task.yaml; accuracy beside perplexity, recorded in mi_prun.json "
+                        "when --model is a mi-prun export (default: none)")
+    t.add_argument("--limit", type=positive_int, default=z.limit, help="at most this many items per task "
+                                                                       "(default: all)")
+    t.add_argument("--num-fewshot", type=nonneg_int, default=z.num_fewshot, help="examples per prompt")
     return parser

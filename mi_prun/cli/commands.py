@@ -7,7 +7,7 @@ from typing import Any
 
 from mi_prun.cli.args import ANALYSIS_DESTS, HEAL_DESTS, SELECT_DESTS, given
 from mi_prun.cli.output import TqdmProgress, format_analysis, format_compare, format_selection
-from mi_prun.config import AnalysisConfig, EvalConfig, ExportConfig, HealConfig, SelectConfig
+from mi_prun.config import AnalysisConfig, EvalConfig, ExportConfig, HealConfig, SelectConfig, ZeroShotConfig
 from mi_prun.data import load_text, verification_tokens
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import describe_estimators
@@ -20,6 +20,7 @@ from mi_prun.pipeline import analyze, check_analysis_config, prepare_calibration
 from mi_prun.results import Analysis
 from mi_prun.select import Selection, compare, get_selector, resolve_n, select, sleb_select
 from mi_prun.select.registry import VERIFIABLE
+from mi_prun.zeroshot import build_tasks, is_export, record_zero_shot, zero_shot
 
 
 def _load(args) -> Any:
@@ -39,7 +40,8 @@ def analysis_config(args):
 def select_config(args):
     kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio,
                           "verify_passes": args.verify_passes, "verify_samples": args.verify_samples,
-                          "verify_seq_len": args.verify_tokens}
+                          "verify_seq_len": args.verify_tokens, "verify_on": args.verify_on,
+                          "verify_items": args.verify_items, "verify_confirm": args.verify_confirm}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
     if getattr(args, "heal", False) and not given(args, {"verify_passes"}):
@@ -190,7 +192,7 @@ def cmd_prune(args) -> int:
                               analysis=analysis, progress=progress, force=export_cfg.force)
         else:
             tokens = None
-            if acfg is not None and sel_cfg.verifies:
+            if acfg is not None and sel_cfg.verifies and sel_cfg.verify_on is None and not sel_cfg.verify_confirm:
                 # the analysis ran here: its text is at hand even when it cannot be reloaded (text:...)
 
                 tokens = verification_tokens(loaded.tokenizer, load_text(acfg.calib, purpose="calibration"),
@@ -224,12 +226,28 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     cfg = EvalConfig(data=args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                      batch_size=args.batch_size)
+    zcfg = None
+    if args.tasks is not None:
+        zcfg = ZeroShotConfig(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                              batch_size=args.batch_size)
+        build_tasks(zcfg)  # an unknown task or a bad YAML fails before the (slow) model load
+    else:
+        _refuse_flags(args, {"limit", "num_fewshot"}, "no --tasks given")
     progress = TqdmProgress(not args.quiet)
     loaded = _load(args)
     res = evaluate(loaded.model, loaded.tokenizer, cfg, progress=progress)
     progress.close()
     print(f"perplexity {res.ppl:.3f} on {res.source}: seq_len {res.seq_len}, {res.windows} windows, "
           f"{res.tokens_scored} tokens scored, BOS {'prepended' if res.bos else 'not used'} ({res.protocol})")
+    if zcfg is not None:
+        zs = zero_shot(loaded, config=zcfg, progress=progress)
+        progress.close()
+        print(f"zero-shot accuracy (lm-eval {zs.lm_eval_version}, {zs.num_fewshot}-shot"
+              f"{'' if zs.limit is None else f', at most {zs.limit} items per task'}):")
+        print(zs.summary())
+        if is_export(args.model):
+            path = record_zero_shot(args.model, zs)
+            print(f"recorded in {path}")
     return 0
 
 

@@ -46,20 +46,11 @@ from mi_prun.select.candidates import (
     propose,
 )
 from mi_prun.select.costs import set_cost
-from mi_prun.select.registry import (
-    VERIFIABLE,
-    check_analysis,
-    make_problem,
-    run_selector,
-)
-from mi_prun.select.scorer import (
-    NLLCache,
-    PrefixScorer,
-    model_scorer,
-    resolve_tokens,
-    tokens_key,
-)
+from mi_prun.select.confirm import confirm, fresh_tokens
+from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem, run_selector
+from mi_prun.select.scorer import NLLCache, PrefixScorer, resolve_tokens, tokens_key, unwrap_model
 from mi_prun.select.selection import Selection, make_selection
+from mi_prun.select.task_scorer import TaskScorer, verification_scorer
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +191,27 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     if not config.verifies or config.method not in VERIFIABLE:
         return one
     problem = make_problem(analysis, config)
-    scorer = model_scorer(model, analysis, config, n_blocks=problem.n_blocks, starts=problem.allowed,
-                          tokenizer=tokenizer, tokens=tokens, batch_size=batch_size, cache=cache, force=force)
+    # model_scorer, or the text / task of config.verify_on (task_scorer)
+    scorer = verification_scorer(model, analysis, config, n_blocks=problem.n_blocks, starts=problem.allowed,
+                                 tokenizer=tokenizer, tokens=tokens, batch_size=batch_size, cache=cache, force=force)
     cache, tok_prov = scorer.cache, scorer.provenance
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
     budget = config.verify_budget(problem.n, len(problem.allowed))
     out = verified_search(problem, cands, scorer.score, budget, progress)
     best, scored, passes = out["best"], out["scored"], out["passes"]
+    confirmed = None
+    if config.verify_confirm:  # finalists on a fresh draw of the same text (select/confirm.py)
+        if tokens is not None or not isinstance(scorer, PrefixScorer):
+            confirmed = {"note": "not confirmed: only tokens drawn here from a text can be drawn again"}
+        else:
+            draw_b = fresh_tokens(config, analysis, unwrap_model(model, tokenizer, config)[1], scorer.ids)
+            cache_b = NLLCache()
+            cache_b.bind(scorer.model, tokens_key(draw_b, None))
+            scorer_b = PrefixScorer(scorer.model, draw_b, None, batch_size, problem.allowed, cache_b)
+            best, confirmed = confirm(problem.n, scored, scorer_b.score, config.verify_confirm)
+            passes += confirmed["passes"]
+            confirmed["dense_passes"] = scorer_b.dense_passes
     if progress is not None:
         progress("verify", 1.0, f"{len(scored)} sets scored, {passes} new passes")
     one_nll = next((r["nll"] for r in scored if tuple(r["removed"]) == one.removed), None)
@@ -219,7 +223,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
         time.perf_counter() - t0, forward_passes=passes, span_lookups=one.span_lookups, ratio=one.ratio,
         trajectory=one.trajectory, options={**one.options, "verify_passes": config.verify_passes,
                                            "verify_samples": config.verify_samples,
-                                           "verify_seq_len": config.verify_seq_len},
+                                           "verify_seq_len": config.verify_seq_len,
+                                           **({"verify_on": config.verify_on} if config.verify_on else {})},
         provenance=one.provenance)
     log.info("verified %s: removed %s (NLL %.4f, proposed by %s) after %d of %d sets (%d new passes); "
              "one-pass %s NLL %s", config.method, list(winner), best["nll"], best["proposers"][0], len(scored),
@@ -233,7 +238,10 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
                        "tokens": tok_prov, "note": PASS_NOTE, "offload": is_streamed(scorer.model),
-                       "peak_memory": peak_memory()})
+                       "peak_memory": peak_memory(),
+                       **({"task": scorer.report(winner, one.removed if one_nll is not None else None)}
+                          if isinstance(scorer, TaskScorer) else {}),
+                       **({"confirm": confirmed} if confirmed is not None else {})})
 
 
 __all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_search",
