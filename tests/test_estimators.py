@@ -474,3 +474,22 @@ def test_mismatched_inputs_are_refused():
         est.mi(torch.full((10, 3), float("nan")), torch.randn(10, 3))
     with pytest.raises(MiPrunError):
         est.span_matrix(torch.randn(10, 3))
+
+
+def test_standardize_is_the_two_pass_formula_and_leaves_its_input_alone():
+    """standardize works in place on its own buffer: the values are exactly (x - mean) / std in
+    float64 (constant channels 0), and the caller's tensor is unchanged, float32 or float64."""
+    from mi_prun.estimators.base import _CONST_REL, standardize
+
+    g = torch.Generator().manual_seed(21)
+    for x in (torch.randn(300, 64, generator=g), torch.randn(200, 16, generator=g).double(),
+              torch.cat([torch.randn(40, 5, generator=g), torch.full((40, 3), 2.5)], 1)):
+        before = x.clone()
+        z, n_const = standardize(x)
+        x64 = before.double()
+        mean = x64.mean(0, keepdim=True)
+        std = (x64 - mean).pow(2).mean(0, keepdim=True).sqrt()
+        const = std <= _CONST_REL * mean.abs()
+        ref = torch.where(const, torch.zeros_like(x64), (x64 - mean) / torch.where(const, 1.0, std))
+        assert torch.equal(z, ref.to(torch.float32)) and n_const == int(const.sum())
+        assert torch.equal(x, before)

@@ -123,9 +123,11 @@ def standardize(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     x64 = x.double()
     mean = x64.mean(0, keepdim=True)  # (1, d)
-    std = (x64 - mean).pow(2).mean(0, keepdim=True).sqrt()
+    z = x64 - mean  # a new (m, d) float64 buffer (never the caller's tensor), worked on in place
+    std = (z * z).mean(0, keepdim=True).sqrt()
     const = std <= _CONST_REL * mean.abs()  # includes std == 0
-    z = torch.where(const, torch.zeros_like(x64), (x64 - mean) / torch.where(const, 1.0, std))
+    # In place, the same values as (x - mean) / std with constant channels set to 0.
+    z.div_(torch.where(const, 1.0, std)).masked_fill_(const, 0.0)
     return z.to(torch.float32), int(const.sum())
 
 
