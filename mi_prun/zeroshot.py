@@ -32,6 +32,7 @@ import contextlib
 import datetime as _dt
 import difflib
 import hashlib
+import importlib.metadata as md
 import logging
 import os
 import time
@@ -113,8 +114,6 @@ def _fmt(value: float | None, stderr: float | None) -> str:
 
 def lm_eval_version() -> str:
     """The installed lm-eval's version; a one-line error naming the extra when it is missing."""
-    import importlib.metadata as md
-
     try:
         import lm_eval  # noqa: F401  (optional dependency, the [eval] extra: imported only when needed)
     except ImportError:
