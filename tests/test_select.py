@@ -428,7 +428,9 @@ def test_sleb_search_synthetic():
     removed, traj, passes = S.sleb_search(6, 2, nll, progress=lambda stage, f, msg: seen.append((stage, f)))
     assert traj[0]["removed_block"] == 2  # tie 2/3 -> lowest index
     assert removed == (1, 2)  # 3 would add the interaction
-    assert passes == len(calls) == 6 + 5 and seen[-1] == ("sleb", 1.0) and len(seen) == 11
+    # progress: 0.0 at the start (for the shells' time-left estimate), then after every pass
+    assert passes == len(calls) == 6 + 5 and seen[0] == ("sleb", 0.0) and seen[-1] == ("sleb", 1.0) \
+        and len(seen) == 12
     removed, traj, passes = S.sleb_search(6, 2, nll, protect_ends=True)
     assert passes == 4 + 3 and 0 not in removed and 5 not in removed
 

@@ -40,6 +40,8 @@ def guided_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]]
     removed: list[int] = []
     traj: list[dict[str, Any]] = []
     passes, t0 = 0, time.perf_counter()
+    if progress is not None:  # the start, so that a shell's time-left estimate counts every step
+        progress("guided", 0.0, f"step 1 of {count}")
     for step in range(count):
         tried = guided_order([b for b in allowed if b not in removed], block_mi, bi, c)
         cands = []
@@ -48,7 +50,7 @@ def guided_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]]
             passes += 0 if cached else 1
             cands.append({"block": b, "nll": float(nll), "cached": cached})
             if progress is not None:
-                progress("guided", (step + len(cands) / len(tried)) / count, f"step {step + 1}/{count}")
+                progress("guided", (step + len(cands) / len(tried)) / count, f"step {step + 1} of {count}, block {len(cands)} of {len(tried)}")
         best = min(cands, key=lambda r: nan_last(r["nll"]))
         removed.append(best["block"])
         traj.append({"step": step, "removed_block": best["block"], "removed": sorted(removed),

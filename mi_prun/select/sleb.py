@@ -64,6 +64,8 @@ def sleb_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]], 
     traj: list[dict[str, Any]] = []
     passes = 0
     t0 = time.perf_counter()
+    if progress is not None:  # the start, so that a shell's time-left estimate counts every pass
+        progress("sleb", 0.0, f"pass 0 of {total}")
     for step in range(count):
         cands = []
         for b in allowed:
@@ -73,7 +75,8 @@ def sleb_search(n_blocks: int, n: int, nll_without: Callable[[tuple[int, ...]], 
             passes += 1
             cands.append({"block": b, "nll": nll})
             if progress is not None:
-                progress("sleb", passes / total, f"step {step + 1}/{count}, pass {passes}/{total}")
+                progress("sleb", passes / total, f"step {step + 1}/{count}, pass {passes} of {total} "
+                         f"({total - passes} left)")
         best = min(cands, key=lambda c: (math.isnan(c["nll"]), c["nll"] if not math.isnan(c["nll"])
                                          else 0.0, c["block"]))
         removed.append(best["block"])
