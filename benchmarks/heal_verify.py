@@ -33,7 +33,7 @@ from mi_prun.select import select  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", default="4,8")
-    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--calib", default="wikitext2")
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -4,8 +4,9 @@
     python benchmarks/quality.py --model <any spec>    # any model mi-prun loads
     python benchmarks/quality.py --quick               # tiny random model, seconds (used by the tests)
 
-Protocol (default): calibration 32 samples x 256 tokens from WikiText-2 validation
-(`wikitext2-valid.tokens`), one capture per first-position choice shared by every MI variant and
+Protocol (default): calibration 32 samples x 256 tokens from WikiText-2 validation without the
+`<unk>` placeholders of its tokenised release (`--calib wikitext2`, as in `mi-prun`; the release with
+them is `--calib wikitext2-tokenised`), one capture per first-position choice shared by every MI variant and
 by the baselines; evaluation on the raw WikiText-2 test split, windows of 256 tokens, the first 40
 windows (`--full`: 1024-token windows, 80 windows); every pruned model is scored on the same
 windows in the same run. SLEB-style removal uses its own, smaller calibration (`--sleb-samples`
@@ -108,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--calib", default="wikitext2-valid")
+    ap.add_argument("--calib", default="wikitext2")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--eval", default="wikitext2-test")

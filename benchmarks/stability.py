@@ -1,6 +1,6 @@
 """Are block rankings stable across calibration data? Kendall tau between disjoint subsets.
 
-    python benchmarks/stability.py [--model smollm2-135m] [--calib wikitext2-valid]
+    python benchmarks/stability.py [--model smollm2-135m] [--calib wikitext2]
                                    [--subsets 3] [--samples 16] [--seq-len 256] [--quick] [--out PATH]
 
 One draw of subsets x samples chunks of seq_len tokens (`calibration_tokens`, non-overlapping
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="default smollm2-135m (--quick: tiny-llama)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--calib", default=None, help="default wikitext2-valid (--quick: builtin)")
+    ap.add_argument("--calib", default=None, help="default wikitext2 (--quick: builtin)")
     ap.add_argument("--subsets", type=int, default=3)
     ap.add_argument("--samples", type=int, default=None, help="samples per subset (default 16; --quick 3)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default 256; --quick 32)")
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     q = args.quick
     args.model = args.model or ("tiny-llama" if q else "smollm2-135m")
-    args.calib = args.calib or ("builtin" if q else "wikitext2-valid")
+    args.calib = args.calib or ("builtin" if q else "wikitext2")
     args.samples = args.samples or (3 if q else 16)
     args.seq_len = args.seq_len or (32 if q else 256)
     args.top = args.top or (3 if q else 8)
