@@ -257,11 +257,12 @@ class SelectConfig:
     @classmethod
     def for_healing(cls, **changes: Any) -> "SelectConfig":
         """The shipped selection when the removed runs will be healed (`mi_prun.heal`, `prune
-        --heal`): the one-pass Fast-Block-Select answer (`verify_passes` 0). Its contiguous runs
-        are the ones a linear bridge replaces best: on smollm2-135m (benchmarks/RESULTS.md,
-        "Healing") one-pass FBS + bridge gave 57.2, 60.4, 72.7, 99.3, 144.2 at n = 2..10 (geometric
-        mean 81.5) against 87.7 for the verified answer + bridge, 86.4 for ShortGPT + bridge and
-        91.5 for the angular window + bridge (ReplaceMe's recipe)."""
+        --heal`): the one-pass Fast-Block-Select answer (`verify_passes` 0), whose contiguous runs
+        a linear bridge replaces. On smollm2-135m calibrated on the tokenised WikiText-2 release it
+        healed best (geometric mean 81.5 over n = 2..10 against 87.7 for the verified answer +
+        bridge); calibrated on the validation text without `<unk>` (the default) the verified
+        answer heals better (92.0 against 109.5) and the one-pass answer's bridges worsen the model
+        at n = 8 and 10 (benchmarks/RESULTS.md, "Healing"). Check a healed model with `eval`."""
         return cls(**{"verify_passes": 0, **changes})
 
     def replace(self, **changes: Any) -> "SelectConfig":
