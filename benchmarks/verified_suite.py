@@ -103,9 +103,12 @@ def suite_markdown(result: dict, ns: list[int]) -> str:
            f"{result['verification_tokens']['n_samples']} x {result['verification_tokens']['seq_len']} tokens of the "
            f"same text, apart from the capture's. Analysis {result['analysis_seconds']:.0f} s. Blocks numbered from 0.",
            "", f"Command: `{result['command']}`", "", "Perplexity:", "",
-           f"| method | {cols} |", "|---|" + "---|" * len(ns)]
+           f"| method | {cols} | geo. mean |", "|---|" + "---|" * (len(ns) + 1)]
     for m in order:
-        out.append(f"| {m} | " + " | ".join(f"{by[m][n]['ppl']:.1f}" if n in by[m] else "" for n in ns) + " |")
+        ppls = [by[m][n]["ppl"] for n in ns if n in by[m]]
+        geo = math.exp(sum(math.log(v) for v in ppls) / len(ppls)) if ppls and len(ppls) == len(ns) else math.nan
+        out.append(f"| {m} | " + " | ".join(f"{by[m][n]['ppl']:.1f}" if n in by[m] else "" for n in ns)
+                   + (f" | {geo:.1f} |" if math.isfinite(geo) else " | |"))
     heal_s = [r["seconds"] for r in rows if r.get("healed") and isinstance(r.get("seconds"), (int, float))
               and math.isfinite(r["seconds"])]
     if heal_s:
