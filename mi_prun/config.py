@@ -189,7 +189,9 @@ class SelectConfig:
     verify_seq_len: int = 256
     verify_on: str | None = None  # None: the calibration text; else a text source or a task YAML (task_scorer)
     verify_items: int | None = None  # a task's items scored per set (None: all)
-    verify_confirm: int = 0  # finalists re-scored on a fresh draw of tokens (select/confirm.py); 0: off
+    # finalists of the verified search; those within CONFIRM_Z paired SE of the winner are re-scored on a
+    # fresh draw of tokens (select/confirm.py); 0: off
+    verify_confirm: int = 3
 
     DEFAULT_RATIO = 0.25
     AUTO = "auto"
@@ -197,6 +199,9 @@ class SelectConfig:
     # AUTO_MIN_PASSES (never more than SLEB's own passes: for small problems that is an exhaustive scan).
     AUTO_SLEB_FRACTION = 4
     AUTO_MIN_PASSES = 8
+    # A runner-up is within the verification draw's noise when its NLL gap to the winner is below this
+    # many paired standard errors over the samples (the usual 95 % two-sided level, not a fitted value).
+    CONFIRM_Z = 2.0
 
     def __post_init__(self) -> None:
         # Names are checked against the registries where they are looked up (`mi_prun.select`):

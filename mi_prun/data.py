@@ -36,7 +36,7 @@ from typing import Any, Iterator
 import torch
 
 from mi_prun.config import calibration_spec
-from mi_prun.errors import MiPrunError
+from mi_prun.errors import MiPrunError, NotEnoughText
 from mi_prun.files import check_path_length, parse_json
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
     stream = tokenize(tokenizer, text.text)
     n_chunks = stream.numel() // body
     if n_chunks < n_samples:
-        raise MiPrunError(
+        raise NotEnoughText(
             f"not enough calibration text in {text.source}: {n_samples} samples x {seq_len} tokens need "
             f"{n_samples * body} text tokens, found {stream.numel()}. Fix: give more text, or fewer "
             "or shorter samples.")
@@ -407,7 +407,7 @@ def verification_tokens(tokenizer: Any, text: Text, calibration: dict[str, Any],
         perm = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(seed)).tolist()
         order = [c for c in perm if not used[c * body:(c + 1) * body].any()]
     if len(order) < n_samples:
-        raise MiPrunError(
+        raise NotEnoughText(
             f"not enough calibration text in {text.source} for verification: {n_samples} samples x "
             f"{seq_len} tokens apart from the capture's {n_cap} x {len_cap} need about "
             f"{(n_samples * body + n_cap * body_cap):,} text tokens; {len(order)} free chunks of {body} "

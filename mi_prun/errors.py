@@ -15,3 +15,7 @@ class NonFiniteError(MiPrunError):
     def __init__(self, message: str, block: int | None = None):
         super().__init__(message)
         self.block = block
+
+
+class NotEnoughText(MiPrunError):
+    """A text holds fewer tokens than the samples asked of it (the message says how many)."""

@@ -23,7 +23,7 @@ from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import as_module, as_tokenizer, check_token_ids
 from mi_prun.models.blocks import context_length, input_device
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import BlockRunner, is_streamed, nll_sums
+from mi_prun.models.stream import BlockRunner, is_streamed, nll_rows
 from mi_prun.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,14 @@ def _uses_bos(tokenizer: Any, add_bos: bool | str) -> bool:
     return bool(add_bos)
 
 
-def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = None, *, batch_size: int = 8,
-              progress: Progress | None = None, stage: str = "nll") -> tuple[float, int]:
-    """Summed next-token NLL (nats, float64) of `model` over `input_ids` (B, T) and the number of
-    tokens scored: every position t >= 1 whose token and predecessor are both unmasked, predicted
-    from positions < t of its own row (padding is never scored). The one NLL loop of mi-prun:
-    perplexity, SLEB-style search and verification all call it.
+def token_nll_rows(model: nn.Module, input_ids: Any, attention_mask: Any | None = None, *, batch_size: int = 8,
+                   progress: Progress | None = None, stage: str = "nll") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `input_ids` (B, T): the summed next-token NLL (nats, float64) of `model` and the
+    number of tokens scored: every position t >= 1 whose token and predecessor are both unmasked,
+    predicted from positions < t of its own row (padding is never scored). The one NLL loop of
+    mi-prun: perplexity, SLEB-style search and verification all call it (through `token_nll`
+    where only the sum matters; verification keeps the rows, whose paired differences say whether
+    two sets can be told apart).
 
     The log-softmax runs in float32 (bf16 logits lose the small probabilities that dominate NLL).
     `progress(stage, fraction, message)` is called after every batch.
@@ -93,12 +95,12 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
         for b, hidden in runner.run_blocks(runner.h0):
             if progress is not None:
                 progress(stage, (b + 1) / (runner.n_blocks + 1), f"block {b + 1}/{runner.n_blocks}")
-        total, count = runner.nll(hidden)
+        rows = runner.nll_rows(hidden)
         if progress is not None:
             progress(stage, 1.0, "head")
-        return total, count
+        return rows
     device = input_device(model)
-    total, count = 0.0, 0
+    sums, counts = [], []
     if progress is not None:
         progress(stage, 0.0, f"0 of {ids.shape[0]} sequences")
     with torch.inference_mode():
@@ -106,12 +108,22 @@ def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = Non
             x = ids[start:start + bs].to(device)
             m = None if mask is None else mask[start:start + bs].to(device)
             logits = model(input_ids=x, attention_mask=m, use_cache=False).logits  # (B, T, V)
-            t, c = nll_sums(logits, x, m)
-            total, count = total + t, count + c
+            s, c = nll_rows(logits, x, m)
+            sums.append(s)
+            counts.append(c)
             if progress is not None:
                 done = min(start + bs, ids.shape[0])
                 progress(stage, done / ids.shape[0], f"{done} of {ids.shape[0]} sequences")
-    return total, count
+    return torch.cat(sums), torch.cat(counts)
+
+
+def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = None, *, batch_size: int = 8,
+              progress: Progress | None = None, stage: str = "nll") -> tuple[float, int]:
+    """Summed next-token NLL (nats, float64) of `model` over `input_ids` (B, T) and the number of
+    tokens scored (`token_nll_rows` summed over the rows)."""
+    sums, counts = token_nll_rows(model, input_ids, attention_mask, batch_size=batch_size, progress=progress,
+                                  stage=stage)
+    return float(sums.sum()), int(counts.sum())
 
 
 def warn_if_training(model: nn.Module) -> None:

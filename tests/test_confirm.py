@@ -8,11 +8,12 @@ import math
 import pytest
 
 from mi_prun.config import AnalysisConfig, SelectConfig
+from mi_prun.errors import NotEnoughText
 from mi_prun.models import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.select import select
-from mi_prun.select.confirm import confirm, fresh_tokens
-from mi_prun.select.scorer import resolve_tokens
+from mi_prun.select.confirm import FreshDrawError, confirm, fresh_tokens, paired_gap, within_noise
+from mi_prun.select.scorer import NLLCache, resolve_tokens
 
 
 def row(removed, nll, who="x"):
@@ -39,6 +40,37 @@ def test_confirm_takes_the_lowest_mean_over_both_draws():
     assert best["removed"] == [1, 2] and not rec["changed"] and rec["passes"] == 0
 
 
+def test_only_runners_up_within_noise_are_rescored():
+    scored = [row((1, 2), 3.00), row((2, 3), 3.01), row((3, 4), 3.50)]
+    # per-sample NLLs on A: (2, 3) trails (1, 2) by 0.01 +- 0.02 (noise), (3, 4) by 0.5 +- 0.005 (clear)
+    a = {(1, 2): [3.0, 2.9, 3.1, 3.0], (2, 3): [3.05, 2.88, 3.13, 2.98], (3, 4): [3.5, 3.4, 3.6, 3.5]}
+    a[(3, 4)] = [x + 0.5 + e for x, e in zip(a[(1, 2)], (0.004, -0.004, 0.003, -0.003))]
+    calls = []
+
+    def score_b(removed):
+        calls.append(removed)
+        return {(1, 2): 3.2, (2, 3): 3.1, (3, 4): 0.0}[removed], False
+
+    best, rec = confirm(2, scored, score_b, k=3, samples_a=lambda r: a[r], z=2.0)
+    assert calls == [(1, 2), (2, 3)] and rec["passes"] == 2 and rec["rescored"] == 2
+    assert best["removed"] == [2, 3] and rec["changed"]  # (3.01 + 3.1) / 2 < (3.0 + 3.2) / 2
+    clear = next(f for f in rec["finalists"] if f["removed"] == [3, 4])
+    assert not clear["within_noise"] and clear["nll_b"] is None and clear["gap_a"] / clear["se_a"] > 2
+    # every runner-up clear: draw B is never scored, draw A decides
+    calls.clear()
+    best, rec = confirm(2, [scored[0], scored[2]], score_b, k=3, samples_a=lambda r: a[r])
+    assert calls == [] and rec["passes"] == 0 and best["removed"] == [1, 2] and not rec["changed"]
+    assert "decided by draw A" in rec["rule"]
+
+
+def test_paired_gap_uses_the_per_sample_differences():
+    gap, se = paired_gap([1.0, 2.0, 3.0], [1.1, 2.1, 3.4])
+    assert gap == pytest.approx(0.2) and se == pytest.approx(math.sqrt(((0.1 - 0.2) ** 2 * 2 + 0.2 ** 2) / 2 / 3))
+    assert paired_gap([1.0], [2.0]) is None and paired_gap(None, [1.0, 2.0]) is None
+    assert within_noise(None, 2.0) and within_noise((0.01, 0.01), 2.0) and not within_noise((0.03, 0.01), 2.0)
+    assert not within_noise((0.1, 0.0), 2.0) and within_noise((0.0, 0.0), 2.0)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     loaded = load_model("tiny-llama")
@@ -47,16 +79,27 @@ def tiny():
 
 def test_verified_select_confirms_on_disjoint_tokens(tiny):
     loaded, analysis = tiny
-    cfg = SelectConfig(n=2, verify_seq_len=48, verify_samples=4)
+    cfg = SelectConfig(n=2, verify_seq_len=48, verify_samples=4, verify_confirm=0)
     plain = select(analysis, cfg, model=loaded)
-    assert "confirm" not in plain.verification  # off by default: the shipped answer is unchanged
-    sel = select(analysis, cfg.replace(verify_confirm=2), model=loaded)
+    assert "confirm" not in plain.verification
+    assert SelectConfig().verify_confirm == 3  # on by default
+    sel = select(analysis, cfg.replace(verify_confirm=2, n=2), model=loaded)
     rec = sel.verification["confirm"]
-    assert len(rec["finalists"]) == 2 and rec["dense_passes"] == 1
-    assert sel.forward_passes == plain.forward_passes + rec["passes"]
+    assert len(rec["finalists"]) == 2 and sel.forward_passes == plain.forward_passes + rec["passes"]
     assert list(sel.removed) == rec["winner"]
-    assert min(f["nll_ab"] for f in rec["finalists"]) == next(f["nll_ab"] for f in rec["finalists"]
-                                                              if f["removed"] == list(sel.removed))
+    runner = rec["finalists"][1]
+    assert runner["se_a"] is not None and runner["se_a"] > 0  # the scorer kept per-sample NLLs
+    if runner["within_noise"]:
+        assert rec["passes"] == 2 and min(f["nll_ab"] for f in rec["finalists"]) == next(
+            f["nll_ab"] for f in rec["finalists"] if f["removed"] == list(sel.removed))
+    else:
+        assert rec["passes"] == 0 and list(sel.removed) == list(plain.removed)
+    # the per-sample NLLs behind the paired gaps average to the set's NLL (equal-length samples)
+    cache = NLLCache()
+    again = select(analysis, cfg.replace(verify_confirm=2), model=loaded, cache=cache)
+    per = cache.sample_nll(plain.removed)
+    assert per is not None and len(per) == 4 and sum(per) / 4 == pytest.approx(plain.nll)
+    assert again.removed == sel.removed  # a warm cache (A and B) gives the same answer
     a, _, _ = resolve_tokens(None, loaded.tokenizer, analysis, cfg)
     b = fresh_tokens(cfg, analysis, loaded.tokenizer, a)
     assert b.shape == a.shape and not {tuple(r.tolist()) for r in a} & {tuple(r.tolist()) for r in b}
@@ -76,3 +119,25 @@ def test_cli_select_verify_confirm(tmp_path):
     assert rc == 0, err
     rec = json.loads((tmp_path / "s.json").read_text())["verification"]["confirm"]
     assert len(rec["finalists"]) == 2 and rec["winner"] == json.loads((tmp_path / "s.json").read_text())["removed"]
+
+
+def test_too_little_text_for_a_fresh_draw_leaves_the_answer_unconfirmed(tiny, tmp_path, monkeypatch):
+    loaded, _ = tiny
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(600)))
+    analysis = analyze(loaded, AnalysisConfig(calib=str(text), n_samples=4, seq_len=32))
+    room = 1  # the most verification samples the text holds beside the capture's
+    while True:
+        try:
+            resolve_tokens(None, loaded.tokenizer, analysis, SelectConfig(verify_samples=room + 1, verify_seq_len=32))
+        except NotEnoughText:
+            break
+        room += 1
+    cfg = SelectConfig(n=2, verify_samples=room, verify_seq_len=32)
+    with pytest.raises(FreshDrawError, match="Fix: more text"):
+        fresh_tokens(cfg, analysis, loaded.tokenizer, resolve_tokens(None, loaded.tokenizer, analysis, cfg)[0])
+    # every runner-up within noise (z = inf), so the search reaches for draw B and cannot have it
+    monkeypatch.setattr(SelectConfig, "CONFIRM_Z", math.inf)
+    sel = select(analysis, cfg, model=loaded)
+    assert sel.verification["confirm"]["note"].startswith("not confirmed: the verification text holds")
+    assert sel.removed == select(analysis, cfg.replace(verify_confirm=0), model=loaded).removed

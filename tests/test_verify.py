@@ -97,7 +97,9 @@ def test_verified_search_fixes_a_one_pass_criterion_wrong_by_construction(advers
 def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget):
     loaded, analysis = tiny
     v = select(analysis, config=CFG.replace(n=2, verify_passes=budget), model=loaded)
-    assert v.forward_passes == v.verification["passes"] == len(v.candidates) <= budget
+    extra = v.verification["confirm"]["passes"]  # the confirmation's, beyond the search's budget
+    assert v.forward_passes == v.verification["passes"] == len(v.candidates) + extra
+    assert len(v.candidates) <= budget and extra <= CFG.verify_confirm
     assert not any(c["cached"] for c in v.candidates)
     assert len({tuple(c["removed"]) for c in v.candidates}) == len(v.candidates)
     assert v.candidates[0]["removed"] == list(v.one_pass_removed)  # the one-pass answer comes first
@@ -206,7 +208,9 @@ def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_pat
     out = capsys.readouterr().out
     assert "verified: " in out and " of 3 sets scored" in out and "one-pass answer" in out
     sel = Selection.load(tmp_path / "s.json")
-    assert sel.verified and sel.forward_passes <= 3
+    assert sel.verified and len(sel.candidates) <= 3
+    assert sel.forward_passes == len(sel.candidates) + sel.verification["confirm"]["passes"]
+    assert "confirmation: " in out
     assert main(["--quiet", "select", str(folder), "--n", "2", "--verify-passes", "0"]) == 0
     assert "unverified" not in capsys.readouterr().out
     assert main(["select", str(folder), "--verify-passes", "-1"]) == 2

@@ -3,6 +3,7 @@ prints. No command knows a default or a rule of its own."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from mi_prun.cli.args import ANALYSIS_DESTS, HEAL_DESTS, SELECT_DESTS, given
@@ -19,6 +20,7 @@ from mi_prun.models import load_model, prune
 from mi_prun.pipeline import analyze, check_analysis_config, prepare_calibration
 from mi_prun.results import Analysis
 from mi_prun.select import Selection, compare, get_selector, resolve_n, select, sleb_select
+from mi_prun.select.confirm import FreshDrawError, fresh_tokens
 from mi_prun.select.registry import VERIFIABLE
 from mi_prun.zeroshot import build_tasks, is_export, record_zero_shot, zero_shot
 
@@ -191,15 +193,19 @@ def cmd_prune(args) -> int:
             sel = sleb_select(loaded.model, calib.input_ids, attention_mask=calib.attention_mask, config=sel_cfg,
                               analysis=analysis, progress=progress, force=export_cfg.force)
         else:
-            tokens = None
-            if acfg is not None and sel_cfg.verifies and sel_cfg.verify_on is None and not sel_cfg.verify_confirm:
+            tokens = fresh = None
+            if acfg is not None and sel_cfg.verifies and sel_cfg.verify_on is None:
                 # the analysis ran here: its text is at hand even when it cannot be reloaded (text:...)
-
-                tokens = verification_tokens(loaded.tokenizer, load_text(acfg.calib, purpose="calibration"),
-                                             analysis.calibration, sel_cfg.verify_samples,
+                text = load_text(acfg.calib, purpose="calibration")
+                tokens = verification_tokens(loaded.tokenizer, text, analysis.calibration, sel_cfg.verify_samples,
                                              sel_cfg.verify_seq_len).input_ids
+                if sel_cfg.verify_confirm:
+                    try:
+                        fresh = fresh_tokens(sel_cfg, analysis, loaded.tokenizer, tokens, text=text)
+                    except FreshDrawError as e:
+                        print(f"note: the verified search is not confirmed: {e}", file=sys.stderr)
             sel = select(analysis, config=sel_cfg, model=loaded, tokens=tokens, progress=progress,
-                         force=export_cfg.force)
+                         force=export_cfg.force, confirm_tokens=fresh)
     print(format_selection(sel))
     healing = None
     if hcfg is not None:

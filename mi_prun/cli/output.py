@@ -117,8 +117,10 @@ def format_verification(sel) -> list[str]:
     stages = v.get("sets_by_stage") or {}
     split = ", ".join(f"{k} {c}" for k, c in stages.items() if c)
     scored = v.get("sets_scored", v.get("passes"))
+    conf = v.get("confirm") or {}
+    search_passes = (v.get("passes") or 0) - (conf.get("passes") or 0)
     lines = [f"verified: {scored} of {v.get('budget')}{rule} sets scored"
-             + (f" ({split})" if split else "") + f", {v.get('passes')} new forward passes"
+             + (f" ({split})" if split else "") + f", {search_passes} new forward passes"
              + f" on {v.get('tokens', {}).get('n_samples')} x {v.get('tokens', {}).get('seq_len')} verification "
              f"tokens (+{v.get('dense_passes', 0)} dense pass for the prefix cache); winner proposed by "
              f"{sel.winner_source}, NLL {sel.nll:.4f}"]
@@ -127,7 +129,24 @@ def format_verification(sel) -> list[str]:
         lines.append(f"one-pass answer {list(sel.one_pass_removed or [])}: NLL {sel.one_pass_nll:.4f}"
                      + (" (the winner)" if same else f", {v.get('one_pass_gap_nats', 0):.4f} nats worse "
                         f"(perplexity x{v.get('one_pass_ppl_ratio', 1):.3f})"))
+    lines += format_confirmation(conf)
     return lines
+
+
+def format_confirmation(conf: dict) -> list[str]:
+    """One line on the confirmation of the finalists on fresh tokens (`mi_prun.select.confirm`)."""
+    if not conf:
+        return []
+    if "finalists" not in conf:
+        return [f"confirmation: {conf.get('note', 'not run')}"]
+    z = conf.get("z", 2)
+    if not conf.get("rescored"):
+        return [f"confirmation: no runner-up within {z:g} paired SE of the winner on the verification tokens "
+                "(0 passes)"]
+    again = [f["removed"] for f in conf["finalists"] if f.get("nll_b") is not None]
+    return [f"confirmation: {len(again)} finalists within {z:g} paired SE re-scored on a fresh draw "
+            f"(+{conf.get('passes', 0)} passes): {again}; "
+            + (f"winner changed to {conf['winner']}" if conf.get("changed") else "the search's winner kept")]
 
 
 def format_compare(rows, n: int, n_blocks: int, run_cost: str) -> str:

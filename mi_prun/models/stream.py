@@ -529,15 +529,25 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return h
 
 
-def nll_sums(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
-    """Summed next-token NLL (float64) of logits (B, T, V) for ids (B, T), and the tokens scored:
-    positions t >= 1 whose token and predecessor are both unmasked. Log-softmax in float32."""
+def nll_rows(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ids (B, T): the summed next-token NLL (float64, on the CPU) of logits (B, T, V)
+    and the tokens scored, positions t >= 1 whose token and predecessor are both unmasked.
+    Log-softmax in float32."""
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                          ids[:, 1:].reshape(-1).to(logits.device), reduction="none")
+                          ids[:, 1:].reshape(-1).to(logits.device), reduction="none").view(ids.shape[0], -1)
     if mask is None:
-        return float(nll.double().sum()), nll.numel()
-    valid = ((mask[:, 1:] > 0) & (mask[:, :-1] > 0)).reshape(-1).to(nll.device)
-    return float(nll[valid].double().sum()), int(valid.sum())
+        valid = torch.ones_like(nll, dtype=torch.bool)
+    else:
+        valid = ((mask[:, 1:] > 0) & (mask[:, :-1] > 0)).to(nll.device)
+    sums = torch.where(valid, nll, torch.zeros((), dtype=nll.dtype, device=nll.device)).double().sum(dim=1)
+    return sums.cpu(), valid.sum(dim=1).cpu()
+
+
+def nll_sums(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    """Summed next-token NLL (float64) of logits (B, T, V) for ids (B, T), and the tokens scored
+    (`nll_rows` summed over the rows)."""
+    sums, counts = nll_rows(logits, ids, mask)
+    return float(sums.sum()), int(counts.sum())
 
 
 class BlockRunner:
@@ -714,15 +724,22 @@ class BlockRunner:
             finally:
                 self._inject = None
 
+    def nll_rows(self, hidden: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: summed next-token NLL and tokens scored (`nll_rows`), from the last hidden
+        state of every batch."""
+        sums, counts = [], []
+        for (ids, mask), logits in zip(self.batches, self.logits(hidden)):
+            s, c = nll_rows(logits, ids, mask)
+            sums.append(s)
+            counts.append(c)
+        return torch.cat(sums), torch.cat(counts)
+
     def nll(self, hidden: Sequence[torch.Tensor]) -> tuple[float, int]:
         """Summed next-token NLL and tokens scored, from the last hidden state of every batch."""
-        total, count = 0.0, 0
-        for (ids, mask), logits in zip(self.batches, self.logits(hidden)):
-            t, c = nll_sums(logits, ids, mask)
-            total, count = total + t, count + c
-        return total, count
+        sums, counts = self.nll_rows(hidden)
+        return float(sums.sum()), int(counts.sum())
 
 
 __all__ = ["STREAM_ATTR", "BlockRunner", "SafetensorsStore", "Stream", "TensorStore", "from_store", "is_streamed",
-           "nll_sums", "offload_hook", "offload_to_cpu", "open_streamed", "real_value", "real_values",
+           "nll_rows", "nll_sums", "offload_hook", "offload_to_cpu", "open_streamed", "real_value", "real_values",
            "replace_offloaded", "skeleton", "stream_of", "streamed_state_dict"]

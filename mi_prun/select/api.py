@@ -26,7 +26,8 @@ from mi_prun.select.verify import verified_select
 def select(analysis: Any, method: str = SelectConfig.method, n: int | None = None, ratio: float | None = None,
            run_cost: str = SelectConfig.run_cost, protect_ends: bool | int | float = SelectConfig.protect_ends,
            seed: int = 0, *, config: Any = None, model: Any = None, tokens: Any = None, cache: Any = None,
-           progress: Any = None, batch_size: int = 8, force: bool = False, **options: Any) -> Selection:
+           progress: Any = None, batch_size: int = 8, force: bool = False, confirm_tokens: Any = None,
+           **options: Any) -> Selection:
     """Choose blocks to remove from an `Analysis`; every default is `SelectConfig`'s (the shipped one).
 
     Give the settings as a `SelectConfig` (`select(analysis, cfg)` or `config=cfg`) or as
@@ -41,7 +42,8 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     model, unless `force` and it has the same block count): `config.verify_passes` not 0 and a method of `VERIFIABLE` run the verified search
     (`verify.verified_select`); "sleb" and "mi-guided" score their sets on `tokens` (default: the
     verification tokens drawn from the analysis's calibration text) through the same NLL scorer.
-    `cache` (an `NLLCache`) and `progress` go to them. Without a model the answer is the one-pass
+    `cache` (an `NLLCache`) and `progress` go to them; `confirm_tokens` is the verified search's fresh
+    draw for its confirmation (drawn from the calibration text when not given with `tokens`). Without a model the answer is the one-pass
     one, with `verified` False and a note saying so. A model is checked whatever the method
     (`mi_prun.models.identity.check_same_model`).
     """
@@ -51,7 +53,7 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
                          force=force, where="the analysis")
     if model is not None and cfg.verifies and cfg.method in VERIFIABLE:
         return verified_select(model, analysis, cfg, tokens=tokens, cache=cache, progress=progress,
-                               batch_size=batch_size, force=force)
+                               batch_size=batch_size, force=force, confirm_tokens=confirm_tokens)
     scorer = None
     if get_selector(cfg.method).needs_model and model is not None:
         problem = make_problem(analysis, cfg)

@@ -25,7 +25,7 @@ import torch
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.data import calibration_text, verification_tokens
 from mi_prun.errors import MiPrunError
-from mi_prun.evaluate import token_nll
+from mi_prun.evaluate import token_nll, token_nll_rows
 from mi_prun.models.accept import check_token_ids
 from mi_prun.models.blocks import check_context, find_blocks
 from mi_prun.models.hooks import forward_overrides, hidden_of, output_hooks
@@ -54,18 +54,29 @@ class NLLCache:
     def __init__(self) -> None:
         self.key: tuple[int, str] | None = None
         self.nll: dict[tuple[int, ...], float] = {}
+        self.samples: dict[tuple[int, ...], tuple[float, ...]] = {}  # mean NLL per verification sample
+        self.fresh: NLLCache | None = None  # draw B of the confirmation (select/confirm.py), for the same model
         self.prefix: Any = None  # the PrefixScorer's dense states, reused across calls
         self.drawn: dict[tuple, Any] = {}  # verification tokens drawn from a calibration text, by draw
 
     def bind(self, model: Any, key: str) -> None:
         if self.key != (id(model), key):
-            self.key, self.nll, self.prefix = (id(model), key), {}, None
+            self.key, self.nll, self.samples, self.prefix, self.fresh = (id(model), key), {}, {}, None, None
 
     def get(self, removed: Iterable[int]) -> float | None:
         return self.nll.get(tuple(sorted(removed)))
 
-    def put(self, removed: Iterable[int], nll: float) -> None:
-        self.nll[tuple(sorted(removed))] = float(nll)
+    def put(self, removed: Iterable[int], nll: float, samples: Iterable[float] | None = None) -> None:
+        key = tuple(sorted(removed))
+        self.nll[key] = float(nll)
+        if samples is not None:
+            self.samples[key] = tuple(float(x) for x in samples)
+        else:
+            self.samples.pop(key, None)
+
+    def sample_nll(self, removed: Iterable[int]) -> tuple[float, ...] | None:
+        """The mean NLL of each verification sample for `removed`, when the pass recorded them."""
+        return self.samples.get(tuple(sorted(removed)))
 
     def __len__(self) -> int:
         return len(self.nll)
@@ -128,16 +139,13 @@ class PrefixScorer:
                              "batch_size": self.batch_size, "runner": runner}
         return self.cache.prefix
 
-    def _streamed_nll(self, rem: tuple[int, ...], use_prefix: bool) -> float:
+    def _streamed_rows(self, rem: tuple[int, ...], use_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One block-by-block pass from the cached state at the first removed block (streamed model)."""
         pre = self._states()
         runner: BlockRunner = pre["runner"]
         first = rem[0]
         start, hidden = (first, pre["states"][first]) if use_prefix and first in pre["states"] else (0, runner.h0)
-        total, count = runner.nll(runner.last(hidden, start, skip=rem))
-        if count == 0:
-            raise MiPrunError("no verification token to score (all masked). Fix: give longer samples.")
-        return total / count
+        return runner.nll_rows(runner.last(hidden, start, skip=rem))
 
     def dense(self) -> float:
         """The dense model's mean NLL on the tokens (fills the prefix cache on first use)."""
@@ -146,9 +154,22 @@ class PrefixScorer:
     def nll(self, removed: Iterable[int], use_prefix: bool = True) -> float:
         """Mean NLL (nats) with `removed` skipped; one forward pass (from the first removed block
         with `use_prefix`). Not cached here: `score` is the cached entry point."""
+        return self.nll_samples(removed, use_prefix)[0]
+
+    def nll_samples(self, removed: Iterable[int], use_prefix: bool = True) -> tuple[float, tuple[float, ...]]:
+        """(mean NLL over every token scored, the mean NLL of each sample) with `removed` skipped."""
         rem = tuple(sorted(int(b) for b in removed))
+        sums, counts = self._rows(rem, use_prefix)
+        total, count = float(sums.sum()), int(counts.sum())
+        if count == 0:
+            raise MiPrunError("no verification token to score (all masked). Fix: give longer samples.")
+        per = tuple(float(s) / int(c) if int(c) else float("nan") for s, c in zip(sums.tolist(), counts.tolist()))
+        return total / count, per
+
+    def _rows(self, rem: tuple[int, ...], use_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL and tokens scored per sample: one pass of the view without `rem`."""
         if is_streamed(self.model):
-            return self._streamed_nll(rem, use_prefix)
+            return self._streamed_rows(rem, use_prefix)
         view = pruned_view(self.model, rem)
         first = rem[0]
         pre = self._states() if use_prefix and first >= 1 else None
@@ -174,19 +195,20 @@ class PrefixScorer:
         else:
             overrides = {}
         with forward_overrides(overrides):
-            total, count = token_nll(view, self.ids, self.mask, batch_size=self.batch_size)
-        if count == 0:
-            raise MiPrunError("no verification token to score (all masked). Fix: give longer samples.")
-        return total / count
+            return token_nll_rows(view, self.ids, self.mask, batch_size=self.batch_size)
 
     def score(self, removed: Iterable[int]) -> tuple[float, bool]:
         """(mean NLL, whether it came from the cache)."""
         cached = self.cache.get(removed)
         if cached is not None:
             return cached, True
-        value = self.nll(removed, use_prefix=self.use_prefix)
-        self.cache.put(removed, value)
+        value, per = self.nll_samples(removed, use_prefix=self.use_prefix)
+        self.cache.put(removed, value, per)
         return value, False
+
+    def sample_nll(self, removed: Iterable[int]) -> tuple[float, ...] | None:
+        """The mean NLL of each verification sample for a set scored before (None if never scored)."""
+        return self.cache.sample_nll(removed)
 
 
 def resolve_tokens(tokens: Any, tokenizer: Any, analysis: Any, cfg: SelectConfig, cache: NLLCache | None = None

@@ -33,8 +33,11 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
+import torch
+
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
+from mi_prun.models.accept import check_token_ids
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import is_streamed
 from mi_prun.progress import Progress
@@ -46,7 +49,7 @@ from mi_prun.select.candidates import (
     propose,
 )
 from mi_prun.select.costs import set_cost
-from mi_prun.select.confirm import confirm, fresh_tokens
+from mi_prun.select.confirm import FreshDrawError, confirm, fresh_tokens
 from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem, run_selector
 from mi_prun.select.scorer import NLLCache, PrefixScorer, resolve_tokens, tokens_key, unwrap_model
 from mi_prun.select.selection import Selection, make_selection
@@ -172,7 +175,7 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
 
 def verified_select(model: Any, analysis: Any, config: SelectConfig | None = None, *, tokenizer: Any = None,
                     tokens: Any = None, batch_size: int = 8, cache: NLLCache | None = None,
-                    progress: Progress | None = None, force: bool = False) -> Selection:
+                    progress: Progress | None = None, force: bool = False, confirm_tokens: Any = None) -> Selection:
     """The config's one-pass answer checked against every criterion's candidates, then improved by
     local search (exchanges, swaps), with at most `config.verify_budget(n, removable)` sets scored
     by forward passes on verification tokens; the set of lowest NLL wins (`verified_search`).
@@ -182,6 +185,10 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     The model is only read: every pass runs a weight-sharing `pruned_view`. A model other than the
     analysed one is refused (`force=True`: accepted with the same block count, as `prune --force`).
     `progress("verify", fraction, message)` is called after every pass.
+
+    With `config.verify_confirm` (3, the default) the finalists that the verification tokens
+    cannot tell from the winner are re-scored on a fresh draw of the same text (`confirm`); it is
+    drawn here, or given as `confirm_tokens` (needed when `tokens` are given).
     """
     t0 = time.perf_counter()
     config = config if config is not None else SelectConfig()
@@ -201,17 +208,33 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     out = verified_search(problem, cands, scorer.score, budget, progress)
     best, scored, passes = out["best"], out["scored"], out["passes"]
     confirmed = None
-    if config.verify_confirm:  # finalists on a fresh draw of the same text (select/confirm.py)
-        if tokens is not None or not isinstance(scorer, PrefixScorer):
-            confirmed = {"note": "not confirmed: only tokens drawn here from a text can be drawn again"}
+    if config.verify_confirm:  # finalists within noise on a fresh draw of the same text (select/confirm.py)
+        if not isinstance(scorer, PrefixScorer) or (tokens is not None and confirm_tokens is None):
+            confirmed = {"note": "not confirmed: only tokens drawn here from a text can be drawn again "
+                                 "(or give confirm_tokens)"}
         else:
-            draw_b = fresh_tokens(config, analysis, unwrap_model(model, tokenizer, config)[1], scorer.ids)
-            cache_b = NLLCache()
-            cache_b.bind(scorer.model, tokens_key(draw_b, None))
-            scorer_b = PrefixScorer(scorer.model, draw_b, None, batch_size, problem.allowed, cache_b)
-            best, confirmed = confirm(problem.n, scored, scorer_b.score, config.verify_confirm)
-            passes += confirmed["passes"]
-            confirmed["dense_passes"] = scorer_b.dense_passes
+            fresh: dict[str, PrefixScorer] = {}
+
+            def score_b(removed: tuple[int, ...]) -> tuple[float, bool]:
+                if not fresh:  # drawn only when a runner-up is within noise
+                    draw_b = confirm_tokens if confirm_tokens is not None else fresh_tokens(
+                        config, analysis, unwrap_model(model, tokenizer, config)[1], scorer.ids)
+                    ids_b = check_token_ids(torch.as_tensor(getattr(draw_b, "input_ids", draw_b)), scorer.model,
+                                            "confirmation tokens")
+                    if cache.fresh is None:
+                        cache.fresh = NLLCache()
+                    cache.fresh.bind(scorer.model, tokens_key(ids_b, None))
+                    fresh["b"] = PrefixScorer(scorer.model, ids_b, None, batch_size, problem.allowed, cache.fresh,
+                                              use_prefix=False)
+                return fresh["b"].score(removed)
+
+            try:
+                best, confirmed = confirm(problem.n, scored, score_b, config.verify_confirm,
+                                          samples_a=scorer.sample_nll, z=config.CONFIRM_Z)
+                passes += confirmed["passes"]
+            except FreshDrawError as e:  # the search's answer stands, and the record says why
+                log.warning("verified search not confirmed: %s", e)
+                confirmed = {"note": f"not confirmed: {e}"}
     if progress is not None:
         progress("verify", 1.0, f"{len(scored)} sets scored, {passes} new passes")
     one_nll = next((r["nll"] for r in scored if tuple(r["removed"]) == one.removed), None)
