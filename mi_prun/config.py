@@ -405,7 +405,9 @@ class HealConfig:
     held-out fraction `holdout` of the calibration samples (no extra forward pass), falling back
     to `default_ridge` when too few samples are left to hold out. `sequential`: fit each run on
     the model as pruned and healed so far (later fits see the inputs they will get), else every
-    run on the dense model's activations.
+    run on the dense model's activations. `check`: keep a run's bridge only when it lowers the
+    next-token NLL of the held-out samples (the bridge fitted without them, against the same model
+    without that bridge); a bridge that does not help is left out, and the record says so.
     """
 
     calib: str = AnalysisConfig.calib
@@ -419,6 +421,7 @@ class HealConfig:
     default_ridge: float = 1e-3
     holdout: float = 0.25
     sequential: bool = True
+    check: bool = True
 
     def __post_init__(self) -> None:
         _set(self, "calib", as_path(self.calib, "healing calibration"))
@@ -427,7 +430,7 @@ class HealConfig:
                                  ("batch_size", "healing batch size", 1)):
             _set(self, name, as_int(getattr(self, name), label, minimum=low))
         _set(self, "seed", as_int(self.seed, "seed", minimum=0, maximum=2**63 - 1))
-        for name in ("drop_first", "sequential"):
+        for name in ("drop_first", "sequential", "check"):
             if not isinstance(getattr(self, name), bool):
                 raise MiPrunError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.ridge is not None:

@@ -24,6 +24,7 @@ from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import TimeLeft
 from mi_prun.select import NLLCache, select
+from mi_prun.select.confirm import describe_confirmation
 from mi_prun.select.counts import allowed_blocks
 from mi_prun_app import state, tables, viz
 from mi_prun_app.labels import proposer_label
@@ -246,8 +247,11 @@ def verified_section(sel: Any, n: int) -> None:
                      "verification tokens).")
     m[1].metric("Winner proposed by", proposer_label(sel.winner_source),
                 help="The first criterion that proposed the winning set (all of them are in the table).")
-    m[2].metric("Forward passes", f"{sel.forward_passes} of {v.get('budget', '?')}",
-                help=f"New passes this search spent; sets measured before cost none. Dense passes this time: "
+    conf = v.get("confirm") or {}
+    m[2].metric("Forward passes", f"{sel.forward_passes - (conf.get('passes') or 0)} of {v.get('budget', '?')}"
+                + (f" + {conf['passes']}" if conf.get("passes") else ""),
+                help=f"New passes this search spent (+ the confirmation's on fresh tokens, beyond the budget); "
+                     "sets measured before cost none. Dense passes this time: "
                      f"{v.get('dense_passes', 0)} (its hidden states are cached, each candidate's pass starts "
                      f"at its first removed block). {len(sel.candidates)} of {v.get('candidates_proposed', '?')} "
                      "proposed sets scored.")
@@ -262,7 +266,8 @@ def verified_section(sel: Any, n: int) -> None:
                + f", {state.fmt_seconds(sel.seconds)}. Winner: blocks {_blocks(sel.removed)} from "
                f"{proposer_label(sel.winner_source)}; the one-pass answer {_blocks(sel.one_pass_removed)} "
                + ("was kept." if gap is not None and gap == 0 else
-                  ("was not scored." if gap is None else f"loses by {gap:.4f} nats per token.")))
+                  ("was not scored." if gap is None else f"loses by {gap:.4f} nats per token."))
+               + ("" if not conf else " " + describe_confirmation(conf)))
     left, right = st.columns([3, 2], gap="large")
     with left:
         table(tables.verified_candidates_frame(sel), f"verified_candidates_n{n}", "verify_candidates",

@@ -258,6 +258,7 @@ if st.button("Export", type="primary", key="export", icon=":material/save:"):
                          config=ExportConfig(overwrite=bool(overwrite)), healing=record,
                          inputs=[st.session_state.get("analysis_folder")])
         st.session_state["export_path"] = str(out)
+        st.session_state["export_notes"] = list(record.notes) if record is not None else []
     except MiPrunError as exc:
         show_error(exc)
 
@@ -265,6 +266,8 @@ path = st.session_state.get("export_path")
 if path and Path(path).is_dir():
     out = Path(path)
     st.success(f"Exported to {out}", icon=":material/check_circle:")
+    for note in st.session_state.get("export_notes", []):  # healing's check: a bridge that did not help
+        st.info(f"Healing: {note}; that run is removed without a bridge.", icon=":material/info:")
     d = st.columns(3)
     d[0].download_button("Download archive (.zip)", data=lambda: state.zip_folder(out), file_name=f"{out.name}.zip",
                          mime="application/zip", key="dl_zip", icon=":material/folder_zip:")

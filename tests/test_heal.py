@@ -115,8 +115,9 @@ def test_fold_is_exact_and_helps(family):
     model, tok = tiny_model(family, 6)
     before = state(model)
     calib = calib_for(tok)
-    healed, rec = heal(model, [2, 3], calib, config=CFG)
+    healed, rec = heal(model, [2, 3], calib, config=CFG.replace(check=False))  # the fold itself, unchecked
     run = rec.runs[0]
+    assert run.kept and rec.check == {"run": False}
     assert (run.start, run.end, run.fold_block) == (2, 4, 1)
     assert run.unexplained_healed <= run.unexplained_unhealed + 1e-9
     assert run.ridge_choice == "held-out" and run.ridge in CFG.ridge_grid
@@ -144,6 +145,51 @@ def test_sequential_fit_heals_several_runs(tmp_path):
     nll = {name: token_nll(m, held)[0] for name, m in
            (("pruned", pruned_view(model, removed)), ("healed", healed))}
     assert nll["healed"] < nll["pruned"]
+
+
+def test_check_leaves_out_a_bridge_that_raises_held_out_nll(monkeypatch, tmp_path):
+    """A bridge that makes the held-out samples' NLL worse is never folded in: the run is removed
+    unhealed, the record and the export say so; a bridge that helps is kept."""
+    from mi_prun.evaluate import token_nll
+    from mi_prun.heal import core
+    from mi_prun.heal.fit import solve as real_solve
+
+    model, tok = tiny_model("llama", 8)
+    calib = calib_for(tok, n=12)
+    removed = [2, 3, 5, 6]
+    good, rec_good = heal(model, removed, calib, config=CFG)
+    assert rec_good.check["run"] and rec_good.check["held_out_samples"] == 3 and rec_good.check["dropped"] == []
+    assert all(r.kept and r.holdout_nll["with"] < r.holdout_nll["without"] for r in rec_good.runs)
+
+    def harmful(stats, ridge, intercept):  # with a fixed ridge, 2 solves a run: run 5-6's point the wrong way
+        bridge = real_solve(stats, ridge, intercept)
+        if harmful.calls >= 2:
+            bridge.T.mul_(-4.0)
+        harmful.calls += 1
+        return bridge
+    harmful.calls = 0
+
+    monkeypatch.setattr(core, "solve", harmful)
+    healed, rec = heal(model, removed, calib, config=CFG.replace(ridge=1e-3))  # fixed ridge: 2 solves a run
+    first, second = rec.runs
+    assert first.kept and not second.kept and rec.check["dropped"] == [[5, 6]]
+    assert second.holdout_nll["with"] > second.holdout_nll["without"]
+    assert any("left unbridged" in n for n in rec.notes)
+    # run 5-6 unbridged: the folded module of block 4 is the model's own; run 2-3's bridge is in
+    shared = {id(p) for p in model.parameters()}
+    own = {n.rsplit(".", 1)[0] for n, p in healed.named_parameters() if id(p) not in shared}
+    assert own == {first.module}
+    held = calib_for(tok, n=16).input_ids[12:]
+    assert token_nll(healed, held)[0] < token_nll(pruned_view(model, removed), held)[0]
+    report = json.loads((export(healed, tok, None, tmp_path / "h") / "mi_prun.json").read_text())
+    assert [r["kept"] for r in report["healing"]["runs"]] == [True, False]
+    assert report["healing"]["check"]["dropped"] == [[5, 6]]
+
+
+def test_check_without_held_out_samples_says_so():
+    model, tok = tiny_model("llama", 6)
+    _, rec = heal(model, [2, 3], calib_for(tok), config=CFG.replace(holdout=0.0))
+    assert rec.runs[0].kept and not rec.check["run"] and "no held-out samples" in rec.check["note"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
@@ -297,7 +343,8 @@ def test_heal_selects_with_the_healing_default(tmp_path, capsys):
     assert main(["--quiet", "prune", "--model", "tiny-llama", "--samples", "8", "--tokens", "48", "--n", "2",
                  "--heal", "--verify-passes", "3", "--verify-tokens", "64", "--out", str(out2)]) == 0
     sel2 = json.loads((out2 / "mi_prun.json").read_text())["selection"]
-    assert 0 < sel2["forward_passes"] <= 3 and sel2["verified"]
+    confirm = sel2["verification"]["confirm"]["passes"]  # the confirmation's, beyond the budget of 3
+    assert 0 < sel2["forward_passes"] - confirm <= 3 and sel2["verified"]
 
 
 def test_heal_config_follows_the_analysis_calibration():

@@ -222,7 +222,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "--verify-samples x --verify-tokens calibration tokens kept apart from the capture's; "
                         "auto = a quarter of the passes SLEB-style greedy removal would spend for the same n "
                         "(grows with n and the model's depth); 0 = the one-pass answer (needs the model: "
-                        "`select` takes --model)")
+                        "`select` takes --model); the confirmation (--verify-confirm) comes on top")
     g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
                    help="verification samples (drawn from the calibration text, apart from the capture's)")
     g.add_argument("--verify-tokens", type=positive_int, default=d.verify_seq_len, help="tokens per verification sample")
@@ -234,8 +234,10 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verify-items", type=positive_int, default=d.verify_items,
                    help="items of the --verify-on task scored per set (default: all)")
     g.add_argument("--verify-confirm", type=nonneg_int, default=d.verify_confirm, metavar="K",
-                   help="re-score the K best sets on a fresh draw of as many verification tokens and take the "
-                        "lowest NLL over both draws (K + 1 passes more; 0 = off)")
+                   help="confirmation: of the K best sets, those within 2 paired standard errors of the winner "
+                        "are re-scored with it on a fresh draw of as many verification tokens, and the lowest "
+                        "NLL over both draws wins (at most K passes more, none when the winner is clear; "
+                        "0 = off; default %(default)s)")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}

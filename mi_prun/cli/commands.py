@@ -214,9 +214,17 @@ def cmd_prune(args) -> int:
         pruned, healing = heal(loaded.model, sel.removed, heal_calibration(loaded, hcfg), config=hcfg,
                                progress=progress)
         for run in healing.runs:
-            print(f"healed blocks {run.start}-{run.end - 1} into {run.module}: unexplained variance at "
-                  f"h_{run.end} {run.unexplained_unhealed:.4f} -> {run.unexplained_healed:.4f} "
-                  f"(ridge {run.ridge:g}, {run.ridge_choice})")
+            check = (f"; held-out NLL {run.holdout_nll['without']:.4f} -> {run.holdout_nll['with']:.4f}"
+                     if run.holdout_nll else "")
+            if run.kept:
+                print(f"healed blocks {run.start}-{run.end - 1} into {run.module}: unexplained variance at "
+                      f"h_{run.end} {run.unexplained_unhealed:.4f} -> {run.unexplained_healed:.4f} "
+                      f"(ridge {run.ridge:g}, {run.ridge_choice}){check}")
+            else:
+                print(f"blocks {run.start}-{run.end - 1} left unbridged: the bridge raised the held-out NLL"
+                      f"{check.split('held-out NLL')[1]} (removed without healing)")
+        if healing.check.get("note"):
+            print(f"note: {healing.check['note']}", file=sys.stderr)
     else:
         pruned = prune(loaded.model, sel.removed)
     path = export(pruned, loaded.tokenizer, sel, args.out, analysis=analysis, loaded=loaded,

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from mi_prun.select.confirm import describe_confirmation
 from tqdm import tqdm
 
 from mi_prun.progress import TimeLeft, time_left_text
@@ -129,24 +131,8 @@ def format_verification(sel) -> list[str]:
         lines.append(f"one-pass answer {list(sel.one_pass_removed or [])}: NLL {sel.one_pass_nll:.4f}"
                      + (" (the winner)" if same else f", {v.get('one_pass_gap_nats', 0):.4f} nats worse "
                         f"(perplexity x{v.get('one_pass_ppl_ratio', 1):.3f})"))
-    lines += format_confirmation(conf)
+    lines += [describe_confirmation(conf)] if conf else []
     return lines
-
-
-def format_confirmation(conf: dict) -> list[str]:
-    """One line on the confirmation of the finalists on fresh tokens (`mi_prun.select.confirm`)."""
-    if not conf:
-        return []
-    if "finalists" not in conf:
-        return [f"confirmation: {conf.get('note', 'not run')}"]
-    z = conf.get("z", 2)
-    if not conf.get("rescored"):
-        return [f"confirmation: no runner-up within {z:g} paired SE of the winner on the verification tokens "
-                "(0 passes)"]
-    again = [f["removed"] for f in conf["finalists"] if f.get("nll_b") is not None]
-    return [f"confirmation: {len(again)} finalists within {z:g} paired SE re-scored on a fresh draw "
-            f"(+{conf.get('passes', 0)} passes): {again}; "
-            + (f"winner changed to {conf['winner']}" if conf.get("changed") else "the search's winner kept")]
 
 
 def format_compare(rows, n: int, n_blocks: int, run_cost: str) -> str:

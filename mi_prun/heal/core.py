@@ -29,6 +29,7 @@ from mi_prun.capture import choose_positions
 from mi_prun.config import HealConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
+from mi_prun.evaluate import token_nll
 from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
 from mi_prun.models.accept import as_module, check_token_ids
@@ -70,6 +71,8 @@ class RunHealing:
     unexplained_healed: float
     rows: int
     seconds: float
+    kept: bool = True  # False: the check found the bridge did not lower held-out NLL, so it was left out
+    holdout_nll: dict[str, float] = field(default_factory=dict)  # {"without": ..., "with": ...} (HealConfig.check)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,12 @@ class Healing:
     seconds: float
     method: str = "closed-form linear bridge folded into the block before each removed run"
     notes: list[str] = field(default_factory=list)
+    check: dict[str, Any] = field(default_factory=dict)  # the held-out NLL check (HealConfig.check)
+
+    @property
+    def kept_runs(self) -> tuple[RunHealing, ...]:
+        """The runs whose bridge is in the healed model."""
+        return tuple(r for r in self.runs if r.kept)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -166,9 +175,31 @@ def _materialize_offloaded(view: nn.Module, target: Site) -> list[str]:
     return done
 
 
+def _install(view: nn.Module, target: Site, bridge: Any, offloaded: list[str]) -> None:
+    """Fold `bridge` into the target module (new tensors; accelerate's offload map serves them)."""
+    apply(target, bridge.T, bridge.c)
+    for pname in offloaded:  # accelerate serves an offloaded block's weights from its map: the new ones
+        replace_offloaded(view, f"{target.name}.{pname}", getattr(target.module, pname))
+
+
+def _restore(view: nn.Module, target: Site, saved: dict[str, torch.Tensor], offloaded: list[str]) -> None:
+    """Put the target module's tensors from before `_install` back."""
+    for pname, value in saved.items():
+        target.module._parameters[pname] = value
+        if pname in offloaded:
+            replace_offloaded(view, f"{target.name}.{pname}", value)
+
+
+def _held_out_nll(model: nn.Module, held: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> float:
+    """Mean next-token NLL of `model` on the held-out samples."""
+    total, count = token_nll(model, held[0], held[1], batch_size=batch_size)
+    return total / max(count, 1)
+
+
 def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
-    """Every period-th calibration sample is held out (0: none)."""
-    if cfg.ridge is not None or cfg.holdout <= 0:
+    """Every period-th calibration sample is held out (0: none): to choose the ridge, and for the
+    check."""
+    if cfg.holdout <= 0 or (cfg.ridge is not None and not cfg.check):
         return 0
     period = max(2, round(1 / cfg.holdout))
     return period if n_samples >= period else 0
@@ -238,6 +269,8 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     streamer = _Streamed(dense, healed, ids, mask, cfg.batch_size, fold.path) if stream_of(model) else None
     records: list[RunHealing] = []
     step = 0
+    held_idx = [i for i in range(n_samples) if period and i % period == period - 1] if cfg.check else []
+    held = (ids[held_idx], mask[held_idx]) if held_idx else None
     if progress:
         progress("heal", 0.0, f"0 of {n_steps} batches ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     for r, (start, end) in enumerate(runs):
@@ -296,21 +329,48 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
         if streamer is not None:
             _materialize_site(target, stream_of(model))
         offloaded = _materialize_offloaded(healed, target)
-        apply(target, bridge.T, bridge.c)
-        for pname in offloaded:  # accelerate serves an offloaded block's weights from its map: the new ones
-            replace_offloaded(healed, f"{target.name}.{pname}", getattr(target.module, pname))
+        verdict: dict[str, float] = {}
+        if held is not None and hold.n:  # the check: the bridge fitted without the held-out samples, on them
+            saved = {p: getattr(target.module, p) for p in ("weight", "bias")
+                     if isinstance(getattr(target.module, p, None), torch.Tensor)}
+            if progress:
+                progress("heal", step / n_steps, f"checking the bridge of run {start}-{end - 1} on "
+                         f"{held[0].shape[0]} held-out samples")
+            verdict["without"] = _held_out_nll(healed, held, cfg.batch_size)
+            _install(healed, target, solve(train, ridge, target.intercept), offloaded)
+            verdict["with"] = _held_out_nll(healed, held, cfg.batch_size)
+            _restore(healed, target, saved, offloaded)
+        use = not verdict or verdict["with"] < verdict["without"]
+        if use:
+            _install(healed, target, bridge, offloaded)
         rec = RunHealing(start=start, end=end, fold_block=start - 1, module=target.name, kind=target.fold.kind,
                          ridge=ridge, ridge_abs=bridge.ridge_abs, ridge_choice=how,
                          holdout_unexplained=scores, unexplained_unhealed=unexplained(both, None),
                          unexplained_healed=unexplained(both, bridge), rows=both.n,
-                         seconds=time.perf_counter() - t_run)
-        log.info("healed run %d-%d into %s: unexplained %.4f -> %.4f (ridge %s, %s)", start, end - 1,
-                 target.name, rec.unexplained_unhealed, rec.unexplained_healed, ridge, how)
+                         seconds=time.perf_counter() - t_run, kept=use, holdout_nll=verdict)
+        if use:
+            log.info("healed run %d-%d into %s: unexplained %.4f -> %.4f (ridge %s, %s)", start, end - 1,
+                     target.name, rec.unexplained_unhealed, rec.unexplained_healed, ridge, how)
+        else:
+            log.warning("run %d-%d left unbridged: its bridge raised the held-out NLL %.4f -> %.4f", start, end - 1,
+                        verdict["without"], verdict["with"])
         records.append(rec)
     cfg_record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     calibration = {**calib.provenance, "drop_first": cfg.drop_first, "holdout_every": period or None}
+    if not cfg.check:
+        check: dict[str, Any] = {"run": False}
+    elif held is None:
+        check = {"run": False, "note": f"no held-out samples ({n_samples} calibration samples, holdout "
+                                       f"{cfg.holdout:g}): every bridge kept unchecked"}
+    else:
+        check = {"run": True, "held_out_samples": len(held_idx),
+                 "rule": "a run's bridge (fitted without the held-out samples) is kept only when it lowers their "
+                         "next-token NLL against the same model without it",
+                 "dropped": [[r.start, r.end - 1] for r in records if not r.kept]}
+    notes = [f"run {r.start}-{r.end - 1} left unbridged: its bridge raised the held-out NLL "
+             f"{r.holdout_nll['without']:.4f} -> {r.holdout_nll['with']:.4f}" for r in records if not r.kept]
     healing = Healing(n_blocks=L, removed=rem, runs=tuple(records), config=cfg_record,
-                      calibration=calibration, seconds=time.perf_counter() - t_all)
+                      calibration=calibration, seconds=time.perf_counter() - t_all, notes=notes, check=check)
     setattr(healed, HEAL_INFO_ATTR, healing)
     return healed, healing
 

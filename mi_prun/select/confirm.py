@@ -131,4 +131,18 @@ def confirm(n: int, scored: list[dict[str, Any]], score_b: Callable[[tuple[int, 
                  f"no runner-up within {z:g} paired SE of the winner on draw A: decided by draw A")}
 
 
-__all__ = ["FreshDrawError", "confirm", "fresh_tokens", "paired_gap", "within_noise"]
+def describe_confirmation(record: dict[str, Any]) -> str:
+    """One sentence on a confirmation record (`verification["confirm"]`), for the CLI and the app."""
+    if "finalists" not in record:
+        return f"Confirmation: {record.get('note', 'not run')}."
+    z = record.get("z", SelectConfig.CONFIRM_Z)
+    if not record.get("rescored"):
+        return (f"Confirmation: no runner-up within {z:g} paired SE of the winner on the verification tokens, "
+                "so they decided (0 passes).")
+    again = [f["removed"] for f in record["finalists"] if f.get("nll_b") is not None]
+    return (f"Confirmation: {len(again)} finalists within {z:g} paired SE re-scored on a fresh draw of the same "
+            f"text (+{record.get('passes', 0)} passes): {again}; "
+            + (f"the winner changed to {record['winner']}." if record.get("changed") else "the search's winner kept."))
+
+
+__all__ = ["FreshDrawError", "describe_confirmation", "confirm", "fresh_tokens", "paired_gap", "within_noise"]
