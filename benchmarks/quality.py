@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
+from mi_prun.config import AnalysisConfig, HealConfig, SelectConfig  # noqa: E402
 from mi_prun.data import load_text  # noqa: E402
 from mi_prun.errors import MiPrunError  # noqa: E402
 from mi_prun.estimators import get_estimator  # noqa: E402
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
         """Perplexity of the model without `removed`; kind "healed": with the closed-form bridges
         (HealConfig() fitted on the analysis's calibration tokens), cached apart."""
         key = tuple(sorted(int(b) for b in removed))
-        ckey = key if kind == "plain" else ("healed",) + key
+        # healed entries cached before healing checked itself are not reused
+        ckey = key if kind == "plain" else ("healed-checked" if HealConfig().check else "healed",) + key
         if args.dry_run:
             ppl_cache.setdefault(ckey, {"ppl": math.nan, "windows": 0, "tokens": 0, "bos": False, "protocol": ""})
         if ckey not in ppl_cache:
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
                 extra = {"heal_seconds": time.perf_counter() - t0,
                          "heal_runs": [{"blocks": [r.start, r.end - 1], "ridge": r.ridge,
                                         "unexplained_unhealed": r.unexplained_unhealed,
-                                        "unexplained_healed": r.unexplained_healed} for r in record.runs]}
+                                        "unexplained_healed": r.unexplained_healed, "kept": r.kept,
+                                        "holdout_nll": r.holdout_nll} for r in record.runs]}
             else:
                 model = pruned_view(loaded.model, key) if key else loaded.model
             res = perplexity(model, loaded.tokenizer, eval_text, seq_len=args.eval_seq_len,

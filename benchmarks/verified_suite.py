@@ -41,12 +41,14 @@ def run_suite(args: Any, loaded: Any, analysis: Any, ppl_of: Callable[[Any, str]
 
     from mi_prun.config import HealConfig, SelectConfig
     from mi_prun.data import calibration_text, verification_tokens
+    from mi_prun.select.confirm import fresh_tokens
 
     cfg = SelectConfig()
     tokens = verification_tokens(loaded.tokenizer, calibration_text(analysis.calibration), analysis.calibration,
                                  cfg.verify_samples, cfg.verify_seq_len)
     t0 = time.perf_counter()
-    raw = run_methods(loaded, analysis, tokens, ns, config=cfg, sleb=args.sleb_samples > 0)
+    fresh = fresh_tokens(cfg, analysis, loaded.tokenizer, tokens.input_ids) if cfg.verify_confirm else None
+    raw = run_methods(loaded, analysis, tokens, ns, config=cfg, sleb=args.sleb_samples > 0, confirm_tokens=fresh)
     log.info("selections done in %.0fs", time.perf_counter() - t0)
     names = {"verified": "verified (default)", "mi-guided": "mi-guided greedy", f"{cfg.method} (one pass)":
              "fbs (one pass)"}
@@ -56,6 +58,7 @@ def run_suite(args: Any, loaded: Any, analysis: Any, ppl_of: Callable[[Any, str]
         p = ppl_of(r["removed"], "plain")
         rows.append({"method": method, "n": r["n"], "removed": r["removed"], "ppl": p["ppl"], "healed": False,
                      "forward_passes": r["forward_passes"], "new_passes": r.get("new_passes"), "seconds": r["seconds"],
+                     "confirm_passes": r.get("confirm_passes", 0),
                      "winner_source": r.get("winner_source"), "nll": r.get("nll")})
     heal_info: dict[str, Any] = {}
     if args.heal:
@@ -121,9 +124,17 @@ def suite_markdown(result: dict, ns: list[int]) -> str:
         if any(by[m][n].get("healed") for n in by[m]):
             continue
         out.append(f"| {m} | " + " | ".join(
-            f"{by[m][n]['forward_passes']} / {by[m][n]['seconds']:.0f}" if n in by[m] else "" for n in ns) + " |")
+            f"{by[m][n]['forward_passes']}{_plus(by[m][n])} / {by[m][n]['seconds']:.0f}" if n in by[m] else ""
+            for n in ns) + " |")
+    if any(by[m][n].get("confirm_passes") for m in order for n in by[m]):
+        out += ["", "(+k: the confirmation's passes on a fresh draw, beyond the search's budget.)"]
     out += ["", *bars(by, ns)]
     return "\n".join(out) + "\n"
+
+
+def _plus(row: dict) -> str:
+    k = row.get("confirm_passes") or 0
+    return f" + {k}" if k else ""
 
 
 def bars(by: dict[str, dict[int, dict]], ns: list[int]) -> list[str]:
@@ -141,8 +152,9 @@ def bars(by: dict[str, dict[int, dict]], ns: list[int]) -> list[str]:
             s = by["sleb"][n]
             ok2 = v[n]["ppl"] <= 1.03 * s["ppl"]
             ok3 = v[n]["forward_passes"] <= s["forward_passes"] / 4
-            line += (f"; vs SLEB {s['ppl']:.1f} (<= 3 % above: {'PASS' if ok2 else 'FAIL'}); passes "
-                     f"{v[n]['forward_passes']} vs SLEB {s['forward_passes']} (<= 1/4: {'PASS' if ok3 else 'FAIL'})")
+            line += (f"; vs SLEB {s['ppl']:.1f} (<= 3 % above: {'PASS' if ok2 else 'FAIL'}); search passes "
+                     f"{v[n]['forward_passes']} vs SLEB {s['forward_passes']} (<= 1/4: {'PASS' if ok3 else 'FAIL'})"
+                     + (f", + {v[n]['confirm_passes']} confirmation passes" if v[n].get("confirm_passes") else ""))
         lines.append(line)
     if any(m.endswith(" + bridge") for m in by):
         for m in ("verified (default)", "fbs (one pass)", "shortgpt", "angular", "fbs/linear-unexplained"):

@@ -31,12 +31,14 @@ from mi_prun.select import NLLCache, guided_select, select, sleb_select  # noqa:
 
 
 def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], config: SelectConfig | None = None,
-                sleb: bool = True, guided_c: int = 4) -> list[dict[str, Any]]:
+                sleb: bool = True, guided_c: int = 4, confirm_tokens: Any = None) -> list[dict[str, Any]]:
     """One row per (method, n); see the module docstring. `tokens` is a `Calibration` (e.g.
     `mi_prun.data.verification_tokens`); every pass-based method scores on it. Caches are per
     method (no method profits from another's passes), and shared across n within a method, as the
     app's slider would; `forward_passes` is every method's cost from a cold cache (`new_passes`:
-    what it spent given the cache)."""
+    what it spent given the cache). `confirm_tokens`: the verified search's fresh draw for its
+    confirmation (`mi_prun.select.confirm.fresh_tokens`); `confirm_passes` is what the confirmation
+    costs from a cold cache (the finalists it re-scored), beyond `forward_passes`."""
     config = config if config is not None else SelectConfig()
     rows: list[dict[str, Any]] = []
     caches = {"verified": NLLCache(), "mi-guided": NLLCache()}
@@ -53,14 +55,15 @@ def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], conf
     def row(method: str, n: int, sel: Any, seconds: float) -> None:
         rows.append({"method": method, "n": n, "removed": list(sel.removed), "forward_passes": cold_passes(sel),
                      "new_passes": sel.forward_passes,
+                     "confirm_passes": int(((sel.verification or {}).get("confirm") or {}).get("rescored", 0)),
                      "seconds": seconds, "verified": bool(getattr(sel, "verified", False)),
                      "winner_source": getattr(sel, "winner_source", None), "nll": getattr(sel, "nll", None)})
 
     for n in ns:
         cfg = config.replace(n=n)
         t = time.perf_counter()
-        row("verified", n, select(analysis, config=cfg, model=loaded, tokens=tokens, cache=caches["verified"]),
-            time.perf_counter() - t)
+        row("verified", n, select(analysis, config=cfg, model=loaded, tokens=tokens, cache=caches["verified"],
+                                  confirm_tokens=confirm_tokens), time.perf_counter() - t)
         t = time.perf_counter()
         row("mi-guided", n, guided_select(loaded, analysis, cfg, tokens=tokens, c=guided_c,
                                           cache=caches["mi-guided"]), time.perf_counter() - t)
