@@ -213,16 +213,14 @@ def cmd_prune(args) -> int:
         check_healable(loaded.model, sel.removed)  # the one-line refusal, before any forward pass
         pruned, healing = heal(loaded.model, sel.removed, heal_calibration(loaded, hcfg), config=hcfg,
                                progress=progress)
-        for run in healing.runs:
+        for run in (r for r in healing.runs if r.kept):
             check = (f"; held-out NLL {run.holdout_nll['without']:.4f} -> {run.holdout_nll['with']:.4f}"
                      if run.holdout_nll else "")
-            if run.kept:
-                print(f"healed blocks {run.start}-{run.end - 1} into {run.module}: unexplained variance at "
-                      f"h_{run.end} {run.unexplained_unhealed:.4f} -> {run.unexplained_healed:.4f} "
-                      f"(ridge {run.ridge:g}, {run.ridge_choice}){check}")
-            else:
-                print(f"blocks {run.start}-{run.end - 1} left unbridged: the bridge raised the held-out NLL"
-                      f"{check.split('held-out NLL')[1]} (removed without healing)")
+            print(f"healed blocks {run.start}-{run.end - 1} into {run.module}: unexplained variance at "
+                  f"h_{run.end} {run.unexplained_unhealed:.4f} -> {run.unexplained_healed:.4f} "
+                  f"(ridge {run.ridge:g}, {run.ridge_choice}){check}")
+        for note in healing.notes:  # the runs the check left unbridged
+            print(f"{note} (removed without healing)")
         if healing.check.get("note"):
             print(f"note: {healing.check['note']}", file=sys.stderr)
     else:

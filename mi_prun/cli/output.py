@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from mi_prun.select.confirm import describe_confirmation
 from tqdm import tqdm
 
 from mi_prun.progress import TimeLeft, time_left_text
+from mi_prun.select.confirm import describe_confirmation
 from mi_prun.results import rank_blocks
 
 BLOCK_NOTE = "Blocks are numbered from 0."

@@ -89,11 +89,6 @@ class Healing:
     notes: list[str] = field(default_factory=list)
     check: dict[str, Any] = field(default_factory=dict)  # the held-out NLL check (HealConfig.check)
 
-    @property
-    def kept_runs(self) -> tuple[RunHealing, ...]:
-        """The runs whose bridge is in the healed model."""
-        return tuple(r for r in self.runs if r.kept)
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["removed"] = list(self.removed)
