@@ -29,7 +29,7 @@ browser-deps:
 	  echo "chromium not installed: browser tests will be skipped"; }
 
 test: install browser-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: install
 	$(PY) -m pytest -q -m "not real_model and not browser"

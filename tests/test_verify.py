@@ -210,7 +210,7 @@ def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_pat
     sel = Selection.load(tmp_path / "s.json")
     assert sel.verified and len(sel.candidates) <= 3
     assert sel.forward_passes == len(sel.candidates) + sel.verification["confirm"]["passes"]
-    assert "confirmation: " in out
+    assert "Confirmation: " in out
     assert main(["--quiet", "select", str(folder), "--n", "2", "--verify-passes", "0"]) == 0
     assert "unverified" not in capsys.readouterr().out
     assert main(["select", str(folder), "--verify-passes", "-1"]) == 2

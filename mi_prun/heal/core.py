@@ -332,6 +332,9 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
                 progress("heal", step / n_steps, f"checking the bridge of run {start}-{end - 1} on "
                          f"{held[0].shape[0]} held-out samples")
             verdict["without"] = _held_out_nll(healed, held, cfg.batch_size)
+            # accelerate's offload hook puts an offloaded module's tensors back on `meta` after each
+            # forward: give the module its real tensors again before every fold
+            _restore(healed, target, saved, offloaded)
             _install(healed, target, solve(train, ridge, target.intercept), offloaded)
             verdict["with"] = _held_out_nll(healed, held, cfg.batch_size)
             _restore(healed, target, saved, offloaded)

@@ -261,8 +261,9 @@ def replace_offloaded(model: nn.Module, name: str, value: torch.Tensor) -> bool:
         return False
     hook, key = found
     base = hook.weights_map
-    hook.weights_map = _Overlay(base.base if isinstance(base, _Overlay) else base,
-                                {**(dict(base) if isinstance(base, _Overlay) else {}), key: value.detach().cpu()})
+    # the overlay's own entries, not the base's (dict(base) would go through the overridden keys())
+    own = {k: dict.__getitem__(base, k) for k in dict.keys(base)} if isinstance(base, _Overlay) else {}
+    hook.weights_map = _Overlay(base.base if isinstance(base, _Overlay) else base, {**own, key: value.detach().cpu()})
     return True
 
 
