@@ -150,7 +150,9 @@ def _no_exception(page) -> None:
         "[data-testid=stException]").first.inner_text()
 
 
-def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
+def _flow(tmp_path: Path, model: str, env_extra: dict, setup, budget: int | None = None) -> dict:
+    """The whole app in a browser; with `budget`, the first verification is cancelled and the
+    search then runs with that pass budget (the real model's auto budget costs minutes a pass set)."""
     from playwright.sync_api import sync_playwright
 
     shots = ARTIFACTS / model
@@ -158,6 +160,11 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
     proc, url = _serve(env_extra, tmp_path)
     saved = {}
     checked = {"charts": 0, "cells": 0}
+    t0 = time.time()
+
+    def step(what: str) -> None:  # where the flow's time goes (shown with -s, or on a failure)
+        print(f"{time.time() - t0:7.1f} s  {what}", flush=True)
+
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -168,6 +175,7 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
             page.get_by_role("button", name="Run analysis").click()
             page.get_by_text("Current analysis", exact=True).wait_for(timeout=LONG)
             _settled(page)
+            step("analysis")
             _no_exception(page)
             _shot(page, shots / "1_setup.png")
             saved["setup"] = shots / "1_setup.png"
@@ -175,7 +183,20 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
             for k, title in enumerate(NAV, 2):
                 page.locator("[data-testid=stSidebarNav]").get_by_text(title, exact=True).click()
                 page.get_by_role("heading", name=title).wait_for(timeout=60_000)
+                if title == "Fast-Block-Select" and budget is not None:
+                    # A user on a slow machine: cancel the verification with the auto budget as it
+                    # starts, read the one-pass answer, then ask for fewer passes.
+                    page.get_by_role("button", name="Cancel verification").click(timeout=LONG)
+                    page.get_by_text("was cancelled: showing the one-pass answer", exact=False).wait_for(timeout=LONG)
+                    _settled(page)
+                    step("verification cancelled")
+                    box = page.get_by_label("Pass budget (0 = auto)", exact=True)
+                    box.fill(str(budget))
+                    box.press("Enter")
+                    page.get_by_text("Verified answer removes", exact=True).wait_for(timeout=LONG)
+                    assert page.get_by_text("was cancelled", exact=False).count() == 0
                 _settled(page)
+                step(f"page {title!r} drawn")
                 _no_exception(page)
                 assert page.locator("[data-testid=stPlotlyChart]").count() >= 1
                 if title == "Block MI":
@@ -195,15 +216,18 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                                  .querySelector('[data-testid=stSliderThumbValue]').innerText.trim() == String(n)""",
                         arg=n0 + 1, timeout=30_000)
                     _settled(page)
+                    step("slider moved")
                     after = page.locator("[data-testid=stMetric]").first.inner_text()
                     assert len(after.split(",")) == len(before.split(",")) + 1, (before, after)
                     # The library's default search is verified: the page shows its winner and passes.
                     page.get_by_text("Verified answer removes", exact=True).wait_for(timeout=LONG)
                     page.get_by_text("Forward passes", exact=True).wait_for(timeout=LONG)
+                    step("verified at n + 1")
                 if title == "Prune and export":
                     page.get_by_role("button", name="Compute perplexity").click()
                     page.locator("[data-testid=stPlotlyChart]").get_by_text("Perplexity with", exact=False).first.wait_for(timeout=LONG)
                     _settled(page)
+                    step("perplexity at n")
                     # one n computed: bars (checked here), a curve once the other n are filled in (below)
                     checked["charts"] += _titles_clear_of_the_mode_bar(page)
                     checked["cells"] += _no_none_cells(page)
@@ -228,6 +252,7 @@ def _flow(tmp_path: Path, model: str, env_extra: dict, setup) -> dict:
                     page.locator("[data-testid=stPlotlyChart]").get_by_text(
                         "Perplexity against blocks removed", exact=False).first.wait_for(timeout=LONG)
                     _settled(page)
+                    step("curve filled")
                 checked["charts"] += _titles_clear_of_the_mode_bar(page)
                 checked["cells"] += _no_none_cells(page)
                 page.mouse.move(0, 0)  # the mode bar hides again before the screenshot
@@ -263,7 +288,7 @@ def test_browser_flow_real_model(tmp_path):
             box.press("Enter")
             _settled(page)
 
-    saved = _flow(tmp_path, "smollm2-135m", {}, setup=setup)
+    saved = _flow(tmp_path, "smollm2-135m", {}, setup=setup, budget=6)
     if os.environ.get("MI_PRUN_DOCS_SCREENSHOTS") == "1":
         DOCS.mkdir(parents=True, exist_ok=True)
         for path in saved.values():
