@@ -39,7 +39,7 @@ from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import check_token_ids
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import is_streamed
+from mi_prun.runtime.sources import weight_source
 from mi_prun.progress import Progress
 from mi_prun.select.candidates import (
     Candidate,
@@ -260,7 +260,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
-                       "tokens": tok_prov, "note": PASS_NOTE, "offload": is_streamed(scorer.model),
+                       "tokens": tok_prov, "note": PASS_NOTE, "offload": weight_source(scorer.model).describe()["streamed"],
                        "peak_memory": peak_memory(),
                        **({"task": scorer.report(winner, one.removed if one_nll is not None else None)}
                           if isinstance(scorer, TaskScorer) else {}),
