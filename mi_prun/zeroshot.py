@@ -33,6 +33,7 @@ import datetime as _dt
 import difflib
 import hashlib
 import importlib.metadata as md
+import inspect
 import logging
 import os
 import time
@@ -140,21 +141,30 @@ def _quiet_lm_eval() -> Iterator[None]:
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML as lm-eval reads it (`include:` merged, `!function` kept unresolved)."""
+    """A task YAML as lm-eval reads it: `include:` merged and every `!function name` resolved to
+    the Python function it names (`utils.f`: `utils.py` next to the YAML first, then an importable
+    module), the way lm-eval's own loader builds its tasks. Left unresolved, lm-eval would take the
+    function's path as a prompt template and score every item on that string."""
     try:  # lm-eval >= 0.4.10
         from lm_eval.tasks._yaml_loader import load_yaml  # optional dependency (see lm_eval_version)
 
         def read() -> Any:
-            return load_yaml(path, resolve_func=False)
+            return load_yaml(path, resolve_func=True)
     except ImportError:  # older lm-eval
         from lm_eval.utils import load_yaml_config  # optional dependency (see lm_eval_version)
 
         def read() -> Any:
-            return load_yaml_config(yaml_path=str(path), mode="simple")
+            return load_yaml_config(yaml_path=str(path), mode="full")
+    import yaml  # lm-eval's own dependency
+
     try:
         cfg = read()
-    except Exception as exc:  # yaml.YAMLError, a missing include, ...: all one user problem
+    except Exception as exc:  # yaml.YAMLError, a missing include, a `!function` that cannot be imported
         msg = " ".join(str(exc).split())
+        if not isinstance(exc, (yaml.YAMLError, OSError)) and _FUNCTION_TAG in _text(path):
+            raise MiPrunError(f"task file {path}: a `!function` cannot be resolved ({type(exc).__name__}: "
+                              f"{msg[:200]}). Fix: define the function in the .py file the YAML names (utils.f "
+                              "means f in utils.py next to the YAML), or correct the name.") from None
         raise MiPrunError(f"task file {path} cannot be read as a task YAML ({type(exc).__name__}: {msg[:200]}). "
                           "Fix: correct the YAML (lm-eval's task format: task, dataset_path, test_split, "
                           "doc_to_text, doc_to_choice, doc_to_target).") from None
@@ -162,6 +172,32 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         raise MiPrunError(f"task file {path} does not hold a mapping of task settings. Fix: write "
                           "`task: <name>` and the other settings as a YAML mapping.")
     return cfg
+
+
+_FUNCTION_TAG = "!function"
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _function_files(value: Any) -> list[Path]:
+    """The Python files of the functions a resolved task config holds (`!function` values), for
+    the record's digests."""
+    if callable(value) and not isinstance(value, type):
+        try:
+            source = inspect.getsourcefile(value)
+        except TypeError:  # a builtin
+            return []
+        return [Path(source)] if source else []
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _function_files(v)]
+    if isinstance(value, (list, tuple)):
+        return [f for v in value for f in _function_files(v)]
+    return []
 
 
 def _sha256(path: Path) -> str:
@@ -222,6 +258,7 @@ def _yaml_task(path: Path) -> TaskSource | None:
     if not isinstance(name, str) or not name.strip():
         raise MiPrunError(f"task file {path}: `task:` must be a name, got {name!r}. Fix: write `task: my_task`.")
     digests = {str(path.resolve()): _sha256(path), **_resolve_data_files(cfg, path)}
+    digests.update({str(f.resolve()): _sha256(f) for f in _function_files(cfg) if f.is_file()})
     return TaskSource(name=name, spec=cfg, source=str(path.resolve()), sha256=digests)
 
 
