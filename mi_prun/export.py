@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -291,6 +292,7 @@ def export(
         "selection": sel_record,
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "output_id": uuid.uuid4().hex,  # tells this export from one written later at the same path
         "dtype": dtype,
         "peak_memory": peak_memory(),  # of the process that exported, up to the export
     }

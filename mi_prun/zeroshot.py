@@ -34,22 +34,26 @@ import difflib
 import hashlib
 import importlib.metadata as md
 import inspect
+import io
 import logging
 import os
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mi_prun.config import ZeroShotConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.files import EXPORT, read_marker, write_file
+from mi_prun.files import EXPORT, folder_lock, output_stamp, read_marker, write_file
 from mi_prun.models.loading import load_model
 from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 EVAL_EXTRA = 'pip install "mi-prun[eval]"'
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -87,6 +91,7 @@ class ZeroShotResult:
     num_fewshot: int
     limit: int | None
     seconds: float
+    export_stamp: str | None = None  # the export evaluated, when zero_shot loaded it from its folder
 
     def by_task(self) -> dict[str, TaskScore]:
         return {t.task: t for t in self.tasks}
@@ -128,16 +133,33 @@ def lm_eval_version() -> str:
 
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval logs a warning per default it fills in; keep them out of mi-prun's output unless
-    mi-prun itself logs at debug level."""
+    """Keep lm-eval's own console output out of mi-prun's (which reports through its progress
+    callback and its log): its per-default warnings, its progress bars and those of `datasets`
+    (written to `sys.stderr`), and what its subprocesses print (`git describe` outside a
+    repository: "fatal: not a git repository"; file descriptor 2, redirected on the main thread
+    only). All of it is shown when mi-prun itself logs at debug level."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
     logger = logging.getLogger("lm_eval")
     before = logger.level
-    if not log.isEnabledFor(logging.DEBUG):
-        logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.ERROR)
+    saved_fd = None
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+            saved_fd = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         logger.setLevel(before)
+        if saved_fd is not None:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -358,15 +380,30 @@ def _build(config: ZeroShotConfig) -> tuple[list[tuple[TaskSource, Any]], Any]:
     return built, manager
 
 
-def _model_and_tokenizer(model: Any, tokenizer: Any) -> tuple[Any, Any, Any]:
-    """(module, tokenizer, LoadedModel or None) from a LoadedModel, a module, or a folder / spec."""
+def load_stamped(spec: str | os.PathLike, load: Callable[[], _T]) -> tuple[_T, str | None]:
+    """`load()` (the loading of the model at `spec`) and, when `spec` is an export, its
+    `export_stamp` taken before: an export replaced while it was loading is refused (its files
+    may be of two models)."""
+    stamp = export_stamp(spec) if is_export(spec) else None
+    value = load()
+    if stamp is not None and export_stamp(spec) != stamp:
+        raise MiPrunError(f"{spec} was replaced by another export while it was being loaded. Fix: run again once "
+                          "nothing else writes to it.")
+    return value, stamp
+
+
+def _model_and_tokenizer(model: Any, tokenizer: Any) -> tuple[Any, Any, Any, str | None]:
+    """(module, tokenizer, LoadedModel or None, export stamp) from a LoadedModel, a module, or a
+    folder / spec."""
+    stamp = None
     if isinstance(model, (str, os.PathLike)):
-        model = load_model(model)
+        spec = model
+        model, stamp = load_stamped(spec, lambda: load_model(spec))
     if hasattr(model, "model") and hasattr(model, "tokenizer"):
-        return model.model, tokenizer if tokenizer is not None else model.tokenizer, model
+        return model.model, tokenizer if tokenizer is not None else model.tokenizer, model, stamp
     if tokenizer is None:
         raise MiPrunError("zero_shot needs the model's tokenizer. Fix: pass tokenizer=..., or a LoadedModel.")
-    return model, tokenizer, None
+    return model, tokenizer, None, stamp
 
 
 def _number(value: Any) -> float | None:
@@ -418,7 +455,7 @@ def zero_shot(model: Any, tokenizer: Any = None, tasks: Any = None, config: Zero
     version = lm_eval_version()
     t0 = time.perf_counter()
     built, manager = _build(cfg)
-    module, tok, _ = _model_and_tokenizer(model, tokenizer)
+    module, tok, _, stamp = _model_and_tokenizer(model, tokenizer)
     import lm_eval.evaluator  # optional dependency (see lm_eval_version)
     from lm_eval.models.huggingface import HFLM  # optional dependency (see lm_eval_version)
 
@@ -442,7 +479,7 @@ def zero_shot(model: Any, tokenizer: Any = None, tasks: Any = None, config: Zero
         if progress is not None:
             progress("zero-shot", (i + 1) / len(built), f"{src.name}: acc {_fmt(score.acc, score.acc_stderr)}")
     return ZeroShotResult(tasks=tuple(scores), lm_eval_version=version, num_fewshot=cfg.num_fewshot,
-                          limit=cfg.limit, seconds=time.perf_counter() - t0)
+                          limit=cfg.limit, seconds=time.perf_counter() - t0, export_stamp=stamp)
 
 
 # ---------------------------------------------------------------------------------------- exports
@@ -452,25 +489,68 @@ def is_export(path: Any) -> bool:
     return isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and read_marker(Path(path), EXPORT) is not None
 
 
-def record_zero_shot(folder: str | os.PathLike, result: ZeroShotResult) -> Path:
+def export_stamp(folder: str | os.PathLike) -> str | None:
+    """What identifies the export now at `folder` (`mi_prun.files.output_stamp`): take it before
+    loading the model and give it to `record_zero_shot`, so that an export replaced meanwhile
+    (`prune --overwrite` by another process) never gets another model's accuracy."""
+    return output_stamp(folder, EXPORT)
+
+
+def _earlier_records(target: Path, marker: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(zero_shot record, its tasks) already in the marker; a damaged or wrongly typed part is
+    dropped with a warning saying what (never silently)."""
+    where = target / EXPORT.marker
+    record = marker.get("zero_shot")
+    if record is None:
+        return {}, {}
+    if not isinstance(record, dict):
+        log.warning("%s: its zero_shot entry is a %s, not a mapping of results; it is replaced by this run's "
+                    "results (earlier zero-shot records in it are lost)", where, type(record).__name__)
+        return {}, {}
+    tasks = record.get("tasks")
+    if tasks is None:
+        return dict(record), {}
+    if not isinstance(tasks, dict):
+        log.warning("%s: zero_shot.tasks is a %s, not a mapping of task -> result; it is replaced by this "
+                    "run's results", where, type(tasks).__name__)
+        return dict(record), {}
+    bad = sorted(str(k) for k, v in tasks.items() if not isinstance(v, dict))
+    if bad:
+        log.warning("%s: zero_shot record(s) of %s are damaged (not a mapping) and are dropped", where, ", ".join(bad))
+    return dict(record), {k: v for k, v in tasks.items() if isinstance(v, dict)}
+
+
+def record_zero_shot(folder: str | os.PathLike, result: ZeroShotResult, *, stamp: str | None = None) -> Path:
     """Add `result` to the export's `mi_prun.json` under "zero_shot" (by task: a task evaluated
     again replaces its entry; each entry says its lm-eval version, task version, protocol and
-    date). Written atomically: a reader sees the old file or the new one."""
-    target = Path(folder)
-    marker = read_marker(target, EXPORT) if target.is_dir() else None
-    if marker is None:
-        raise MiPrunError(f"{target} is not a mi-prun export (no {EXPORT.marker} of format {EXPORT.format}). "
-                          "Fix: give a folder written by `mi-prun prune`.")
-    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    record = dict(marker.get("zero_shot") or {})
-    tasks = dict(record.get("tasks") or {})
-    for t in result.tasks:
-        tasks[t.task] = {**t.to_dict(), "lm_eval_version": result.lm_eval_version,
-                         "num_fewshot": result.num_fewshot, "limit": result.limit, "evaluated": when}
-    record.update({"tasks": tasks, "lm_eval_version": result.lm_eval_version, "updated": when,
-                   "note": "accuracy through lm-evaluation-harness (mi_prun.zeroshot); acc_stderr is lm-eval's"})
-    return write_file(target / EXPORT.marker, "export report", {**marker, "zero_shot": record}, overwrite=True,
-                      is_ours=lambda path: read_marker(path.parent, EXPORT) is not None)
+    date). Written atomically: a reader sees the old file or the new one.
+
+    The read-modify-write runs under the lock `write_folder` holds while it replaces an export
+    (`mi_prun.files.folder_lock` on the export's parent), so concurrent writers of records lose
+    none, and an export being replaced waits. `stamp` (`export_stamp(folder)` taken before the
+    model was loaded; default: the stamp `zero_shot` took when it loaded the folder itself) is
+    checked under that lock: a folder replaced since is refused, never given the old model's
+    accuracy."""
+    target = Path(folder).expanduser().absolute()
+    expected = stamp if stamp is not None else result.export_stamp
+    with folder_lock(target.parent):
+        marker = read_marker(target, EXPORT) if target.is_dir() else None
+        if marker is None:
+            raise MiPrunError(f"{target} is not a mi-prun export (no {EXPORT.marker} of format {EXPORT.format}). "
+                              "Fix: give a folder written by `mi-prun prune`.")
+        if expected is not None and export_stamp(target) != expected:
+            raise MiPrunError(f"{target} was replaced by another export while this one was evaluated; the "
+                              "accuracy was not recorded (it belongs to the model that was there before). Fix: "
+                              "evaluate the new export again once nothing else writes to it.")
+        when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        record, tasks = _earlier_records(target, marker)
+        for t in result.tasks:
+            tasks[t.task] = {**t.to_dict(), "lm_eval_version": result.lm_eval_version,
+                             "num_fewshot": result.num_fewshot, "limit": result.limit, "evaluated": when}
+        record.update({"tasks": tasks, "lm_eval_version": result.lm_eval_version, "updated": when,
+                       "note": "accuracy through lm-evaluation-harness (mi_prun.zeroshot); acc_stderr is lm-eval's"})
+        return write_file(target / EXPORT.marker, "export report", {**marker, "zero_shot": record}, overwrite=True,
+                          is_ours=lambda path: read_marker(path.parent, EXPORT) is not None)
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -529,5 +609,5 @@ def task_provenance(config: ZeroShotConfig) -> list[dict[str, Any]]:
 
 
 __all__ = ["ChoiceItem", "EVAL_EXTRA", "TaskScore", "TaskSource", "ZeroShotResult", "build_tasks", "is_export",
-           "lm_eval_version", "multiple_choice_items", "record_zero_shot", "resolve_tasks", "task_provenance",
+           "export_stamp", "lm_eval_version", "load_stamped", "multiple_choice_items", "record_zero_shot", "resolve_tasks", "task_provenance",
            "zero_shot"]

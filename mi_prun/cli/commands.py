@@ -22,7 +22,7 @@ from mi_prun.results import Analysis
 from mi_prun.select import Selection, compare, get_selector, resolve_n, select, sleb_select
 from mi_prun.select.confirm import FreshDrawError, fresh_tokens
 from mi_prun.select.registry import VERIFIABLE
-from mi_prun.zeroshot import build_tasks, is_export, record_zero_shot, zero_shot
+from mi_prun.zeroshot import build_tasks, load_stamped, record_zero_shot, zero_shot
 
 
 def _load(args) -> Any:
@@ -246,7 +246,8 @@ def cmd_eval(args) -> int:
     else:
         _refuse_flags(args, {"limit", "num_fewshot"}, "no --tasks given")
     progress = TqdmProgress(not args.quiet)
-    loaded = _load(args)
+    # the export evaluated is the one its accuracy is recorded into (another process may replace it)
+    loaded, stamp = load_stamped(args.model, lambda: _load(args))
     res = evaluate(loaded.model, loaded.tokenizer, cfg, progress=progress)
     progress.close()
     print(f"perplexity {res.ppl:.3f} on {res.source}: seq_len {res.seq_len}, {res.windows} windows, "
@@ -257,8 +258,8 @@ def cmd_eval(args) -> int:
         print(f"zero-shot accuracy (lm-eval {zs.lm_eval_version}, {zs.num_fewshot}-shot"
               f"{'' if zs.limit is None else f', at most {zs.limit} items per task'}):")
         print(zs.summary())
-        if is_export(args.model):
-            path = record_zero_shot(args.model, zs)
+        if stamp is not None:  # an export when it was loaded
+            path = record_zero_shot(args.model, zs, stamp=stamp)
             print(f"recorded in {path}")
     return 0
 
