@@ -33,7 +33,7 @@ from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
 from mi_prun.models.accept import as_module, is_loaded
 from mi_prun.heal import healing_of
-from mi_prun.models.blocks import find_blocks, num_layers_of
+from mi_prun.models.blocks import check_runnable, find_blocks, num_layers_of
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import is_streamed, stream_of, streamed_state_dict
 from mi_prun.models.surgery import (
@@ -237,6 +237,7 @@ def export(
     if tokenizer is None and is_loaded(pruned):
         tokenizer = pruned.tokenizer
     pruned = as_module(pruned, "the pruned model")
+    check_runnable(pruned, "the pruned model")  # an empty skeleton would export no weights
     if overwrite is not None:
         cfg = replace(cfg, overwrite=overwrite)
     inputs = [*inputs, getattr(loaded, "source", None) if loaded is not None else None]

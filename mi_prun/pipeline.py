@@ -18,6 +18,7 @@ from mi_prun.estimators import get_estimator
 from mi_prun.models import LoadedModel
 from mi_prun.models.accept import as_loaded
 from mi_prun.models.blocks import check_context as check_model_context
+from mi_prun.models.blocks import check_runnable
 from mi_prun.models.memory import peak_memory
 from mi_prun.models.stream import stream_of
 from mi_prun.progress import Progress
@@ -90,6 +91,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
     `timings` holds seconds per stage; "total" covers tokenising, capture and scoring, and the
     model's load time is reported apart as "load_model"."""
     loaded = as_loaded(loaded, "analyze")
+    check_runnable(loaded.model, f"the model {loaded.spec}")  # what runs is what the analysis reports
     cfg = check_analysis_config(cfg or AnalysisConfig())
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)

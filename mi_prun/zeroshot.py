@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 from mi_prun.config import ZeroShotConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, folder_lock, output_stamp, read_marker, write_file
+from mi_prun.models.blocks import check_runnable
 from mi_prun.models.loading import load_model
 from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
@@ -456,6 +457,7 @@ def zero_shot(model: Any, tokenizer: Any = None, tasks: Any = None, config: Zero
     t0 = time.perf_counter()
     built, manager = _build(cfg)
     module, tok, _, stamp = _model_and_tokenizer(model, tokenizer)
+    check_runnable(module, "the model")
     import lm_eval.evaluator  # optional dependency (see lm_eval_version)
     from lm_eval.models.huggingface import HFLM  # optional dependency (see lm_eval_version)
 

@@ -155,6 +155,35 @@ def find_blocks(model: nn.Module) -> Blocks:
     )
 
 
+def check_runnable(model: Any, what: str = "the model") -> None:
+    """Refuse, in one line naming the fix, a model a forward pass would not run as reported:
+    weights on the `meta` device with nothing to bring them in (an empty skeleton: neither streamed
+    by mi-prun nor dispatched by accelerate), or a block list of another length than the config's
+    block count (many families run `layers[:num_hidden_layers]`, so a config changed after loading
+    would run fewer blocks, and report the others as MI 0)."""
+    module = as_module(model, what)
+    offloaded = getattr(module, "_mi_prun_stream", None) is not None or \
+        any(hasattr(m, "_hf_hook") for m in module.modules())
+    if not offloaded:
+        meta = next((name for name, p in module.named_parameters() if p.is_meta), None)
+        if meta is not None:
+            raise MiPrunError(f"{what} has its weights on the meta device ({meta}, ...): an empty skeleton with "
+                              "nothing to run. Fix: load it with mi_prun.load_model(spec) (use offload=True or a "
+                              "device_map for a model larger than memory).")
+    config = getattr(module, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_config = num_layers_of(text) if text is not None else None
+    n_config = n_config if n_config is not None or config is None else num_layers_of(config)
+    if n_config is None:
+        return
+    n_blocks = len(find_blocks(module))
+    if n_config != n_blocks:
+        raise MiPrunError(f"{what} holds {n_blocks} blocks but its config says {n_config}: a forward pass would "
+                          f"run {min(n_config, n_blocks)} of them, not what is reported (was the config changed "
+                          "after loading?). Fix: change the blocks with mi_prun.prune / pruned_view, which keep "
+                          "the config in step, or load the model again.")
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where token ids must go: the device of the input embeddings (with an accelerate device map,
     the first parameter can live elsewhere)."""

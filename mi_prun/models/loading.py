@@ -27,6 +27,7 @@ from mi_prun.errors import MiPrunError
 from mi_prun.config import ExecutionConfig
 from mi_prun.files import check_path_length, parse_json
 from mi_prun.models.blocks import find_blocks, input_device, num_layers_of
+from mi_prun.models.families import BLOCK_PATHS
 from mi_prun.models.identity import model_identity
 from mi_prun.models.memory import check_memory, check_streamable, fits, weights_bytes
 from mi_prun.models.stream import offload_to_cpu, open_streamed
@@ -378,6 +379,58 @@ def _n_layers(config: Any) -> int:
     return num_layers_of(text) or num_layers_of(config) or 0
 
 
+def _safetensors_keys(folder: Path) -> list[str]:
+    """Tensor names of the safetensors files in `folder`, from the headers only (no weights read);
+    [] when there are none or a header cannot be read (the loader then names the damage)."""
+    keys: list[str] = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 0 < size <= 100 * 2**20:
+                    return []
+                header = parse_json(fh.read(size))
+        except (OSError, ValueError):
+            return []
+        if not isinstance(header, dict):
+            return []
+        keys += [k for k in header if k != "__metadata__"]
+    return keys
+
+
+def check_block_count(spec: str, source: str, config: Any, gguf_file: str | None = None) -> None:
+    """Refuse a local safetensors model whose config names another number of blocks than its weight
+    files hold, before any weights are read, on every load path (resident, device map, streamed).
+    transformers would fill missing blocks with random weights or drop extra ones; streaming would
+    run only the blocks the config names. Block tensors are found under the family's block path
+    (`BLOCK_PATHS`), with or without the base model's prefix; a family not in the table, a GGUF file
+    (whose config is read from the same file) or a hub id not on disk is left to the loader's own
+    check of the weights against the model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    path = BLOCK_PATHS.get(getattr(config, "model_type", None) or "") or \
+        BLOCK_PATHS.get(getattr(text, "model_type", None) or "")
+    folder = Path(source)
+    n_config = _n_layers(config)
+    if gguf_file is not None or path is None or not folder.is_dir() or not n_config:
+        return
+    prefixes = {path + "."} | ({path.split(".", 1)[1] + "."} if "." in path else set())
+    found: set[int] = set()
+    for key in _safetensors_keys(folder):
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                number = key[len(prefix):].split(".", 1)[0]
+                if number.isdigit():
+                    found.add(int(number))
+    if found and found != set(range(n_config)):
+        n_weights = max(found) + 1
+        gaps = sorted(set(range(n_weights)) - found)
+        held = f"{n_weights}" + (f" (blocks {', '.join(map(str, gaps[:5]))} missing)" if gaps else "")
+        raise MiPrunError(f"the config of {spec} says {n_config} blocks but its weights hold {held}. The files are "
+                          "damaged or were edited by hand, and the model would run with random or missing blocks. "
+                          "Fix: export or download it again (to change the number of blocks, prune it with mi-prun "
+                          "rather than editing config.json).")
+
+
 def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
     """The local folder of safetensors files a streamed model reads its blocks from."""
     if gguf_file is not None:
@@ -505,6 +558,7 @@ def load_model(
         config = _load_config(spec, source, kwargs, gguf_file)
         if _is_encoder_config(config):
             raise _not_causal(spec, config)
+        check_block_count(spec, source, config, gguf_file)  # every path below: resident, device map, streamed
         need = weights_bytes(source, gguf_file, dt) if device_map is None else None
         stream = offload is True or (offload == "auto" and check_memory_first and gguf_file is None
                                      and not fits(need, dev))  # a GGUF file cannot stream: the check refuses it
