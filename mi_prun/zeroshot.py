@@ -42,12 +42,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+
+import torch
 
 from mi_prun.config import ZeroShotConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.files import EXPORT, folder_lock, output_stamp, read_marker, write_file
-from mi_prun.models.blocks import check_runnable
+from mi_prun.files import EXPORT, folder_lock, output_stamp, parse_json, read_marker, write_file
+from mi_prun.models.blocks import check_runnable, context_length
 from mi_prun.models.loading import load_model
 from mi_prun.models.surgery import pruned_view
 from mi_prun.progress import Progress
@@ -247,6 +249,8 @@ def _resolve_data_files(cfg: dict[str, Any], yaml_path: Path) -> dict[str, str]:
             if cand.is_file():
                 found = str(cand.resolve())
                 digests[found] = _sha256(cand)
+                if cfg.get("dataset_path") == "json":
+                    _check_json_data(cand, yaml_path)
                 return found
         raise MiPrunError(f"task file {yaml_path}: data file {p} not found (looked next to the YAML and in "
                           f"{Path.cwd()}). Fix: give its path, relative to the YAML's folder or absolute.")
@@ -260,6 +264,36 @@ def _resolve_data_files(cfg: dict[str, Any], yaml_path: Path) -> dict[str, str]:
 
     kwargs["data_files"] = walk(files)
     return digests
+
+
+def _check_json_data(path: Path, yaml_path: Path) -> None:
+    """Refuse a local JSON / JSON Lines data file that `datasets` could not read, naming the line
+    (`datasets` reports only "An error occurred while generating the dataset")."""
+    fix = "Fix: correct the data file (JSON Lines: one JSON object per line; .json: a list of objects)."
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MiPrunError(f"task file {yaml_path}: data file {path} cannot be read ({type(exc).__name__}). {fix}") from None
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = parse_json(text)
+        except ValueError as exc:
+            raise MiPrunError(f"task file {yaml_path}: data file {path} is not valid JSON ({exc}). {fix}") from None
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None) if isinstance(rows, list) else 0
+        if bad is not None:
+            raise MiPrunError(f"task file {yaml_path}: data file {path} must hold a list of JSON objects (item {bad} "
+                              f"is not one). {fix}")
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = parse_json(line)
+        except ValueError as exc:
+            raise MiPrunError(f"task file {yaml_path}: data file {path}, line {number} is not JSON ({exc}). {fix}") from None
+        if not isinstance(row, dict):
+            raise MiPrunError(f"task file {yaml_path}: data file {path}, line {number} is a {type(row).__name__}, not a "
+                              f"JSON object. {fix}")
 
 
 @dataclass(frozen=True)
@@ -368,6 +402,14 @@ def _build(config: ZeroShotConfig) -> tuple[list[tuple[TaskSource, Any]], Any]:
                     tasks = _leaves(get_task_dict([src.spec], manager))
         except MiPrunError:
             raise
+        except StopIteration:  # lm-eval reads the first item while building the task
+            raise MiPrunError(f"task {src.name} holds no item{_data_note(src)}. Fix: give it data with at least "
+                              "one item (or check its test_split and process_docs).") from None
+        except IndexError as exc:  # lm-eval applies doc_to_target / doc_to_choice to the first item
+            raise MiPrunError(f"task {src.name}: its first item's answer is not one of its choices, or the item has "
+                              f"no choices (IndexError: {exc}){_data_note(src)}. Fix: make every item's "
+                              "doc_to_target an index into its doc_to_choice list (from 0), and give every item "
+                              "choices.") from None
         except Exception as exc:  # dataset download refused offline, a template error, a bad setting, ...
             msg = " ".join(str(exc).split())[:200]
             fix = ("correct the task YAML (lm-eval's task format)" if src.source != src.name else
@@ -377,8 +419,57 @@ def _build(config: ZeroShotConfig) -> tuple[list[tuple[TaskSource, Any]], Any]:
         for task in tasks:
             task.set_config(key="num_fewshot", value=config.num_fewshot)
             name = getattr(task, "task_name", None) or task.config.task
-            built.append((src if name == src.name else TaskSource(name, name, src.source, src.sha256), task))
+            source = src if name == src.name else TaskSource(name, name, src.source, src.sha256)
+            with _quiet_lm_eval():
+                _check_task(source, task, config)
+            built.append((source, task))
     return built, manager
+
+
+def _data_note(src: TaskSource) -> str:
+    files = [p for p in src.sha256 if not p.endswith(YAML_SUFFIXES) and not p.endswith(".py")]
+    return f" (data: {', '.join(files)})" if files else (f" ({src.source})" if src.source != src.name else "")
+
+
+def _check_task(src: TaskSource, task: Any, config: ZeroShotConfig) -> None:
+    """Refuse a task lm-eval would score wrongly without a word, or fail on deep inside: no item; a
+    multiple-choice item without choices, with a single choice (accuracy 1 and NLL 0 whatever the
+    model), or whose answer is not one of its choices (scored as always wrong); more few-shot
+    examples asked for than the task has."""
+    docs = task.eval_docs
+    n = len(docs)
+    if n == 0:
+        raise MiPrunError(f"task {src.name} holds no item{_data_note(src)}. Fix: give it data with at least one item.")
+    kind = getattr(task, "OUTPUT_TYPE", None) or getattr(task.config, "output_type", None)
+    if kind == "multiple_choice":
+        for i in range(n if config.limit is None else min(n, config.limit)):
+            doc = docs[i]
+            choices = task.doc_to_choice(doc)
+            gold = task.doc_to_target(doc)
+            where = f"task {src.name}, item {i}{_data_note(src)}"
+            if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+                count = len(choices) if isinstance(choices, (list, tuple)) else "no list of"
+                raise MiPrunError(f"{where}: {count} choice(s); a multiple-choice item needs at least 2 (with one, "
+                                  "every model scores it right). Fix: give every item two or more choices.")
+            golds = gold if isinstance(gold, list) else [gold]
+            for g in golds:
+                if isinstance(g, str) and g not in choices:
+                    raise MiPrunError(f"{where}: answer {g!r} is not one of its choices {list(choices)[:6]}. Fix: make "
+                                      "doc_to_target an index into doc_to_choice (from 0) or one of its strings.")
+                if not isinstance(g, str) and not (isinstance(g, int) and 0 <= g < len(choices)):
+                    raise MiPrunError(f"{where}: answer {g!r} is not a choice index (0..{len(choices) - 1}). Fix: make "
+                                      "doc_to_target an index into doc_to_choice (from 0) or one of its strings.")
+    shots = int(config.num_fewshot or 0)
+    if shots > 0:
+        pool = task.fewshot_docs()
+        size = len(pool) if pool is not None else 0
+        split = getattr(task.config, "fewshot_split", None)
+        same = not (task.has_training_docs() or task.has_validation_docs()) and split in (None, task.config.test_split)
+        available = size - 1 if same else size  # drawn from the items themselves: never the item scored
+        if shots > available:
+            raise MiPrunError(f"--num-fewshot {shots} asks for more examples than task {src.name} has to draw from "
+                              f"({available}{', its other items' if same else ''}). Fix: use --num-fewshot "
+                              f"{max(available, 0)} or less, or give the task a training or validation split.")
 
 
 def load_stamped(spec: str | os.PathLike, load: Callable[[], _T]) -> tuple[_T, str | None]:
@@ -465,6 +556,10 @@ def zero_shot(model: Any, tokenizer: Any = None, tasks: Any = None, config: Zero
     # (possibly shared) model as it was.
     with _quiet_lm_eval():
         lm = HFLM(pretrained=pruned_view(module, []), tokenizer=tok, batch_size=cfg.batch_size)
+    for src, task in built:  # items past the model's context: refused before any is scored
+        if (getattr(task, "OUTPUT_TYPE", None) or getattr(task.config, "output_type", None)) == "multiple_choice":
+            check_items_fit(module, ((it, len(tok.encode(it.context + c))) for it in _task_items(src, task, cfg.limit)
+                                     for c in it.choices))
     scores: list[TaskScore] = []
     for i, (src, task) in enumerate(built):
         if progress is not None:
@@ -579,28 +674,52 @@ def multiple_choice_items(config: ZeroShotConfig) -> list[ChoiceItem]:
         if kind != "multiple_choice":
             raise MiPrunError(f"task {src.name} is not multiple-choice (output_type {kind}). Fix: give a task "
                               "with output_type: multiple_choice.")
-        with _quiet_lm_eval():
-            task.build_all_requests(limit=config.limit, rank=0, world_size=1)
-        by_doc: dict[int, list[Any]] = {}
-        for inst in task.instances:
-            by_doc.setdefault(int(inst.doc_id), []).append(inst)
-        for doc_id, insts in sorted(by_doc.items()):
-            insts.sort(key=lambda r: r.idx)
-            doc = insts[0].doc
-            gold = task.doc_to_target(doc)
-            choices = task.doc_to_choice(doc)
-            if isinstance(gold, str):
-                if gold not in choices:
-                    raise MiPrunError(f"task {src.name}, item {doc_id}: answer {gold!r} is not one of its choices. "
-                                      "Fix: make doc_to_target an index or one of doc_to_choice's strings.")
-                gold = choices.index(gold)
-            if not isinstance(gold, int) or not 0 <= gold < len(insts):
-                raise MiPrunError(f"task {src.name}, item {doc_id}: answer {gold!r} is not a choice index "
-                                  f"(0..{len(insts) - 1}). Fix: correct doc_to_target or the data.")
-            items.append(ChoiceItem(task=src.name, doc_id=doc_id, context=insts[0].arguments[0],
-                                    choices=tuple(r.arguments[1] for r in insts), target=int(gold)))
+        items += _task_items(src, task, config.limit)
     if not items:
         raise MiPrunError("the tasks hold no item. Fix: give a task with at least one item.")
+    return items
+
+
+def check_items_fit(model: Any, lengths: Iterable[tuple[ChoiceItem, int]]) -> None:
+    """Refuse items whose context and choice, in tokens (`lengths`: (item, tokens) per choice),
+    exceed the model's context: lm-eval would cut the context from the left and score what is
+    left without a word, and positions past the context are not what the model was trained on."""
+    config = getattr(model, "config", None) if isinstance(model, torch.nn.Module) else None
+    limit = context_length(config) if config is not None else None
+    if not isinstance(limit, int):
+        return
+    over = [(it, n) for it, n in lengths if n > limit]
+    if over:
+        it, n = max(over, key=lambda x: x[1])
+        raise MiPrunError(f"task {it.task}, item {it.doc_id}: its context and a choice are {n} tokens, longer than "
+                          f"the model's context of {limit} ({len({(o.task, o.doc_id) for o, _ in over})} item(s) are); "
+                          "they would be scored cut short. Fix: shorten or drop those items (or lower --num-fewshot), "
+                          "or use a model with a longer context.")
+
+
+def _task_items(src: TaskSource, task: Any, limit: int | None) -> list[ChoiceItem]:
+    """One multiple-choice task's items, as lm-eval builds their requests."""
+    items: list[ChoiceItem] = []
+    with _quiet_lm_eval():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+    by_doc: dict[int, list[Any]] = {}
+    for inst in task.instances:
+        by_doc.setdefault(int(inst.doc_id), []).append(inst)
+    for doc_id, insts in sorted(by_doc.items()):
+        insts.sort(key=lambda r: r.idx)
+        doc = insts[0].doc
+        gold = task.doc_to_target(doc)
+        choices = task.doc_to_choice(doc)
+        if isinstance(gold, str):
+            if gold not in choices:
+                raise MiPrunError(f"task {src.name}, item {doc_id}: answer {gold!r} is not one of its choices. "
+                                  "Fix: make doc_to_target an index or one of doc_to_choice's strings.")
+            gold = choices.index(gold)
+        if not isinstance(gold, int) or not 0 <= gold < len(insts):
+            raise MiPrunError(f"task {src.name}, item {doc_id}: answer {gold!r} is not a choice index "
+                              f"(0..{len(insts) - 1}). Fix: correct doc_to_target or the data.")
+        items.append(ChoiceItem(task=src.name, doc_id=doc_id, context=insts[0].arguments[0],
+                                choices=tuple(r.arguments[1] for r in insts), target=int(gold)))
     return items
 
 
@@ -610,6 +729,6 @@ def task_provenance(config: ZeroShotConfig) -> list[dict[str, Any]]:
     return [{"task": s.name, "source": s.source, "sha256": dict(s.sha256)} for s in sources]
 
 
-__all__ = ["ChoiceItem", "EVAL_EXTRA", "TaskScore", "TaskSource", "ZeroShotResult", "build_tasks", "is_export",
+__all__ = ["ChoiceItem", "EVAL_EXTRA", "TaskScore", "TaskSource", "ZeroShotResult", "build_tasks", "check_items_fit", "is_export",
            "export_stamp", "lm_eval_version", "load_stamped", "multiple_choice_items", "record_zero_shot", "resolve_tasks", "task_provenance",
            "zero_shot"]

@@ -103,3 +103,65 @@ def test_function_that_cannot_be_resolved_is_one_line(tiny, tmp_path):
     broken = write_task(tmp_path / "c", utils="def prompt(doc:\n")
     with pytest.raises(MiPrunError, match=r"`!function` cannot be resolved \(SyntaxError"):
         zero_shot(tiny, tasks=str(broken))
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks lm-eval would score wrongly, or fail on deep inside: refused in one line naming the file
+
+PLAIN_YAML = FN_YAML.replace("!function utils.prompt", '"{{question}}"')
+
+
+def _item(**changes):
+    return [dict(ITEMS[0], **changes)] + ITEMS[1:]
+
+
+DEGENERATE = {
+    "no items": ([], "holds no item"),
+    "label out of range, first item": (_item(label=7), "not one of its choices, or the item has no choices"),
+    "label out of range, later item": (ITEMS[:3] + [dict(ITEMS[3], label=9)], "item 3", "answer 9 is not a choice index"),
+    "empty choices": (_item(choices=[]), "not one of its choices, or the item has no choices"),
+    "empty choices, later item": (ITEMS[:2] + [dict(ITEMS[2], choices=[], label=0)], "item 2", "0 choice(s)"),
+    "one choice": ([dict(it, choices=[it["choices"][it["label"]]], label=0) for it in ITEMS], "1 choice(s)"),
+    "answer not among choices": (_item(label="purple"), "answer 'purple' is not one of its choices"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_tasks_are_refused_naming_the_data(tmp_path, case):
+    items, *fragments = DEGENERATE[case]
+    path = write_task(tmp_path / "t", items=items, yaml_text=PLAIN_YAML, utils=None)
+    rc, _, err = run_cli("eval", "--model", "tiny-llama", "--tasks", str(path))
+    assert_one_line_error(rc, err, *fragments, str(tmp_path / "t" / "items.jsonl"), "Fix:")
+
+
+def test_broken_data_file_names_the_line(tmp_path):
+    path = write_task(tmp_path / "t", yaml_text=PLAIN_YAML, utils=None)
+    with open(tmp_path / "t" / "items.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"question": "unclosed\n')
+    rc, _, err = run_cli("eval", "--model", "tiny-llama", "--tasks", str(path))
+    assert_one_line_error(rc, err, "items.jsonl, line 7 is not JSON", "Fix: correct the data file")
+
+
+def test_more_fewshot_examples_than_items_is_one_line(tmp_path):
+    path = write_task(tmp_path / "t", yaml_text=PLAIN_YAML, utils=None)
+    rc, _, err = run_cli("eval", "--model", "tiny-llama", "--tasks", str(path), "--num-fewshot", "6")
+    assert_one_line_error(rc, err, "--num-fewshot 6 asks for more examples than task tiny_fn has", "(5, its other items)",
+                          "Fix: use --num-fewshot 5 or less")
+    rc, out, err = run_cli("eval", "--model", "tiny-llama", "--tasks", str(path), "--num-fewshot", "5",
+                           "--data", "text:" + "hello world " * 40, "--seq-len", "32")
+    assert rc == 0 and "tiny_fn: acc" in out and err == "", err  # lm-eval's own output stays out (--quiet)
+
+
+def test_items_longer_than_the_context_are_refused_on_eval_and_verification(tiny, tmp_path):
+    from mi_prun.config import SelectConfig
+    from mi_prun.pipeline import analyze
+    from mi_prun.config import AnalysisConfig
+    from mi_prun.select import select
+
+    path = write_task(tmp_path / "t", items=_item(question="word " * 400), yaml_text=PLAIN_YAML, utils=None)
+    with pytest.raises(MiPrunError, match=r"task tiny_fn, item 0: its context and a choice are \d+ tokens, longer "
+                                          r"than the model's context of 256.*Fix: shorten or drop"):
+        zero_shot(tiny, tasks=str(path))
+    analysis = analyze(tiny, AnalysisConfig(n_samples=4, seq_len=32))
+    with pytest.raises(MiPrunError, match="longer than the model's context of 256"):
+        select(analysis, SelectConfig(n=2, verify_on=str(path), verify_passes=4), model=tiny)
