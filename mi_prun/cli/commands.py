@@ -22,6 +22,7 @@ from mi_prun.results import Analysis
 from mi_prun.select import Selection, compare, get_selector, resolve_n, select, sleb_select
 from mi_prun.select.confirm import FreshDrawError, fresh_tokens
 from mi_prun.select.registry import VERIFIABLE
+from mi_prun.select.task_scorer import is_task_spec
 from mi_prun.zeroshot import build_tasks, load_stamped, record_zero_shot, zero_shot
 
 
@@ -93,6 +94,16 @@ def _refuse_ignored_select_flags(args, cfg) -> None:
         _refuse_flags(args, {"device", "dtype"}, "no --model is given")
         _refuse_flags(args, verify, "verification runs the model, and no --model is given (add --model "
                       "to verify)")
+    heal = getattr(args, "heal", False)
+    if not cfg.verifies or cfg.method not in VERIFIABLE or getattr(args, "model", "") is None:
+        why = ("no --model is given (add --model to verify)" if getattr(args, "model", "") is None else
+               f"method {cfg.method} is not verified" if cfg.method not in VERIFIABLE else
+               "--verify-passes 0 turns verification off" + (" (the default with --heal; give --verify-passes N "
+                                                              "to verify)" if heal else ""))
+        _refuse_flags(args, {"verify_on", "verify_items"}, f"--verify-on chooses what verification scores, and {why}")
+    elif cfg.verify_on is None or not is_task_spec(cfg.verify_on):
+        _refuse_flags(args, {"verify_items"}, "--verify-items counts the items of a --verify-on task, and "
+                      + ("no --verify-on is given" if cfg.verify_on is None else f"{cfg.verify_on} is a text, not a task"))
     if cfg.method not in VERIFIABLE:
         needs_model = get_selector(cfg.method).needs_model
         # sleb and mi-guided search on the verification tokens themselves (prune's sleb: on calibration tokens)
