@@ -181,20 +181,49 @@ def _resolve_blocks(pruned: nn.Module, sel: dict[str, Any]) -> PruneInfo:
 
 
 def _source(loaded: Any, analysis: Any, pruned: nn.Module, source_model: str | None) -> tuple[str, str | None]:
-    """The mergekit source (a hub id, never a local cache path) and a note when there is none."""
+    """The model the export was cut from, as mergekit's source: its hub id; else its local folder
+    (mergekit reads one; never a cache path when a hub id is known); else the name it was loaded
+    by, with a note saying why mergekit cannot rebuild from it. Never a placeholder when anything
+    is known."""
     if source_model:
         return str(source_model), None
     hub = getattr(loaded, "hub_id", None) if loaded is not None else None
-    if hub is None and analysis is not None:
-        hub = (getattr(analysis, "model", None) or {}).get("hub_id")
+    meta = (getattr(analysis, "model", None) or {}) if analysis is not None else {}
     if hub is None:
-
-        name = getattr(pruned.config, "_name_or_path", None)
+        hub = meta.get("hub_id")
+    name = getattr(pruned.config, "_name_or_path", None)
+    if hub is None:
         hub = hub_id(name) if isinstance(name, str) and name else None
     if hub:
         return hub, None
-    return "<original model id>", ("the original model has no known Hugging Face id: replace the "
-                                   "placeholder with the id or folder of the unpruned safetensors model")
+    spec = getattr(loaded, "spec", None) if loaded is not None else meta.get("spec")
+    folder = getattr(loaded, "source", None) if loaded is not None else meta.get("source")
+    for cand in (folder, name):
+        if isinstance(cand, str) and cand and Path(cand).is_dir() and not str(spec or "").lower().endswith(".gguf") \
+                and (Path(cand) / "config.json").is_file():
+            return str(Path(cand).resolve()), None
+    if isinstance(spec, str) and spec:
+        kind = ("a GGUF file (quantised)" if spec.lower().endswith(".gguf") else
+                "a built-in random model" if spec.startswith("tiny-") else "not a local safetensors folder")
+        return spec, (f"the original model {spec} is {kind}, which mergekit cannot read: replace source_model "
+                      "with the id or folder of the unpruned safetensors model")
+    return "<original model id>", ("the original model is not known (export was given neither the loaded model "
+                                   "nor its analysis): replace the placeholder with the id or folder of the "
+                                   "unpruned safetensors model, or pass source_model=")
+
+
+def _chosen_by(sel: dict[str, Any]) -> str | None:
+    """What chose the removed set, in words: a verified search names the criterion whose proposal
+    won (the method only proposed candidates; forward passes chose), a one-pass method itself."""
+    method = sel.get("method")
+    if method is None:
+        return None
+    if sel.get("verified"):
+        v = sel.get("verification") if isinstance(sel.get("verification"), dict) else {}
+        scored = v.get("sets_scored")
+        return (f"verified search ({method}'s candidates and others{f', {scored} sets' if scored else ''} scored by "
+                f"forward passes): the winning set was proposed by {sel.get('winner_source') or 'unknown'}")
+    return f"{method} (one pass, not verified)"
 
 
 def export(
@@ -285,6 +314,7 @@ def export(
         "source_model": source,
         "model": model_meta,
         "method": sel.get("method"),
+        "chosen_by": _chosen_by(sel),
         "estimator": provenance.get("estimator"),
         "estimator_options": provenance.get("estimator_options"),
         "run_cost": sel.get("run_cost"),

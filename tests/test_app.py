@@ -297,10 +297,10 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     assert report["removed"] == list(verified.removed) and report["selection"]["verified"]
     assert "healing" not in report  # the heal switch is off by default
     # Provenance filled by the library from the analysis; the mergekit source is never a local path
-    # (the tiny random model has no hub id, so the library writes its placeholder and a note).
+    # (the tiny random model has no hub id, so the library writes its name and a note).
     assert report["estimator"] == analysis.estimator and report["calibration"] == json.loads(
         json.dumps(analysis.calibration))
-    assert report["source_model"] == (shared_model.hub_id or "<original model id>")
+    assert report["source_model"] == (shared_model.hub_id or shared_model.spec)
     recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
     assert {src["model"] for sl in recipe["slices"] for src in sl["sources"]} == {report["source_model"]}
     assert (out / "mergekit.yaml").is_file() and (out / "config.json").is_file()

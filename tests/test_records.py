@@ -111,3 +111,58 @@ def test_damaged_zero_shot_records_are_replaced_with_a_warning(tiny, tmp_path, c
     tasks = json.loads((out / "mi_prun.json").read_text())["zero_shot"]["tasks"]
     assert "new" in tasks and "old" not in tasks
     assert ("kept" in tasks) == (isinstance(damage, dict) and isinstance(damage.get("tasks"), dict))
+
+
+def test_source_model_is_the_real_path_or_name(tiny, tmp_path):
+    import yaml
+
+    from cli_helpers import run_cli
+
+    folder = tmp_path / "orig"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    rc, _, err = run_cli("prune", "--model", str(folder), "--n", "1", "--samples", "8", "--tokens", "32",
+                         "--out", str(tmp_path / "p"))
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "p" / "mi_prun.json").read_text())
+    assert meta["source_model"] == str(folder.resolve()) and "source_note" not in meta
+    recipe = yaml.safe_load((tmp_path / "p" / "mergekit.yaml").read_text())
+    assert {s["sources"][0]["model"] for s in recipe["slices"]} == {str(folder.resolve())}
+    # the library, given only the pruned model loaded from that folder, finds it too
+    loaded = load_model(folder)
+    out = export(prune(loaded.model, [1]), loaded.tokenizer, None, tmp_path / "lib")
+    assert json.loads((out / "mi_prun.json").read_text())["source_model"] == str(folder.resolve())
+    # a built-in random model: its name and a note, never a placeholder
+    out = export(prune(tiny.model, [1]), tiny.tokenizer, None, tmp_path / "t", loaded=tiny)
+    meta = json.loads((out / "mi_prun.json").read_text())
+    assert meta["source_model"] == "tiny-llama" and "built-in random model" in meta["source_note"]
+
+
+def test_verified_export_says_what_chose_the_set(tiny, tmp_path):
+    from mi_prun.config import AnalysisConfig, SelectConfig
+    from mi_prun.pipeline import analyze
+    from mi_prun.select import select
+
+    analysis = analyze(tiny, AnalysisConfig(n_samples=8, seq_len=32))
+    sel = select(analysis, SelectConfig(n=2, verify_passes=4), model=tiny)
+    assert sel.verified and sel.winner_source
+    out = export(prune(tiny.model, sel.removed), tiny.tokenizer, sel, tmp_path / "v", analysis=analysis, loaded=tiny)
+    meta = json.loads((out / "mi_prun.json").read_text())
+    assert meta["method"] == sel.method
+    assert meta["chosen_by"].startswith("verified search") and \
+        meta["chosen_by"].endswith(f"the winning set was proposed by {sel.winner_source}")
+    one = select(analysis, SelectConfig(n=2, verify_passes=0))
+    out = export(prune(tiny.model, one.removed), tiny.tokenizer, one, tmp_path / "o", analysis=analysis)
+    assert json.loads((out / "mi_prun.json").read_text())["chosen_by"] == f"{one.method} (one pass, not verified)"
+
+
+def test_progress_line_rounds_kendall_tau(tiny):
+    import re
+
+    from mi_prun.config import AnalysisConfig
+    from mi_prun.pipeline import analyze
+
+    lines: list[str] = []
+    analyze(tiny, AnalysisConfig(n_samples=8, seq_len=32), progress=lambda stage, frac, msg="": lines.append(msg))
+    tau = [m for m in lines if "Kendall tau" in m]
+    assert tau and all(re.fullmatch(r"Kendall tau between halves: (-?\d\.\d{3}|n/a)", m) for m in tau), tau
