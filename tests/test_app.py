@@ -227,6 +227,9 @@ def test_fbs_page_and_n_slider(shared_model):
     metrics = {m.label: m.value for m in at.metric}
     assert len(metrics["FBS removes"].split(",")) == 3
     assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3).removed))
+    # the sets in full on their own line (a metric cuts a long value short)
+    full = f"**FBS removes** blocks {', '.join(map(str, select(analysis, 'fbs', n=3).removed))}; **the exact optimum"
+    assert any(md.value.startswith(full) for md in at.markdown)
     comp = chart(at, "MI objective of each method")
     assert len(comp["data"][0]["x"]) == 6  # MI-PRUN, exact and the baselines for the same n
     assert not any("price of its speed" in c.value for c in at.caption)
