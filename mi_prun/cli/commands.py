@@ -9,7 +9,7 @@ from typing import Any
 from mi_prun.cli.args import ANALYSIS_DESTS, HEAL_DESTS, SELECT_DESTS, given
 from mi_prun.cli.output import TqdmProgress, format_analysis, format_compare, format_selection
 from mi_prun.config import AnalysisConfig, EvalConfig, ExportConfig, HealConfig, SelectConfig, ZeroShotConfig
-from mi_prun.data import load_text, verification_tokens
+from mi_prun.data import check_text_source, load_text, verification_tokens
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import describe_estimators
 from mi_prun.evaluate import evaluate, generate_sample
@@ -115,8 +115,21 @@ def _refuse_ignored_select_flags(args, cfg) -> None:
                           f"verified methods {', '.join(VERIFIABLE)} run it)")
 
 
+TEXT_FLAGS = (("calib", "--calib"), ("heal_calib", "--heal-calib"), ("data", "--data"), ("verify_on", "--verify-on"))
+
+
+def _check_text_flags(args) -> None:
+    """Every text source the command will read exists (nothing is read yet): a missing file is
+    found before the model loads, not after the analysis and the selection."""
+    for dest, flag in TEXT_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None and not (dest == "verify_on" and is_task_spec(str(value))):
+            check_text_source(value, f"{flag} text")
+
+
 def cmd_analyze(args) -> int:
     analysis_config(args)  # bad settings fail before anything else
+    _check_text_flags(args)
     if args.out:
         check_output(args.out, ANALYSIS, args.overwrite, inputs=[args.model])
     progress = TqdmProgress(not args.quiet)
@@ -147,6 +160,7 @@ def cmd_select(args) -> int:
     if args.out and args.compare:
         raise MiPrunError("--out writes one selection; --compare prints several. Fix: drop one of them.")
     _refuse_ignored_select_flags(args, cfg)
+    _check_text_flags(args)
     analysis = Analysis.load(args.analysis)
     if args.compare:
         n = resolve_n(analysis.n_blocks, **cfg.count, protect_ends=cfg.protect_ends)
@@ -187,6 +201,7 @@ def cmd_prune(args) -> int:
     analysis = Analysis.load(args.analysis) if args.analysis else None
     hcfg = heal_config(args, acfg, analysis.calibration if analysis is not None else
                        (saved.provenance.get("calibration") if saved is not None else None))
+    _check_text_flags(args)
     progress = TqdmProgress(not args.quiet)
     if analysis is None and saved is None:
         loaded, analysis = _analyze(args, progress)
@@ -249,6 +264,7 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     cfg = EvalConfig(data=args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                      batch_size=args.batch_size)
+    _check_text_flags(args)
     zcfg = None
     if args.tasks is not None:
         zcfg = ZeroShotConfig(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
