@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from mi_prun.config import ExportConfig
+from mi_prun.config import ExportConfig, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
 from mi_prun.models.accept import as_module, is_loaded
@@ -261,8 +261,7 @@ def export(
     dropped on that copy).
     """
     cfg = config if config is not None else ExportConfig()
-    if not isinstance(cfg, ExportConfig):
-        raise MiPrunError(f"config must be an ExportConfig, got {type(cfg).__name__}.")
+    expect_config(cfg, ExportConfig)
     if tokenizer is None and is_loaded(pruned):
         tokenizer = pruned.tokenizer
     pruned = as_module(pruned, "the pruned model")

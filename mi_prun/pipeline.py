@@ -12,7 +12,7 @@ import time
 import torch
 
 from mi_prun.capture import Capture, capture
-from mi_prun.config import AnalysisConfig
+from mi_prun.config import AnalysisConfig, expect_config
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.estimators import get_estimator
 from mi_prun.models import LoadedModel
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 def check_analysis_config(cfg: AnalysisConfig) -> AnalysisConfig:
     """`cfg` with its estimator name and options checked against the registry (one line naming the
     valid choices otherwise): the checks a config, being plain data, cannot make itself."""
+    expect_config(cfg, AnalysisConfig)
     get_estimator(cfg.estimator, **cfg.estimator_options)
     return cfg
 
@@ -92,7 +93,7 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
     model's load time is reported apart as "load_model"."""
     loaded = as_loaded(loaded, "analyze")
     check_runnable(loaded.model, f"the model {loaded.spec}")  # what runs is what the analysis reports
-    cfg = check_analysis_config(cfg or AnalysisConfig())
+    cfg = check_analysis_config(AnalysisConfig() if cfg is None else cfg)
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)
     t_tok = time.perf_counter() - t0

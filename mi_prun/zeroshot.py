@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 
-from mi_prun.config import ZeroShotConfig
+from mi_prun.config import ZeroShotConfig, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, folder_lock, output_stamp, parse_json, read_marker, write_file
 from mi_prun.models.blocks import check_runnable, context_length
@@ -322,8 +322,7 @@ def _yaml_task(path: Path) -> TaskSource | None:
 def resolve_tasks(config: ZeroShotConfig) -> tuple[list[TaskSource], list[str]]:
     """(tasks, folders for lm-eval's include_path) of `config.tasks`; refuses, in one line naming
     the fix, an unknown name, a YAML file that is not a task, a missing data file, no task at all."""
-    if not isinstance(config, ZeroShotConfig):
-        raise MiPrunError(f"config must be a ZeroShotConfig, got {type(config).__name__}.")
+    expect_config(config, ZeroShotConfig)
     if not config.tasks:
         raise MiPrunError("no task given. Fix: name lm-eval tasks or task YAML files, e.g. --tasks piqa,my_task.yaml.")
     lm_eval_version()
@@ -540,8 +539,7 @@ def zero_shot(model: Any, tokenizer: Any = None, tasks: Any = None, config: Zero
     every task. No global random state is touched (zero-shot prompts need none).
     """
     cfg = config if config is not None else ZeroShotConfig()
-    if not isinstance(cfg, ZeroShotConfig):
-        raise MiPrunError(f"config must be a ZeroShotConfig, got {type(cfg).__name__}.")
+    expect_config(cfg, ZeroShotConfig)
     if tasks is not None:
         cfg = cfg.replace(tasks=tasks)
     version = lm_eval_version()

@@ -81,3 +81,22 @@ def test_meta_device_models_are_refused(tmp_path):
     with pytest.raises(MiPrunError, match="weights on the meta device"):
         zero_shot(skeleton, loaded.tokenizer, str(write_task(tmp_path / "task")))
     assert torch.device("meta") == next(skeleton.parameters()).device
+
+
+def test_a_dict_where_a_config_is_expected_names_the_constructor(tmp_path):
+    from mi_prun.config import SelectConfig
+    from mi_prun.models import prune
+    from mi_prun.select import select
+
+    loaded = load_model("tiny-llama")
+    analysis = analyze(loaded, SMALL_CFG)
+    with pytest.raises(MiPrunError, match=r"the settings must be a SelectConfig, got a dict of settings\. "
+                                          r"Fix: pass SelectConfig\(n=2\)"):
+        select(analysis, {"n": 2})
+    with pytest.raises(MiPrunError, match=r"config must be a SelectConfig, got a dict.*SelectConfig\(n=2\)"):
+        select(analysis, config={"n": 2})
+    with pytest.raises(MiPrunError, match=r"config must be an AnalysisConfig, got a dict.*AnalysisConfig\(n_samples=4\)"):
+        analyze(loaded, {"n_samples": 4})
+    with pytest.raises(MiPrunError, match=r"must be an ExportConfig, got a dict.*ExportConfig\(overwrite=True\)"):
+        export(prune(loaded.model, [1]), loaded.tokenizer, None, tmp_path / "x", config={"overwrite": True})
+    assert select(analysis, SelectConfig(n=2)).n == 2
