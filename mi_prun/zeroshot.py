@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
+import yaml
 
 from mi_prun.config import ZeroShotConfig, expect_config
 from mi_prun.errors import MiPrunError
@@ -180,8 +181,6 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
         def read() -> Any:
             return load_yaml_config(yaml_path=str(path), mode="full")
-    import yaml  # lm-eval's own dependency
-
     try:
         cfg = read()
     except Exception as exc:  # yaml.YAMLError, a missing include, a `!function` that cannot be imported

@@ -152,7 +152,7 @@ def test_more_fewshot_examples_than_items_is_one_line(tmp_path):
     assert rc == 0 and "tiny_fn: acc" in out and err == "", err  # lm-eval's own output stays out (--quiet)
 
 
-def test_items_longer_than_the_context_are_refused_on_eval_and_verification(tiny, tmp_path):
+def test_items_longer_than_the_context_or_with_one_choice_are_refused_on_eval_and_verification(tiny, tmp_path):
     from mi_prun.config import SelectConfig
     from mi_prun.pipeline import analyze
     from mi_prun.config import AnalysisConfig
@@ -165,3 +165,7 @@ def test_items_longer_than_the_context_are_refused_on_eval_and_verification(tiny
     analysis = analyze(tiny, AnalysisConfig(n_samples=4, seq_len=32))
     with pytest.raises(MiPrunError, match="longer than the model's context of 256"):
         select(analysis, SelectConfig(n=2, verify_on=str(path), verify_passes=4), model=tiny)
+    # a one-choice task would give NLL 0 to every set and call the answer "verified"
+    one = write_task(tmp_path / "one", items=DEGENERATE["one choice"][0], yaml_text=PLAIN_YAML, utils=None)
+    with pytest.raises(MiPrunError, match=r"1 choice\(s\); a multiple-choice item needs at least 2"):
+        select(analysis, SelectConfig(n=2, verify_on=str(one), verify_passes=4), model=tiny)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import signal
@@ -26,8 +27,7 @@ log = logging.getLogger("mi_prun")
 
 
 def _quiet_libraries(debug: bool) -> None:
-    from transformers.utils import logging as hf_logging
-
+    hf_logging = importlib.import_module("transformers.utils.logging")  # imported late: see the module docstring
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not debug:
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 a user error, 1 a bug, 130 interrupted, 143
     terminated by SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        from mi_prun.cli.args import build_parser
-        from mi_prun.cli.commands import COMMANDS
+    try:  # torch and transformers load here (see the module docstring), as mi_prun's lazy names do
+        build_parser = importlib.import_module("mi_prun.cli.args").build_parser
+        COMMANDS = importlib.import_module("mi_prun.cli.commands").COMMANDS
     except KeyboardInterrupt:  # Ctrl-C while torch and transformers are still being imported
         print("mi-prun: interrupted", file=sys.stderr)
         return 130
@@ -126,8 +126,6 @@ _LAZY = {"BLOCK_NOTE": "mi_prun.cli.output", "format_analysis": "mi_prun.cli.out
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mi_prun.cli' has no attribute {name!r}")
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from accelerate import init_empty_weights
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -523,8 +524,6 @@ def _check_device_map_modules(spec: str, device_map: dict, config: Any) -> None:
     """Refuse a device map naming modules the model does not have (a typo would be ignored) or
     leaving modules with weights unplaced (accelerate lists every parameter), naming a few; the
     module names come from the model built on the meta device (no memory)."""
-    from accelerate import init_empty_weights  # a dependency of device maps
-
     try:
         with init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config)
