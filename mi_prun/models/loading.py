@@ -402,6 +402,10 @@ def _safetensors_keys(folder: Path) -> list[str]:
     return keys
 
 
+def _few(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (" ..." if len(numbers) > 5 else "")
+
+
 def check_block_count(spec: str, source: str, config: Any, gguf_file: str | None = None) -> None:
     """Refuse a local safetensors model whose config names another number of blocks than its weight
     files hold, before any weights are read, on every load path (resident, device map, streamed).
@@ -429,7 +433,12 @@ def check_block_count(spec: str, source: str, config: Any, gguf_file: str | None
         n_weights = max(found) + 1
         gaps = sorted(set(range(n_weights)) - found)
         held = f"{n_weights}" + (f" (blocks {', '.join(map(str, gaps[:5]))} missing)" if gaps else "")
-        raise MiPrunError(f"the config of {spec} says {n_config} blocks but its weights hold {held}. The files are "
+        absent = sorted(set(range(n_config)) - found)
+        extra = sorted(found - set(range(n_config)))
+        what = "; ".join(
+            ([f"the weights of block(s) {_few(absent)} are not in the files"] if absent else [])
+            + ([f"the files hold block(s) {_few(extra)} that fit nowhere in the model"] if extra else []))
+        raise MiPrunError(f"the config of {spec} says {n_config} blocks but its weights hold {held}: {what}. The files are "
                           "damaged or were edited by hand, and the model would run with random or missing blocks. "
                           "Fix: export or download it again (to change the number of blocks, prune it with mi-prun "
                           "rather than editing config.json).")
