@@ -16,9 +16,16 @@ Tasks (`ZeroShotConfig.tasks`), offline:
   the YAML first;
 - a folder of task YAMLs (lm-eval's `TaskManager(include_path=...)`): every task defined in it.
 Groups are evaluated as their member tasks (each reported; no group average).
+YAMLs are read by lm-eval's own loader, `!function utils.f` resolved to the Python function (in
+`utils.py` next to the YAML first), exactly as lm-eval builds its own tasks. A task lm-eval would
+score wrongly without a word, or fail on deep inside, is refused in one line naming the item and
+the data file: no item, a multiple-choice item with fewer than two choices or an answer not among
+them, a broken JSON Lines data file, more few-shot examples than the task has, items longer than
+the model's context.
 
 `record_zero_shot(folder, result)` adds the result, with the lm-eval version and the task
-versions, to an export's `mi_prun.json` (atomically). `multiple_choice_items` gives a
+versions, to an export's `mi_prun.json` (atomically, read-modify-write under the lock that
+replacing an export takes, and only into the export that was evaluated: `export_stamp`). `multiple_choice_items` gives a
 multiple-choice task's (context, choices, answer) requests exactly as lm-eval builds them, for the
 verified search's task scorer (`mi_prun.select.task_scorer`).
 
