@@ -245,7 +245,8 @@ def export(
     Contents: `model.safetensors` (+ index when sharded), `config.json`, generation config,
     tokenizer files, `mi_prun.json` (removed and kept blocks numbered from 0, method, estimator,
     run cost, objective, calibration provenance, library versions, the files written) and
-    `mergekit.yaml` (rebuilds the same model from the original's hub id with a passthrough merge).
+    `mergekit.yaml` (rebuilds the same model from the original's hub id, else its local folder, with
+    a passthrough merge). `chosen_by` in `mi_prun.json` says what chose the removed set.
 
     `selection`: a `Selection` (or its dict), or None when `pruned` came from `prune` /
     `pruned_view` (it remembers its removed blocks). Provenance is filled from `analysis` (an
