@@ -169,3 +169,22 @@ def test_items_longer_than_the_context_or_with_one_choice_are_refused_on_eval_an
     one = write_task(tmp_path / "one", items=DEGENERATE["one choice"][0], yaml_text=PLAIN_YAML, utils=None)
     with pytest.raises(MiPrunError, match=r"1 choice\(s\); a multiple-choice item needs at least 2"):
         select(analysis, SelectConfig(n=2, verify_on=str(one), verify_passes=4), model=tiny)
+
+
+def test_quiet_eval_prints_nothing_of_lm_eval_outside_a_git_repository(tmp_path):
+    """lm-eval runs `git describe`, which prints "fatal: not a git repository" to the terminal (file
+    descriptor 2) outside one; with its progress bars it stays out of mi-prun's output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = write_task(tmp_path / "t", yaml_text=PLAIN_YAML, utils=None)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+    res = subprocess.run([sys.executable, "-m", "mi_prun.cli", "--quiet", "eval", "--model", "tiny-llama",
+                          "--data", "text:" + "hello world " * 40, "--seq-len", "32", "--tasks", str(path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "tiny_fn: acc" in res.stdout and res.stderr == "", res.stderr
