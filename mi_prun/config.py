@@ -42,6 +42,21 @@ DPI_TOL: tuple[float, float] = (0.05, 0.05)  # (rtol, atol in nats) for DPI viol
 
 # ---------------------------------------------------------------------------------------- checks
 
+def expect_config(value: Any, cls: type, what: str = "config") -> Any:
+    """`value` when it is a `cls` (a frozen config of this module); else one line naming the
+    fix, with a dict of settings spelled as the constructor call that takes them."""
+    if isinstance(value, cls):
+        return value
+    name = cls.__name__
+    a = "an" if name[0] in "AEIOU" else "a"
+    if isinstance(value, Mapping):
+        call = ", ".join(f"{k}={v!r}" for k, v in value.items())
+        raise MiPrunError(f"{what} must be {a} {name}, got a dict of settings. Fix: pass {name}({call}) "
+                          f"(from mi_prun.config import {name}).")
+    raise MiPrunError(f"{what} must be {a} {name}, got {type(value).__name__}. Fix: pass {name}(...) "
+                      f"(from mi_prun.config import {name}).")
+
+
 def calibration_spec(calibration: Mapping[str, Any]) -> str | None:
     """The `mi_prun.data.load_text` spec that reloads a calibration text from its provenance (an
     analysis's `calibration` dict), or None where it cannot be reloaded (text given inline)."""
@@ -389,6 +404,11 @@ class ExecutionConfig:
             raise MiPrunError("streaming blocks and a device map are alternatives. Fix: give one of "
                               "--stream and --device-map.")
         if self.offload_folder is not None:
+            if self.device_map is None:
+                raise MiPrunError("offload_folder (--offload-folder) is accelerate's folder for the weights a device "
+                                  "map puts on disk, and no device map is given"
+                                  + (" (--stream reads the weights from their own files)" if self.stream is True else "")
+                                  + ". Fix: add --device-map (e.g. auto), or drop --offload-folder.")
             _set(self, "offload_folder", as_path(self.offload_folder, "offload folder"))
 
 

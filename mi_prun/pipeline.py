@@ -12,12 +12,13 @@ import time
 import torch
 
 from mi_prun.capture import Capture, capture
-from mi_prun.config import AnalysisConfig
+from mi_prun.config import AnalysisConfig, expect_config
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.estimators import get_estimator
 from mi_prun.runtime import LoadedModel
 from mi_prun.models.accept import as_loaded
 from mi_prun.models.blocks import check_context as check_model_context
+from mi_prun.runtime.sources import check_runnable
 from mi_prun.models.memory import peak_memory
 from mi_prun.progress import Progress
 from mi_prun.results import Analysis
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 def check_analysis_config(cfg: AnalysisConfig) -> AnalysisConfig:
     """`cfg` with its estimator name and options checked against the registry (one line naming the
     valid choices otherwise): the checks a config, being plain data, cannot make itself."""
+    expect_config(cfg, AnalysisConfig)
     get_estimator(cfg.estimator, **cfg.estimator_options)
     return cfg
 
@@ -92,7 +94,8 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
     `timings` holds seconds per stage; "total" covers tokenising, capture and scoring, and the
     model's load time is reported apart as "load_model"."""
     loaded = as_loaded(loaded, "analyze")
-    cfg = check_analysis_config(cfg or AnalysisConfig())
+    check_runnable(loaded.model, f"the model {loaded.spec}")  # what runs is what the analysis reports
+    cfg = check_analysis_config(AnalysisConfig() if cfg is None else cfg)
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)
     t_tok = time.perf_counter() - t0

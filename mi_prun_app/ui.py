@@ -250,6 +250,10 @@ def chart(fig: Any, key: str, caption: str) -> None:
     st.caption(caption)
 
 
+# Columns that hold lists of block numbers: drawn wide, so that a cell is not cut short.
+BLOCK_LIST_COLUMNS = ("removed", "P", "A", "proposers", "blocks")
+
+
 def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, height: int | str = "auto",
           missing: str = "no value") -> None:
     """A table with a CSV download button under it. Cells without a value read "—" (never None or
@@ -257,7 +261,8 @@ def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, hei
     shown, has_missing = displayed(df)
     if has_missing:
         caption = (caption + " " if caption else "") + f"{MISSING} = {missing}."
-    st.dataframe(shown, width="stretch", hide_index=True, key=f"df_{key}", height=height)
+    wide = {c: st.column_config.TextColumn(width="large") for c in BLOCK_LIST_COLUMNS if c in shown.columns}
+    st.dataframe(shown, width="stretch", hide_index=True, key=f"df_{key}", height=height, column_config=wide or None)
     cols = st.columns([1, 3])
     cols[0].download_button("Download CSV", data=csv_bytes(df), file_name=f"{name}.csv",
                             mime="text/csv", key=f"csv_{key}", icon=":material/download:")

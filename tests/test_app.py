@@ -227,6 +227,9 @@ def test_fbs_page_and_n_slider(shared_model):
     metrics = {m.label: m.value for m in at.metric}
     assert len(metrics["FBS removes"].split(",")) == 3
     assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3).removed))
+    # the sets in full on their own line (a metric cuts a long value short)
+    full = f"**FBS removes** blocks {', '.join(map(str, select(analysis, 'fbs', n=3).removed))}; **the exact optimum"
+    assert any(md.value.startswith(full) for md in at.markdown)
     comp = chart(at, "MI objective of each method")
     assert len(comp["data"][0]["x"]) == 6  # MI-PRUN, exact and the baselines for the same n
     assert not any("price of its speed" in c.value for c in at.caption)
@@ -297,10 +300,10 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     assert report["removed"] == list(verified.removed) and report["selection"]["verified"]
     assert "healing" not in report  # the heal switch is off by default
     # Provenance filled by the library from the analysis; the mergekit source is never a local path
-    # (the tiny random model has no hub id, so the library writes its placeholder and a note).
+    # (the tiny random model has no hub id, so the library writes its name and a note).
     assert report["estimator"] == analysis.estimator and report["calibration"] == json.loads(
         json.dumps(analysis.calibration))
-    assert report["source_model"] == (shared_model.hub_id or "<original model id>")
+    assert report["source_model"] == (shared_model.hub_id or shared_model.spec)
     recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
     assert {src["model"] for sl in recipe["slices"] for src in sl["sources"]} == {report["source_model"]}
     assert (out / "mergekit.yaml").is_file() and (out / "config.json").is_file()

@@ -173,9 +173,9 @@ def test_export_fills_provenance_itself(loaded, saved, tmp_path):
         json.dumps(analysis.calibration))
     assert record["model"]["spec"] == "tiny-llama"
     recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
-    # a random tiny model has no hub id: a placeholder with a note, never a local cache path
-    assert {s["sources"][0]["model"] for s in recipe["slices"]} == {"<original model id>"}
-    assert "no known Hugging Face id" in (out / "mergekit.yaml").read_text()
+    # a random tiny model has no hub id and no folder: its name, with a note, never a placeholder
+    assert {s["sources"][0]["model"] for s in recipe["slices"]} == {"tiny-llama"} == {record["source_model"]}
+    assert "a built-in random model, which mergekit cannot read" in (out / "mergekit.yaml").read_text()
 
 
 def test_builtin_model_mergekit_source_is_its_hub_id():

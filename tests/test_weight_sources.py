@@ -182,3 +182,43 @@ def test_generation_speed_runs_dispatched_and_refuses_streamed_in_one_line(model
         with pytest.raises(MiPrunError, match=r"streams its blocks.*Fix: load it without --stream") as err:
             call()
         assert "\n" not in str(err.value)
+
+
+def test_cli_tasks_run_streamed(tmp_path, capsys):
+    """`eval --stream --tasks` and `select --stream --verify-on TASK` run through the runner (they failed
+    with "Tensor on device cpu is not on the expected device meta!")."""
+    pytest.importorskip("lm_eval")
+    from cli_helpers import run_cli
+    from test_zeroshot import write_task
+
+    model, tok = tiny_model("llama", n_layers=N_LAYERS)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    task = write_task(tmp_path / "task")
+    small = ["--device", "cpu", "--calib", "builtin", "--samples", "4", "--tokens", "32", "--positions", "80"]
+    rc, _, err = run_cli("analyze", "--model", str(tmp_path / "m"), "--stream", *small, "--out", str(tmp_path / "a"))
+    assert rc == 0, err
+    rc, out, err = run_cli("eval", "--model", str(tmp_path / "m"), "--device", "cpu", "--stream", "--tasks", str(task),
+                           "--data", "builtin", "--seq-len", "32", "--max-windows", "2")
+    assert rc == 0 and "tiny_mc" in out, err
+    rc, out, err = run_cli("select", str(tmp_path / "a"), "--n", "2", "--model", str(tmp_path / "m"), "--device", "cpu",
+                           "--stream", "--verify-on", str(task), "--verify-passes", "3")
+    assert rc == 0 and "verified" in out.lower(), err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["select", "{a}", "--n", "2", "--stream"], "--stream"),
+    (["analyze", "--model", "{m}", "--device", "cpu", "--stream", "--offload-folder", "{t}/off", "--calib", "builtin",
+      "--out", "{t}/x"], "--offload-folder"),
+])
+def test_stream_flags_that_would_mean_nothing_are_one_line(tmp_path, argv, flag):
+    """--stream without a model to stream; --offload-folder (accelerate's) without a device map."""
+    from cli_helpers import assert_one_line_error, run_cli
+
+    model, tok = tiny_model("llama", n_layers=4)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "a").mkdir()
+    rc, _, err = run_cli(*[a.format(a=tmp_path / "a", m=tmp_path / "m", t=tmp_path) for a in argv])
+    assert_one_line_error(rc, err, flag)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "off").exists()

@@ -109,6 +109,14 @@ def format_selection(sel) -> str:
     return "\n".join(lines)
 
 
+def _scored_on(tokens: dict) -> str:
+    """What the verification passes scored: a task's items, or samples x tokens of a text."""
+    if tokens.get("kind") == "task":
+        names = ", ".join(str(t.get("task")) for t in tokens.get("tasks") or [] if isinstance(t, dict)) or "a task"
+        return f"{tokens.get('items')} items of {names}"
+    return f"{tokens.get('n_samples')} x {tokens.get('seq_len')} verification tokens"
+
+
 def format_verification(sel) -> list[str]:
     """Lines on the verified search: passes spent, the winner's proposer, the one-pass answer's gap."""
     v = getattr(sel, "verification", None) or {}
@@ -122,8 +130,8 @@ def format_verification(sel) -> list[str]:
     search_passes = (v.get("passes") or 0) - (conf.get("passes") or 0)
     lines = [f"verified: {scored} of {v.get('budget')}{rule} sets scored"
              + (f" ({split})" if split else "") + f", {search_passes} new forward passes"
-             + f" on {v.get('tokens', {}).get('n_samples')} x {v.get('tokens', {}).get('seq_len')} verification "
-             f"tokens (+{v.get('dense_passes', 0)} dense pass for the prefix cache); winner proposed by "
+             + f" on {_scored_on(v.get('tokens') or {})} (+{v.get('dense_passes', 0)} dense pass for the prefix "
+             f"cache); winner proposed by "
              f"{sel.winner_source}, NLL {sel.nll:.4f}"]
     if sel.one_pass_nll is not None:
         same = tuple(sel.one_pass_removed or ()) == tuple(sel.removed)

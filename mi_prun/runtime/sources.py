@@ -33,7 +33,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import find_blocks
+from mi_prun.models.accept import as_module
+from mi_prun.models.blocks import find_blocks, num_layers_of
 from mi_prun.runtime.saving import save_items
 from mi_prun.models.skeleton import is_tied_output, moved, named_tensors, retie, set_tensor, skeleton
 
@@ -613,6 +614,33 @@ def input_device(model: nn.Module) -> torch.device:
     return weight_source(model).device
 
 
+def check_runnable(model: Any, what: str = "the model") -> None:
+    """Refuse, in one line naming the fix, a model a forward pass would not run as reported:
+    weights on the `meta` device with no weight source to bring them in (an empty skeleton: neither
+    streamed by mi-prun nor dispatched by accelerate), or a block list of another length than the
+    config's block count (many families run `layers[:num_hidden_layers]`, so a config changed after
+    loading would run fewer blocks, and report the others as MI 0)."""
+    module = as_module(model, what)
+    if weight_source(module).kind == "resident":
+        meta = next((name for name, p in module.named_parameters() if p.is_meta), None)
+        if meta is not None:
+            raise MiPrunError(f"{what} has its weights on the meta device ({meta}, ...): an empty skeleton with "
+                              "nothing to run. Fix: load it with mi_prun.load_model(spec) (use stream=True or a "
+                              "device_map for a model larger than memory).")
+    config = getattr(module, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_config = num_layers_of(text) if text is not None else None
+    n_config = n_config if n_config is not None or config is None else num_layers_of(config)
+    if n_config is None:
+        return
+    n_blocks = len(find_blocks(module))
+    if n_config != n_blocks:
+        raise MiPrunError(f"{what} holds {n_blocks} blocks but its config says {n_config}: a forward pass would "
+                          f"run {min(n_config, n_blocks)} of them, not what is reported (was the config changed "
+                          "after loading?). Fix: change the blocks with mi_prun.prune / pruned_view, which keep "
+                          "the config in step, or load the model again.")
+
+
 def require_whole_model(model: nn.Module, what: str) -> None:
     """Refuse `what` (generation, speed) on a model whose blocks stream: it needs the whole model at hand."""
     if not weight_source(model).runs_whole_model:
@@ -621,5 +649,5 @@ def require_whole_model(model: nn.Module, what: str) -> None:
 
 
 __all__ = ["DispatchedSource", "ResidentSource", "SafetensorsStore", "Stream", "StreamedSource", "TensorStore",
-           "WeightSource", "from_store", "input_device", "offload_hook", "offload_to_cpu", "open_streamed",
+           "WeightSource", "check_runnable", "from_store", "input_device", "offload_hook", "offload_to_cpu", "open_streamed",
            "replace_offloaded", "require_whole_model", "streamed_state_dict", "weight_source"]

@@ -5,6 +5,7 @@ serialisable alike.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -79,6 +80,10 @@ class Selection:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
         """Inverse of `to_dict` (the derived n, kept and runs are checked by `load`)."""
+        if "removed" in d and not isinstance(d["removed"], (list, tuple)):
+            raise MiPrunError(f"not a saved selection: 'removed' must be a list of block numbers (from 0), got "
+                              f"{json.dumps(d['removed']) if d['removed'] is None else type(d['removed']).__name__}. "
+                              "Fix: write it again with `mi-prun select --out`.")
         try:
             objective = d["objective"]
             one = d.get("one_pass_removed")
@@ -129,11 +134,26 @@ class Selection:
             raise MiPrunError(f"selection file {src}: {exc}") from exc
         L = sel.n_blocks
         derived = {"n": sel.n, "kept": list(sel.kept), "runs": [list(r) for r in sel.runs]}
-        if L < 1 or len(set(sel.removed)) != sel.n or not 0 < sel.n < L or \
-                any(not 0 <= b < L for b in sel.removed) or \
-                any(key in record and record[key] != value for key, value in derived.items()):
-            raise MiPrunError(f"selection file {src} is inconsistent (removed {list(sel.removed)} of "
-                              f"{L} blocks). Fix: write it again with `mi-prun select --out`.")
+        fix = "Fix: write it again with `mi-prun select --out`."
+        if L < 1:
+            raise MiPrunError(f"selection file {src}: n_blocks is {L}; a model has at least one block. {fix}")
+        if sel.n == 0:
+            raise MiPrunError(f"selection file {src} removes no block (removed: []), so there is nothing to prune. "
+                              "Fix: select at least one block (mi-prun select --n 1 or more).")
+        out_of_range = sorted({b for b in sel.removed if not 0 <= b < L})
+        if out_of_range:
+            raise MiPrunError(f"selection file {src}: block(s) {out_of_range} out of range for {L} blocks (numbered "
+                              f"from 0 to {L - 1}). {fix}")
+        if len(set(sel.removed)) != sel.n:
+            twice = sorted({b for b in sel.removed if sel.removed.count(b) > 1})
+            raise MiPrunError(f"selection file {src} names block(s) {twice} more than once. {fix}")
+        if sel.n >= L:
+            raise MiPrunError(f"selection file {src} removes all {L} blocks; a model needs at least one. Fix: "
+                              "select fewer blocks (mi-prun select --n with n < the block count).")
+        wrong = [key for key, value in derived.items() if key in record and record[key] != value]
+        if wrong:
+            raise MiPrunError(f"selection file {src} is inconsistent: {', '.join(wrong)} disagree(s) with removed "
+                              f"{list(sel.removed)} of {L} blocks. {fix}")
         return sel
 
     def check_model(self, model: Any, force: bool = False, where: str = "the selection") -> None:

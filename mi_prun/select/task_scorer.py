@@ -46,7 +46,7 @@ from mi_prun.runtime.identity import check_same_model
 from mi_prun.runtime.loss import continuation_loglik
 from mi_prun.runtime.runner import BlockRunner
 from mi_prun.select.scorer import NLLCache, PrefixScorer, model_scorer, unwrap_model
-from mi_prun.zeroshot import YAML_SUFFIXES, ChoiceItem, multiple_choice_items, task_provenance
+from mi_prun.zeroshot import YAML_SUFFIXES, ChoiceItem, check_items_fit, multiple_choice_items, task_provenance
 
 
 def is_task_spec(spec: str) -> bool:
@@ -99,6 +99,7 @@ class TaskScorer:
                     raise MiPrunError(f"task {it.task}, item {it.doc_id}: an empty context or choice cannot be "
                                       "scored. Fix: give every item a context and non-empty choices.")
                 seqs.append((i, j, ctx + cont, len(ctx)))
+        check_items_fit(model, ((self.items[i], len(ids)) for i, _, ids, _ in seqs))  # none scored cut short
         self.seqs = sorted(seqs, key=lambda s: -len(s[2]))  # similar lengths batched together
         self.pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = int(self.pad) if self.pad is not None else 0

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from mi_prun.config import SelectConfig, as_int
+from mi_prun.config import SelectConfig, as_int, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import check_token_ids
 from mi_prun.models.memory import peak_memory
@@ -192,8 +192,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     """
     t0 = time.perf_counter()
     config = config if config is not None else SelectConfig()
-    if not isinstance(config, SelectConfig):
-        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
+    expect_config(config, SelectConfig)
     one = run_selector(analysis, config.replace(verify_passes=0))
     if not config.verifies or config.method not in VERIFIABLE:
         return one
