@@ -1,5 +1,5 @@
-"""Reliability round 3 (issue 23): no wrong answer with exit 0, no internal error, bounded memory
-on any text. Each class of the issue is shown fixed where the user meets it (CLI or library);
+"""Bad inputs are refused in one line: no wrong answer with exit 0, no internal error, bounded memory
+on any text (the classes of issue 23). Each class of the issue is shown fixed where the user meets it (CLI or library);
 docs/RELIABILITY.md cites these tests as `R3::test`.
 
 CLI contract: a problem the user can fix exits with status 2 and one stderr line
