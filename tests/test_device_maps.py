@@ -13,7 +13,7 @@ import pytest
 import mi_prun.runtime.loading as loading
 from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.errors import MiPrunError
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.testing import tiny_model
 
 EVAL = ["--data", "text:" + "The quick brown fox jumps over the lazy dog. " * 20, "--seq-len", "32"]

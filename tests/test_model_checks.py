@@ -15,7 +15,7 @@ from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.config import AnalysisConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.export import export
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.testing import tiny_model
 

@@ -16,7 +16,8 @@ import pytest
 
 from mi_prun.errors import MiPrunError
 from mi_prun.export import export
-from mi_prun.models import load_model, prune
+from mi_prun.models import prune
+from mi_prun.runtime import load_model
 from mi_prun.zeroshot import TaskScore, ZeroShotResult, export_stamp, record_zero_shot
 
 ROOT = Path(__file__).resolve().parents[1]

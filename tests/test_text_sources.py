@@ -10,7 +10,7 @@ import pytest
 import mi_prun.cli.commands as commands
 from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.data import calibration_tokens, load_text
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 
 SMALL = ["--samples", "8", "--tokens", "48"]
 
