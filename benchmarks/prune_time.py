@@ -66,9 +66,9 @@ def synthetic(seeds: int = 20, n_blocks: int = 30) -> dict:
             budget = SelectConfig(n=n).verify_budget(n, len(allowed))
             full = verified_search(problem, cands, nll, budget, stop_early=False)
             cut = verified_search(problem, cands, nll, budget)
-            same &= cut["best"]["removed"] == full["best"]["removed"]
-            saved.append(len(full["scored"]) - len(cut["scored"]))
-            total.append(len(full["scored"]))
+            same &= cut.best.removed == full.best.removed
+            saved.append(len(full.scored) - len(cut.scored))
+            total.append(len(full.scored))
         rows.append({"n": n, "budget": budget, "mean_sets_scored_without_stop": round(float(np.mean(total)), 1),
                      "mean_sets_saved": round(float(np.mean(saved)), 2), "max_sets_saved": int(max(saved)),
                      "runs_with_a_saving": int(sum(x > 0 for x in saved)), "runs": seeds, "same_answer": bool(same)})
@@ -130,7 +130,7 @@ def main() -> None:
         return got, True
 
     full = verified_search(problem, cands, oracle, v["budget"], stop_early=False)
-    assert tuple(full["best"]["removed"]) == tuple(sel.removed), (full["best"], sel.removed)
+    assert full.best.removed == tuple(sel.removed), (full.best, sel.removed)
     assert all(len(r) == args.n - 1 for r in extra), extra
     per_pass = (t_verify - t_dense) / max(sel.forward_passes, 1)
     result = {

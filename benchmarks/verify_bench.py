@@ -107,10 +107,10 @@ def budget_curve(loaded: Any, analysis: Any, tokens: Any, n: int, budget: int,
     best, best_nll, by_budget = None, math.inf, {}
     passes = 0
     for c in sel.candidates:
-        passes += 0 if c["cached"] else 1
-        if len(c["removed"]) == n and c["nll"] < best_nll:  # an exchange's put-back sets are smaller
-            best, best_nll = c, c["nll"]
-        by_budget[passes] = {"removed": best["removed"], "nll": best_nll, "proposer": best["proposers"][0]}
+        passes += 0 if c.cached else 1
+        if len(c.removed) == n and c.complete and c.nll < best_nll:  # an exchange's put-back sets are smaller
+            best, best_nll = c, c.nll
+        by_budget[passes] = {"removed": list(best.removed), "nll": best_nll, "proposer": best.proposers[0]}
     return {"n": n, "budget": budget, "selection": sel.to_dict(), "by_budget": by_budget}
 
 

@@ -446,10 +446,10 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     frame = next(df.value for df in at.dataframe if "proposers" in df.value.columns)
     assert len(frame) == len(lib.candidates) and frame["winner"].sum() == 1
     assert frame.loc[frame["winner"], "removed"].item() == " ".join(map(str, lib.removed))
-    np.testing.assert_allclose(frame["nll"], [c["nll"] for c in lib.candidates], rtol=1e-6)
+    np.testing.assert_allclose(frame["nll"], [c.nll for c in lib.candidates], rtol=1e-6)
     fig = chart(at, "Verified search")
     assert sorted(trace(fig, "candidate sets")["y"]) == pytest.approx(  # sets of n blocks; put-back steps: table
-        sorted(c["nll"] for c in lib.candidates if len(c["removed"]) == 2))
+        sorted(c.nll for c in lib.candidates if len(c.removed) == 2))
 
 
 def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_nll_caches):

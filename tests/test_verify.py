@@ -90,7 +90,7 @@ def test_verified_search_fixes_a_one_pass_criterion_wrong_by_construction(advers
     assert v.nll == pytest.approx(truth[v.removed[0]]) and v.one_pass_nll > v.nll + 1.0
     assert v.verification["one_pass_gap_nats"] == pytest.approx(v.one_pass_nll - v.nll)
     assert v.winner_source and v.winner_source != "fbs"
-    assert {tuple(c["removed"]) for c in v.candidates} == {(b,) for b in range(1, 5)}
+    assert {c.removed for c in v.candidates} == {(b,) for b in range(1, 5)}
 
 
 @pytest.mark.parametrize("budget", [1, 3, 100])
@@ -100,11 +100,11 @@ def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget):
     extra = v.verification["confirm"]["passes"]  # the confirmation's, beyond the search's budget
     assert v.forward_passes == v.verification["passes"] == len(v.candidates) + extra
     assert len(v.candidates) <= budget and extra <= CFG.verify_confirm
-    assert not any(c["cached"] for c in v.candidates)
-    assert len({tuple(c["removed"]) for c in v.candidates}) == len(v.candidates)
-    assert v.candidates[0]["removed"] == list(v.one_pass_removed)  # the one-pass answer comes first
-    best = min(v.candidates, key=lambda c: c["nll"])
-    assert list(v.removed) == best["removed"] and v.nll == best["nll"]
+    assert not any(c.cached for c in v.candidates)
+    assert len({c.removed for c in v.candidates}) == len(v.candidates)
+    assert v.candidates[0].removed == v.one_pass_removed  # the one-pass answer comes first
+    best = min(v.candidates, key=lambda c: c.nll)
+    assert v.removed == best.removed and v.nll == best.nll
     assert all(0 < b < 5 for b in v.removed)  # protect_ends holds for the verified answer too
     if budget == 100:
         assert v.forward_passes < 100  # candidates and refinement ran out before the budget
@@ -128,13 +128,13 @@ def test_deterministic_and_nll_cache_reused_across_n(tiny):
     loaded, analysis = tiny
     a = select(analysis, config=CFG.replace(n=2), model=loaded)
     b = select(analysis, config=CFG.replace(n=2), model=loaded)
-    assert a.removed == b.removed and [c["nll"] for c in a.candidates] == [c["nll"] for c in b.candidates]
+    assert a.removed == b.removed and [c.nll for c in a.candidates] == [c.nll for c in b.candidates]
     cache = NLLCache()
     first = select(analysis, config=CFG.replace(n=2), model=loaded, cache=cache)
     select(analysis, config=CFG.replace(n=3), model=loaded, cache=cache)
     again = select(analysis, config=CFG.replace(n=2), model=loaded, cache=cache)  # the slider comes back
     assert again.forward_passes == 0 and again.removed == first.removed and again.verification["dense_passes"] == 0
-    assert all(c["cached"] for c in again.candidates)
+    assert all(c.cached for c in again.candidates)
     assert select(analysis, config=CFG.replace(n=2, verify_passes=0), model=loaded).removed == a.one_pass_removed
 
 
@@ -181,7 +181,12 @@ def test_selection_round_trip_and_old_files(tiny, tmp_path):
     loaded, analysis = tiny
     v = select(analysis, config=CFG.replace(n=2, verify_passes=3), model=loaded)
     back = Selection.load(v.save(tmp_path / "v.json"))
-    assert back.verified and back.removed == v.removed and back.candidates == v.to_dict()["candidates"]
+    assert back.verified and back.removed == v.removed and back.candidates == v.candidates
+    assert [c.to_dict() for c in back.candidates] == v.to_dict()["candidates"]
+    # a file written before the rows were typed (plain dicts, no race fields) reads the same
+    rows = [{"removed": list(c.removed), "proposers": list(c.proposers), "objective": c.objective, "nll": c.nll,
+             "cached": c.cached, "stage": c.stage} for c in v.candidates]
+    assert Selection.from_dict({**v.to_dict(), "candidates": rows}).candidates == v.candidates
     assert back.one_pass_removed == v.one_pass_removed and back.nll == pytest.approx(v.nll)
     old = {k: val for k, val in v.to_dict().items()
            if k not in ("verified", "nll", "candidates", "winner_source", "one_pass_removed", "one_pass_nll",
@@ -347,15 +352,15 @@ def test_local_search_finds_blocks_no_criterion_proposes():
     cands = propose(problem, None, one, "fbs")
     assert (1, 4, 7) not in {c.removed for c in cands}
     out = verified_search(problem, cands, nll, budget=200)
-    assert out["best"]["removed"] == [1, 4, 7] and out["best"]["stage"] in ("swap", "exchange")
-    assert out["passes"] == len(out["scored"]) == len(set(calls)) == len(calls) < 200
-    assert out["sets_by_stage"]["exchange"] > 0 and sum(out["sets_by_stage"].values()) == len(out["scored"])
+    assert out.best.removed == (1, 4, 7) and out.best.stage in ("swap", "exchange")
+    assert out.passes == len(out.scored) == len(set(calls)) == len(calls) < 200
+    assert out.sets_by_stage["exchange"] > 0 and sum(out.sets_by_stage.values()) == len(out.scored)
     # every budget is respected and the answer only improves with more budget
     last = math.inf
     for budget in (1, 5, 10, 20, 40, 80):
         r = verified_search(problem, cands, nll, budget=budget)
-        assert len(r["scored"]) <= budget and r["best"]["nll"] <= last
-        last = r["best"]["nll"]
+        assert len(r.scored) <= budget and r.best.nll <= last
+        last = r.best.nll
     # a warm cache changes the passes spent, never the answer
     cache = {}
 
@@ -366,8 +371,8 @@ def test_local_search_finds_blocks_no_criterion_proposes():
 
     a = verified_search(problem, cands, cached, budget=15)
     b = verified_search(problem, cands, cached, budget=15)
-    assert a["best"]["removed"] == b["best"]["removed"] and b["passes"] == 0
-    assert [r["removed"] for r in a["scored"]] == [r["removed"] for r in b["scored"]]
+    assert a.best.removed == b.best.removed and b.passes == 0
+    assert [r.removed for r in a.scored] == [r.removed for r in b.scored]
 
 
 def test_exchange_order_trusts_measurements_over_mi():
@@ -408,7 +413,7 @@ def test_later_exchanges_try_the_best_measured_block_first(monkeypatch):
     one = tuple(sorted(np.argsort(-harm[1:-1])[:3] + 1))
     out = verified_search(problem, propose(problem, None, one, "fbs"),
                           lambda removed: (float(harm[list(removed)].sum()), False), budget=200)
-    assert out["best"]["removed"] == [1, 4, 7]
+    assert out.best.removed == (1, 4, 7)
     assert len(calls) >= 2 and calls[0][2] == {}
     base, returned, measured, order = calls[1]
     assert measured and all(math.isclose(v, harm[b]) for b, v in measured.items())
@@ -441,10 +446,10 @@ def test_stopping_when_only_put_back_sets_are_left_changes_no_answer():
         for budget in range(1, 80, 3):
             full = verified_search(problem, cands, nll, budget, stop_early=False)
             cut = verified_search(problem, cands, nll, budget)
-            assert cut["best"]["removed"] == full["best"]["removed"], (seed, budget)
-            assert cut["best"]["nll"] == full["best"]["nll"]
-            sized = lambda out, n=n: [r["removed"] for r in out["scored"] if len(r["removed"]) == n]  # noqa: E731
+            assert cut.best.removed == full.best.removed, (seed, budget)
+            assert cut.best.nll == full.best.nll
+            sized = lambda out, n=n: [r.removed for r in out.scored if len(r.removed) == n]  # noqa: E731
             assert sized(cut) == sized(full)  # every set of n blocks the full search scores, in order
-            assert len(cut["scored"]) <= len(full["scored"]) <= budget
-            saved += len(full["scored"]) - len(cut["scored"])
+            assert len(cut.scored) <= len(full.scored) <= budget
+            saved += len(full.scored) - len(cut.scored)
     assert saved > 0
