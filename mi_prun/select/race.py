@@ -34,6 +34,7 @@ fresh draw (`select/confirm.py`) and the cross-n cache see it as today.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -94,6 +95,7 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
+@functools.lru_cache(maxsize=1024)
 def t_quantile(p: float, df: float) -> float:
     """The t such that P(T <= t) = p (0 < p < 1), to about 1e-10."""
     if not 0.0 < p < 1.0 or df <= 0:
