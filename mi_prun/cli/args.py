@@ -146,7 +146,7 @@ MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or H
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
 SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes", "verify_samples",
-                "verify_tokens", "verify_on", "verify_items", "verify_confirm"}
+                "verify_tokens", "verify_on", "verify_items", "verify_confirm", "verify_race", "verify_race_alpha"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -238,6 +238,15 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "are re-scored with it on a fresh draw of as many verification tokens, and the lowest "
                         "NLL over both draws wins (at most K passes more, none when the winner is clear; "
                         "0 = off; default %(default)s)")
+    g.add_argument("--verify-race", choices=SelectConfig.RACE_MODES, default=d.verify_race,
+                   help="race the sets: score each on groups of verification samples and drop it once it trails "
+                        "the best set by more than a paired t bound (error rate --verify-race-alpha per comparison); "
+                        "units = the budget in token-block units (the auto passes x a full pass's units), so what "
+                        "the race saves buys more exchanges and swaps; sets = the budget in sets as without racing "
+                        "(the same search, cheaper); off = no racing (default %(default)s)")
+    g.add_argument("--verify-race-alpha", type=float, default=d.verify_race_alpha, metavar="A",
+                   help="the race's error rate: a set at least as good as the best is dropped with probability "
+                        "at most A per comparison (0 < A < 0.5; default %(default)s)")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}
