@@ -227,3 +227,22 @@ def test_a_broken_set_is_dropped_at_once():
     race = Race(scorer, store={})
     out = race.score((2,), against=None)
     assert not out.complete and math.isnan(out.nll) and out.samples == 4
+
+
+def test_the_race_settings_are_checked_and_reach_the_cli():
+    from mi_prun.cli.args import build_parser
+    from mi_prun.cli.commands import select_config
+
+    args = build_parser().parse_args(["select", "a", "--verify-race", "sets", "--verify-race-alpha", "0.01"])
+    cfg = select_config(args)
+    assert (cfg.verify_race, cfg.verify_race_alpha) == ("sets", 0.01)
+    assert select_config(build_parser().parse_args(["select", "a"])).verify_race == SelectConfig().verify_race
+    assert SelectConfig().verify_race == "units" and SelectConfig(verify_race="OFF").verify_race == "off"
+    for bad in ("fast", 1, None):
+        with pytest.raises(MiPrunError, match="Fix: units"):
+            SelectConfig(verify_race=bad)
+    for bad in (0.0, 0.5, -1, "x"):
+        with pytest.raises(MiPrunError, match="verify_race_alpha"):
+            SelectConfig(verify_race_alpha=bad)
+    with pytest.raises(MiPrunError, match="verify_race_group"):
+        SelectConfig(verify_race_group=0)
