@@ -23,6 +23,14 @@ Passes run through the one NLL scorer (`mi_prun.select.scorer`: `PrefixScorer`, 
 at its first removed block, and `NLLCache`). Each such pass counts as one forward pass in
 `forward_passes`; the dense pass that fills the prefix cache is reported apart
 (`verification["dense_passes"]`).
+
+Racing (`SelectConfig.verify_race`, `mi_prun.select.race`): with a scorer that scores groups of
+samples (`scoring.RowScorer`), every set is raced against the best complete set so far (an
+exchange's put-back sets against the best put-back set of that exchange) and dropped once it is
+clearly worse; only complete sets can win or reach the confirmation. "units" spends a budget of
+token-block units (the auto passes x the mean units of a full pass of the candidates), "sets" the
+budget in sets as unraced, "off" is the unraced search exactly. `verification["race"]` records the
+rule, the units charged and run, what the same sets would cost unraced and the sets dropped.
 """
 
 from __future__ import annotations
@@ -61,9 +69,10 @@ log = logging.getLogger(__name__)
 
 PASS_NOTE = ("forward_passes counts new candidate passes over the verification tokens (a set in the NLL "
              "cache costs none); a pass that starts from the cached dense hidden states at its first "
-             "removed block counts as one; the dense pass that fills that cache is counted in dense_passes. "
-             "The budget bounds sets_scored (cached or not), so the answer is the same with a cold or a "
-             "warm cache, and sets_scored is what the search costs from a cold cache")
+             "removed block counts as one (raced: a set scored on some groups only, too); the dense pass "
+             "that fills that cache is counted in dense_passes. The budget bounds sets_scored (cached or "
+             "not), or raced in units the token-block units charged as from a cold cache (race.units), so "
+             "the answer is the same with a cold or a warm cache")
 
 
 def _better(a: float, b: float | None) -> bool:
