@@ -333,6 +333,15 @@ def _curve_progress(analysis: Any, key: str, passes: int | str, n: int) -> None:
 # display
 
 
+def passes_text(sel: Any) -> str:
+    """The search's new passes, of the budget in sets when it counts sets, + the confirmation's."""
+    v = sel.verification or {}
+    conf = v.get("confirm") or {}
+    race = v.get("race") or {}
+    of = "" if race.get("unit_budget") else f" of {v.get('budget', '?')}"
+    return f"{sel.forward_passes - (conf.get('passes') or 0)}{of}" + (f" + {conf['passes']}" if conf.get("passes") else "")
+
+
 def _blocks(removed: Any) -> str:
     return ", ".join(map(str, removed)) if removed else "-"
 
@@ -349,8 +358,7 @@ def verified_section(sel: Any, n: int) -> None:
     m[1].metric("Winner proposed by", proposer_label(sel.winner_source),
                 help="The first criterion that proposed the winning set (all of them are in the table).")
     conf = v.get("confirm") or {}
-    m[2].metric("Forward passes", f"{sel.forward_passes - (conf.get('passes') or 0)} of {v.get('budget', '?')}"
-                + (f" + {conf['passes']}" if conf.get("passes") else ""),
+    m[2].metric("Forward passes", passes_text(sel),
                 help=f"New passes this search spent (+ the confirmation's on fresh tokens, beyond the budget); "
                      "sets measured before cost none. Dense passes this time: "
                      f"{v.get('dense_passes', 0)} (its hidden states are cached, each candidate's pass starts "
@@ -362,6 +370,13 @@ def verified_section(sel: Any, n: int) -> None:
                 help="One-pass NLL minus the winner's (0 = verification kept the one-pass answer)"
                      + ("" if ratio is None else f"; perplexity ratio x{ratio:.3f}."))
     dense = v.get("dense_nll")
+    race = v.get("race") or {}
+    if race.get("units") is not None:
+        budget = (f" of a budget of {race['unit_budget']:,} ({budget_text(v.get('budget_rule', '?'))} x the units of "
+                  "a full pass)" if race.get("unit_budget") else f" ({len(sel.candidates)} sets, the budget in sets)")
+        st.caption(f"Raced: {race.get('dropped', 0)} sets dropped before their last verification sample (their NLL "
+                   f"is the paired estimate; 'samples' in the table), {race['units']:,} token-block units{budget}, "
+                   f"against {race.get('units_unraced', 0):,} unraced. " + race.get("rule", "") + ".")
     st.caption(f"{sel.forward_passes} new forward passes, {v.get('dense_passes', 0)} dense pass"
                + ("" if dense is None else f" (dense NLL {dense:.4f})")
                + f", {state.fmt_seconds(sel.seconds)}. Winner: blocks {_blocks(sel.removed)} from "

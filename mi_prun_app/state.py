@@ -114,7 +114,8 @@ def protect_margin() -> bool | int | float:
 
 
 # Test mode also shrinks the verification tokens and the healing calibration (tiny model, seconds).
-TEST_MODE_VERIFY = {"verify_samples": 4, "verify_seq_len": 64}
+# 8 x 32: two groups of 4 samples, so the race has a look (as many tokens as 4 x 64).
+TEST_MODE_VERIFY = {"verify_samples": 8, "verify_seq_len": 32}
 TEST_MODE_HEAL = {"n_samples": 8, "seq_len": 64}
 
 

@@ -437,8 +437,8 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     assert m["Verified answer removes"] == ", ".join(map(str, lib.removed))
     assert m["Winner proposed by"] == proposer_label(lib.winner_source)
     extra = lib.verification["confirm"].get("passes", 0)  # the confirmation's, beyond the budget
-    assert m["Forward passes"] == (f"{lib.forward_passes - extra} of {lib.verification['budget']}"
-                                   + (f" + {extra}" if extra else ""))
+    of = "" if lib.verification["race"].get("unit_budget") else f" of {lib.verification['budget']}"  # units: no sets
+    assert m["Forward passes"] == f"{lib.forward_passes - extra}{of}" + (f" + {extra}" if extra else "")
     assert any("Confirmation: " in c.value for c in at.caption)
     assert m["One-pass answer removes"] == ", ".join(map(str, select(analysis, "fbs", n=2).removed))
     assert m["FBS removes"] == m["One-pass answer removes"]  # FBS's own answer is still shown
