@@ -46,9 +46,10 @@ from mi_prun.config import AnalysisConfig, HealConfig, SelectConfig
 from mi_prun.data import Calibration
 from mi_prun.evaluate import token_nll
 from mi_prun.heal import heal
-from mi_prun.models.loading import LoadedModel
+from mi_prun.runtime.loading import LoadedModel
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import TensorStore, from_store, skeleton
+from mi_prun.models.skeleton import skeleton
+from mi_prun.runtime.sources import TensorStore, from_store
 from mi_prun.pipeline import analysis_from_capture
 from mi_prun.select import select
 from mi_prun.testing import byte_tokenizer, random_model, random_tensors

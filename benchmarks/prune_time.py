@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from mi_prun.config import AnalysisConfig, SelectConfig
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.select import NLLCache, PrefixScorer, propose, select, verified_search, verified_select
 from mi_prun.select.registry import check_analysis, make_problem

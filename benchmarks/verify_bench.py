@@ -117,7 +117,7 @@ def budget_curve(loaded: Any, analysis: Any, tokens: Any, n: int, budget: int,
 def _quick() -> list[dict[str, Any]]:
     from mi_prun.config import AnalysisConfig
     from mi_prun.data import calibration_text, verification_tokens
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
 
     loaded = load_model("tiny-llama", device="cpu")
@@ -136,7 +136,7 @@ def _budget_measurement(budget: int, n: int, eval_windows: int) -> dict[str, Any
     from mi_prun.config import AnalysisConfig
     from mi_prun.data import calibration_text, load_text, verification_tokens
     from mi_prun.evaluate import perplexity
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.models.surgery import pruned_view
     from mi_prun.pipeline import analyze
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from mi_prun.config import AnalysisConfig, EvalConfig, SelectConfig  # noqa: E402
 from mi_prun.evaluate import evaluate  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.confirm import fresh_tokens, paired_gap  # noqa: E402

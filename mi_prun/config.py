@@ -32,7 +32,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from mi_prun.errors import MiPrunError
@@ -392,30 +392,28 @@ class ExportConfig:
 MAX_RIDGE = 1e6
 
 
-OFFLOAD_CHOICES = (True, False, "auto")
-
-
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """Where the model's weights live while it runs (`mi_prun.models.load_model`).
+    """Where the model's weights live while it runs (`mi_prun.runtime.load_model`).
 
-    `offload`: True streams the blocks (weights stay in safetensors files on disk, or in CPU memory,
-    and one block at a time moves to the compute device: `mi_prun.models.stream`); False keeps the
-    whole model on the device; "auto" streams only when the memory check says the model does not
-    fit. `device_map`: accelerate's placement over several devices ("auto", "balanced",
-    "sequential", a device name, or a {module: device} dict / JSON file), with `offload_folder`
-    for the weights it offloads to disk. Streaming and a device map are alternatives."""
+    `stream`: mi-prun's block streaming: True keeps the weights in their safetensors files on disk (or
+    in CPU memory) and moves one block at a time to the compute device (`mi_prun.runtime.sources`);
+    False keeps the whole model on the device; "auto" streams only when the memory check says the
+    model does not fit. `device_map` and `offload_folder` are accelerate's own options, named as
+    accelerate names them: its placement over several devices ("auto", "balanced", "sequential", a
+    device name, or a {module: device} dict / JSON file), and the folder for the weights it offloads
+    to disk. Streaming and a device map are alternatives."""
 
-    offload: bool | str = "auto"
+    stream: bool | str = "auto"
     device_map: str | dict | None = None
     offload_folder: str | None = None
 
     def __post_init__(self) -> None:
-        if not any(self.offload is c for c in (True, False)) and self.offload != "auto":
-            raise MiPrunError(f"offload must be True, False or 'auto', got {self.offload!r}.")
-        if self.offload is True and self.device_map is not None:
-            raise MiPrunError("offload (streaming blocks) and a device map are alternatives. Fix: give one of "
-                              "--offload and --device-map.")
+        if not any(self.stream is c for c in (True, False)) and self.stream != "auto":
+            raise MiPrunError(f"stream must be True, False or 'auto', got {self.stream!r}.")
+        if self.stream is True and self.device_map is not None:
+            raise MiPrunError("streaming blocks and a device map are alternatives. Fix: give one of "
+                              "--stream and --device-map.")
         if self.offload_folder is not None:
             _set(self, "offload_folder", as_path(self.offload_folder, "offload folder"))
 
@@ -491,15 +489,6 @@ class HealConfig:
         return cls(**{**kw, **changes})
 
 
-def describe_defaults() -> dict[str, dict[str, Any]]:
-    """Every shipped default, by config (for `mi-prun --version`-style reports and the docs)."""
-    out = {}
-    for cls in (AnalysisConfig, SelectConfig, EvalConfig, ExportConfig, HealConfig, ExecutionConfig, ZeroShotConfig):
-        out[cls.__name__] = {f.name: (f.default_factory() if callable(f.default_factory)  # type: ignore[misc]
-                                      else f.default) for f in fields(cls)}
-    return out
-
-
-__all__ = ["AnalysisConfig", "DPI_TOL", "calibration_spec", "EvalConfig", "ExecutionConfig", "OFFLOAD_CHOICES",
+__all__ = ["AnalysisConfig", "DPI_TOL", "calibration_spec", "EvalConfig", "ExecutionConfig",
            "ExportConfig", "HealConfig", "MAX_RIDGE", "SelectConfig", "ZeroShotConfig", "as_float",
-           "as_int", "as_path", "check_protect_ends", "describe_defaults"]
+           "as_int", "as_path", "check_protect_ends"]

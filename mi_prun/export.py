@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -22,9 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from safetensors.torch import save_file
 from torch import nn
 
 from mi_prun.config import ExportConfig
@@ -34,7 +31,7 @@ from mi_prun.models.accept import as_module, is_loaded
 from mi_prun.heal import healing_of
 from mi_prun.models.blocks import find_blocks, num_layers_of
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import is_streamed, stream_of, streamed_state_dict
+from mi_prun.runtime.sources import weight_source
 from mi_prun.models.surgery import (
     PRUNE_INFO_ATTR,
     PruneInfo,
@@ -66,78 +63,6 @@ def mergekit_yaml(source_model: str, kept: Sequence[int], dtype: str = "float32"
     if note:
         header.append(f"# NOTE: {note}")
     return "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
-
-
-_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def _shard_bytes(size: str) -> int:
-    text = size.strip().upper()
-    for unit, scale in sorted(_SIZE_UNITS.items(), key=lambda kv: -len(kv[0])):
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * scale)
-            except ValueError:
-                break
-    try:
-        return int(text)
-    except ValueError:
-        raise MiPrunError(f"max_shard_size {size!r} is not a size. Fix: write it as e.g. '5GB'.") from None
-
-
-def save_streamed(model: nn.Module, folder: Path, max_shard_size: str = "5GB") -> None:
-    """Write a streamed model (or a pruned / healed view of one) as safetensors shards that plain
-    `from_pretrained` loads, reading one block from the store at a time. Tied tensors are written once;
-    floating tensors in the model's compute dtype, as `save_pretrained` does for a loaded model."""
-    stream = stream_of(model)
-    dtype = stream.dtype if stream is not None else None
-    limit = _shard_bytes(max_shard_size)
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    seen: dict[int, str] = {}
-    state = model.state_dict(keep_vars=True)
-    skip = set()
-    for name, t in state.items():  # tied entries (an LM head sharing the embeddings): the first name only
-        if id(t) in seen:
-            skip.add(name)
-        else:
-            seen[id(t)] = name
-    shards: list[tuple[Path, list[str]]] = []
-    current: dict[str, torch.Tensor] = {}
-    size, total = 0, 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            path = folder / f".shard-{len(shards):05d}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            shards.append((path, list(current)))
-            current, size = {}, 0
-
-    for name, value in streamed_state_dict(model):
-        if name in skip:
-            continue
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        value = value.contiguous()
-        nbytes = value.numel() * value.element_size()
-        if current and size + nbytes > limit:
-            flush()
-        current[name] = value
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
-        shards[0][0].rename(folder / "model.safetensors")
-        return
-    weight_map = {}
-    for k, (path, names) in enumerate(shards):
-        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        path.rename(folder / final)
-        weight_map.update({n: final for n in names})
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
 
 
 def _as_dict(selection: Any) -> dict[str, Any]:
@@ -311,10 +236,8 @@ def export(
 
     def fill(tmp: Path) -> None:
         try:
-            if is_streamed(to_save):  # block weights on disk: written block by block, never all in memory
-                save_streamed(to_save, tmp, cfg.max_shard_size)
-            else:
-                to_save.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
+            # the weight source writes it (a streamed model block by block, never all in memory)
+            weight_source(to_save).save(to_save, tmp, cfg.max_shard_size)
         except Exception as exc:
             # safetensors reports I/O failures (full disk) as its own error type.
             if type(exc).__name__ == "SafetensorError":

@@ -15,11 +15,10 @@ from mi_prun.capture import Capture, capture
 from mi_prun.config import AnalysisConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.estimators import get_estimator
-from mi_prun.models import LoadedModel
+from mi_prun.runtime import LoadedModel
 from mi_prun.models.accept import as_loaded
 from mi_prun.models.blocks import check_context as check_model_context
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import stream_of
 from mi_prun.progress import Progress
 from mi_prun.results import Analysis
 from mi_prun.scores import score_capture, span_unexplained
@@ -78,9 +77,12 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
 
 def resources(loaded: LoadedModel) -> dict:
     """What a result records of the run's cost: peak memory (process RSS, CUDA) and whether the
-    blocks streamed (`offload`: False, or where the weights stayed: "disk" / "cpu")."""
-    return {**peak_memory(), "offload": stream_of(loaded.model) is not None,
-            "weights_at": loaded.info.get("offload", "device"), "device": str(loaded.device)}
+    blocks streamed (`offload`), and where the weights really were (`weights`: resident, streamed or
+    dispatched; `weights_at`: the device, "disk" / "cpu" for a streamed model, the devices of
+    accelerate's map)."""
+    where = loaded.weights.describe()
+    return {**peak_memory(), "offload": bool(where["streamed"]), "weights": where["weights"],
+            "weights_at": where["weights_at"], "device": str(loaded.device)}
 
 
 def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,

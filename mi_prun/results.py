@@ -21,7 +21,7 @@ import numpy as np
 
 from mi_prun.errors import MiPrunError
 from mi_prun.files import ANALYSIS, check_path_length, dump_json, parse_json, write_folder
-from mi_prun.models.identity import check_same_model
+from mi_prun.runtime.identity import check_same_model
 
 FORMAT = ANALYSIS.format
 FORMAT_VERSION = 1

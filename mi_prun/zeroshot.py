@@ -43,8 +43,8 @@ from typing import Any, Iterator, Mapping
 from mi_prun.config import ZeroShotConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, read_marker, write_file
-from mi_prun.models.loading import load_model
-from mi_prun.models.surgery import pruned_view
+from mi_prun.runtime.loading import load_model
+from mi_prun.runtime.runner import runner_model
 from mi_prun.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -386,9 +386,9 @@ def zero_shot(model: Any, tokenizer: Any = None, tasks: Any = None, config: Zero
     from lm_eval.models.huggingface import HFLM  # optional dependency (see lm_eval_version)
 
     # HFLM calls eval() and tie_weights() on what it gets: a weight-sharing copy keeps the caller's
-    # (possibly shared) model as it was.
+    # (possibly shared) model as it was; its forward runs the one block runner (any weight source).
     with _quiet_lm_eval():
-        lm = HFLM(pretrained=pruned_view(module, []), tokenizer=tok, batch_size=cfg.batch_size)
+        lm = HFLM(pretrained=runner_model(module), tokenizer=tok, batch_size=cfg.batch_size)
     scores: list[TaskScore] = []
     for i, (src, task) in enumerate(built):
         if progress is not None:

@@ -27,7 +27,8 @@ from mi_prun.config import SelectConfig
 from mi_prun.data import load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import generate_sample, perplexity
-from mi_prun.models import load_model, pruned_view
+from mi_prun.models import pruned_view
+from mi_prun.runtime import load_model
 from mi_prun.select import compare, n_protected, select
 from mi_prun_app import state
 from mi_prun_app.labels import MISSING

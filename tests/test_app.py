@@ -839,7 +839,7 @@ def test_app_library_and_cli_remove_the_same_blocks_by_default(tmp_path, monkeyp
     """For one saved analysis, the app's default selection (its helpers and its FBS / prune pages)
     equals `select(analysis)` with default arguments and `mi-prun select` with no flags."""
     from mi_prun.cli import main
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
     from mi_prun.results import Analysis
     from mi_prun.select import Selection, select

@@ -9,7 +9,7 @@ import pytest
 
 from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.errors import NotEnoughText
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.select import select
 from mi_prun.select.confirm import FreshDrawError, confirm, fresh_tokens, paired_gap, within_noise

@@ -16,7 +16,8 @@ from mi_prun.config import AnalysisConfig, EvalConfig, SelectConfig
 from mi_prun.data import builtin_text
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import perplexity
-from mi_prun.models import load_model, prune
+from mi_prun.models import prune
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.export import export
 from mi_prun.results import Analysis
@@ -216,7 +217,7 @@ def test_capture_equals_a_reference_forward(loaded):
 
 def test_model_identity_samples_large_tensors_inside_their_bounds():
     """A tensor of more than 2^24 elements (an LLM's embedding) must not index past its end."""
-    from mi_prun.models.identity import model_identity
+    from mi_prun.runtime.identity import model_identity
     from mi_prun.testing import tiny_model
 
     model, _ = tiny_model("llama", n_layers=2)

@@ -294,7 +294,7 @@ def test_heal_bench_quick_rows():
     spec = importlib.util.spec_from_file_location("bench_heal", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     loaded = load_model("tiny-llama")
     rows = bench.heal_rows(loaded, calib_for(loaded.tokenizer), load_text("builtin").text, [[2, 3]],

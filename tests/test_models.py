@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
-from mi_prun.models import (BLOCK_PATHS, ZOO, context_length, find_blocks, hub_id, load_model, num_layers_of,
-                            resolve_device, resolve_dtype, weights_bytes)
+from mi_prun.models import BLOCK_PATHS, ZOO, context_length, find_blocks, hub_id, num_layers_of, weights_bytes
+from mi_prun.runtime import load_model, resolve_device, resolve_dtype
 from mi_prun.testing import FAMILIES, VOCAB, tiny_model
 
 

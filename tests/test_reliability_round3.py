@@ -17,7 +17,7 @@ import pytest
 from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.results import Analysis
 from mi_prun.select import Selection, select
 from mi_prun.select.guided import guided_select

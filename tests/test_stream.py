@@ -14,16 +14,17 @@ from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import perplexity, token_nll
 from mi_prun.heal import heal
 from mi_prun.models import find_blocks
-from mi_prun.models.stream import (
-    BlockRunner,
-    is_streamed,
-    offload_to_cpu,
-    open_streamed,
-)
+from mi_prun.runtime.runner import BlockRunner
+from mi_prun.runtime.sources import offload_to_cpu, open_streamed, weight_source
+
 from mi_prun.select.verify import NLLCache, PrefixScorer
 from mi_prun.testing import tiny_model
 
 FAMILIES = ["llama", "gemma3", "gpt2", "opt", "falcon", "gpt_neox", "qwen3"]
+
+
+def is_streamed(model) -> bool:
+    return weight_source(model).kind == "streamed"
 CPU = torch.device("cpu")
 
 
@@ -122,7 +123,7 @@ def test_streaming_reads_one_block_at_a_time(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     streamed = open_streamed(tmp_path, CPU, torch.float32)
     assert all(p.is_meta for p in find_blocks(streamed).blocks.parameters())
-    stream = streamed._mi_prun_stream
+    stream = weight_source(streamed).stream
     reads: list[list[str]] = []
     real_get = stream.store.get
     monkeypatch.setattr(stream.store, "get", lambda keys: reads.append(sorted(keys)) or real_get(keys))
@@ -148,15 +149,15 @@ def test_streamed_model_that_cannot_be_opened_is_one_line(tmp_path):
 
 def test_verified_select_streamed_equals_in_memory(tmp_path):
     from mi_prun.config import AnalysisConfig
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
     from mi_prun.select import select
 
     model, tok = tiny_model("llama", n_layers=8)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    mem = load_model(tmp_path / "m", device="cpu", dtype="float32", offload=False)
-    st = load_model(tmp_path / "m", device="cpu", dtype="float32", offload=True)
+    mem = load_model(tmp_path / "m", device="cpu", dtype="float32", stream=False)
+    st = load_model(tmp_path / "m", device="cpu", dtype="float32", stream=True)
     assert is_streamed(st.model) and not is_streamed(mem.model)
     acfg = AnalysisConfig(calib="builtin", n_samples=4, seq_len=48, max_positions=120)
     a_mem, a_st = analyze(mem, acfg), analyze(st, acfg)
@@ -185,14 +186,14 @@ def test_export_of_a_streamed_healed_model_equals_in_memory(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from mi_prun.export import export
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     _, folder = _saved(tmp_path, family)
     calib = calibration_tokens(tiny_model(family)[1], load_text("builtin"), 8, 40, seed=0)
     cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
     outs = {}
-    for name, offload in (("mem", False), ("st", True)):
-        loaded = load_model(folder, device="cpu", dtype="float32", offload=offload)
+    for name, stream in (("mem", False), ("st", True)):
+        loaded = load_model(folder, device="cpu", dtype="float32", stream=stream)
         healed, _ = heal(loaded.model, [2, 3], calib, config=cfg)
         outs[name] = export(healed, loaded.tokenizer, None, tmp_path / name, loaded=loaded)
     ids, mask = _tokens()
@@ -204,13 +205,13 @@ def test_export_of_a_streamed_healed_model_equals_in_memory(family, tmp_path):
     torch.testing.assert_close(logits["st"], logits["mem"], atol=1e-4, rtol=1e-4)
 
 
-def test_cli_offload_analyze_prune_eval(tmp_path, capsys):
+def test_cli_stream_analyze_prune_eval(tmp_path, capsys):
     import json
 
     from mi_prun.cli import main
 
     _, folder = _saved(tmp_path, n_layers=8)
-    common = ["--model", str(folder), "--device", "cpu", "--offload", "--calib", "builtin", "--samples", "4",
+    common = ["--model", str(folder), "--device", "cpu", "--stream", "--calib", "builtin", "--samples", "4",
               "--tokens", "48", "--positions", "120"]
     assert main(["--quiet", "analyze", *common, "--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "analysis.json").read_text())
@@ -223,38 +224,42 @@ def test_cli_offload_analyze_prune_eval(tmp_path, capsys):
     assert record["n_blocks"] == 6 and record["peak_memory"]["rss_peak_bytes"] > 0
     assert main(["--quiet", "eval", "--model", str(tmp_path / "p"), "--device", "cpu", "--offload", "--data", "builtin",
                  "--seq-len", "32", "--max-windows", "2"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "perplexity" in captured.out
+    # --offload, the earlier name of --stream, still works and says so once per command
+    assert captured.err.count("note: --offload is now --stream") == 3
 
 
 def test_offload_is_chosen_when_the_model_does_not_fit(tmp_path, monkeypatch):
-    from mi_prun.models import load_model, memory
+    from mi_prun.models import memory
+    from mi_prun.runtime import load_model
 
     _, folder = _saved(tmp_path)
     need = memory.weights_bytes(folder, None, torch.float32)
     monkeypatch.setattr(memory, "available_memory", lambda device: int(need * 0.8))  # a block fits, the model not
     loaded = load_model(folder, device="cpu", dtype="float32")
     assert is_streamed(loaded.model) and loaded.info["offload"] == "disk"
-    with pytest.raises(MiPrunError, match="--offload"):
-        load_model(folder, device="cpu", dtype="float32", offload=False)
+    with pytest.raises(MiPrunError, match="--stream"):
+        load_model(folder, device="cpu", dtype="float32", stream=False)
     monkeypatch.setattr(memory, "available_memory", lambda device: 16)  # not even one block
-    with pytest.raises(MiPrunError, match="needs about .*--offload.*--device-map auto"):
+    with pytest.raises(MiPrunError, match="needs about .*--stream.*--device-map auto"):
         load_model(folder, device="cpu", dtype="float32")
     with pytest.raises(MiPrunError, match="fits nowhere: even streamed"):
-        load_model(folder, device="cpu", dtype="float32", offload=True)
+        load_model(folder, device="cpu", dtype="float32", stream=True)
 
 
 def test_bad_execution_input_is_one_line(tmp_path):
     import json
 
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     _, folder = _saved(tmp_path, n_layers=2)
     cases = [
         ({"device": "cuda:7"} if not torch.cuda.is_available() or torch.cuda.device_count() < 8
          else {"device": "nonsense"}, "cuda|device"),
         ({"device": "tpu"}, "unknown device|not supported"),
-        ({"offload": "sometimes"}, "offload must be"),
-        ({"offload": True, "device_map": "auto"}, "alternatives"),
+        ({"stream": "sometimes"}, "stream must be"),
+        ({"stream": True, "device_map": "auto"}, "alternatives"),
         ({"device_map": {"": 9}}, "GPU 9"),
         ({"device_map": {"model.embed_tokens": "cuda:5", "": "cpu"}}, "cuda:5"),
         ({"device_map": str(tmp_path / "missing.json")}, "not found"),
@@ -289,7 +294,8 @@ def test_dispatched_model_with_cpu_and_disk_offload_equals_in_memory(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from mi_prun.export import export
-    from mi_prun.models import load_model, pruned_view
+    from mi_prun.models import pruned_view
+    from mi_prun.runtime import load_model
 
     _, folder = _saved(tmp_path)
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
@@ -298,7 +304,7 @@ def test_dispatched_model_with_cpu_and_disk_offload_equals_in_memory(tmp_path):
     import json
 
     map_file.write_text(json.dumps(device_map))
-    mem = load_model(folder, device="cpu", dtype="float32", offload=False)
+    mem = load_model(folder, device="cpu", dtype="float32", stream=False)
     dis = load_model(folder, device="cpu", dtype="float32", device_map=str(map_file), offload_folder=tmp_path / "off")
     assert any(p.is_meta for p in dis.model.parameters())  # really offloaded
     ids, mask = _tokens()
@@ -354,7 +360,7 @@ def test_cli_pipeline_on_cuda_in_bfloat16(tmp_path):
     from mi_prun.cli import main
 
     _, folder = _saved(tmp_path, n_layers=8)
-    for offload in ("--no-offload", "--offload"):
+    for offload in ("--no-stream", "--stream"):
         out = tmp_path / offload.strip("-")
         args = ["--model", str(folder), "--device", "cuda", offload, "--calib", "builtin", "--samples", "4",
                 "--tokens", "48", "--positions", "120"]

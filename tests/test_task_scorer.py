@@ -16,7 +16,8 @@ pytest.importorskip("lm_eval")
 
 from mi_prun.config import AnalysisConfig, SelectConfig, ZeroShotConfig  # noqa: E402
 from mi_prun.errors import MiPrunError  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.task_scorer import TaskScorer, is_task_spec  # noqa: E402

@@ -17,8 +17,9 @@ import torch
 
 from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.models import find_blocks, load_model
-from mi_prun.models.loading import LoadedModel
+from mi_prun.models import find_blocks
+from mi_prun.runtime import load_model
+from mi_prun.runtime.loading import LoadedModel
 from mi_prun.pipeline import analyze
 from mi_prun.select import NLLCache, Selection, guided_select, k_best_combinations, select
 from mi_prun.select.costs import set_cost

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 from mi_prun import __version__
@@ -157,20 +158,35 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|DEVICE|FILE.json",
                    help="spread the model over several devices with accelerate (a JSON file maps module names "
                         "to devices: 0, cpu, disk) (default: none)")
-    p.add_argument("--offload-folder", default=None, help="where --device-map puts the weights it offloads to disk")
-    add_offload_args(p)
+    p.add_argument("--offload-folder", default=None,
+                   help="accelerate's offload_folder: where --device-map puts the weights it offloads to disk")
+    add_stream_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repository (off by default)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="load even when the weights look larger than the free memory")
 
 
-def add_offload_args(p: argparse.ArgumentParser) -> None:
+class _OldStreamFlag(_GivenConst):
+    """--offload / --no-offload, the earlier names of --stream / --no-stream: said once per command."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not getattr(namespace, "said_offload_", False):
+            new = option_string.replace("offload", "stream") if option_string else "--stream"
+            print(f"note: {option_string} is now {new} (mi-prun's block streaming; accelerate's disk offload is "
+                  "--device-map with --offload-folder)", file=sys.stderr)
+            namespace.said_offload_ = True
+        super().__call__(parser, namespace, values, option_string)
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
     x = p.add_mutually_exclusive_group()
-    x.add_argument("--offload", dest="offload", action="store_const", const=True, default=ExecutionConfig.offload,
+    x.add_argument("--stream", dest="stream", action="store_const", const=True, default=ExecutionConfig.stream,
                    help="stream the blocks: the weights stay in their safetensors files and one block at a time "
                         "runs on the device (default: only when the model does not fit in memory)")
-    x.add_argument("--no-offload", dest="offload", action="store_const", const=False,
+    x.add_argument("--no-stream", dest="stream", action="store_const", const=False,
                    help="never stream; refuse a model that does not fit")
+    x.add_argument("--offload", dest="stream", action=_OldStreamFlag, const=True, help=argparse.SUPPRESS)
+    x.add_argument("--no-offload", dest="stream", action=_OldStreamFlag, const=False, help=argparse.SUPPRESS)
 
 
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -293,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="the analysed model: " + MODEL_HELP.format(default="smollm2-135m"))
     m.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cpu | cuda[:N] | mps")
     m.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
-    add_offload_args(m)
+    add_stream_args(m)
     p.set_defaults(device_map=None, offload_folder=None, trust_remote_code=False, skip_memory_check=False)
     p.add_argument("--compare", action="store_true",
                    help="FBS, local search, exact optimum and exhaustive side by side")

@@ -16,7 +16,8 @@ from mi_prun.evaluate import evaluate, generate_sample
 from mi_prun.export import export
 from mi_prun.files import ANALYSIS, EXPORT, check_output
 from mi_prun.heal import check_healable, heal, heal_calibration
-from mi_prun.models import load_model, prune
+from mi_prun.models import prune
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze, check_analysis_config, prepare_calibration
 from mi_prun.results import Analysis
 from mi_prun.select import Selection, compare, get_selector, resolve_n, select, sleb_select
@@ -28,7 +29,7 @@ from mi_prun.zeroshot import build_tasks, is_export, record_zero_shot, zero_shot
 def _load(args) -> Any:
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code,
-                      check_memory_first=not args.skip_memory_check, offload=args.offload,
+                      check_memory_first=not args.skip_memory_check, stream=args.stream,
                       offload_folder=args.offload_folder)
 
 
@@ -170,8 +171,8 @@ def cmd_prune(args) -> int:
         _refuse_ignored_select_flags(args, sel_cfg)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
-    if args.sample and args.offload is True:
-        raise MiPrunError("--sample generates text, which needs the model in memory, and --offload streams it. "
+    if args.sample and args.stream is True:
+        raise MiPrunError("--sample generates text, which needs the model in memory, and --stream streams it. "
                           "Fix: drop one of them.")
     saved = Selection.load(args.selection) if args.selection else None
     analysis = Analysis.load(args.analysis) if args.analysis else None

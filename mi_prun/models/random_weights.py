@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mi_prun.models.stream import _retie, _set_tensor, skeleton
+from mi_prun.models.skeleton import retie as _retie, set_tensor as _set_tensor, skeleton
 from mi_prun.models.tiny import byte_tokenizer
 
 def _init_value(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, seed: int,

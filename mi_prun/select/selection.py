@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 from mi_prun.config import as_path
 from mi_prun.errors import MiPrunError
 from mi_prun.files import check_path_length, jsonable, parse_json, write_file
-from mi_prun.models.identity import check_same_model
+from mi_prun.runtime.identity import check_same_model
 from mi_prun.select.costs import runs_of
 
 

@@ -47,7 +47,7 @@ from mi_prun.config import SelectConfig, as_int
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import check_token_ids
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import is_streamed
+from mi_prun.runtime.sources import weight_source
 from mi_prun.progress import Progress
 from mi_prun.select.candidates import (
     Candidate,
@@ -344,7 +344,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
-                       "tokens": tok_prov, "note": PASS_NOTE, "offload": is_streamed(scorer.model),
+                       "tokens": tok_prov, "note": PASS_NOTE, "offload": weight_source(scorer.model).describe()["streamed"],
                        "peak_memory": peak_memory(),
                        **({"race": {**out.race, "mode": config.verify_race, "unit_budget": unit_budget}}
                           if out.race is not None else {"race": {"mode": "off" if not racing else

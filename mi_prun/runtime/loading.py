@@ -26,10 +26,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from mi_prun.errors import MiPrunError
 from mi_prun.config import ExecutionConfig
 from mi_prun.files import check_path_length, parse_json
-from mi_prun.models.blocks import find_blocks, input_device, num_layers_of
-from mi_prun.models.identity import model_identity
+from mi_prun.models.blocks import find_blocks, num_layers_of
+from mi_prun.runtime.identity import model_identity
 from mi_prun.models.memory import check_memory, check_streamable, fits, weights_bytes
-from mi_prun.models.stream import offload_to_cpu, open_streamed
+from mi_prun.runtime.sources import WeightSource, offload_to_cpu, open_streamed, weight_source
 from mi_prun.models.tiny import tiny_model
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
@@ -106,6 +106,11 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    weights: WeightSource | None = None  # where the weights live, chosen by load_model (derived when None)
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            self.weights = weight_source(self.model)
 
     @property
     def n_blocks(self) -> int:
@@ -118,7 +123,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What results record of the model: names, size, hub id and its identity (see
-        `mi_prun.models.identity.model_identity`), so an analysis can refuse to prune another model."""
+        `mi_prun.runtime.identity.model_identity`), so an analysis can refuse to prune another model."""
         return {
             "spec": self.spec,
             "source": self.source,
@@ -382,7 +387,7 @@ def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
     """The local folder of safetensors files a streamed model reads its blocks from."""
     if gguf_file is not None:
         raise MiPrunError(f"{spec} is a GGUF file, whose quantised blocks cannot stream. Fix: load it without "
-                          "--offload, or convert it to safetensors first (the zoo's models are converted).")
+                          "--stream, or convert it to safetensors first (the zoo's models are converted).")
     folder = Path(source)
     if not folder.is_dir():
         hit = try_to_load_from_cache(source, "config.json")
@@ -392,7 +397,7 @@ def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
         folder = Path(hit).parent
     if not any(folder.glob("*.safetensors")):
         raise MiPrunError(f"{spec} has no .safetensors weights, and streaming reads blocks from them. Fix: "
-                          "save it with save_pretrained(safe_serialization=True), or load without --offload.")
+                          "save it with save_pretrained(safe_serialization=True), or load without --stream.")
     return folder
 
 
@@ -451,8 +456,9 @@ def load_model(
     trust_remote_code: bool = False,
     progress=None,
     check_memory_first: bool = True,
-    offload: bool | str = "auto",
+    stream: bool | str = "auto",
     offload_folder: str | os.PathLike | None = None,
+    offload: bool | str | None = None,
 ) -> LoadedModel:
     """Load a decoder-only causal LM for analysis.
 
@@ -462,11 +468,13 @@ def load_model(
     CPU) or a name. device_map: passed to accelerate (`"auto"` spreads a model larger than one
     GPU); device is then ignored for placement. trust_remote_code stays off unless the caller asks
     for it. check_memory_first: refuse weights larger than the free memory of the device before
-    loading (skipped with a device_map, or when the size is unknown). offload: True streams the
-    blocks (`mi_prun.models.stream`: weights stay in the safetensors files, or in CPU memory for a
+    loading (skipped with a device_map, or when the size is unknown). stream: True streams the
+    blocks (`mi_prun.runtime.sources`: weights stay in the safetensors files, or in CPU memory for a
     tiny model, one block at a time on the device); "auto" streams when the memory check says the
-    weights do not fit; False never streams (and the memory check refuses). offload_folder: where
-    accelerate offloads weights to disk with a device_map (must be writable).
+    weights do not fit; False never streams (and the memory check refuses). offload_folder:
+    accelerate's folder for the weights a device_map offloads to disk (must be writable). offload:
+    the earlier name of `stream`, still accepted. The weight source chosen here travels with the
+    result (`LoadedModel.weights`).
     """
     t0 = time.perf_counter()
     is_path = isinstance(spec, os.PathLike)
@@ -481,7 +489,10 @@ def load_model(
         resolve_device(device_map)  # a device name: an unknown or missing device fails here, in one line
     dt = resolve_dtype(dtype, dev)
 
-    ExecutionConfig(offload=offload, device_map=device_map,
+    if offload is not None:  # the earlier name of `stream`
+        stream = offload
+    offload = stream  # below: whether to stream
+    ExecutionConfig(stream=stream, device_map=device_map,
                     offload_folder=None if offload_folder is None else os.fspath(offload_folder))
     if isinstance(device_map, dict):
         _check_device_map(device_map)
@@ -545,8 +556,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     find_blocks(model)  # fail early, with the model class named, if blocks cannot be found
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    if device_map is not None:
-        dev = input_device(model)
+    weights = weight_source(model)
+    info.update({k: v for k, v in weights.describe().items() if k in ("weights", "weights_at")})
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source,
-                       model_type=model_type, device=dev, dtype=dt,
-                       load_seconds=time.perf_counter() - t0, info=info)
+                       model_type=model_type, device=weights.device if device_map is not None else dev, dtype=dt,
+                       load_seconds=time.perf_counter() - t0, info=info, weights=weights)
