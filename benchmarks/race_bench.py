@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE.parent))
 from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
 from mi_prun.data import load_text  # noqa: E402
 from mi_prun.evaluate import perplexity  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.registry import make_problem  # noqa: E402

@@ -255,7 +255,7 @@ def test_the_race_settings_are_checked_and_reach_the_cli():
 @pytest.fixture(scope="module")
 def tiny():
     from mi_prun.config import AnalysisConfig
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
 
     loaded = load_model("tiny-llama", device="cpu")
@@ -267,56 +267,23 @@ TINY = SelectConfig(verify_samples=12, verify_seq_len=32)  # 3 groups of 4: look
 
 @pytest.fixture
 def row_scorer(monkeypatch):
-    """The model's scorer, group by group. Until PrefixScorer scores groups itself, a stand-in made
-    of one PrefixScorer per group of rows (the same NLLs; each group's prefix cache its own)."""
-    from mi_prun.select import scorer as scorer_mod
-    from mi_prun.select import task_scorer
+    """The model's scorers made, each counting the calls that score some groups only (a race's)."""
     from mi_prun.select.scorer import PrefixScorer
 
-    if hasattr(PrefixScorer, "rows"):
-        yield None
-        return
-    made = []
+    made: list[list[int]] = []
+    real_init, real_rows = PrefixScorer.__init__, PrefixScorer.rows
 
-    class Grouped:
-        def __init__(self, inner: PrefixScorer) -> None:
-            self.inner, self.cache, self.provenance = inner, inner.cache, inner.provenance
-            self.model, self.ids, self.progress = inner.model, inner.ids, inner.progress
-            n, b = inner.ids.shape[0], inner.batch_size
-            self.groups = [list(range(i, min(i + b, n))) for i in range(0, n, b)]
-            self.parts = [PrefixScorer(inner.model, inner.ids[g], None, b, inner.starts, NLLCache())
-                          for g in self.groups]
-            self.rows_calls = 0
-            made.append(self)
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self.rows_calls = 0
+        made.append(self)
 
-        @property
-        def dense_passes(self) -> int:
-            return sum(p.dense_passes for p in self.parts)
+    def rows(self, removed, groups=None, use_prefix=None):
+        self.rows_calls += groups is not None
+        return real_rows(self, removed, groups, use_prefix)
 
-        def rows(self, removed, groups=None):
-            self.rows_calls += 1
-            out = [self.parts[g]._rows(tuple(sorted(removed)), True) for g in (groups or range(len(self.groups)))]
-            return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-
-        def units(self, removed, groups=None) -> int:
-            rem = sorted(removed)
-            n_blocks = len(__import__("mi_prun.models", fromlist=["find_blocks"]).find_blocks(self.model))
-            rows = sum(len(self.groups[g]) for g in (groups if groups is not None else range(len(self.groups))))
-            return rows * self.ids.shape[1] * (n_blocks - rem[0] - len(rem) + 1)
-
-        def score(self, removed):
-            return self.inner.score(removed)
-
-        def sample_nll(self, removed):
-            return self.cache.sample_nll(removed)
-
-    real = task_scorer.model_scorer
-
-    def grouped(*a, **k):
-        return Grouped(real(*a, **k))
-
-    monkeypatch.setattr(task_scorer, "model_scorer", grouped)
-    monkeypatch.setattr(scorer_mod, "model_scorer", grouped)
+    monkeypatch.setattr(PrefixScorer, "__init__", init)
+    monkeypatch.setattr(PrefixScorer, "rows", rows)
     yield made
 
 
@@ -326,16 +293,19 @@ def test_select_races_through_the_model_scorer_and_off_never_races(tiny, row_sco
     loaded, analysis = tiny
     dropped_any = 0
     for n in (2, 3):
-        before = len(row_scorer) if row_scorer is not None else 0
+        before = len(row_scorer)
         off = select(analysis, config=TINY.replace(n=n, verify_race="off"), model=loaded)
         assert off.verification["race"] == {"mode": "off"} and all(c.complete for c in off.candidates)
-        if row_scorer is not None:
-            assert len(row_scorer) > before and all(s.rows_calls == 0 for s in row_scorer[before:])
+        assert len(row_scorer) > before and all(s.rows_calls == 0 for s in row_scorer[before:])
         sets = select(analysis, config=TINY.replace(n=n, verify_race="sets", verify_race_alpha=0.2), model=loaded)
+        assert any(s.rows_calls for s in row_scorer)  # raced: group by group
         race = sets.verification["race"]
         assert race["mode"] == "sets" and race["groups"] == [4, 4, 4] and race["looks"] == [4, 8]
         assert race["units"] <= race["units_unraced"] and sets.verification["sets_scored"] <= off.verification["budget"]
-        assert sets.nll == pytest.approx(min(c.nll for c in sets.candidates if c.complete and len(c.removed) == n))
+        win = next(c for c in sets.candidates if c.removed == sets.removed)
+        assert win.complete and sets.nll == win.nll  # only a set scored on every sample wins
+        if not sets.verification["confirm"].get("changed"):  # the confirmation may pick another finalist
+            assert sets.nll == min(c.nll for c in sets.candidates if c.complete and len(c.removed) == n)
         dropped = [c for c in sets.candidates if not c.complete]
         assert len(dropped) == race["dropped"] and all(c.samples in (4, 8) and c.units for c in dropped)
         dropped_any += len(dropped)
