@@ -94,17 +94,18 @@ def test_verified_search_fixes_a_one_pass_criterion_wrong_by_construction(advers
     assert {c.removed for c in v.candidates} == {(b,) for b in range(1, 5)}
 
 
+@pytest.mark.parametrize("race", ["off", "sets"])  # the budget in sets, unraced and raced
 @pytest.mark.parametrize("budget", [1, 3, 100])
-def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget):
+def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget, race):
     loaded, analysis = tiny
-    v = select(analysis, config=CFG.replace(n=2, verify_passes=budget), model=loaded)
+    v = select(analysis, config=CFG.replace(n=2, verify_passes=budget, verify_race=race), model=loaded)
     extra = v.verification["confirm"]["passes"]  # the confirmation's, beyond the search's budget
     assert v.forward_passes == v.verification["passes"] == len(v.candidates) + extra
     assert len(v.candidates) <= budget and extra <= CFG.verify_confirm
     assert not any(c.cached for c in v.candidates)
     assert len({c.removed for c in v.candidates}) == len(v.candidates)
     assert v.candidates[0].removed == v.one_pass_removed  # the one-pass answer comes first
-    best = min(v.candidates, key=lambda c: c.nll)
+    best = min((c for c in v.candidates if c.complete), key=lambda c: c.nll)
     assert v.removed == best.removed and v.nll == best.nll
     assert all(0 < b < 5 for b in v.removed)  # protect_ends holds for the verified answer too
     if budget == 100:
@@ -184,10 +185,13 @@ def test_selection_round_trip_and_old_files(tiny, tmp_path):
     back = Selection.load(v.save(tmp_path / "v.json"))
     assert back.verified and back.removed == v.removed and back.candidates == v.candidates
     assert [c.to_dict() for c in back.candidates] == v.to_dict()["candidates"]
-    # a file written before the rows were typed (plain dicts, no race fields) reads the same
+    # a file written before the rows were typed and raced (plain dicts, no race fields) reads the same
+    base = lambda c: (c.removed, c.proposers, c.objective, c.nll, c.cached, c.stage)  # noqa: E731
     rows = [{"removed": list(c.removed), "proposers": list(c.proposers), "objective": c.objective, "nll": c.nll,
              "cached": c.cached, "stage": c.stage} for c in v.candidates]
-    assert Selection.from_dict({**v.to_dict(), "candidates": rows}).candidates == v.candidates
+    old_rows = Selection.from_dict({**v.to_dict(), "candidates": rows}).candidates
+    assert [base(c) for c in old_rows] == [base(c) for c in v.candidates]
+    assert all(c.complete and c.samples is None and c.units is None for c in old_rows)
     assert back.one_pass_removed == v.one_pass_removed and back.nll == pytest.approx(v.nll)
     old = {k: val for k, val in v.to_dict().items()
            if k not in ("verified", "nll", "candidates", "winner_source", "one_pass_removed", "one_pass_nll",
@@ -210,13 +214,17 @@ def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_pat
     assert main(["--quiet", "select", str(folder), "--n", "2"]) == 0
     assert "unverified (no --model): one-pass answer" in capsys.readouterr().out
     assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3",
-                 "--out", str(tmp_path / "s.json")]) == 0
+                 "--verify-race", "sets", "--out", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
     assert "verified: " in out and " of 3 sets scored" in out and "one-pass answer" in out
     sel = Selection.load(tmp_path / "s.json")
     assert sel.verified and len(sel.candidates) <= 3
     assert sel.forward_passes == len(sel.candidates) + sel.verification["confirm"]["passes"]
     assert "Confirmation: " in out
+    # the shipped race spends a budget in token-block units, and says so
+    assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "token-block units of a budget of" in out and "(3 passes x a full pass)" in out
     assert main(["--quiet", "select", str(folder), "--n", "2", "--verify-passes", "0"]) == 0
     assert "unverified" not in capsys.readouterr().out
     assert main(["select", str(folder), "--verify-passes", "-1"]) == 2
@@ -238,8 +246,11 @@ def test_benchmark_quick_mode_runs_every_method():
     from mi_prun.select.counts import allowed_blocks
 
     removable = len(allowed_blocks(6, SelectConfig().protect_ends))  # tiny-llama: 6 blocks
-    assert all(r["forward_passes"] <= SelectConfig().verify_budget(r["n"], removable)
-               for r in rows if r["method"] == "verified")
+    for r in rows:
+        if r["method"] == "verified" and r["unit_budget"] is None:  # the budget in sets
+            assert r["forward_passes"] <= SelectConfig().verify_budget(r["n"], removable)
+        elif r["method"] == "verified":  # in units: a set once started is finished
+            assert r["units"] <= r["unit_budget"] + r["largest_set_units"]
 
 
 def test_prune_verifies_with_inline_calibration_text(tmp_path, capsys):
@@ -313,7 +324,7 @@ def test_auto_budget_is_a_quarter_of_sleb_with_a_floor_and_the_cli_takes_it(tiny
     _, analysis = tiny
     folder = analysis.save(tmp_path / "a")
     assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "auto",
-                 "--verify-tokens", "64"]) == 0
+                 "--verify-tokens", "64", "--verify-race", "sets"]) == 0
     out = capsys.readouterr().out
     assert f"of {cfg.verify_budget(2, 4)} (auto) sets scored" in out
     assert main(["select", str(folder), "--verify-passes", "lots"]) == 2
