@@ -122,8 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         for variant in variants:
             cfg = SelectConfig(n=n, verify_race=variant, **args.select)
+            cache = NLLCache()
             t0 = time.perf_counter()
-            sel = select(analysis, config=cfg, model=loaded, cache=NLLCache())
+            sel = select(analysis, config=cfg, model=loaded, cache=cache)
             seconds = time.perf_counter() - t0
             v = sel.verification
             race = v.get("race") or {}
@@ -131,8 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             units = race.get("units")
             if units is None:  # unraced: what its passes ran, by the scorer's own count
                 problem = make_problem(analysis, cfg)
-                units = units_of(model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks,
-                                              starts=problem.allowed), sel.candidates)
+                units = units_of(model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks,  # its dense states
+                                              starts=problem.allowed, cache=cache), sel.candidates)
             row = {"n": n, "variant": variant, "removed": list(sel.removed),
                    "one_pass_removed": list(sel.one_pass_removed or []), "verification_nll": sel.nll,
                    "test_ppl": None, "sets_scored": v.get("sets_scored"),
