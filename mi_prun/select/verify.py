@@ -138,8 +138,9 @@ def verified_search(problem: Problem, cands: list[Candidate],
         if progress is None or row.cached:
             return
         if unit_budget is not None and race is not None:
-            progress("verify", min(1.0, race.units / unit_budget), f"set {len(seen)}, {race.units / unit_budget:.0%} "
-                     f"of the budget ({unit_budget:,} token-block units): NLL {row.nll:.4f}"
+            progress("verify", min(1.0, race.units / unit_budget), f"set {len(seen)}, "
+                     f"{max(0, unit_budget - race.units):,} of {unit_budget:,} token-block units left in the budget: "
+                     f"NLL {row.nll:.4f}"
                      + ("" if row.complete else f" (dropped after {row.samples} samples)"))
         else:
             progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)} of at most {budget} "
