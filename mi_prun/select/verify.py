@@ -63,7 +63,7 @@ from mi_prun.select.registry import VERIFIABLE, Problem, check_analysis, make_pr
 from mi_prun.select.scorer import NLLCache, PrefixScorer, resolve_tokens, tokens_key, unwrap_model
 from mi_prun.select.scoring import can_race
 from mi_prun.select.selection import ScoredSet, Selection, make_selection
-from mi_prun.select.task_scorer import TaskScorer, verification_scorer
+from mi_prun.select.task_scorer import TaskScorer, is_task_spec, verification_scorer
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,9 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     if not config.verifies or config.method not in VERIFIABLE:
         return one
     problem = make_problem(analysis, config)
-    racing = config.verify_race != "off"
+    # a task's choice NLL is no mean over samples: it cannot race (task_scorer), and keeps its batch size
+    racing = config.verify_race != "off" and not (config.verify_on is not None and tokens is None
+                                                  and is_task_spec(config.verify_on))
     # model_scorer, or the text / task of config.verify_on (task_scorer); a raced search scores
     # groups of verify_race_group samples, one batch each
     scorer = verification_scorer(model, analysis, config, n_blocks=problem.n_blocks, starts=problem.allowed,
@@ -348,7 +350,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        "tokens": tok_prov, "note": PASS_NOTE, "offload": weight_source(scorer.model).describe()["streamed"],
                        "peak_memory": peak_memory(),
                        **({"race": {**out.race, "mode": config.verify_race, "unit_budget": unit_budget}}
-                          if out.race is not None else {"race": {"mode": "off" if not racing else
+                          if out.race is not None else {"race": {"mode": "off" if config.verify_race == "off" else
                                                                  "off (the scorer cannot race)"}}),
                        **({"task": scorer.report(winner, one.removed if one_nll is not None else None)}
                           if isinstance(scorer, TaskScorer) else {}),
