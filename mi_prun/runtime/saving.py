@@ -7,15 +7,14 @@ them as the same safetensors shards and index `save_pretrained` would.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from mi_prun.errors import MiPrunError
+from mi_prun.models.shards import write_shards
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -52,41 +51,13 @@ def save_items(model: nn.Module, folder: Path, items: Iterable[tuple[str, torch.
             skip.add(name)
         else:
             seen[id(t)] = name
-    shards: list[tuple[Path, list[str]]] = []
-    current: dict[str, torch.Tensor] = {}
-    size, total = 0, 0
 
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            path = folder / f".shard-{len(shards):05d}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            shards.append((path, list(current)))
-            current, size = {}, 0
+    def wanted() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, value in items:
+            if name not in skip:
+                yield name, value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
-    for name, value in items:
-        if name in skip:
-            continue
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        value = value.contiguous()
-        nbytes = value.numel() * value.element_size()
-        if current and size + nbytes > limit:
-            flush()
-        current[name] = value
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
-        shards[0][0].rename(folder / "model.safetensors")
-        return
-    weight_map = {}
-    for k, (path, names) in enumerate(shards):
-        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        path.rename(folder / final)
-        weight_map.update({n: final for n in names})
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
+    write_shards(folder, wanted(), limit)
 
 
 __all__ = ["save_items"]
