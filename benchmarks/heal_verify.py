@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in [int(x) for x in args.ns.split(",")]:
         verified = select(analysis, config=scfg.replace(n=n), model=loaded, tokens=tokens.input_ids)
         default = tuple(select(analysis, SelectConfig.for_healing(n=n)).removed)
-        sets = {tuple(c["removed"]): c["proposers"] for c in verified.candidates}
+        sets = {c.removed: list(c.proposers) for c in verified.candidates}
         sets.setdefault(default, ["fbs (one pass)"])
         scored = []
         for removed, who in sets.items():

@@ -32,10 +32,19 @@ loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
 a = analyze(loaded, AnalysisConfig(calib="wikitext2", n_samples=16, seq_len=128))
 out = {"block_mi": [float(x) for x in a.block_mi]}
 text = load_text("wikitext2", purpose="evaluation").text
+# the search as it was before racing (a version without verify_race has none); rows as dicts or typed
+unraced = {"verify_race": "off"} if "verify_race" in SelectConfig.__dataclass_fields__ else {}
+
+
+def field(row, name):
+    return row[name] if isinstance(row, dict) else getattr(row, name)
+
+
 for n in (2, 4):
-    sel = select(a, SelectConfig(n=n, verify_passes=6, verify_samples=8, verify_seq_len=128), model=loaded)
+    sel = select(a, SelectConfig(n=n, verify_passes=6, verify_samples=8, verify_seq_len=128, **unraced), model=loaded)
     v = {"scored": sel.candidates or []}
-    out[f"n{n}"] = {"removed": list(sel.removed), "scored": [[list(r["removed"]), r["nll"]] for r in v.get("scored", [])]}
+    out[f"n{n}"] = {"removed": list(sel.removed),
+                    "scored": [[list(field(r, "removed")), field(r, "nll")] for r in v.get("scored", [])]}
     p = perplexity(pruned_view(loaded.model, sel.removed), loaded.tokenizer, text, seq_len=256, max_windows=8)
     out[f"n{n}"]["ppl"] = p.ppl
 hcfg = HealConfig(calib="wikitext2", n_samples=16, seq_len=128)

@@ -190,6 +190,15 @@ class SelectConfig:
     the calibration text apart from the capture's samples; a text source (as `calib` takes) for
     `verify_samples` x `verify_seq_len` tokens of another text; a multiple-choice task YAML (lm-eval's
     format, the [eval] extra) for its mean choice NLL over `verify_items` items (None: all).
+
+    `verify_race` races the sets (`mi_prun.select.race`): each is scored on groups of
+    `verify_race_group` verification samples and dropped once it trails the best set by more than
+    a paired t bound at error rate `verify_race_alpha` per comparison (Bonferroni over the looks).
+    "units" (the default): the budget is spent in token-block units (tokens x blocks run), "auto"
+    or a number of passes times the mean units of a full pass of the proposed candidates, so what
+    racing saves buys more exchanges and swaps for the same cost; "sets": the budget counts sets as
+    without racing (the same search, each set cheaper); "off": no racing, the search as before
+    racing existed. A scorer that cannot race (a task's) runs unraced.
     """
 
     method: str = "fbs"
@@ -207,6 +216,9 @@ class SelectConfig:
     # finalists of the verified search; those within CONFIRM_Z paired SE of the winner are re-scored on a
     # fresh draw of tokens (select/confirm.py); 0: off
     verify_confirm: int = 3
+    verify_race: str = "units"  # "units", "sets" or "off" (class docstring, mi_prun/select/race.py)
+    verify_race_alpha: float = 0.05  # a set at least as good as the best is dropped at most this often
+    verify_race_group: int = 4  # verification samples per group (the scorer's batch size when racing)
 
     DEFAULT_RATIO = 0.25
     AUTO = "auto"
@@ -217,6 +229,9 @@ class SelectConfig:
     # A runner-up is within the verification draw's noise when its NLL gap to the winner is below this
     # many paired standard errors over the samples (the usual 95 % two-sided level, not a fitted value).
     CONFIRM_Z = 2.0
+    RACE_MODES = ("units", "sets", "off")
+    # no set is dropped on fewer samples: a paired standard error from 3 differences is too unsteady
+    RACE_MIN_SAMPLES = 4
 
     def __post_init__(self) -> None:
         # Names are checked against the registries where they are looked up (`mi_prun.select`):
@@ -246,6 +261,17 @@ class SelectConfig:
             _set(self, "verify_items", as_int(self.verify_items, "verification task items", minimum=1))
         _set(self, "verify_confirm", as_int(self.verify_confirm, "verify_confirm (finalists confirmed on fresh "
                                             "tokens; 0 = off)", minimum=0))
+        race = self.verify_race.strip().lower() if isinstance(self.verify_race, str) else self.verify_race
+        if race is False:
+            race = "off"
+        if race not in self.RACE_MODES:
+            raise MiPrunError(f"verify_race must be one of {', '.join(self.RACE_MODES)}, got {self.verify_race!r}. "
+                              "Fix: units (race, budget in token-block units), sets (race, budget in sets) or off.")
+        _set(self, "verify_race", race)
+        _set(self, "verify_race_alpha", as_float(self.verify_race_alpha, "verify_race_alpha (error rate of a "
+                                                 "race's drop)", 0.0, 0.5, open_low=True, open_high=True))
+        _set(self, "verify_race_group", as_int(self.verify_race_group, "verify_race_group (samples per group)",
+                                               minimum=1))
         if not isinstance(self.options, Mapping):
             raise MiPrunError(f"options must be a mapping, got {self.options!r}.")
         _set(self, "options", dict(self.options))

@@ -440,8 +440,8 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     assert m["Verified answer removes"] == ", ".join(map(str, lib.removed))
     assert m["Winner proposed by"] == proposer_label(lib.winner_source)
     extra = lib.verification["confirm"].get("passes", 0)  # the confirmation's, beyond the budget
-    assert m["Forward passes"] == (f"{lib.forward_passes - extra} of {lib.verification['budget']}"
-                                   + (f" + {extra}" if extra else ""))
+    of = "" if lib.verification["race"].get("unit_budget") else f" of {lib.verification['budget']}"  # units: no sets
+    assert m["Forward passes"] == f"{lib.forward_passes - extra}{of}" + (f" + {extra}" if extra else "")
     assert any("Confirmation: " in c.value for c in at.caption)
     assert m["One-pass answer removes"] == ", ".join(map(str, select(analysis, "fbs", n=2).removed))
     assert m["FBS removes"] == m["One-pass answer removes"]  # FBS's own answer is still shown
@@ -449,10 +449,10 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     frame = next(df.value for df in at.dataframe if "proposers" in df.value.columns)
     assert len(frame) == len(lib.candidates) and frame["winner"].sum() == 1
     assert frame.loc[frame["winner"], "removed"].item() == " ".join(map(str, lib.removed))
-    np.testing.assert_allclose(frame["nll"], [c["nll"] for c in lib.candidates], rtol=1e-6)
+    np.testing.assert_allclose(frame["nll"], [c.nll for c in lib.candidates], rtol=1e-6)
     fig = chart(at, "Verified search")
     assert sorted(trace(fig, "candidate sets")["y"]) == pytest.approx(  # sets of n blocks; put-back steps: table
-        sorted(c["nll"] for c in lib.candidates if len(c["removed"]) == 2))
+        sorted(c.nll for c in lib.candidates if len(c.removed) == 2))
 
 
 def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_nll_caches):
@@ -479,7 +479,8 @@ def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_n
     b.switch_page(PAGES["fbs"]).run()
     no_errors(b)
     m = metrics_of(b)
-    assert m["Forward passes"] == f"0 of {SelectConfig().verify_budget(2, len(first_removable(b)))}"
+    of = "" if SelectConfig().verify_race == "units" else f" of {SelectConfig().verify_budget(2, len(first_removable(b)))}"
+    assert m["Forward passes"] == f"0{of}"  # a budget in token-block units has no count of sets to show
     assert m["Verified answer removes"] == first["Verified answer removes"]
     assert len(nll_cache_of(b)) == seen
 
@@ -903,3 +904,38 @@ def test_progress_text_says_the_time_left():
                                3 / 22)
     assert text == "set 3 of at most 22 (19 left in the budget): NLL 3.1 - about 76 s left"
     assert state.progress_text("22 sets scored", 0.0, 1.0) == "22 sets scored"
+
+
+def test_verify_every_n_in_the_background_gives_the_library_answers_and_marks_them(shared_model, fresh_nll_caches):
+    """'Verify every n' runs in a background thread while the page stays usable; each n it verifies is
+    the library's verified answer for that n (from a cold cache), the page marks which n are verified
+    and which are one-pass, and the current n then costs no pass."""
+    from mi_prun_app import search
+
+    search._curve_jobs.clear()
+    at = analysed_app()
+    at.switch_page(PAGES["prune"]).run()
+    no_errors(at)
+    n = at.slider(key="p_n_remove").value
+    mark = next(c.value for c in at.caption if "**Verified** (checked by forward passes)" in c.value)
+    assert f"n = {n}" in mark and "**one-pass**" in mark  # the current n was verified in the foreground
+    at.button(key="curve_start").click().run()
+    no_errors(at)
+    job = search._curve_jobs().get(next(iter(search._curve_jobs()._data)))
+    job.thread.join(timeout=600)
+    assert not job.running and job.error is None and job.progress() == (len(job.ns), len(job.ns))
+    analysis = at.session_state["analysis"]
+    for k, sel in job.results.items():
+        lib = library_verified(analysis, shared_model, k)
+        assert sel.verified and sel.removed == lib.removed and sel.nll == pytest.approx(lib.nll), k
+    at.run()
+    no_errors(at)
+    mark = next(c.value for c in at.caption if "**Verified** (checked by forward passes)" in c.value)
+    assert mark.split("at n = ")[1].split(";")[0] == ", ".join(map(str, sorted(job.results)))
+    other = next(k for k in job.ns if k != n)
+    at.slider(key="p_n_remove").set_value(other).run()  # the background answer: no verification runs
+    no_errors(at)
+    assert not at.status
+    col = chart(at, "Which blocks each method removes")
+    assert sorted(trace(col, "MI-PRUN (FBS) verified removed")["y"]) == list(job.results[other].removed)
+    search._curve_jobs.clear()

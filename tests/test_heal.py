@@ -341,9 +341,10 @@ def test_heal_selects_with_the_healing_default(tmp_path, capsys):
     assert sel["forward_passes"] == 0 and not sel.get("verified")
     out2 = tmp_path / "h2"
     assert main(["--quiet", "prune", "--model", "tiny-llama", "--samples", "8", "--tokens", "48", "--n", "2",
-                 "--heal", "--verify-passes", "3", "--verify-tokens", "64", "--out", str(out2)]) == 0
+                 "--heal", "--verify-passes", "3", "--verify-tokens", "64", "--verify-race", "sets",
+                 "--out", str(out2)]) == 0
     sel2 = json.loads((out2 / "mi_prun.json").read_text())["selection"]
-    confirm = sel2["verification"]["confirm"]["passes"]  # the confirmation's, beyond the budget of 3
+    confirm = sel2["verification"]["confirm"]["passes"]  # the confirmation's, beyond the budget of 3 sets
     assert 0 < sel2["forward_passes"] - confirm <= 3 and sel2["verified"]
 
 

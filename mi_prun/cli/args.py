@@ -147,7 +147,7 @@ MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or H
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
 SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes", "verify_samples",
-                "verify_tokens", "verify_on", "verify_items", "verify_confirm"}
+                "verify_tokens", "verify_on", "verify_items", "verify_confirm", "verify_race", "verify_race_alpha"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -238,7 +238,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "--verify-samples x --verify-tokens calibration tokens kept apart from the capture's; "
                         "auto = a quarter of the passes SLEB-style greedy removal would spend for the same n "
                         "(grows with n and the model's depth); 0 = the one-pass answer (needs the model: "
-                        "`select` takes --model); the confirmation (--verify-confirm) comes on top")
+                        "`select` takes --model); raced in units (--verify-race units, the default) the budget is "
+                        "N times the token-block units of a full pass; the confirmation (--verify-confirm) comes on top")
     g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
                    help="verification samples (drawn from the calibration text, apart from the capture's)")
     g.add_argument("--verify-tokens", type=positive_int, default=d.verify_seq_len, help="tokens per verification sample")
@@ -254,6 +255,15 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "are re-scored with it on a fresh draw of as many verification tokens, and the lowest "
                         "NLL over both draws wins (at most K passes more, none when the winner is clear; "
                         "0 = off; default %(default)s)")
+    g.add_argument("--verify-race", choices=SelectConfig.RACE_MODES, default=d.verify_race,
+                   help="race the sets: score each on groups of verification samples and drop it once it trails "
+                        "the best set by more than a paired t bound (error rate --verify-race-alpha per comparison); "
+                        "units = the budget in token-block units (the auto passes x a full pass's units), so what "
+                        "the race saves buys more exchanges and swaps; sets = the budget in sets as without racing "
+                        "(the same search, cheaper); off = no racing (default %(default)s)")
+    g.add_argument("--verify-race-alpha", type=float, default=d.verify_race_alpha, metavar="A",
+                   help="the race's error rate: a set at least as good as the best is dropped with probability "
+                        "at most A per comparison (0 < A < 0.5; default %(default)s)")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}

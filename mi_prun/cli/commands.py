@@ -45,7 +45,8 @@ def select_config(args):
     kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio,
                           "verify_passes": args.verify_passes, "verify_samples": args.verify_samples,
                           "verify_seq_len": args.verify_tokens, "verify_on": args.verify_on,
-                          "verify_items": args.verify_items, "verify_confirm": args.verify_confirm}
+                          "verify_items": args.verify_items, "verify_confirm": args.verify_confirm,
+                          "verify_race": args.verify_race, "verify_race_alpha": args.verify_race_alpha}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
     if getattr(args, "heal", False) and not given(args, {"verify_passes"}):
@@ -81,7 +82,7 @@ def _refuse_flags(args, dests: set[str], why: str) -> None:
                           f"{'it' if len(flags) == 1 else 'them'}.")
 
 
-VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens"}
+VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens", "verify_race", "verify_race_alpha"}
 
 
 def _refuse_ignored_select_flags(args, cfg) -> None:

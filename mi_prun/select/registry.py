@@ -21,6 +21,7 @@ from mi_prun.config import SelectConfig, as_float, as_int, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.select.costs import analysis_stats, cost_matrix, set_cost
 from mi_prun.select.counts import allowed_blocks, resolve_n
+from mi_prun.select.scoring import SetScorer
 from mi_prun.select.selection import Selection, make_selection
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Problem:
     allowed: tuple[int, ...]  # removable blocks (protect_ends drops 0 and L-1)
     baselines: Mapping[str, np.ndarray]
     seed: int
-    scorer: Any = None  # the NLL scorer (`mi_prun.select.scorer`) of selectors that run the model
+    scorer: SetScorer | None = None  # the NLL scorer (`select.scoring`) of selectors that run the model
 
 
 @dataclass
@@ -178,7 +179,7 @@ def make_problem(analysis: Any, cfg: SelectConfig) -> Problem:
 VERIFIABLE = ("fbs", "exact", "local", "exhaustive", "topk")
 
 
-def run_selector(analysis: Any, cfg: SelectConfig, scorer: Any = None) -> Selection:
+def run_selector(analysis: Any, cfg: SelectConfig, scorer: SetScorer | None = None) -> Selection:
     """One registered selector's answer on `analysis` under `cfg` (no verification; `select` is
     the entry point). `scorer`: the NLL scorer a `needs_model` selector uses."""
     expect_config(cfg, SelectConfig)

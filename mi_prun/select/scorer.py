@@ -55,10 +55,13 @@ class NLLCache:
         self.fresh: NLLCache | None = None  # draw B of the confirmation (select/confirm.py), for the same model
         self.prefix: Any = None  # the PrefixScorer's dense states, reused across calls
         self.drawn: dict[tuple, Any] = {}  # verification tokens drawn from a calibration text, by draw
+        # sets a race scored on some groups only (select/race.py: removed -> Partial), continued on a later need
+        self.partial: dict[tuple[int, ...], Any] = {}
 
     def bind(self, model: Any, key: str) -> None:
         if self.key != (id(model), key):
             self.key, self.nll, self.samples, self.prefix, self.fresh = (id(model), key), {}, {}, None, None
+            self.partial = {}
 
     def get(self, removed: Iterable[int]) -> float | None:
         return self.nll.get(tuple(sorted(removed)))

@@ -20,6 +20,51 @@ from mi_prun.select.costs import runs_of
 
 
 @dataclass(frozen=True)
+class ScoredSet:
+    """One set the verified search scored (`Selection.candidates`), in the order it was scored.
+
+    removed: the removed blocks, sorted. proposers: who proposed it, the first counts ("fbs",
+        "exact:neg-mi#2", "exchange:fbs", "put-back:7", "swap:fbs", ...). objective: its MI
+        objective (NaN when none). nll: its verification NLL (nats per token; NaN for a broken
+        pass). cached: it cost no new forward work. stage: "candidate", "exchange", "exchange (put
+        back)" or "swap".
+    A raced search (`mi_prun.select.race`) also records `complete` (False: dropped after `samples`
+        of the verification samples, `nll` then being the paired estimate of its full NLL) and the
+        token-block `units` it was charged; unraced rows leave them at True / None / None and
+        write the same JSON as before racing existed.
+    """
+
+    removed: tuple[int, ...]
+    proposers: tuple[str, ...]
+    objective: float
+    nll: float
+    cached: bool
+    stage: str
+    complete: bool = True
+    samples: int | None = None
+    units: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"removed": list(self.removed), "proposers": list(self.proposers),
+                               "objective": self.objective, "nll": self.nll, "cached": self.cached,
+                               "stage": self.stage}
+        if not self.complete or self.samples is not None or self.units is not None:
+            out.update(complete=self.complete, samples=self.samples, units=self.units)
+        return jsonable(out)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ScoredSet":
+        """Inverse of `to_dict`; reads every saved selection's rows (None for a NaN)."""
+        objective, nll = d.get("objective"), d.get("nll")
+        return cls(removed=tuple(_whole(b) for b in d["removed"]), proposers=tuple(_str(p) for p in d.get("proposers") or ()),
+                   objective=math.nan if objective is None else _num(objective),
+                   nll=math.nan if nll is None else _num(nll), cached=bool(d.get("cached", False)),
+                   stage=_str(d.get("stage", "candidate")), complete=bool(d.get("complete", True)),
+                   samples=None if d.get("samples") is None else _whole(d["samples"]),
+                   units=None if d.get("units") is None else _whole(d["units"]))
+
+
+@dataclass(frozen=True)
 class Selection:
     """Which blocks to remove, how they were chosen, and what it cost. Blocks numbered from 0.
 
@@ -30,7 +75,7 @@ class Selection:
     trajectory: method-specific steps (JSON-serialisable), e.g. FBS iterations or SLEB steps.
     verified: True when forward passes on verification tokens chose `removed` among candidate
         sets (`mi_prun.select.verify`); then `nll` is its verification NLL, `candidates` lists every
-        scored set ({"removed", "proposers", "objective", "nll", "cached", "stage"}),
+        scored set (`ScoredSet`),
         `winner_source` the criterion that proposed the winner, `one_pass_removed` /
         `one_pass_nll` the one-pass answer and its NLL, and `verification` the budget, passes,
         dense NLL and tokens. Unverified selections may carry `verification["note"]` saying why.
@@ -50,7 +95,7 @@ class Selection:
     provenance: dict[str, Any] = field(default_factory=dict)  # the analysis: model (with identity), estimator, calibration
     verified: bool = False
     nll: float | None = None
-    candidates: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[ScoredSet] = field(default_factory=list)
     winner_source: str | None = None
     one_pass_removed: tuple[int, ...] | None = None
     one_pass_nll: float | None = None
@@ -98,7 +143,7 @@ class Selection:
                 trajectory=list(d.get("trajectory", [])), options=dict(d.get("options", {})),
                 provenance=dict(d.get("provenance") or {}),
                 verified=bool(d.get("verified", False)), nll=_opt_float(d.get("nll")),
-                candidates=list(d.get("candidates") or []), winner_source=d.get("winner_source"),
+                candidates=[ScoredSet.from_dict(c) for c in d.get("candidates") or []], winner_source=d.get("winner_source"),
                 one_pass_removed=None if one is None else tuple(_whole(b) for b in one),
                 one_pass_nll=_opt_float(d.get("one_pass_nll")),
                 verification=dict(d.get("verification") or {}),

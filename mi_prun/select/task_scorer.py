@@ -91,6 +91,7 @@ class TaskScorer:
         self.items = list(items)
         self.provenance = {"kind": "task", "items": len(self.items), "tasks": provenance or []}
         self.dense_passes = 0
+        self.progress = None  # no search on a task reports through the scorer
         seqs: list[tuple[int, int, list[int], int]] = []  # (item, choice, ids, first continuation position)
         for i, it in enumerate(self.items):
             for j, choice in enumerate(it.choices):
