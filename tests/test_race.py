@@ -313,6 +313,6 @@ def test_select_races_through_the_model_scorer_and_off_never_races(tiny, row_sco
         assert all(c.nll > sets.nll for c in dropped if len(c.removed) == n)
         finalists = sets.verification["confirm"].get("finalists") or []
         assert all(tuple(f["removed"]) not in {c.removed for c in dropped} for f in finalists)
-        units = select(analysis, config=TINY.replace(n=n), model=loaded)
+        units = select(analysis, config=TINY.replace(n=n, verify_race="units"), model=loaded)
         assert units.verification["race"]["mode"] == "units" and units.verification["race"]["unit_budget"] > 0
     assert dropped_any > 0

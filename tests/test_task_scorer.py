@@ -99,7 +99,7 @@ def test_task_scorer_matches_hand_computation_and_lm_eval_accuracy(tiny, task_ya
 
 def test_verified_search_on_a_task(tiny, task_yaml):
     loaded, analysis = tiny
-    cfg = CFG.replace(verify_on=str(task_yaml))
+    cfg = CFG.replace(verify_on=str(task_yaml), verify_race="sets")  # asked to race, a task says it cannot
     sel = select(analysis, cfg, model=loaded)
     assert sel.verified and sel.options["verify_on"] == str(task_yaml)
     rows = [r for r in sel.candidates if len(r.removed) == sel.n]

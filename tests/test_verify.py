@@ -221,8 +221,9 @@ def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_pat
     assert sel.verified and len(sel.candidates) <= 3
     assert sel.forward_passes == len(sel.candidates) + sel.verification["confirm"]["passes"]
     assert "Confirmation: " in out
-    # the shipped race spends a budget in token-block units, and says so
-    assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3"]) == 0
+    # a race in units spends a budget in token-block units, and says so
+    assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3",
+                 "--verify-race", "units"]) == 0
     out = capsys.readouterr().out
     assert "token-block units of a budget of" in out and "(3 passes x a full pass)" in out
     assert main(["--quiet", "select", str(folder), "--n", "2", "--verify-passes", "0"]) == 0
