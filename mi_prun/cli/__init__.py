@@ -108,9 +108,39 @@ def main(argv: list[str] | None = None) -> int:
               "redirect the output elsewhere.", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug in mi-prun: still one line, the traceback with --debug
+        if _caused_by_interrupt(exc):  # a library wrapped Ctrl-C (transformers' lazy imports do)
+            print("mi-prun: interrupted", file=sys.stderr)
+            return 130
         if args.debug:
             raise
         return _internal(exc)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in `exc`'s chain of causes (a library re-raised Ctrl-C as its own error)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def run() -> None:
+    """The `mi-prun` command (and `python -m mi_prun.cli`): `main`, then exit with its status.
+
+    After Ctrl-C the status is 130, and the process ends with `os._exit` once its output is flushed:
+    a C extension that ran Python code while the interrupt arrived leaves CPython's flag for an
+    unhandled KeyboardInterrupt set, and the interpreter would otherwise end itself with SIGINT
+    after printing "interrupted" (status -2 instead of 130). Every cleanup of the command has run
+    before `main` returns."""
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
 
 
 def _internal(exc: BaseException) -> int:
@@ -130,4 +160,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mi_prun.cli' has no attribute {name!r}")
 
 
-__all__ = ["BLOCK_NOTE", "build_parser", "format_analysis", "format_selection", "main"]
+__all__ = ["BLOCK_NOTE", "build_parser", "format_analysis", "format_selection", "main", "run"]

@@ -1,7 +1,5 @@
 """`python -m mi_prun.cli ...`: the `mi-prun` command."""
 
-import sys
+from mi_prun.cli import run
 
-from mi_prun.cli import main
-
-sys.exit(main())
+run()
