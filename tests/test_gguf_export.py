@@ -320,6 +320,7 @@ def test_a_gguf_is_converted_once_and_then_loaded_from_the_cache(tiny_gguf, tmp_
     assert second.info["gguf_cache"] == str(folders[0]) and second.info["gguf"] == str(tiny_gguf.resolve())
     assert torch.equal(logits(second.model, IDS), logits(first.model, IDS))
     assert second.tokenizer("cached?").input_ids == first.tokenizer("cached?").input_ids
+    assert second.describe()["identity"] == first.describe()["identity"]  # an analysis of one fits the other
     # the same bytes under another name use the same cache; other bytes do not
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(tiny_gguf.read_bytes())
