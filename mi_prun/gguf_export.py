@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,10 +434,8 @@ def write_pruned_gguf(source: GGUFSource, dest: str | os.PathLike, kept: Sequenc
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("mi-prun")
-    except Exception:  # not installed as a distribution (a source checkout)
+    except PackageNotFoundError:  # not installed as a distribution (a source checkout)
         return "unknown"
 
 

@@ -295,6 +295,22 @@ def test_disk_full_during_the_write_leaves_nothing(tiny_gguf, tmp_path, monkeypa
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 
 
+def test_interrupted_write_leaves_nothing_and_keeps_an_earlier_export(tiny_gguf, tmp_path, monkeypatch):
+    loaded = load_model(tiny_gguf, device="cpu", dtype="float32")
+    out = export(pruned_view(loaded.model, [1]), loaded.tokenizer, None, tmp_path / "out", loaded=loaded,
+                 config=ExportConfig(format="gguf"))
+    before = (out / GGUF_FILE).read_bytes()
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM as the CLI raises it
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(pruned_view(loaded.model, [2]), loaded.tokenizer, None, out, loaded=loaded,
+               config=ExportConfig(format="gguf", overwrite=True))
+    assert (out / GGUF_FILE).read_bytes() == before and no_leftovers(tmp_path) == []
+
+
 def test_gemma_removal_that_moves_a_global_block_is_refused():
     source = GGUFSource(path=Path("g.gguf"), reader=None, arch="gemma3", layout=LAYOUTS["gemma3"], n_blocks=18,
                         block_bytes=0, other_bytes=0)
@@ -373,3 +389,31 @@ def test_builtin_model_prunes_to_a_gguf_that_transformers_and_llama_cpp_run(smol
         complete, _ = llama_cpp_or_skip()
         text = str(complete("The capital of France is", model_path=str(path), max_tokens=6, temperature=0.0))
         assert "Paris" in text, text
+
+
+# ------------------------------------------------------------------------------ the app
+
+def test_app_export_page_offers_gguf_for_a_model_read_from_a_gguf(tiny_gguf, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from mi_prun_app import state
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("MI_PRUN_TEST_MODEL", str(tiny_gguf))
+    monkeypatch.setenv("MI_PRUN_EXPORT_DIR", str(tmp_path / "exports"))
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=180).run()
+    at.button(key="run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.switch_page("pages/5_prune_export.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.radio(key="pr_format").set_value("gguf").run()
+    name = [t for t in at.text_input if t.key and t.key.startswith("pr_export_name")][0]
+    name.set_value("tiny-gguf").run()
+    at.button(key="export").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    out = Path(state.export_root()) / "tiny-gguf"
+    assert sorted(p.name for p in out.iterdir()) == ["mi_prun.json", GGUF_FILE]
+    removed = json.loads((out / "mi_prun.json").read_text())["removed"]
+    blocks = gguf.GGUFReader(out / GGUF_FILE).get_field("llama.block_count").contents()
+    assert removed and blocks == 4 - len(removed)
+    assert any(f"llama-cli -m {out / GGUF_FILE}" in c.value for c in at.code)
