@@ -14,7 +14,8 @@ pruned view. Perplexity protocol (`mi_prun.evaluate.perplexity`): the WikiText-2
 non-overlapping windows of 256 tokens with BOS where the tokenizer adds it, the first `--windows`
 windows (every token of them scored once).
 
---heal: heal the same removal (`mi_prun.heal.heal`, `HealConfig()` defaults, its calibration text),
+--heal: heal the same removal (`mi_prun.heal.heal`, `HealConfig()` defaults, its calibration text;
+--no-heal-check folds every bridge, also one the held-out check would leave out),
 export the healed model as a GGUF with the folded tensors in f32, f16 and q8_0, and for each report
 the largest and mean absolute logit difference from the healed float32 view (first
 `--logit-windows` windows) and the perplexity.
@@ -85,7 +86,8 @@ def ppl(model: torch.nn.Module, tokenizer: Any, text: str, cfg: EvalConfig) -> d
     return {"ppl": res.ppl, "nll": res.nll, "protocol": res.protocol, "seconds": res.seconds}
 
 
-def run(model_spec: str, remove: list[int], n_windows: int, logit_windows: int, do_heal: bool) -> dict[str, Any]:
+def run(model_spec: str, remove: list[int], n_windows: int, logit_windows: int, do_heal: bool,
+        heal_check: bool = True) -> dict[str, Any]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     loaded = load_model(model_spec, device="cpu", dtype="float32")
@@ -125,7 +127,7 @@ def run(model_spec: str, remove: list[int], n_windows: int, logit_windows: int, 
         del reread
         shutil.rmtree(folder)
         if do_heal:
-            hcfg = HealConfig()
+            hcfg = HealConfig(check=heal_check)
             t0 = time.perf_counter()
             healed, record_h = heal(loaded.model, remove, heal_calibration(loaded, hcfg), config=hcfg)
             heal_rows: dict[str, Any] = {
@@ -155,13 +157,17 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="perplexity windows of 256 tokens (default 32)")
     ap.add_argument("--logit-windows", type=int, default=2, help="windows for the logit comparison (default 2)")
     ap.add_argument("--heal", action="store_true", help="also heal and compare the folded tensor's precisions")
+    ap.add_argument("--no-heal-check", action="store_true",
+                    help="fold every bridge, also one the held-out check would leave out (to measure the fold's "
+                         "precision on a run whose bridge the check drops)")
     ap.add_argument("--name", default=None, help="result name (default: the model's file stem)")
     args = ap.parse_args()
     remove = sorted(int(b) for b in args.remove.split(","))
-    result = run(args.model, remove, args.windows, args.logit_windows, args.heal)
+    result = run(args.model, remove, args.windows, args.logit_windows, args.heal, not args.no_heal_check)
     cmd = ["MI_PRUN_DATA_DIR=../shared/data", "python", "benchmarks/gguf_export.py", "--model", args.model,
            "--remove", args.remove, "--windows", str(args.windows), "--logit-windows", str(args.logit_windows)]
-    result["command"] = " ".join(cmd + (["--heal"] if args.heal else []) + (["--name", args.name] if args.name else []))
+    flags = (["--heal"] if args.heal else []) + (["--no-heal-check"] if args.no_heal_check else [])
+    result["command"] = " ".join(cmd + flags + (["--name", args.name] if args.name else []))
     result["torch_threads"] = torch.get_num_threads()
     name = args.name or Path(args.model).stem
     RESULTS.mkdir(exist_ok=True)
