@@ -311,10 +311,11 @@ def export(
         mergekit_note = f"{source_note}; {heal_note}" if source_note else heal_note
 
     if cfg.format == "gguf":  # the source GGUF's blocks, copied: see mi_prun.gguf_export
-        check_gguf_export(loaded, info.kept)
+        gguf_source = check_gguf_export(loaded, info.kept)
 
         def fill(tmp: Path) -> None:
-            gguf_record = write_gguf_export(tmp, loaded, pruned, info.kept, heal_rec, cfg.gguf_fold_type)
+            gguf_record = write_gguf_export(tmp, loaded, pruned, info.kept, heal_rec, cfg.gguf_fold_type,
+                                            source=gguf_source)
             dump_json({**record, "dtype": "as in the source GGUF", "gguf": gguf_record,
                        "files": folder_files(tmp) + [EXPORT.marker]}, tmp / EXPORT.marker)
 

@@ -440,18 +440,11 @@ def _version() -> str:
 
 
 def write_gguf_export(tmp: Path, loaded: Any, pruned: nn.Module, kept: Sequence[int], healing: Any,
-                      fold_type: str) -> dict[str, Any]:
+                      fold_type: str, source: GGUFSource | None = None) -> dict[str, Any]:
     """Write `GGUF_FILE` into the temporary export folder `tmp` (see `mi_prun.export.export`) and
-    return its record for `mi_prun.json`."""
-    path = gguf_source_of(loaded)
-    if path is None:
-        raise MiPrunError(f"--format gguf copies the blocks of the GGUF file the model was read from, and "
-                          f"{getattr(loaded, 'spec', 'this model')} did not come from one. Fix: {CONVERT_HINT}.")
-    if not path.is_file():
-        raise MiPrunError(f"the GGUF file the model was read from, {path}, is gone. Fix: put it back (for the "
-                          "built-in model: delete its folder under the mi-prun cache and load it again).")
-    source = read_source(path)
-    check_kept(source, kept)
+    return its record for `mi_prun.json`. `source`: the file as `check_gguf_export` read it (read
+    again when not given: reading a large vocabulary's metadata takes seconds)."""
+    source = source if source is not None else check_gguf_export(loaded, kept)
     folded: list[FoldedTensor] = []
     if healing is not None:
         folded = folded_tensors(source, loaded.model, pruned, healing, kept, fold_type)
@@ -461,13 +454,19 @@ def write_gguf_export(tmp: Path, loaded: Any, pruned: nn.Module, kept: Sequence[
     return {"file": GGUF_FILE, "fold_type": fold_type if folded else None, **written.to_dict()}
 
 
-def check_gguf_export(loaded: Any, kept: Sequence[int]) -> None:
-    """The refusals of a GGUF export that need no writing, for a command to run before slow work."""
+def check_gguf_export(loaded: Any, kept: Sequence[int]) -> GGUFSource:
+    """The refusals of a GGUF export that need no writing, for a command to run before slow work;
+    returns the source file, read and checked."""
     path = gguf_source_of(loaded)
     if path is None:
         raise MiPrunError(f"--format gguf copies the blocks of the GGUF file the model was read from, and "
                           f"{getattr(loaded, 'spec', 'this model')} did not come from one. Fix: {CONVERT_HINT}.")
-    check_kept(read_source(path), kept)
+    if not path.is_file():
+        raise MiPrunError(f"the GGUF file the model was read from, {path}, is gone. Fix: put it back (for the "
+                          "built-in model: delete its folder under the mi-prun cache and load it again).")
+    source = read_source(path)
+    check_kept(source, kept)
+    return source
 
 
 __all__ = ["CONVERT_HINT", "FOLD_TYPES", "GGUF_FILE", "LAYOUTS", "FoldedTensor", "GGUFLayout", "GGUFSource",
