@@ -12,7 +12,7 @@ file itself:
   kept blocks; every other key, the tokenizer included, is copied unchanged;
 - a healed model's folded tensors (the output projection, or Gemma's post-MLP norm, of the block
   before each bridged run: see `mi_prun.heal`) are the only tensors that are not copied: they are
-  written in a precision that keeps the fold (`FOLD_TYPES`; F32 by default, see benchmarks/RESULTS.md);
+  written in a precision that keeps the fold (`FOLD_TYPES`; F16 by default, see benchmarks/RESULTS.md);
 - three short keys record what was done: `mi_prun.version`, `mi_prun.source_block_count`,
   `mi_prun.removed_blocks` (and `mi_prun.healed_tensors` when a bridge was folded).
 

@@ -252,7 +252,7 @@ from_gguf = str(spec).lower().endswith(".gguf") or spec in ZOO  # the built-in m
 fmt = (st.radio("Format", EXPORT_FORMATS, horizontal=True, key="pr_format",
                 help="safetensors: a folder plain transformers loads (float32). gguf: model.gguf for llama.cpp, "
                      "the source GGUF's kept blocks copied in their original quantisation (healed weights in "
-                     "float32), with mi_prun.json beside it.")
+                     "float16), with mi_prun.json beside it.")
        if from_gguf else "safetensors")
 if st.button("Export", type="primary", key="export", icon=":material/save:"):
     try:
