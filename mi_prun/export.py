@@ -5,7 +5,9 @@ Removing blocks from a model object (`pruned_view`, `prune`, `prune_info`, confi
 
 `export(...)` writes a folder that plain `transformers` loads (safetensors, config, tokenizer),
 plus `mi_prun.json` (what was removed and why) and `mergekit.yaml` (a passthrough merge that
-rebuilds the same model from the original). Writing is atomic.
+rebuilds the same model from the original). Writing is atomic. With `ExportConfig(format="gguf")`
+the folder holds `model.gguf` instead, made from the GGUF file the model was read from with its
+quantisation kept (`mi_prun.gguf_export`), beside the same `mi_prun.json`.
 
 Blocks are numbered from 0 everywhere.
 """
