@@ -417,3 +417,24 @@ def test_app_export_page_offers_gguf_for_a_model_read_from_a_gguf(tiny_gguf, tmp
     blocks = gguf.GGUFReader(out / GGUF_FILE).get_field("llama.block_count").contents()
     assert removed and blocks == 4 - len(removed)
     assert any(f"llama-cli -m {out / GGUF_FILE}" in c.value for c in at.code)
+
+
+@pytest.mark.real_model
+def test_builtin_model_healed_gguf_is_within_tolerance_and_only_the_fold_changes(smollm2, tmp_path):
+    from mi_prun.heal import heal_calibration
+
+    cfg = HealConfig(n_samples=8, seq_len=64, check=False)
+    healed, _ = heal(smollm2.model, [13, 14], heal_calibration(smollm2, cfg), config=cfg)
+    out = export(healed, smollm2.tokenizer, None, tmp_path / "healed", loaded=smollm2,
+                 config=ExportConfig(format="gguf"))  # the default fold type: F16
+    plain = export(pruned_view(smollm2.model, [13, 14]), smollm2.tokenizer, None, tmp_path / "plain",
+                   loaded=smollm2, config=ExportConfig(format="gguf"))
+    ids = smollm2.tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    reference = logits(healed, ids)
+    gap = float((logits(hf_gguf(out / GGUF_FILE), ids) - reference).abs().max())
+    moved = float((logits(pruned_view(smollm2.model, [13, 14]), ids) - reference).abs().max())
+    assert gap < 0.01 < moved, (gap, moved)
+    healed_t, plain_t = tensors_of(out / GGUF_FILE), tensors_of(plain / GGUF_FILE)
+    assert healed_t["blk.12.ffn_down.weight"][0] == "F16" and plain_t["blk.12.ffn_down.weight"][0] == "Q4_1"
+    assert {k: v for k, v in healed_t.items() if k != "blk.12.ffn_down.weight"} == \
+        {k: v for k, v in plain_t.items() if k != "blk.12.ffn_down.weight"}
