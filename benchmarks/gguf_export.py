@@ -42,7 +42,8 @@ from mi_prun.evaluate import perplexity
 from mi_prun.export import export
 from mi_prun.gguf_export import GGUF_FILE, gguf_source_of
 from mi_prun.heal import heal, heal_calibration
-from mi_prun.models import load_model, pruned_view
+from mi_prun.models import pruned_view
+from mi_prun.runtime import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -13,7 +13,7 @@ forward pass of the same model on the calibration tokens, peak device memory
   vocab 128256), whole on the GPU in bfloat16 (16 GB).
 - `70b`: Llama-3-70B's shape (hidden 8192, 80 layers, 64 heads, 8 KV heads, intermediate 28672).
   141 GB in bfloat16 fit neither one 141 GB GPU with activations nor this machine's RAM or disk,
-  so it streams (`mi_prun.models.stream`): the blocks sit in pinned CPU memory and one at a time
+  so it streams (`mi_prun.runtime.sources`): the blocks sit in pinned CPU memory and one at a time
   is copied to the GPU. To fit in RAM, `--distinct-blocks` (default 2) random blocks are stored
   and block b reads block b mod 2's weights: every one of the 80 copies still crosses PCIe, so the
   time is that of a real 70B stream from CPU memory (the values repeat; no result depends on them).
@@ -46,9 +46,10 @@ from mi_prun.config import AnalysisConfig, HealConfig, SelectConfig
 from mi_prun.data import Calibration
 from mi_prun.evaluate import token_nll
 from mi_prun.heal import heal
-from mi_prun.models.loading import LoadedModel
+from mi_prun.runtime.loading import LoadedModel
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import TensorStore, from_store, skeleton
+from mi_prun.models.skeleton import skeleton
+from mi_prun.runtime.sources import TensorStore, from_store
 from mi_prun.pipeline import analysis_from_capture
 from mi_prun.select import select
 from mi_prun.testing import byte_tokenizer, random_model, random_tensors

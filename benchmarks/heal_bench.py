@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mi_prun.data import calibration_tokens, load_text
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     if args.quick:
         args.model, args.calib, args.eval = "tiny-llama", "builtin", "builtin"

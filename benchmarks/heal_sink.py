@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from mi_prun.config import HealConfig  # noqa: E402
 from mi_prun.evaluate import token_nll  # noqa: E402
 from mi_prun.heal import heal, heal_calibration  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 
 SETS = ([12, 13, 14], [11, 12, 13, 14, 15, 16, 17, 18])  # runs the check dropped in the healing table
 

@@ -25,7 +25,7 @@ from mi_prun.config import AnalysisConfig, HealConfig, SelectConfig  # noqa: E40
 from mi_prun.data import calibration_text, load_text, verification_tokens  # noqa: E402
 from mi_prun.evaluate import perplexity, token_nll  # noqa: E402
 from mi_prun.heal import check_healable, heal  # noqa: E402
-from mi_prun.models import load_model  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analysis_from_capture, prepare_calibration, run_capture  # noqa: E402
 from mi_prun.select import select  # noqa: E402
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in [int(x) for x in args.ns.split(",")]:
         verified = select(analysis, config=scfg.replace(n=n), model=loaded, tokens=tokens.input_ids)
         default = tuple(select(analysis, SelectConfig.for_healing(n=n)).removed)
-        sets = {tuple(c["removed"]): c["proposers"] for c in verified.candidates}
+        sets = {c.removed: list(c.proposers) for c in verified.candidates}
         sets.setdefault(default, ["fbs (one pass)"])
         scored = []
         for removed, who in sets.items():

@@ -21,7 +21,7 @@ from pathlib import Path
 CHILD = """
 import time, sys
 t = time.perf_counter()
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 loaded = load_model(sys.argv[1], device="cpu")
 print(time.perf_counter() - t)
 """

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from mi_prun.config import AnalysisConfig, SelectConfig
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.select import NLLCache, PrefixScorer, propose, select, verified_search, verified_select
 from mi_prun.select.registry import check_analysis, make_problem
@@ -66,9 +66,9 @@ def synthetic(seeds: int = 20, n_blocks: int = 30) -> dict:
             budget = SelectConfig(n=n).verify_budget(n, len(allowed))
             full = verified_search(problem, cands, nll, budget, stop_early=False)
             cut = verified_search(problem, cands, nll, budget)
-            same &= cut["best"]["removed"] == full["best"]["removed"]
-            saved.append(len(full["scored"]) - len(cut["scored"]))
-            total.append(len(full["scored"]))
+            same &= cut.best.removed == full.best.removed
+            saved.append(len(full.scored) - len(cut.scored))
+            total.append(len(full.scored))
         rows.append({"n": n, "budget": budget, "mean_sets_scored_without_stop": round(float(np.mean(total)), 1),
                      "mean_sets_saved": round(float(np.mean(saved)), 2), "max_sets_saved": int(max(saved)),
                      "runs_with_a_saving": int(sum(x > 0 for x in saved)), "runs": seeds, "same_answer": bool(same)})
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=AnalysisConfig.n_samples, help="analysis samples")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--synthetic", action="store_true", help="count the early stop's savings without a model")
+    ap.add_argument("--race", default=SelectConfig.verify_race, choices=SelectConfig.RACE_MODES,
+                    help="SelectConfig.verify_race (default: the shipped one); the early stop's replay needs off")
     args = ap.parse_args()
     if args.synthetic:
         result = synthetic()
@@ -102,7 +104,7 @@ def main() -> None:
     analysis = analyze(loaded, acfg)
     t_analysis = time.perf_counter() - t0
 
-    cfg = SelectConfig(n=args.n)
+    cfg = SelectConfig(n=args.n, verify_race=args.race)
     cache = NLLCache()
     t0 = time.perf_counter()
     sel = verified_select(loaded, analysis, cfg, cache=cache)
@@ -116,22 +118,23 @@ def main() -> None:
     PrefixScorer(loaded.model, ids, mask, 8, problem.allowed, NLLCache()).dense()
     t_dense = time.perf_counter() - t0
 
-    # Replay without the early stop: cached sets cost nothing; a set the stopped search never scored
-    # is a put-back set after the answer was final (its value cannot change the winner).
-    one = select(analysis, config=cfg.replace(verify_passes=0))
-    cands = propose(problem, check_analysis(analysis)[2], one.removed, cfg.method)
     extra: list[tuple[int, ...]] = []
+    if args.race == "off":  # a raced search drops sets the cache never holds complete: no replay
+        # Replay without the early stop: cached sets cost nothing; a set the stopped search never scored
+        # is a put-back set after the answer was final (its value cannot change the winner).
+        one = select(analysis, config=cfg.replace(verify_passes=0))
+        cands = propose(problem, check_analysis(analysis)[2], one.removed, cfg.method)
 
-    def oracle(removed: tuple[int, ...]) -> tuple[float, bool]:
-        got = cache.get(removed)
-        if got is None:
-            extra.append(removed)
-            return float("nan"), False
-        return got, True
+        def oracle(removed: tuple[int, ...]) -> tuple[float, bool]:
+            got = cache.get(removed)
+            if got is None:
+                extra.append(removed)
+                return float("nan"), False
+            return got, True
 
-    full = verified_search(problem, cands, oracle, v["budget"], stop_early=False)
-    assert tuple(full["best"]["removed"]) == tuple(sel.removed), (full["best"], sel.removed)
-    assert all(len(r) == args.n - 1 for r in extra), extra
+        full = verified_search(problem, cands, oracle, v["budget"], stop_early=False)
+        assert full.best.removed == tuple(sel.removed), (full.best, sel.removed)
+        assert all(len(r) == args.n - 1 for r in extra), extra
     per_pass = (t_verify - t_dense) / max(sel.forward_passes, 1)
     result = {
         "model": args.model, "n": args.n, "n_blocks": analysis.n_blocks, "torch_threads": torch.get_num_threads(),
@@ -146,10 +149,12 @@ def main() -> None:
                             "seconds_per_candidate_pass": round(per_pass, 2),
                             "tokens": f"{cfg.verify_samples} x {cfg.verify_seq_len}"},
         "ratio_verify_to_analysis": round(t_verify / t_analysis, 2),
-        "early_stop": {"sets_saved": len(extra), "seconds_saved_estimate": round(len(extra) * per_pass, 1),
-                       "same_answer": True},
+        "early_stop": ({"sets_saved": len(extra), "seconds_saved_estimate": round(len(extra) * per_pass, 1),
+                        "same_answer": True} if args.race == "off" else "not replayed: a raced search (--race off "
+                                                                          "replays it)"),
+        "race": v.get("race"),
         "command": f"MI_PRUN_DATA_DIR=../shared/data python benchmarks/prune_time.py --model {args.model} "
-                   f"--n {args.n}" + (f" --samples {args.samples}" if args.samples != AnalysisConfig.n_samples
+                   f"--n {args.n} --race {args.race}" + (f" --samples {args.samples}" if args.samples != AnalysisConfig.n_samples
                                       else "") + (f" --threads {args.threads}" if args.threads else ""),
     }
     out = Path(__file__).parent / "results" / "prune_time.json"

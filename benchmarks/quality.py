@@ -53,7 +53,7 @@ from mi_prun.data import load_text  # noqa: E402
 from mi_prun.errors import MiPrunError  # noqa: E402
 from mi_prun.estimators import get_estimator  # noqa: E402
 from mi_prun.evaluate import perplexity  # noqa: E402
-from mi_prun.models import load_model  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analysis_from_capture, prepare_calibration, run_capture  # noqa: E402
 from mi_prun.models import pruned_view  # noqa: E402
 from mi_prun.results import library_versions  # noqa: E402

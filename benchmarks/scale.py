@@ -7,7 +7,7 @@
    intermediate 14336, vocab 128256) is written as bfloat16 safetensors, tensor by tensor and shard
    by shard (`mi_prun.testing.write_random_model`: never the whole model in memory; 16 GB on disk),
    under --workdir (reused when complete; never inside the repository).
-2. In a fresh process: `mi-prun analyze`'s library call with `offload=True` (the blocks stream from
+2. In a fresh process: `mi-prun analyze`'s library call with `stream=True` (the blocks stream from
    the files, one block in memory at a time) on --samples x --tokens calibration tokens. Its peak
    RSS (getrusage, the whole process) is compared with the weights' size (goal: below one third).
 3. In another fresh process: one streamed forward pass (`token_nll`, through the LM head) of the
@@ -82,12 +82,12 @@ def _child(kind: str, folder: str, samples: int, tokens: int, dtype: str, batch_
 
     from mi_prun.config import AnalysisConfig
     from mi_prun.evaluate import token_nll
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.models.memory import peak_memory
     from mi_prun.pipeline import analyze, prepare_calibration
 
     t0 = time.perf_counter()
-    loaded = load_model(folder, device="cpu", dtype=dtype, offload=True)
+    loaded = load_model(folder, device="cpu", dtype=dtype, stream=True)
     load_s = time.perf_counter() - t0
     cfg = AnalysisConfig(calib="builtin", n_samples=samples, seq_len=tokens, batch_size=batch_size,
                          max_positions=samples * tokens)
@@ -140,11 +140,11 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 
 def _analysis_seconds(shape: dict[str, Any], folder: Path, samples: int, tokens: int, dtype: str) -> float:
     from mi_prun.config import AnalysisConfig
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
 
     ensure_model(shape, folder)
-    loaded = load_model(folder, device="cpu", dtype=dtype, offload=True)
+    loaded = load_model(folder, device="cpu", dtype=dtype, stream=True)
     cfg = AnalysisConfig(calib="builtin", n_samples=samples, seq_len=tokens, batch_size=samples,
                          max_positions=samples * tokens)
     best = math.inf

@@ -52,7 +52,7 @@ import torch
 from mi_prun.capture import capture
 from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.data import Calibration, calibration_tokens, load_text
-from mi_prun.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from mi_prun.runtime import LoadedModel, load_model, resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent
 SECTIONS = ("capture", "span", "memory", "select", "e2e")

@@ -34,7 +34,7 @@ import torch
 from mi_prun.capture import capture
 from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.data import calibration_tokens, load_text
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 
 ROOT = Path(__file__).resolve().parent
 

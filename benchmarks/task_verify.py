@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from mi_prun.config import AnalysisConfig, EvalConfig, SelectConfig  # noqa: E402
 from mi_prun.data import load_text  # noqa: E402
 from mi_prun.evaluate import evaluate  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.zeroshot import zero_shot  # noqa: E402
@@ -93,19 +94,19 @@ def paired_noise(loaded, analysis, cfg, sel) -> dict:
     from mi_prun.evaluate import token_nll
     from mi_prun.select.scorer import resolve_tokens
 
-    rows = sorted((r for r in sel.candidates if len(r["removed"]) == sel.n), key=lambda r: r["nll"])
+    rows = sorted((r for r in sel.candidates if len(r.removed) == sel.n and r.complete), key=lambda r: r.nll)
     if len(rows) < 2:
         return {}
     ids, mask, _ = resolve_tokens(None, loaded.tokenizer, analysis, cfg)
     per = []
     for r in rows[:2]:
-        view = pruned_view(loaded.model, r["removed"])
+        view = pruned_view(loaded.model, r.removed)
         per.append([token_nll(view, ids[i:i + 1])[0] / (ids.shape[1] - 1) for i in range(ids.shape[0])])
     d = [b - a for a, b in zip(*per)]
     mean = sum(d) / len(d)
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
-    return {"winner": rows[0]["removed"], "runner_up": rows[1]["removed"], "gap_nats": mean, "paired_se": se,
-            "samples": len(d), "sets_within_2se": sum(1 for r in rows if r["nll"] - rows[0]["nll"] < 2 * se)}
+    return {"winner": list(rows[0].removed), "runner_up": list(rows[1].removed), "gap_nats": mean, "paired_se": se,
+            "samples": len(d), "sets_within_2se": sum(1 for r in rows if r.nll - rows[0].nll < 2 * se)}
 
 
 def main() -> None:

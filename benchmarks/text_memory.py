@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mi_prun.data import builtin_text, calibration_tokens, load_text  # noqa: E402
-from mi_prun.models import load_model  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 
 path, size_mb = Path(sys.argv[1]), int(sys.argv[2])
 if not path.is_file():

@@ -20,7 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mi_prun.data import load_text, verification_tokens  # noqa: E402
 from mi_prun.evaluate import token_nll  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 
 SIZES = (8, 16, 32)
 

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from mi_prun.models import load_model, pruned_view
+from mi_prun.models import pruned_view
+from mi_prun.runtime import load_model
 from mi_prun.data import load_text, tokenize
 from mi_prun.evaluate import token_nll
 

@@ -53,7 +53,12 @@ def run_methods(loaded: Any, analysis: Any, tokens: Any, ns: Sequence[int], conf
         return sel.forward_passes
 
     def row(method: str, n: int, sel: Any, seconds: float) -> None:
+        race = (sel.verification or {}).get("race") or {}
         rows.append({"method": method, "n": n, "removed": list(sel.removed), "forward_passes": cold_passes(sel),
+                     # raced: token-block units charged, the budget in units (None: in sets), the largest set's
+                     "units": race.get("units"), "unit_budget": race.get("unit_budget"),
+                     "largest_set_units": max((c.units or 0 for c in sel.candidates), default=0)
+                     if getattr(sel, "verified", False) else None,
                      "new_passes": sel.forward_passes,
                      "confirm_passes": int(((sel.verification or {}).get("confirm") or {}).get("rescored", 0)),
                      "seconds": seconds, "verified": bool(getattr(sel, "verified", False)),
@@ -107,17 +112,17 @@ def budget_curve(loaded: Any, analysis: Any, tokens: Any, n: int, budget: int,
     best, best_nll, by_budget = None, math.inf, {}
     passes = 0
     for c in sel.candidates:
-        passes += 0 if c["cached"] else 1
-        if len(c["removed"]) == n and c["nll"] < best_nll:  # an exchange's put-back sets are smaller
-            best, best_nll = c, c["nll"]
-        by_budget[passes] = {"removed": best["removed"], "nll": best_nll, "proposer": best["proposers"][0]}
+        passes += 0 if c.cached else 1
+        if len(c.removed) == n and c.complete and c.nll < best_nll:  # an exchange's put-back sets are smaller
+            best, best_nll = c, c.nll
+        by_budget[passes] = {"removed": list(best.removed), "nll": best_nll, "proposer": best.proposers[0]}
     return {"n": n, "budget": budget, "selection": sel.to_dict(), "by_budget": by_budget}
 
 
 def _quick() -> list[dict[str, Any]]:
     from mi_prun.config import AnalysisConfig
     from mi_prun.data import calibration_text, verification_tokens
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
 
     loaded = load_model("tiny-llama", device="cpu")
@@ -136,7 +141,7 @@ def _budget_measurement(budget: int, n: int, eval_windows: int) -> dict[str, Any
     from mi_prun.config import AnalysisConfig
     from mi_prun.data import calibration_text, load_text, verification_tokens
     from mi_prun.evaluate import perplexity
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.models.surgery import pruned_view
     from mi_prun.pipeline import analyze
 

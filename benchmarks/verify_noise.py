@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from mi_prun.config import AnalysisConfig, EvalConfig, SelectConfig  # noqa: E402
 from mi_prun.evaluate import evaluate  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.confirm import fresh_tokens, paired_gap  # noqa: E402
@@ -64,7 +65,7 @@ def one_n(loaded, analysis, n: int, eval_cfg: EvalConfig, ppl: dict) -> dict:
     cache_b = cache.fresh if cache.fresh is not None else NLLCache()  # the confirmation's draw B, as scored
     cache_b.bind(loaded.model, tokens_key(draw_b, None))
     b = PrefixScorer(loaded.model, draw_b, None, 8, problem.allowed, cache_b, use_prefix=False)
-    scored = {tuple(r["removed"]) for r in plain.candidates}
+    scored = {r.removed for r in plain.candidates}
     info: dict = {}
     for label, removed in sets.items():
         if removed in info:

@@ -25,7 +25,7 @@ from mi_prun.errors import MiPrunError  # noqa: E402
 _API = {
     "AnalysisConfig": "mi_prun.config", "SelectConfig": "mi_prun.config", "EvalConfig": "mi_prun.config",
     "ExportConfig": "mi_prun.config", "ZeroShotConfig": "mi_prun.config",
-    "load_model": "mi_prun.models", "LoadedModel": "mi_prun.models", "find_blocks": "mi_prun.models",
+    "load_model": "mi_prun.runtime", "LoadedModel": "mi_prun.runtime", "find_blocks": "mi_prun.models",
     "pruned_view": "mi_prun.models",
     "load_text": "mi_prun.data", "calibration_tokens": "mi_prun.data",
     "get_estimator": "mi_prun.estimators", "list_estimators": "mi_prun.estimators",

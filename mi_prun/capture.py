@@ -3,34 +3,29 @@
 h_0 is the input of block 0 (the embeddings), h_{b+1} the output of block b, h_L the output of the
 last block before the final norm. Every token position is one sample of the random vector h_b.
 Before any forward pass a seeded subsample of m positions is drawn (padding excluded, the first
-position optionally dropped); the hooks copy only those rows, the same rows in every layer, so any
+position optionally dropped); only those rows are copied, the same rows in every layer, so any
 two layers form paired samples and the capture holds (L+1, m, d) floats whatever the calibration
-size. The forward pass stops after the last block (final norm and LM head are skipped). A streamed
-model (`mi_prun.models.stream`: weights on disk or the CPU) is run block by block over all batches
-instead, with the same rows kept.
+size. The pass stops after the last block (final norm and LM head are skipped).
 
-Hooks come from `mi_prun.models.hooks.block_hooks`, a context manager that removes them in
-`finally`: an exception or Ctrl-C leaves the model without hooks. By default they go on a weight-sharing
-structural copy, never on the caller's (possibly shared) model.
+The blocks run through the one block runner (`mi_prun.runtime.runner`) on its private structural
+copy, so no hook is ever put on the caller's (possibly shared) model, whichever weight source holds
+the weights (in memory a batch at a time; streamed, every batch through one block at a time).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError, NonFiniteError
-from mi_prun.models.blocks import find_blocks, input_device
-from mi_prun.models.hooks import block_hooks, run_until_stop
-from mi_prun.models.stream import BlockRunner, is_streamed
-from mi_prun.models.surgery import pruned_view
-from mi_prun.progress import Progress
 from mi_prun.models.accept import as_module, check_token_ids
+from mi_prun.models.blocks import find_blocks
+from mi_prun.progress import Progress
+from mi_prun.runtime.runner import chunks
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +88,8 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     (all valid ones if fewer). storage_device: where samples live (default: where each block's
     output is, i.e. the GPU when the model is on one). NaN/inf in a block's output raises
     `NonFiniteError` naming the block. The model is not modified; it must be in eval mode.
-    isolate: hook a structural copy that shares the weights (`prune.pruned_view(model, [])`,
-    about 0.2 s for a 135M model) instead of `model` itself, so that other threads running the
-    same shared model (app sessions) never fire this capture's hooks.
+    isolate: kept for callers of earlier versions; the runner always works on a private
+    weight-sharing copy, so other threads running the same model are never disturbed.
     """
     model = as_module(model)
     input_ids = check_token_ids(input_ids, model)
@@ -107,70 +101,51 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         log.warning("capturing from a model in training mode: dropout makes the capture noisy")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    streamed = is_streamed(model)  # weights on disk or the CPU: run block by block (models.stream)
-    if isolate and not streamed:
-        model = pruned_view(model, [])
     n_samples, seq_len = input_ids.shape
-    blocks = find_blocks(model).blocks
-    n_layers = len(blocks)
+    n_layers = len(find_blocks(model).blocks)
     rows = choose_positions(attention_mask, max_positions, drop_first, seed)
     m = rows.shape[0]
-    in_device = None if streamed else input_device(model)
-    store: torch.Tensor | None = None  # (L+1, m, d), allocated on the first hook call
+    store: torch.Tensor | None = None  # (L+1, m, d), allocated on the first block output
     store_device = torch.device(storage_device) if storage_device is not None else None
-    # Per batch: which rows of the capture come from this batch, and where they sit in it.
-    state: dict = {}
 
-    def put(layer: int, hs: torch.Tensor) -> None:
+    def put(layer: int, hs: torch.Tensor, where: dict[str, torch.Tensor]) -> None:
         nonlocal store
         if check_finite and not torch.isfinite(hs).all():
-            where = "the embeddings (input of block 0)" if layer == 0 else f"block {layer - 1}"
+            at = "the embeddings (input of block 0)" if layer == 0 else f"block {layer - 1}"
             raise NonFiniteError(
-                f"NaN or inf in the hidden states after {where} (dtype {hs.dtype}). Fix: retry with "
+                f"NaN or inf in the hidden states after {at} (dtype {hs.dtype}). Fix: retry with "
                 "dtype float32 (--dtype float32); half precision overflows in some models.",
                 block=None if layer == 0 else layer - 1)
         if store is None:
             dev = store_device or hs.device
             store = torch.empty((n_layers + 1, m, hs.shape[-1]), dtype=torch.float32, device=dev)
-        sel = hs[state["local_sample"].to(hs.device), state["local_pos"].to(hs.device)]
-        store[layer, state["dst"].to(store.device)] = sel.to(device=store.device, dtype=torch.float32)
+        sel = hs[where["local_sample"].to(hs.device), where["local_pos"].to(hs.device)]
+        store[layer, where["dst"].to(store.device)] = sel.to(device=store.device, dtype=torch.float32)
 
     t0 = time.perf_counter()
-    tokens_seen = 0
-    n_batches = (n_samples + batch_size - 1) // batch_size
-    if streamed:
-        runner = BlockRunner(model, input_ids, attention_mask, batch_size=batch_size)
+    # The runner's chunks (`mi_prun.runtime`): a batch at a time through every block when the blocks
+    # are at hand, every batch through one block at a time when they stream from a store.
+    for first, runner in chunks(model, input_ids, attention_mask, batch_size):
         per_batch = []
-        for start in range(0, n_samples, batch_size):
-            dst = ((rows[:, 0] >= start) & (rows[:, 0] < start + batch_size)).nonzero().squeeze(1)
-            per_batch.append({"dst": dst, "local_sample": rows[dst, 0] - start, "local_pos": rows[dst, 1]})
+        for group in runner.groups:
+            lo, hi = first + group[0], first + group[-1] + 1
+            dst = ((rows[:, 0] >= lo) & (rows[:, 0] < hi)).nonzero().squeeze(1)
+            per_batch.append({"dst": dst, "local_sample": rows[dst, 0] - lo, "local_pos": rows[dst, 1]})
+        keep = [k for k, where in enumerate(per_batch) if where["dst"].numel()]
+        if not keep:
+            continue
 
-        def put_all(layer: int, hidden: list[torch.Tensor]) -> None:
-            for k, hs in enumerate(hidden):
-                if per_batch[k]["dst"].numel():
-                    state.update(per_batch[k])
-                    put(layer, hs)
-
-        put_all(0, runner.h0)
-        for b, hidden in runner.run_blocks(runner.h0):
-            put_all(b + 1, hidden)
+        hidden = [runner.h0[k] for k in keep]
+        for k, hs in zip(keep, hidden):
+            put(0, hs, per_batch[k])
+        chunk_end = first + sum(len(g) for g in runner.groups)
+        for b, hidden in runner.run_blocks(hidden, batches=keep):
+            for k, hs in zip(keep, hidden):
+                put(b + 1, hs, per_batch[k])
             if progress:
-                progress("capture", (b + 1) / n_layers, f"block {b + 1}/{n_layers}")
-        tokens_seen = int(attention_mask.sum())
-    with nullcontext() if streamed else block_hooks(model, on_input=lambda hs: put(0, hs), on_output=lambda b, hs: put(b + 1, hs)):
-        for k, start in enumerate(range(0, n_samples, batch_size) if not streamed else ()):
-            stop = min(start + batch_size, n_samples)
-            in_batch = (rows[:, 0] >= start) & (rows[:, 0] < stop)
-            dst = in_batch.nonzero().squeeze(1)
-            if dst.numel() == 0:
-                continue
-            state.update(dst=dst, local_sample=rows[dst, 0] - start, local_pos=rows[dst, 1])
-            ids = input_ids[start:stop].to(in_device)
-            mask = attention_mask[start:stop].to(in_device)
-            run_until_stop(model, input_ids=ids, attention_mask=mask, use_cache=False)
-            tokens_seen += int(mask.sum())
-            if progress:
-                progress("capture", (k + 1) / n_batches, f"batch {k + 1}/{n_batches}")
+                done = (first + (chunk_end - first) * (b + 1) / n_layers) / n_samples
+                progress("capture", done, f"block {b + 1}/{n_layers}, sample {chunk_end}/{n_samples}")
+    tokens_seen = int(attention_mask.sum())
     assert store is not None
     return Capture(hidden=store, sample_index=rows[:, 0].clone(), position=rows[:, 1].clone(),
                    n_samples=n_samples, seq_len=seq_len, drop_first=drop_first, seed=seed,

@@ -32,7 +32,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from mi_prun.errors import MiPrunError
@@ -41,6 +41,21 @@ DPI_TOL: tuple[float, float] = (0.05, 0.05)  # (rtol, atol in nats) for DPI viol
 
 
 # ---------------------------------------------------------------------------------------- checks
+
+def expect_config(value: Any, cls: type, what: str = "config") -> Any:
+    """`value` when it is a `cls` (a frozen config of this module); else one line naming the
+    fix, with a dict of settings spelled as the constructor call that takes them."""
+    if isinstance(value, cls):
+        return value
+    name = cls.__name__
+    a = "an" if name[0] in "AEIOU" else "a"
+    if isinstance(value, Mapping):
+        call = ", ".join(f"{k}={v!r}" for k, v in value.items())
+        raise MiPrunError(f"{what} must be {a} {name}, got a dict of settings. Fix: pass {name}({call}) "
+                          f"(from mi_prun.config import {name}).")
+    raise MiPrunError(f"{what} must be {a} {name}, got {type(value).__name__}. Fix: pass {name}(...) "
+                      f"(from mi_prun.config import {name}).")
+
 
 def calibration_spec(calibration: Mapping[str, Any]) -> str | None:
     """The `mi_prun.data.load_text` spec that reloads a calibration text from its provenance (an
@@ -175,6 +190,16 @@ class SelectConfig:
     the calibration text apart from the capture's samples; a text source (as `calib` takes) for
     `verify_samples` x `verify_seq_len` tokens of another text; a multiple-choice task YAML (lm-eval's
     format, the [eval] extra) for its mean choice NLL over `verify_items` items (None: all).
+
+    `verify_race` races the sets (`mi_prun.select.race`): each is scored on groups of
+    `verify_race_group` verification samples and dropped once it trails the best set by more than
+    a paired t bound at error rate `verify_race_alpha` per comparison (Bonferroni over the looks).
+    "units": the budget is spent in token-block units (tokens x blocks run), "auto" or a number of
+    passes times the mean units of a full pass of the proposed candidates, so what racing saves buys
+    more exchanges and swaps for the same cost; "sets": the budget counts sets as without racing
+    (the same search, each set cheaper); "off" (the default until the real-model comparison in
+    benchmarks/RESULTS.md chooses a mode): no racing, the search as before racing existed. A scorer
+    that cannot race (a task's) runs unraced.
     """
 
     method: str = "fbs"
@@ -192,6 +217,11 @@ class SelectConfig:
     # finalists of the verified search; those within CONFIRM_Z paired SE of the winner are re-scored on a
     # fresh draw of tokens (select/confirm.py); 0: off
     verify_confirm: int = 3
+    # "units", "sets" or "off" (class docstring, mi_prun/select/race.py); off until benchmarks/race_bench.py on
+    # real models chooses a mode: a default changes the README's and RESULTS' verified numbers
+    verify_race: str = "off"
+    verify_race_alpha: float = 0.05  # a set at least as good as the best is dropped at most this often
+    verify_race_group: int = 4  # verification samples per group (the scorer's batch size when racing)
 
     DEFAULT_RATIO = 0.25
     AUTO = "auto"
@@ -202,6 +232,9 @@ class SelectConfig:
     # A runner-up is within the verification draw's noise when its NLL gap to the winner is below this
     # many paired standard errors over the samples (the usual 95 % two-sided level, not a fitted value).
     CONFIRM_Z = 2.0
+    RACE_MODES = ("units", "sets", "off")
+    # no set is dropped on fewer samples: a paired standard error from 3 differences is too unsteady
+    RACE_MIN_SAMPLES = 4
 
     def __post_init__(self) -> None:
         # Names are checked against the registries where they are looked up (`mi_prun.select`):
@@ -231,6 +264,17 @@ class SelectConfig:
             _set(self, "verify_items", as_int(self.verify_items, "verification task items", minimum=1))
         _set(self, "verify_confirm", as_int(self.verify_confirm, "verify_confirm (finalists confirmed on fresh "
                                             "tokens; 0 = off)", minimum=0))
+        race = self.verify_race.strip().lower() if isinstance(self.verify_race, str) else self.verify_race
+        if race is False:
+            race = "off"
+        if race not in self.RACE_MODES:
+            raise MiPrunError(f"verify_race must be one of {', '.join(self.RACE_MODES)}, got {self.verify_race!r}. "
+                              "Fix: units (race, budget in token-block units), sets (race, budget in sets) or off.")
+        _set(self, "verify_race", race)
+        _set(self, "verify_race_alpha", as_float(self.verify_race_alpha, "verify_race_alpha (error rate of a "
+                                                 "race's drop)", 0.0, 0.5, open_low=True, open_high=True))
+        _set(self, "verify_race_group", as_int(self.verify_race_group, "verify_race_group (samples per group)",
+                                               minimum=1))
         if not isinstance(self.options, Mapping):
             raise MiPrunError(f"options must be a mapping, got {self.options!r}.")
         _set(self, "options", dict(self.options))
@@ -381,31 +425,34 @@ class ExportConfig:
 MAX_RIDGE = 1e6
 
 
-OFFLOAD_CHOICES = (True, False, "auto")
-
-
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """Where the model's weights live while it runs (`mi_prun.models.load_model`).
+    """Where the model's weights live while it runs (`mi_prun.runtime.load_model`).
 
-    `offload`: True streams the blocks (weights stay in safetensors files on disk, or in CPU memory,
-    and one block at a time moves to the compute device: `mi_prun.models.stream`); False keeps the
-    whole model on the device; "auto" streams only when the memory check says the model does not
-    fit. `device_map`: accelerate's placement over several devices ("auto", "balanced",
-    "sequential", a device name, or a {module: device} dict / JSON file), with `offload_folder`
-    for the weights it offloads to disk. Streaming and a device map are alternatives."""
+    `stream`: mi-prun's block streaming: True keeps the weights in their safetensors files on disk (or
+    in CPU memory) and moves one block at a time to the compute device (`mi_prun.runtime.sources`);
+    False keeps the whole model on the device; "auto" streams only when the memory check says the
+    model does not fit. `device_map` and `offload_folder` are accelerate's own options, named as
+    accelerate names them: its placement over several devices ("auto", "balanced", "sequential", a
+    device name, or a {module: device} dict / JSON file), and the folder for the weights it offloads
+    to disk. Streaming and a device map are alternatives."""
 
-    offload: bool | str = "auto"
+    stream: bool | str = "auto"
     device_map: str | dict | None = None
     offload_folder: str | None = None
 
     def __post_init__(self) -> None:
-        if not any(self.offload is c for c in (True, False)) and self.offload != "auto":
-            raise MiPrunError(f"offload must be True, False or 'auto', got {self.offload!r}.")
-        if self.offload is True and self.device_map is not None:
-            raise MiPrunError("offload (streaming blocks) and a device map are alternatives. Fix: give one of "
-                              "--offload and --device-map.")
+        if not any(self.stream is c for c in (True, False)) and self.stream != "auto":
+            raise MiPrunError(f"stream must be True, False or 'auto', got {self.stream!r}.")
+        if self.stream is True and self.device_map is not None:
+            raise MiPrunError("streaming blocks and a device map are alternatives. Fix: give one of "
+                              "--stream and --device-map.")
         if self.offload_folder is not None:
+            if self.device_map is None:
+                raise MiPrunError("offload_folder (--offload-folder) is accelerate's folder for the weights a device "
+                                  "map puts on disk, and no device map is given"
+                                  + (" (--stream reads the weights from their own files)" if self.stream is True else "")
+                                  + ". Fix: add --device-map (e.g. auto), or drop --offload-folder.")
             _set(self, "offload_folder", as_path(self.offload_folder, "offload folder"))
 
 
@@ -480,15 +527,6 @@ class HealConfig:
         return cls(**{**kw, **changes})
 
 
-def describe_defaults() -> dict[str, dict[str, Any]]:
-    """Every shipped default, by config (for `mi-prun --version`-style reports and the docs)."""
-    out = {}
-    for cls in (AnalysisConfig, SelectConfig, EvalConfig, ExportConfig, HealConfig, ExecutionConfig, ZeroShotConfig):
-        out[cls.__name__] = {f.name: (f.default_factory() if callable(f.default_factory)  # type: ignore[misc]
-                                      else f.default) for f in fields(cls)}
-    return out
-
-
-__all__ = ["AnalysisConfig", "DPI_TOL", "calibration_spec", "EvalConfig", "ExecutionConfig", "OFFLOAD_CHOICES",
+__all__ = ["AnalysisConfig", "DPI_TOL", "calibration_spec", "EvalConfig", "ExecutionConfig",
            "ExportConfig", "HealConfig", "MAX_RIDGE", "SelectConfig", "ZeroShotConfig", "as_float",
-           "as_int", "as_path", "check_protect_ends", "describe_defaults"]
+           "as_int", "as_path", "check_protect_ends"]

@@ -192,6 +192,26 @@ def wikitext2(split: str) -> str:
     return "\n\n".join(ds["text"])
 
 
+def check_text_source(source: Any, what: str = "text source") -> None:
+    """The cheap part of `load_text`: a named source, `text:...`, or a path that exists and is a
+    regular file or a folder; nothing is read. Commands run it before loading the model, so that a
+    missing file is found first, not after minutes of work."""
+    if source is None or not str(source).strip():
+        raise MiPrunError(f"no {what} given. Fix: use builtin, wikitext2, a file, a folder or text:<string>.")
+    source = str(source)
+    if source.startswith("text:") or source in BUILTIN_SOURCES:
+        return
+    check_path_length(source, what)
+    path = Path(source).expanduser()
+    if path.is_dir() or path.is_file():
+        return
+    if path.exists():
+        raise MiPrunError(f"{what} {source!r} is not a regular file (a device, FIFO or socket). Fix: save the text to "
+                          "a file and give its path.")
+    raise MiPrunError(f"{what} {source!r} not found: it is no file or folder and not one of "
+                      f"{', '.join(BUILTIN_SOURCES)}, text:<string>. Fix: give an existing file or a named source.")
+
+
 def load_text(source: str, purpose: str = "calibration") -> Text:
     """Text from a named source (see the module docstring). purpose: calibration | evaluation."""
     if purpose not in ("calibration", "evaluation"):
@@ -323,6 +343,38 @@ def as_text(text: Any) -> Text:
                       "mi_prun.load_text(source).")
 
 
+PLACEHOLDERS = ("<unk>", "<UNK>", "[UNK]")  # what tokenised corpora write for words they dropped
+PLACEHOLDER_WARN_RATE = 0.01  # above 1 % of words or tokens, the text is not what the model reads in use
+_warned: set[str] = set()  # texts already warned about (by digest): one warning per text and process
+
+
+def placeholder_rate(tokenizer: Any, text: str, stream: torch.Tensor) -> dict[str, float]:
+    """How much of `text` is placeholder rather than language: the share of its words that are a
+    literal placeholder (`<unk>`, as in WikiText-2's tokenised release: 5 %), and the share of its
+    tokens that are the tokenizer's unknown token."""
+    words = max(len(text.split()), 1)
+    literal = sum(text.count(p) for p in PLACEHOLDERS)
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    unknown = float((stream == unk_id).float().mean()) if isinstance(unk_id, int) and stream.numel() else 0.0
+    return {"placeholder_words": literal / words, "unknown_tokens": unknown}
+
+
+def warn_placeholders(text: Text, rates: dict[str, float]) -> None:
+    """Say, once per text, when it is full of placeholders: capture and verification on it measure
+    the model on `<unk>`, and misrank removed sets (measured: a loss 18 % higher at n = 2 than the
+    set the placeholder-free text picks)."""
+    worst = max(rates.values(), default=0.0)
+    if worst <= PLACEHOLDER_WARN_RATE or text.sha256 in _warned:
+        return
+    _warned.add(text.sha256)
+    what = (f"{rates['placeholder_words']:.1%} of its words are placeholders such as <unk>"
+            if rates["placeholder_words"] >= rates["unknown_tokens"] else
+            f"{rates['unknown_tokens']:.1%} of its tokens are the tokenizer's unknown token")
+    log.warning("calibration text %s: %s, so the model is measured on placeholders, not language, and removed "
+                "sets can be misranked. Fix: use text without them (wikitext2 is the validation split with its "
+                "<unk> dropped; for a file: sed 's/ <unk>//g').", text.source, what)
+
+
 def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int, seed: int = 0,
                        add_bos: bool | None = None) -> Calibration:
     """N x T token samples drawn without overlap from `text`, deterministic for `seed`.
@@ -338,6 +390,7 @@ def calibration_tokens(tokenizer: Any, text: Text, n_samples: int, seq_len: int,
     use_bos = adds_bos(tokenizer) if add_bos is None else add_bos
     body = seq_len - 1 if use_bos else seq_len
     stream = tokenize(tokenizer, text.text)
+    warn_placeholders(text, placeholder_rate(tokenizer, text.text, stream))
     n_chunks = stream.numel() // body
     if n_chunks < n_samples:
         raise NotEnoughText(

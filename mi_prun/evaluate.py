@@ -21,9 +21,10 @@ from mi_prun.config import EvalConfig, as_int
 from mi_prun.data import adds_bos, load_text, tokenize
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import as_module, as_tokenizer, check_token_ids
-from mi_prun.models.blocks import context_length, input_device
+from mi_prun.models.blocks import context_length
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import BlockRunner, is_streamed, nll_rows
+from mi_prun.runtime.runner import token_nll_rows as runner_nll_rows
+from mi_prun.runtime.sources import input_device, require_whole_model
 from mi_prun.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -88,33 +89,7 @@ def token_nll_rows(model: nn.Module, input_ids: Any, attention_mask: Any | None 
     mask = None if attention_mask is None else torch.as_tensor(attention_mask)
     if mask is not None and mask.shape != ids.shape:
         raise MiPrunError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}.")
-    bs = max(1, int(batch_size))
-    if is_streamed(model):  # weights on disk or the CPU: block by block over all batches
-        runner = BlockRunner(model, ids, mask, batch_size=bs)
-        hidden = runner.h0
-        for b, hidden in runner.run_blocks(runner.h0):
-            if progress is not None:
-                progress(stage, (b + 1) / (runner.n_blocks + 1), f"block {b + 1}/{runner.n_blocks}")
-        rows = runner.nll_rows(hidden)
-        if progress is not None:
-            progress(stage, 1.0, "head")
-        return rows
-    device = input_device(model)
-    sums, counts = [], []
-    if progress is not None:
-        progress(stage, 0.0, f"0 of {ids.shape[0]} sequences")
-    with torch.inference_mode():
-        for start in range(0, ids.shape[0], bs):
-            x = ids[start:start + bs].to(device)
-            m = None if mask is None else mask[start:start + bs].to(device)
-            logits = model(input_ids=x, attention_mask=m, use_cache=False).logits  # (B, T, V)
-            s, c = nll_rows(logits, x, m)
-            sums.append(s)
-            counts.append(c)
-            if progress is not None:
-                done = min(start + bs, ids.shape[0])
-                progress(stage, done / ids.shape[0], f"{done} of {ids.shape[0]} sequences")
-    return torch.cat(sums), torch.cat(counts)
+    return runner_nll_rows(model, ids, mask, batch_size=max(1, int(batch_size)), progress=progress, stage=stage)
 
 
 def token_nll(model: nn.Module, input_ids: Any, attention_mask: Any | None = None, *, batch_size: int = 8,
@@ -235,9 +210,7 @@ def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_token
     model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
     if not isinstance(prompt, str):
         raise MiPrunError(f"prompt must be a str, got {type(prompt).__name__}.")
-    if is_streamed(model):
-        raise MiPrunError("a generation sample needs the model in memory, and this one is offloaded (its "
-                          "blocks stream from disk or the CPU). Fix: drop --sample, or load without --offload.")
+    require_whole_model(model, "a generation sample")
     enc = tokenizer(prompt, return_tensors="pt")
     device = input_device(model)
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -16,28 +16,27 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import json
 import logging
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from safetensors.torch import save_file
 from torch import nn
 
-from mi_prun.config import ExportConfig
+from mi_prun.config import ExportConfig, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
 from mi_prun.gguf_export import check_gguf_export, write_gguf_export
 from mi_prun.models.accept import as_module, is_loaded
 from mi_prun.heal import healing_of
 from mi_prun.models.blocks import find_blocks, num_layers_of
+from mi_prun.runtime.sources import check_runnable
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import is_streamed, stream_of, streamed_state_dict
+from mi_prun.runtime.sources import weight_source
 from mi_prun.models.surgery import (
     PRUNE_INFO_ATTR,
     PruneInfo,
@@ -69,78 +68,6 @@ def mergekit_yaml(source_model: str, kept: Sequence[int], dtype: str = "float32"
     if note:
         header.append(f"# NOTE: {note}")
     return "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
-
-
-_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def _shard_bytes(size: str) -> int:
-    text = size.strip().upper()
-    for unit, scale in sorted(_SIZE_UNITS.items(), key=lambda kv: -len(kv[0])):
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * scale)
-            except ValueError:
-                break
-    try:
-        return int(text)
-    except ValueError:
-        raise MiPrunError(f"max_shard_size {size!r} is not a size. Fix: write it as e.g. '5GB'.") from None
-
-
-def save_streamed(model: nn.Module, folder: Path, max_shard_size: str = "5GB") -> None:
-    """Write a streamed model (or a pruned / healed view of one) as safetensors shards that plain
-    `from_pretrained` loads, reading one block from the store at a time. Tied tensors are written once;
-    floating tensors in the model's compute dtype, as `save_pretrained` does for a loaded model."""
-    stream = stream_of(model)
-    dtype = stream.dtype if stream is not None else None
-    limit = _shard_bytes(max_shard_size)
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    seen: dict[int, str] = {}
-    state = model.state_dict(keep_vars=True)
-    skip = set()
-    for name, t in state.items():  # tied entries (an LM head sharing the embeddings): the first name only
-        if id(t) in seen:
-            skip.add(name)
-        else:
-            seen[id(t)] = name
-    shards: list[tuple[Path, list[str]]] = []
-    current: dict[str, torch.Tensor] = {}
-    size, total = 0, 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            path = folder / f".shard-{len(shards):05d}.safetensors"
-            save_file(current, str(path), metadata={"format": "pt"})
-            shards.append((path, list(current)))
-            current, size = {}, 0
-
-    for name, value in streamed_state_dict(model):
-        if name in skip:
-            continue
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        value = value.contiguous()
-        nbytes = value.numel() * value.element_size()
-        if current and size + nbytes > limit:
-            flush()
-        current[name] = value
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
-        shards[0][0].rename(folder / "model.safetensors")
-        return
-    weight_map = {}
-    for k, (path, names) in enumerate(shards):
-        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        path.rename(folder / final)
-        weight_map.update({n: final for n in names})
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
 
 
 def _as_dict(selection: Any) -> dict[str, Any]:
@@ -183,20 +110,49 @@ def _resolve_blocks(pruned: nn.Module, sel: dict[str, Any]) -> PruneInfo:
 
 
 def _source(loaded: Any, analysis: Any, pruned: nn.Module, source_model: str | None) -> tuple[str, str | None]:
-    """The mergekit source (a hub id, never a local cache path) and a note when there is none."""
+    """The model the export was cut from, as mergekit's source: its hub id; else its local folder
+    (mergekit reads one; never a cache path when a hub id is known); else the name it was loaded
+    by, with a note saying why mergekit cannot rebuild from it. Never a placeholder when anything
+    is known."""
     if source_model:
         return str(source_model), None
     hub = getattr(loaded, "hub_id", None) if loaded is not None else None
-    if hub is None and analysis is not None:
-        hub = (getattr(analysis, "model", None) or {}).get("hub_id")
+    meta = (getattr(analysis, "model", None) or {}) if analysis is not None else {}
     if hub is None:
-
-        name = getattr(pruned.config, "_name_or_path", None)
+        hub = meta.get("hub_id")
+    name = getattr(pruned.config, "_name_or_path", None)
+    if hub is None:
         hub = hub_id(name) if isinstance(name, str) and name else None
     if hub:
         return hub, None
-    return "<original model id>", ("the original model has no known Hugging Face id: replace the "
-                                   "placeholder with the id or folder of the unpruned safetensors model")
+    spec = getattr(loaded, "spec", None) if loaded is not None else meta.get("spec")
+    folder = getattr(loaded, "source", None) if loaded is not None else meta.get("source")
+    for cand in (folder, name):
+        if isinstance(cand, str) and cand and Path(cand).is_dir() and not str(spec or "").lower().endswith(".gguf") \
+                and (Path(cand) / "config.json").is_file():
+            return str(Path(cand).resolve()), None
+    if isinstance(spec, str) and spec:
+        kind = ("a GGUF file (quantised)" if spec.lower().endswith(".gguf") else
+                "a built-in random model" if spec.startswith("tiny-") else "not a local safetensors folder")
+        return spec, (f"the original model {spec} is {kind}, which mergekit cannot read: replace source_model "
+                      "with the id or folder of the unpruned safetensors model")
+    return "<original model id>", ("the original model is not known (export was given neither the loaded model "
+                                   "nor its analysis): replace the placeholder with the id or folder of the "
+                                   "unpruned safetensors model, or pass source_model=")
+
+
+def _chosen_by(sel: dict[str, Any]) -> str | None:
+    """What chose the removed set, in words: a verified search names the criterion whose proposal
+    won (the method only proposed candidates; forward passes chose), a one-pass method itself."""
+    method = sel.get("method")
+    if method is None:
+        return None
+    if sel.get("verified"):
+        v = sel.get("verification") if isinstance(sel.get("verification"), dict) else {}
+        scored = v.get("sets_scored")
+        return (f"verified search ({method}'s candidates and others{f', {scored} sets' if scored else ''} scored by "
+                f"forward passes): the winning set was proposed by {sel.get('winner_source') or 'unknown'}")
+    return f"{method} (one pass, not verified)"
 
 
 def export(
@@ -218,7 +174,8 @@ def export(
     Contents: `model.safetensors` (+ index when sharded), `config.json`, generation config,
     tokenizer files, `mi_prun.json` (removed and kept blocks numbered from 0, method, estimator,
     run cost, objective, calibration provenance, library versions, the files written) and
-    `mergekit.yaml` (rebuilds the same model from the original's hub id with a passthrough merge).
+    `mergekit.yaml` (rebuilds the same model from the original's hub id, else its local folder, with
+    a passthrough merge). `chosen_by` in `mi_prun.json` says what chose the removed set.
 
     `selection`: a `Selection` (or its dict), or None when `pruned` came from `prune` /
     `pruned_view` (it remembers its removed blocks). Provenance is filled from `analysis` (an
@@ -234,11 +191,11 @@ def export(
     dropped on that copy).
     """
     cfg = config if config is not None else ExportConfig()
-    if not isinstance(cfg, ExportConfig):
-        raise MiPrunError(f"config must be an ExportConfig, got {type(cfg).__name__}.")
+    expect_config(cfg, ExportConfig)
     if tokenizer is None and is_loaded(pruned):
         tokenizer = pruned.tokenizer
     pruned = as_module(pruned, "the pruned model")
+    check_runnable(pruned, "the pruned model")  # an empty skeleton would export no weights
     if overwrite is not None:
         cfg = replace(cfg, overwrite=overwrite)
     inputs = [*inputs, getattr(loaded, "source", None) if loaded is not None else None]
@@ -286,6 +243,7 @@ def export(
         "source_model": source,
         "model": model_meta,
         "method": sel.get("method"),
+        "chosen_by": _chosen_by(sel),
         "estimator": provenance.get("estimator"),
         "estimator_options": provenance.get("estimator_options"),
         "run_cost": sel.get("run_cost"),
@@ -294,6 +252,7 @@ def export(
         "selection": sel_record,
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "output_id": uuid.uuid4().hex,  # tells this export from one written later at the same path
         "dtype": dtype,
         "peak_memory": peak_memory(),  # of the process that exported, up to the export
     }
@@ -327,10 +286,8 @@ def export(
 
     def fill(tmp: Path) -> None:
         try:
-            if is_streamed(to_save):  # block weights on disk: written block by block, never all in memory
-                save_streamed(to_save, tmp, cfg.max_shard_size)
-            else:
-                to_save.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
+            # the weight source writes it (a streamed model block by block, never all in memory)
+            weight_source(to_save).save(to_save, tmp, cfg.max_shard_size)
         except Exception as exc:
             # safetensors reports I/O failures (full disk) as its own error type.
             if type(exc).__name__ == "SafetensorError":

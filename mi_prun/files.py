@@ -274,6 +274,26 @@ def _parent_lock(parent: Path) -> Iterator[None]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """The exclusive lock `write_folder` holds on a parent folder while it replaces an output in
+    it: held, no output in `folder` is replaced, and no other holder (process or thread) runs."""
+    with _parent_lock(Path(folder)):
+        yield
+
+
+def output_stamp(folder: str | os.PathLike, kind: OutputKind) -> str | None:
+    """What tells one written output folder from another at the same path (its inode, and its
+    marker's `output_id` or creation time): `write_folder` replaces a folder by renaming a new one
+    into place, so the stamp changes with every replacement. None when `folder` is no such output."""
+    path = Path(folder)
+    marker = read_marker(path, kind) if path.is_dir() else None
+    if marker is None:
+        return None
+    st = path.stat()
+    return f"{st.st_dev}:{st.st_ino}:{marker.get('output_id') or marker.get('created')}"
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file of `folder` (and the folder entry itself) to disk."""
     for p in folder.rglob("*"):
@@ -381,4 +401,4 @@ def folder_files(folder: Path) -> list[str]:
 
 
 __all__ = ["ANALYSIS", "EXPORT", "OutputKind", "check_output", "check_path_length", "dump_json", "folder_files",
-           "fsync_tree", "jsonable", "parse_json", "read_marker", "write_error", "write_file", "write_folder"]
+           "folder_lock", "fsync_tree", "output_stamp", "jsonable", "parse_json", "read_marker", "write_error", "write_file", "write_folder"]

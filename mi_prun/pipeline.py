@@ -12,14 +12,14 @@ import time
 import torch
 
 from mi_prun.capture import Capture, capture
-from mi_prun.config import AnalysisConfig
+from mi_prun.config import AnalysisConfig, expect_config
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.estimators import get_estimator
-from mi_prun.models import LoadedModel
+from mi_prun.runtime import LoadedModel
 from mi_prun.models.accept import as_loaded
 from mi_prun.models.blocks import check_context as check_model_context
+from mi_prun.runtime.sources import check_runnable
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import stream_of
 from mi_prun.progress import Progress
 from mi_prun.results import Analysis
 from mi_prun.scores import score_capture, span_unexplained
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 def check_analysis_config(cfg: AnalysisConfig) -> AnalysisConfig:
     """`cfg` with its estimator name and options checked against the registry (one line naming the
     valid choices otherwise): the checks a config, being plain data, cannot make itself."""
+    expect_config(cfg, AnalysisConfig)
     get_estimator(cfg.estimator, **cfg.estimator_options)
     return cfg
 
@@ -78,9 +79,12 @@ def analysis_from_capture(loaded: LoadedModel, calib: Calibration, cap: Capture,
 
 def resources(loaded: LoadedModel) -> dict:
     """What a result records of the run's cost: peak memory (process RSS, CUDA) and whether the
-    blocks streamed (`offload`: False, or where the weights stayed: "disk" / "cpu")."""
-    return {**peak_memory(), "offload": stream_of(loaded.model) is not None,
-            "weights_at": loaded.info.get("offload", "device"), "device": str(loaded.device)}
+    blocks streamed (`offload`), and where the weights really were (`weights`: resident, streamed or
+    dispatched; `weights_at`: the device, "disk" / "cpu" for a streamed model, the devices of
+    accelerate's map)."""
+    where = loaded.weights.describe()
+    return {**peak_memory(), "offload": bool(where["streamed"]), "weights": where["weights"],
+            "weights_at": where["weights_at"], "device": str(loaded.device)}
 
 
 def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
@@ -90,7 +94,8 @@ def analyze(loaded: LoadedModel, cfg: AnalysisConfig | None = None,
     `timings` holds seconds per stage; "total" covers tokenising, capture and scoring, and the
     model's load time is reported apart as "load_model"."""
     loaded = as_loaded(loaded, "analyze")
-    cfg = check_analysis_config(cfg or AnalysisConfig())
+    check_runnable(loaded.model, f"the model {loaded.spec}")  # what runs is what the analysis reports
+    cfg = check_analysis_config(AnalysisConfig() if cfg is None else cfg)
     t0 = time.perf_counter()
     calib = prepare_calibration(loaded, cfg)
     t_tok = time.perf_counter() - t0

@@ -21,7 +21,7 @@ import numpy as np
 
 from mi_prun.errors import MiPrunError
 from mi_prun.files import ANALYSIS, check_path_length, dump_json, parse_json, write_folder
-from mi_prun.models.identity import check_same_model
+from mi_prun.runtime.identity import check_same_model
 
 FORMAT = ANALYSIS.format
 FORMAT_VERSION = 1
@@ -223,6 +223,9 @@ def validate_arrays(analysis: Analysis, where: str = "analysis") -> None:
     if bm.ndim != 1 or bm.shape[0] < 1:
         raise _refuse(where, "block_mi", f"has shape {bm.shape}, expected (L,) with L >= 1")
     L = bm.shape[0]
+    recorded = (analysis.model or {}).get("n_blocks") if isinstance(analysis.model, dict) else None
+    if _is_number(recorded) and int(recorded) != L:
+        raise _refuse(where, "block_mi", f"holds {L} blocks but the analysis records a model of {recorded} blocks")
     bm = _numeric(where, "block_mi", bm, (L,))
     if not np.isfinite(bm).all():
         raise _refuse(where, "block_mi", f"holds {int((~np.isfinite(bm)).sum())} non-finite value(s)")

@@ -351,7 +351,9 @@ def score_capture(H: torch.Tensor, batch_index: torch.Tensor, estimator: Estimat
     report("stability", 0.0, "block MI per calibration group")
     batches, stab = stability(H, batch_index, est, n_groups=n_groups, seed=seed)
     timings["stability"] = time.perf_counter() - t
-    report("stability", 1.0, f"Kendall tau between halves: {stab['kendall_tau_halves']}")
+    tau = stab.get("kendall_tau_halves")
+    report("stability", 1.0, "Kendall tau between halves: "
+           + (f"{tau:.3f}" if isinstance(tau, (int, float)) and tau == tau else "n/a"))
 
     t = time.perf_counter()
     baselines = {"cosine_bi": cosine_block_influence(H), "angular": angular_distance_matrix(H)}

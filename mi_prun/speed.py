@@ -18,7 +18,7 @@ from torch import nn
 
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import model_context, warn_if_training
-from mi_prun.models.blocks import input_device
+from mi_prun.runtime.sources import input_device, require_whole_model
 
 def model_size(model: nn.Module) -> dict[str, int]:
     """Parameters and their bytes in memory; tied tensors count once."""
@@ -96,6 +96,7 @@ def size_and_speed(
         raise MiPrunError(f"prompt_tokens + decode_tokens = {prompt_tokens + decode_tokens} exceeds "
                           f"the model's context of {context}. Fix: measure shorter sequences.")
     warn_if_training(model)
+    require_whole_model(model, "measuring generation speed")
     device = input_device(model)
     ids = _prompt_ids(model, tokenizer, prompt_tokens).to(device)
     _speed(model, ids, min(decode_tokens, 2))  # warm-up: allocator, kernels, lazy init

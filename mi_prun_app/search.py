@@ -143,8 +143,13 @@ def _key(method: str, n: int, passes: int | str) -> tuple:
 
 
 def known_verified(method: str, n: int, passes: int | str) -> Any | None:
-    """The verified selection if this session already has it (no pass spent), else None."""
-    return st.session_state.setdefault("selections", {}).get(_key(method, n, passes)[0])
+    """The verified selection if this session already has it, or the background curve verified it
+    (no pass spent), else None."""
+    found = st.session_state.setdefault("selections", {}).get(_key(method, n, passes)[0])
+    if found is None and method == DEFAULT_METHOD:
+        job = curve_job(passes)
+        found = None if job is None else job.results.get(int(n))
+    return found
 
 
 def verified(analysis: Any, method: str, n: int, passes: int | str, area: Any = None) -> Any | None:
@@ -155,6 +160,9 @@ def verified(analysis: Any, method: str, n: int, passes: int | str, area: Any = 
     key, cfg = _key(method, n, passes)
     memo = st.session_state.setdefault("selections", {})
     skipped = st.session_state.setdefault("verify_skipped", {})
+    background = known_verified(method, n, passes) if key not in memo else None
+    if background is not None:  # the background curve got there first: no pass to spend
+        memo[key] = background
     if key in memo or key in skipped:
         st.session_state["verify_cancel_requested"] = False  # a click after the run ended
         return memo.get(key)
@@ -198,8 +206,10 @@ def verified(analysis: Any, method: str, n: int, passes: int | str, area: Any = 
     spent = sel.forward_passes + int((sel.verification or {}).get("dense_passes") or 0)
     if spent:
         st.session_state["verify_s_per_pass"] = sel.seconds / spent
+    race = (sel.verification or {}).get("race") or {}
+    raced = (f", {race['dropped']} sets dropped early by the race" if race.get("dropped") else "")
     status.update(label=f"Verified in {state.fmt_seconds(sel.seconds)}: {sel.forward_passes} new forward "
-                        f"passes ({len(sel.candidates) - sel.forward_passes} sets were cached)",
+                        f"passes ({len(sel.candidates) - sel.forward_passes} sets were cached{raced})",
                   state="complete", expanded=False)
     memo[key] = sel
     return sel
@@ -229,7 +239,107 @@ def default_selection(analysis: Any, n: int, passes: int | str, area: Any = None
 
 
 # ----------------------------------------------------------------------------------------------
+# every n in the background
+
+
+@st.cache_resource(show_spinner=False)
+def _curve_jobs() -> state.Memo:
+    return state.Memo(maxsize=8)
+
+
+def _curve_key(passes: int | str) -> str:
+    cfg = state.select_config(DEFAULT_METHOD, None, protect_on(), passes)
+    return f"{st.session_state.get('analysis_key')}|{cfg!r}"
+
+
+def curve_job(passes: int | str) -> state.CurveJob | None:
+    """The background verification of every n for the session's analysis and settings, if started."""
+    if not passes or st.session_state.get("analysis_key") is None:
+        return None
+    return _curve_jobs().get(_curve_key(passes))
+
+
+def start_curve(analysis: Any, passes: int | str) -> state.CurveJob:
+    """Start verifying every n (1 .. the removable blocks) in a background thread, shared by every
+    tab on this analysis and these settings; one already running or done is returned as it is."""
+    key = _curve_key(passes)
+    job = _curve_jobs().get(key)
+    if job is not None:
+        return job
+    loaded = model_for(analysis)
+    cache, lock = nll_cache(str(st.session_state.get("analysis_key")))
+    protect = protect_on()
+
+    def verify(k: int) -> Any:
+        return select(analysis, config=state.select_config(DEFAULT_METHOD, k, protect, passes), model=loaded,
+                      cache=cache)
+
+    ns = range(1, min(analysis.n_blocks - 1, removable(analysis)) + 1)
+    job = state.CurveJob(ns, verify, lock)
+    _curve_jobs().put(key, job)
+    return job.start()
+
+
+def verified_ns(analysis: Any, passes: int | str) -> list[int]:
+    """The n whose verified answer this session has (its own or the background curve's)."""
+    if not passes:
+        return []
+    return [k for k in range(1, analysis.n_blocks) if known_verified(DEFAULT_METHOD, k, passes) is not None]
+
+
+def curve_controls(analysis: Any, passes: int | str, n: int) -> None:
+    """'Verify every n' with its progress (refreshed every second while it runs), and the mark of
+    which n are verified and which are one-pass answers."""
+    if not passes:
+        st.caption("**One pass** at every n: the answers come from the analysis alone (no forward pass).")
+        return
+    job = curve_job(passes)
+    if job is None:
+        st.button("Verify every n in the background", key="curve_start", icon=":material/playlist_play:",
+                  on_click=start_curve, args=(analysis, passes),
+                  help="Verifies MI-PRUN's answer for every number of removed blocks, one n after another, while "
+                       "you keep using the page; each n reuses the sets measured at the others, and the race drops "
+                       "clearly worse sets after a few samples. The curve's MI-PRUN line becomes verified (diamonds) "
+                       "wherever it is done.")
+    _curve_progress(analysis, _curve_key(passes), passes, n)
+
+
+def _curve_progress(analysis: Any, key: str, passes: int | str, n: int) -> None:
+    job = _curve_jobs().get(key)
+    running = job is not None and job.running
+
+    @st.fragment(run_every=1.0 if running else None)
+    def show() -> None:
+        job = _curve_jobs().get(key)
+        if job is not None:
+            done, total = job.progress()
+            if job.running:
+                now = f"verifying n = {job.current}" if job.current is not None else "starting"
+                st.progress(done / max(total, 1), text=f"Verify every n: {done} of {total} done, {now}")
+                st.button("Stop verifying every n", key="curve_stop", on_click=job.cancel, icon=":material/stop:")
+            elif running:  # it finished since the page ran: redraw the page with the new answers
+                st.rerun()
+            if job.error:
+                st.warning(f"Verify every n stopped: {job.error}", icon=":material/warning:")
+        ns = verified_ns(analysis, passes)
+        mark = ", ".join(map(str, ns)) if ns else "none yet"
+        st.caption(f"**Verified** (checked by forward passes) at n = {mark}; every other n shows the **one-pass** "
+                   f"answer (the analysis alone)." + ("" if n in ns else f" n = {n} is not verified yet."))
+
+    show()
+
+
+# ----------------------------------------------------------------------------------------------
 # display
+
+
+def passes_text(sel: Any) -> str:
+    """The search's new passes, of the budget in sets when it counts sets, + the confirmation's."""
+    v = sel.verification or {}
+    conf = v.get("confirm") or {}
+    race = v.get("race") or {}
+    of = "" if race.get("unit_budget") else f" of {v.get('budget', '?')}"
+    return f"{sel.forward_passes - (conf.get('passes') or 0)}{of}" + (f" + {conf['passes']}" if conf.get("passes") else "")
 
 
 def _blocks(removed: Any) -> str:
@@ -248,8 +358,7 @@ def verified_section(sel: Any, n: int) -> None:
     m[1].metric("Winner proposed by", proposer_label(sel.winner_source),
                 help="The first criterion that proposed the winning set (all of them are in the table).")
     conf = v.get("confirm") or {}
-    m[2].metric("Forward passes", f"{sel.forward_passes - (conf.get('passes') or 0)} of {v.get('budget', '?')}"
-                + (f" + {conf['passes']}" if conf.get("passes") else ""),
+    m[2].metric("Forward passes", passes_text(sel),
                 help=f"New passes this search spent (+ the confirmation's on fresh tokens, beyond the budget); "
                      "sets measured before cost none. Dense passes this time: "
                      f"{v.get('dense_passes', 0)} (its hidden states are cached, each candidate's pass starts "
@@ -261,6 +370,13 @@ def verified_section(sel: Any, n: int) -> None:
                 help="One-pass NLL minus the winner's (0 = verification kept the one-pass answer)"
                      + ("" if ratio is None else f"; perplexity ratio x{ratio:.3f}."))
     dense = v.get("dense_nll")
+    race = v.get("race") or {}
+    if race.get("units") is not None:
+        budget = (f" of a budget of {race['unit_budget']:,} ({budget_text(v.get('budget_rule', '?'))} x the units of "
+                  "a full pass)" if race.get("unit_budget") else f" ({len(sel.candidates)} sets, the budget in sets)")
+        st.caption(f"Raced: {race.get('dropped', 0)} sets dropped before their last verification sample (their NLL "
+                   f"is the paired estimate; 'samples' in the table), {race['units']:,} token-block units{budget}, "
+                   f"against {race.get('units_unraced', 0):,} unraced. " + race.get("rule", "") + ".")
     st.caption(f"{sel.forward_passes} new forward passes, {v.get('dense_passes', 0)} dense pass"
                + ("" if dense is None else f" (dense NLL {dense:.4f})")
                + f", {state.fmt_seconds(sel.seconds)}. Winner: blocks {_blocks(sel.removed)} from "

@@ -114,7 +114,8 @@ def protect_margin() -> bool | int | float:
 
 
 # Test mode also shrinks the verification tokens and the healing calibration (tiny model, seconds).
-TEST_MODE_VERIFY = {"verify_samples": 4, "verify_seq_len": 64}
+# 8 x 32: two groups of 4 samples, so the race has a look (as many tokens as 4 x 64).
+TEST_MODE_VERIFY = {"verify_samples": 8, "verify_seq_len": 32}
 TEST_MODE_HEAL = {"n_samples": 8, "seq_len": 64}
 
 
@@ -375,6 +376,57 @@ class Memo:
     def __len__(self) -> int:
         with self._lock:
             return len(self._data)
+
+
+class CurveJob:
+    """The verified answer for every n of one analysis and one set of selection settings, computed
+    in a background thread so that the page stays usable (the prune page's "verify every n").
+
+    `verify(n)` is the library call for one n (`select(..., model=...)` with the session's
+    settings); `lock` is the analysis's NLL-cache lock, taken for one n at a time, so a
+    verification the user asks for in the foreground waits for at most one n. Every n reuses the
+    sets measured at any other n (the shared NLL cache and, raced, the partly scored sets), which
+    is what makes the whole curve cheap once a few n are done. Nothing here touches Streamlit: the
+    page reads `results`, `progress()` and `error`.
+    """
+
+    def __init__(self, ns: Sequence[int], verify: Callable[[int], Any], lock: threading.Lock) -> None:
+        self.ns = [int(n) for n in ns]
+        self.verify, self.lock = verify, lock
+        self.results: dict[int, Any] = {}
+        self.current: int | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self.thread = threading.Thread(target=self._run, name="mi-prun-verify-curve", daemon=True)
+
+    def start(self) -> "CurveJob":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        for n in self.ns:
+            if self.cancelled:
+                break
+            self.current = n
+            try:
+                with self.lock:
+                    self.results[n] = self.verify(n)
+            except MiPrunError as exc:  # the library's one-line reason; the n done so far stay
+                self.error = f"n = {n}: {exc}"
+                break
+        self.current = None
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def progress(self) -> tuple[int, int]:
+        """(n verified so far, n to verify)."""
+        return len(self.results), len(self.ns)
+
+    def cancel(self) -> None:
+        """Stop after the n being verified (its answer is kept)."""
+        self.cancelled = True
 
 
 # ----------------------------------------------------------------------------------------------

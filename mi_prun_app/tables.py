@@ -141,22 +141,25 @@ def comparison_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 def verified_candidates_frame(selection: Any) -> pd.DataFrame:
     """The sets the verified search scored, in the order it scored them: blocks removed, who
     proposed each (the first proposer counts), its MI objective, its verification NLL and the
-    perplexity exp(NLL) on the verification tokens, whether it was cached, and which set won."""
-    winner = list(selection.removed)
-    one = None if selection.one_pass_removed is None else list(selection.one_pass_removed)
+    perplexity exp(NLL) on the verification tokens (for a set a raced search dropped, the paired
+    estimate from the samples it was scored on), whether it was cached, and which set won."""
+    winner = tuple(selection.removed)
+    one = None if selection.one_pass_removed is None else tuple(selection.one_pass_removed)
     cols = ["order", "removed", "proposed_by", "proposers", "stage", "objective", "nll", "ppl",
-            "nll_vs_winner", "cached", "winner", "one_pass"]
+            "nll_vs_winner", "samples", "cached", "winner", "one_pass"]
     rows = []
     for k, c in enumerate(selection.candidates or []):
-        nll = c.get("nll")
-        rows.append({"order": k, "removed": " ".join(map(str, c["removed"])),
-                     "proposed_by": proposer_label((c.get("proposers") or [None])[0]),
-                     "proposers": "; ".join(map(proposer_label, c.get("proposers") or [])), "stage": c.get("stage"),
-                     "objective": c.get("objective"), "nll": nll,
+        nll = None if c.nll is None or not np.isfinite(c.nll) else c.nll
+        rows.append({"order": k, "removed": " ".join(map(str, c.removed)),
+                     "proposed_by": proposer_label(c.proposers[0] if c.proposers else None),
+                     "proposers": "; ".join(map(proposer_label, c.proposers)), "stage": c.stage,
+                     "objective": c.objective, "nll": nll,
                      "ppl": None if nll is None else float(np.exp(nll)),
                      "nll_vs_winner": None if nll is None or selection.nll is None else nll - selection.nll,
-                     "cached": bool(c.get("cached")), "winner": list(c["removed"]) == winner,
-                     "one_pass": one is not None and list(c["removed"]) == one})
+                     # raced searches: the samples a dropped set was scored on ("all" when complete)
+                     "samples": "all" if c.complete else str(c.samples),
+                     "cached": bool(c.cached), "winner": c.removed == winner,
+                     "one_pass": one is not None and c.removed == one})
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -27,7 +27,8 @@ from mi_prun.config import SelectConfig
 from mi_prun.data import load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import generate_sample, perplexity
-from mi_prun.models import load_model, pruned_view
+from mi_prun.models import pruned_view
+from mi_prun.runtime import load_model
 from mi_prun.select import compare, n_protected, select
 from mi_prun_app import state
 from mi_prun_app.labels import MISSING
@@ -249,6 +250,10 @@ def chart(fig: Any, key: str, caption: str) -> None:
     st.caption(caption)
 
 
+# Columns that hold lists of block numbers: drawn wide, so that a cell is not cut short.
+BLOCK_LIST_COLUMNS = ("removed", "P", "A", "proposers", "blocks")
+
+
 def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, height: int | str = "auto",
           missing: str = "no value") -> None:
     """A table with a CSV download button under it. Cells without a value read "—" (never None or
@@ -256,7 +261,8 @@ def table(df: pd.DataFrame, name: str, key: str, caption: str | None = None, hei
     shown, has_missing = displayed(df)
     if has_missing:
         caption = (caption + " " if caption else "") + f"{MISSING} = {missing}."
-    st.dataframe(shown, width="stretch", hide_index=True, key=f"df_{key}", height=height)
+    wide = {c: st.column_config.TextColumn(width="large") for c in BLOCK_LIST_COLUMNS if c in shown.columns}
+    st.dataframe(shown, width="stretch", hide_index=True, key=f"df_{key}", height=height, column_config=wide or None)
     cols = st.columns([1, 3])
     cols[0].download_button("Download CSV", data=csv_bytes(df), file_name=f"{name}.csv",
                             mime="text/csv", key=f"csv_{key}", icon=":material/download:")

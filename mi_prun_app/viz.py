@@ -372,21 +372,22 @@ def candidates_figure(selection: Any) -> go.Figure:
     the winner in MI-PRUN's colour, sets found by local search (swaps, exchanges) lighter, the one-pass
     answer circled in black; the dotted line is the dense model's NLL. The smaller sets an exchange
     measures on its way (one block put back) are in the table only."""
-    rows = sorted((r for r in selection.candidates or [] if len(r["removed"]) == selection.n),
-                  key=lambda r: (r.get("nll") is None, r.get("nll") or 0.0))  # put-back steps: table only
-    winner = list(selection.removed)
-    one = None if selection.one_pass_removed is None else list(selection.one_pass_removed)
-    xs = [" ".join(map(str, r["removed"])) for r in rows]
-    colours = [color("fbs") if list(r["removed"]) == winner else
-               ("#F6C6A8" if r.get("stage") in ("swap", "exchange") else "#BBBBBB") for r in rows]
-    outline = ["#000000" if one is not None and list(r["removed"]) == one else "rgba(0,0,0,0)" for r in rows]
-    custom = [[", ".join(r.get("proposers") or []), r.get("stage") or "", "yes" if r.get("cached") else "no"]
+    rows = sorted((r for r in selection.candidates or [] if len(r.removed) == selection.n and np.isfinite(r.nll)),
+                  key=lambda r: r.nll)  # put-back steps and broken passes: table only
+    winner = tuple(selection.removed)
+    one = None if selection.one_pass_removed is None else tuple(selection.one_pass_removed)
+    xs = [" ".join(map(str, r.removed)) for r in rows]
+    colours = [color("fbs") if r.removed == winner else
+               ("#F6C6A8" if r.stage in ("swap", "exchange") else "#BBBBBB") for r in rows]
+    outline = ["#000000" if one is not None and r.removed == one else "rgba(0,0,0,0)" for r in rows]
+    custom = [[", ".join(r.proposers), r.stage, "yes" if r.cached else "no",
+               "all samples" if r.complete else f"dropped after {r.samples} samples (paired estimate)"]
               for r in rows]
     fig = go.Figure(go.Scatter(
-        x=xs, y=[r.get("nll") for r in rows], mode="markers", name="candidate sets", customdata=custom,
+        x=xs, y=[r.nll for r in rows], mode="markers", name="candidate sets", customdata=custom,
         marker=dict(size=14, color=colours, symbol="diamond", line=dict(color=outline, width=2)),
         hovertemplate=("removes %{x}<br>NLL %{y:.4f}<br>proposed by %{customdata[0]}<br>"
-                       "stage %{customdata[1]}, cached %{customdata[2]}<extra></extra>")))
+                       "stage %{customdata[1]}, cached %{customdata[2]}<br>%{customdata[3]}<extra></extra>")))
     dense = (selection.verification or {}).get("dense_nll")
     if dense is not None and xs and np.isfinite(dense):
         fig.add_trace(go.Scatter(x=[xs[0], xs[-1]], y=[dense, dense], mode="lines", name=f"dense NLL {dense:.4f}",

@@ -47,6 +47,9 @@ m[2].metric("Gap to the optimum", f"{gap:.4f}", help="FBS objective minus the ex
                  "which is a proxy for perplexity).")
 m[3].metric("Iterations", max(len(fbs.trajectory) - 1, 0),
             help=f"FBS took {state.fmt_seconds(fbs.seconds)}; the exact DP {state.fmt_seconds(exact.seconds)}.")
+# A metric cuts a long value short in its column: the sets, in full, on a line of their own.
+st.markdown(f"**FBS removes** blocks {', '.join(map(str, fbs.removed))}; **the exact optimum removes** "
+            f"{', '.join(map(str, exact.removed))} (numbered from 0).")
 
 st.subheader("Checked by forward passes" if passes else "One-pass answer")
 if passes:

@@ -63,6 +63,8 @@ if passes and (DEFAULT_METHOD in methods or not methods):
     if verified is None:
         with verify_area:
             search.notice(DEFAULT_METHOD, n, passes)
+with verify_area:
+    search.curve_controls(analysis, passes, n)
 
 
 def chosen(method: str, k: int = n):
@@ -115,7 +117,8 @@ with right:
     do_now = b1.button(f"Compute perplexity for n = {n}", key="ppl_now", icon=":material/calculate:")
     do_curve = b2.button(f"Fill the curve for n = 1..{n}", key="ppl_curve", icon=":material/show_chart:",
                          help="Perplexity of every method for each number of removed blocks up to n. MI-PRUN's "
-                              "verified line gets points only at the n this session verified (no new passes).")
+                              "verified line gets points only at the n verified so far (this session's, or "
+                              "'Verify every n'); no new passes.")
     dense = None
     if do_now or do_curve or points:
         skipped_heal: set[int] = set()

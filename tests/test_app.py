@@ -227,6 +227,9 @@ def test_fbs_page_and_n_slider(shared_model):
     metrics = {m.label: m.value for m in at.metric}
     assert len(metrics["FBS removes"].split(",")) == 3
     assert metrics["FBS removes"] == ", ".join(map(str, select(analysis, "fbs", n=3).removed))
+    # the sets in full on their own line (a metric cuts a long value short)
+    full = f"**FBS removes** blocks {', '.join(map(str, select(analysis, 'fbs', n=3).removed))}; **the exact optimum"
+    assert any(md.value.startswith(full) for md in at.markdown)
     comp = chart(at, "MI objective of each method")
     assert len(comp["data"][0]["x"]) == 6  # MI-PRUN, exact and the baselines for the same n
     assert not any("price of its speed" in c.value for c in at.caption)
@@ -297,10 +300,10 @@ def test_prune_page_ppl_generation_and_export(shared_model, tmp_path):
     assert report["removed"] == list(verified.removed) and report["selection"]["verified"]
     assert "healing" not in report  # the heal switch is off by default
     # Provenance filled by the library from the analysis; the mergekit source is never a local path
-    # (the tiny random model has no hub id, so the library writes its placeholder and a note).
+    # (the tiny random model has no hub id, so the library writes its name and a note).
     assert report["estimator"] == analysis.estimator and report["calibration"] == json.loads(
         json.dumps(analysis.calibration))
-    assert report["source_model"] == (shared_model.hub_id or "<original model id>")
+    assert report["source_model"] == (shared_model.hub_id or shared_model.spec)
     recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
     assert {src["model"] for sl in recipe["slices"] for src in sl["sources"]} == {report["source_model"]}
     assert (out / "mergekit.yaml").is_file() and (out / "config.json").is_file()
@@ -437,8 +440,8 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     assert m["Verified answer removes"] == ", ".join(map(str, lib.removed))
     assert m["Winner proposed by"] == proposer_label(lib.winner_source)
     extra = lib.verification["confirm"].get("passes", 0)  # the confirmation's, beyond the budget
-    assert m["Forward passes"] == (f"{lib.forward_passes - extra} of {lib.verification['budget']}"
-                                   + (f" + {extra}" if extra else ""))
+    of = "" if lib.verification["race"].get("unit_budget") else f" of {lib.verification['budget']}"  # units: no sets
+    assert m["Forward passes"] == f"{lib.forward_passes - extra}{of}" + (f" + {extra}" if extra else "")
     assert any("Confirmation: " in c.value for c in at.caption)
     assert m["One-pass answer removes"] == ", ".join(map(str, select(analysis, "fbs", n=2).removed))
     assert m["FBS removes"] == m["One-pass answer removes"]  # FBS's own answer is still shown
@@ -446,10 +449,10 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     frame = next(df.value for df in at.dataframe if "proposers" in df.value.columns)
     assert len(frame) == len(lib.candidates) and frame["winner"].sum() == 1
     assert frame.loc[frame["winner"], "removed"].item() == " ".join(map(str, lib.removed))
-    np.testing.assert_allclose(frame["nll"], [c["nll"] for c in lib.candidates], rtol=1e-6)
+    np.testing.assert_allclose(frame["nll"], [c.nll for c in lib.candidates], rtol=1e-6)
     fig = chart(at, "Verified search")
     assert sorted(trace(fig, "candidate sets")["y"]) == pytest.approx(  # sets of n blocks; put-back steps: table
-        sorted(c["nll"] for c in lib.candidates if len(c["removed"]) == 2))
+        sorted(c.nll for c in lib.candidates if len(c.removed) == 2))
 
 
 def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_nll_caches):
@@ -476,7 +479,8 @@ def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_n
     b.switch_page(PAGES["fbs"]).run()
     no_errors(b)
     m = metrics_of(b)
-    assert m["Forward passes"] == f"0 of {SelectConfig().verify_budget(2, len(first_removable(b)))}"
+    of = "" if SelectConfig().verify_race == "units" else f" of {SelectConfig().verify_budget(2, len(first_removable(b)))}"
+    assert m["Forward passes"] == f"0{of}"  # a budget in token-block units has no count of sets to show
     assert m["Verified answer removes"] == first["Verified answer removes"]
     assert len(nll_cache_of(b)) == seen
 
@@ -839,7 +843,7 @@ def test_app_library_and_cli_remove_the_same_blocks_by_default(tmp_path, monkeyp
     """For one saved analysis, the app's default selection (its helpers and its FBS / prune pages)
     equals `select(analysis)` with default arguments and `mi-prun select` with no flags."""
     from mi_prun.cli import main
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
     from mi_prun.results import Analysis
     from mi_prun.select import Selection, select
@@ -900,3 +904,38 @@ def test_progress_text_says_the_time_left():
                                3 / 22)
     assert text == "set 3 of at most 22 (19 left in the budget): NLL 3.1 - about 76 s left"
     assert state.progress_text("22 sets scored", 0.0, 1.0) == "22 sets scored"
+
+
+def test_verify_every_n_in_the_background_gives_the_library_answers_and_marks_them(shared_model, fresh_nll_caches):
+    """'Verify every n' runs in a background thread while the page stays usable; each n it verifies is
+    the library's verified answer for that n (from a cold cache), the page marks which n are verified
+    and which are one-pass, and the current n then costs no pass."""
+    from mi_prun_app import search
+
+    search._curve_jobs.clear()
+    at = analysed_app()
+    at.switch_page(PAGES["prune"]).run()
+    no_errors(at)
+    n = at.slider(key="p_n_remove").value
+    mark = next(c.value for c in at.caption if "**Verified** (checked by forward passes)" in c.value)
+    assert f"n = {n}" in mark and "**one-pass**" in mark  # the current n was verified in the foreground
+    at.button(key="curve_start").click().run()
+    no_errors(at)
+    job = search._curve_jobs().get(next(iter(search._curve_jobs()._data)))
+    job.thread.join(timeout=600)
+    assert not job.running and job.error is None and job.progress() == (len(job.ns), len(job.ns))
+    analysis = at.session_state["analysis"]
+    for k, sel in job.results.items():
+        lib = library_verified(analysis, shared_model, k)
+        assert sel.verified and sel.removed == lib.removed and sel.nll == pytest.approx(lib.nll), k
+    at.run()
+    no_errors(at)
+    mark = next(c.value for c in at.caption if "**Verified** (checked by forward passes)" in c.value)
+    assert mark.split("at n = ")[1].split(";")[0] == ", ".join(map(str, sorted(job.results)))
+    other = next(k for k in job.ns if k != n)
+    at.slider(key="p_n_remove").set_value(other).run()  # the background answer: no verification runs
+    no_errors(at)
+    assert not at.status
+    col = chart(at, "Which blocks each method removes")
+    assert sorted(trace(col, "MI-PRUN (FBS) verified removed")["y"]) == list(job.results[other].removed)
+    search._curve_jobs.clear()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mi_prun.capture import capture, choose_positions
-from mi_prun.models.hooks import block_hooks, count_hooks
+from mi_prun.models.blocks import find_blocks
+from mi_prun.models.hooks import count_hooks, output_hooks
 from mi_prun.data import calibration_tokens, load_text
 from mi_prun.errors import NonFiniteError
 from mi_prun.testing import FAMILIES, tiny_model
@@ -44,12 +45,12 @@ def test_no_hook_survives_an_exception():
     model, tok = tiny_model("llama", n_layers=3)
     ids = torch.randint(0, 250, (2, 10))
 
-    def boom(b, hs):
+    def boom(b, output):
         if b == 1:
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        with block_hooks(model, on_input=lambda hs: None, on_output=boom, stop_after_last=False):
+        with output_hooks(dict(enumerate(find_blocks(model).blocks)), boom):
             model(ids)
     assert count_hooks(model) == 0
 

@@ -9,15 +9,16 @@ import pytest
 
 from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.errors import NotEnoughText
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.select import select
 from mi_prun.select.confirm import FreshDrawError, confirm, fresh_tokens, paired_gap, within_noise
 from mi_prun.select.scorer import NLLCache, resolve_tokens
+from mi_prun.select.selection import ScoredSet
 
 
 def row(removed, nll, who="x"):
-    return {"removed": list(removed), "proposers": [who], "nll": nll}
+    return ScoredSet(tuple(removed), (who,), math.nan, nll, False, "candidate")
 
 
 def test_confirm_takes_the_lowest_mean_over_both_draws():
@@ -33,11 +34,11 @@ def test_confirm_takes_the_lowest_mean_over_both_draws():
     best, rec = confirm(2, scored, score_b, k=3)
     # finalists: the 3 best sets of size 2 on A (the smaller set and the NaN one never), in A's order
     assert calls == [(1, 2), (2, 3), (3, 4)] and rec["passes"] == 3
-    assert best["removed"] == [3, 4] and rec["changed"]  # (3.02 + 2.90) / 2 is the lowest
+    assert best.removed == (3, 4) and rec["changed"]  # (3.02 + 2.90) / 2 is the lowest
     assert [f["nll_ab"] for f in rec["finalists"]] == pytest.approx([3.05, 2.995, 2.96])
     # a fresh draw that agrees keeps the search's answer; ties go to the set better on A
     best, rec = confirm(2, scored, lambda r: ({(1, 2): 3.0, (2, 3): 2.99}[r], True), k=2)
-    assert best["removed"] == [1, 2] and not rec["changed"] and rec["passes"] == 0
+    assert best.removed == (1, 2) and not rec["changed"] and rec["passes"] == 0
 
 
 def test_only_runners_up_within_noise_are_rescored():
@@ -53,13 +54,13 @@ def test_only_runners_up_within_noise_are_rescored():
 
     best, rec = confirm(2, scored, score_b, k=3, samples_a=lambda r: a[r], z=2.0)
     assert calls == [(1, 2), (2, 3)] and rec["passes"] == 2 and rec["rescored"] == 2
-    assert best["removed"] == [2, 3] and rec["changed"]  # (3.01 + 3.1) / 2 < (3.0 + 3.2) / 2
+    assert best.removed == (2, 3) and rec["changed"]  # (3.01 + 3.1) / 2 < (3.0 + 3.2) / 2
     clear = next(f for f in rec["finalists"] if f["removed"] == [3, 4])
     assert not clear["within_noise"] and clear["nll_b"] is None and clear["gap_a"] / clear["se_a"] > 2
     # every runner-up clear: draw B is never scored, draw A decides
     calls.clear()
     best, rec = confirm(2, [scored[0], scored[2]], score_b, k=3, samples_a=lambda r: a[r])
-    assert calls == [] and rec["passes"] == 0 and best["removed"] == [1, 2] and not rec["changed"]
+    assert calls == [] and rec["passes"] == 0 and best.removed == (1, 2) and not rec["changed"]
     assert "decided by draw A" in rec["rule"]
 
 

@@ -16,7 +16,8 @@ from mi_prun.config import AnalysisConfig, EvalConfig, SelectConfig
 from mi_prun.data import builtin_text
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import perplexity
-from mi_prun.models import load_model, prune
+from mi_prun.models import prune
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze
 from mi_prun.export import export
 from mi_prun.results import Analysis
@@ -172,9 +173,9 @@ def test_export_fills_provenance_itself(loaded, saved, tmp_path):
         json.dumps(analysis.calibration))
     assert record["model"]["spec"] == "tiny-llama"
     recipe = yaml.safe_load((out / "mergekit.yaml").read_text())
-    # a random tiny model has no hub id: a placeholder with a note, never a local cache path
-    assert {s["sources"][0]["model"] for s in recipe["slices"]} == {"<original model id>"}
-    assert "no known Hugging Face id" in (out / "mergekit.yaml").read_text()
+    # a random tiny model has no hub id and no folder: its name, with a note, never a placeholder
+    assert {s["sources"][0]["model"] for s in recipe["slices"]} == {"tiny-llama"} == {record["source_model"]}
+    assert "a built-in random model, which mergekit cannot read" in (out / "mergekit.yaml").read_text()
 
 
 def test_builtin_model_mergekit_source_is_its_hub_id():
@@ -216,7 +217,7 @@ def test_capture_equals_a_reference_forward(loaded):
 
 def test_model_identity_samples_large_tensors_inside_their_bounds():
     """A tensor of more than 2^24 elements (an LLM's embedding) must not index past its end."""
-    from mi_prun.models.identity import model_identity
+    from mi_prun.runtime.identity import model_identity
     from mi_prun.testing import tiny_model
 
     model, _ = tiny_model("llama", n_layers=2)

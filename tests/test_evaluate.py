@@ -137,7 +137,7 @@ def test_size_speed_and_compare(llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 

@@ -23,7 +23,8 @@ from mi_prun.errors import MiPrunError  # noqa: E402
 from mi_prun.export import export  # noqa: E402
 from mi_prun.gguf_export import GGUF_FILE, LAYOUTS, GGUFSource, check_kept, decode, read_source  # noqa: E402
 from mi_prun.heal import heal  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.models.tiny import VOCAB, tiny_model  # noqa: E402
 
 PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

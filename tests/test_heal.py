@@ -294,7 +294,7 @@ def test_heal_bench_quick_rows():
     spec = importlib.util.spec_from_file_location("bench_heal", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     loaded = load_model("tiny-llama")
     rows = bench.heal_rows(loaded, calib_for(loaded.tokenizer), load_text("builtin").text, [[2, 3]],
@@ -341,9 +341,10 @@ def test_heal_selects_with_the_healing_default(tmp_path, capsys):
     assert sel["forward_passes"] == 0 and not sel.get("verified")
     out2 = tmp_path / "h2"
     assert main(["--quiet", "prune", "--model", "tiny-llama", "--samples", "8", "--tokens", "48", "--n", "2",
-                 "--heal", "--verify-passes", "3", "--verify-tokens", "64", "--out", str(out2)]) == 0
+                 "--heal", "--verify-passes", "3", "--verify-tokens", "64", "--verify-race", "sets",
+                 "--out", str(out2)]) == 0
     sel2 = json.loads((out2 / "mi_prun.json").read_text())["selection"]
-    confirm = sel2["verification"]["confirm"]["passes"]  # the confirmation's, beyond the budget of 3
+    confirm = sel2["verification"]["confirm"]["passes"]  # the confirmation's, beyond the budget of 3 sets
     assert 0 < sel2["forward_passes"] - confirm <= 3 and sel2["verified"]
 
 

@@ -359,7 +359,9 @@ def test_remove_blocks_config_lists_and_subconfigs():
 def test_gguf_model_prunes_exports_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mi_prun.models import cache_dir, ensure_builtin, load_model
+    from mi_prun.models import cache_dir, ensure_builtin
+
+    from mi_prun.runtime import load_model
 
     ensure_builtin("smollm2-135m")
     gguf = sorted((cache_dir() / "gguf" / "smollm2-135m").glob("*.gguf"))[0]

@@ -35,7 +35,8 @@ from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.data import load_text
 from mi_prun.errors import MiPrunError, NonFiniteError
 from mi_prun.estimators import get_estimator, list_estimators
-from mi_prun.models import load_model, weights_bytes
+from mi_prun.models import weights_bytes
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import AnalysisConfig, analyze
 from mi_prun.export import export
 from mi_prun.models import pruned_view

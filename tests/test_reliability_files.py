@@ -30,7 +30,7 @@ from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.config import AnalysisConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import perplexity
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.results import Analysis
 from mi_prun.select import select
 from mi_prun.testing import tiny_model

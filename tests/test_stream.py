@@ -1,6 +1,7 @@
-"""Block-streaming execution: a model whose blocks stream from safetensors files (or stay in CPU
-memory) gives the in-memory results within float tolerance, on several families, for capture,
-verification NLL (with the prefix cache), healing and perplexity; and it reads one block at a time."""
+"""Block streaming: the runner gives every family's own logits, a streamed model reads one block at a
+time, a verified selection and the CLI pipeline run streamed, and streaming is chosen (or refused) as
+the memory check says. The equality of every forward pass across the three weight sources is
+`tests/test_weight_sources.py`."""
 
 from __future__ import annotations
 
@@ -11,19 +12,18 @@ from mi_prun.capture import capture
 from mi_prun.config import HealConfig, SelectConfig
 from mi_prun.data import calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
-from mi_prun.evaluate import perplexity, token_nll
+from mi_prun.evaluate import token_nll
 from mi_prun.heal import heal
 from mi_prun.models import find_blocks
-from mi_prun.models.stream import (
-    BlockRunner,
-    is_streamed,
-    offload_to_cpu,
-    open_streamed,
-)
-from mi_prun.select.verify import NLLCache, PrefixScorer
+from mi_prun.runtime.runner import BlockRunner
+from mi_prun.runtime.sources import offload_to_cpu, open_streamed, weight_source
+
 from mi_prun.testing import tiny_model
 
-FAMILIES = ["llama", "gemma3", "gpt2", "opt", "falcon", "gpt_neox", "qwen3"]
+
+
+def is_streamed(model) -> bool:
+    return weight_source(model).kind == "streamed"
 CPU = torch.device("cpu")
 
 
@@ -34,15 +34,6 @@ def _tokens(n: int = 6, t: int = 24, seed: int = 0, pad: bool = True):
     if pad:
         mask[1, -5:] = 0  # right padding in one row
     return ids, mask
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tmp_path_factory):
-    """(in-memory model, streamed from disk, tokenizer) of one tiny family."""
-    model, tok = tiny_model(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(folder)
-    return model, open_streamed(folder, CPU, torch.float32), tok
 
 
 def test_runner_logits_equal_the_forward_pass_for_every_family():
@@ -59,70 +50,12 @@ def test_runner_logits_equal_the_forward_pass_for_every_family():
         torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5, msg=family)
 
 
-def test_capture_equals_in_memory(pair):
-    model, streamed, _ = pair
-    ids, mask = _tokens()
-    ref = capture(model, ids, mask, max_positions=60, batch_size=4)
-    got = capture(streamed, ids, mask, max_positions=60, batch_size=4)
-    assert is_streamed(streamed) and not is_streamed(model)
-    torch.testing.assert_close(got.hidden, ref.hidden, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got.sample_index, ref.sample_index) and got.tokens_seen == ref.tokens_seen
-
-
-def test_token_nll_and_perplexity_equal_in_memory(pair):
-    model, streamed, tok = pair
-    ids, mask = _tokens()
-    a, na = token_nll(model, ids, mask, batch_size=4)
-    b, nb = token_nll(streamed, ids, mask, batch_size=4)
-    assert na == nb and b == pytest.approx(a, rel=1e-5)
-    text = load_text("builtin").text
-    ra = perplexity(model, tok, text, seq_len=32, max_windows=4, batch_size=2)
-    rb = perplexity(streamed, tok, text, seq_len=32, max_windows=4, batch_size=2)
-    assert rb.ppl == pytest.approx(ra.ppl, rel=1e-5) and rb.tokens_scored == ra.tokens_scored
-
-
-def test_verification_nll_with_prefix_cache_equals_in_memory(pair):
-    model, streamed, _ = pair
-    ids, mask = _tokens()
-    L = len(find_blocks(model))
-    sets = [(1,), (2, 3), (1, 4), (0, 5)]
-    mem = PrefixScorer(model, ids, mask, 4, range(1, L), NLLCache())
-    st = PrefixScorer(streamed, ids, mask, 4, range(1, L), NLLCache())
-    assert st.dense() == pytest.approx(mem.dense(), rel=1e-5)
-    for removed in sets:
-        want = mem.nll(removed)
-        assert st.nll(removed) == pytest.approx(want, rel=1e-5), removed
-        assert st.nll(removed, use_prefix=False) == pytest.approx(want, rel=1e-5), removed
-    assert st.dense_passes == 1
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
-def test_heal_statistics_and_bridge_equal_in_memory(family, tmp_path):
-    model, tok = tiny_model(family)
-    model.save_pretrained(tmp_path)
-    streamed = open_streamed(tmp_path, CPU, torch.float32)
-    calib = calibration_tokens(tok, load_text("builtin"), 8, 40, seed=0)
-    cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
-    removed = [2, 4]  # two runs: the second is fitted on the healed prefix (sequential)
-    healed_mem, rec_mem = heal(model, removed, calib, config=cfg)
-    healed_st, rec_st = heal(streamed, removed, calib, config=cfg)
-    for a, b in zip(rec_mem.runs, rec_st.runs):
-        assert b.rows == a.rows and b.module == a.module
-        assert b.unexplained_healed == pytest.approx(a.unexplained_healed, rel=1e-4, abs=1e-7)
-        assert b.unexplained_unhealed == pytest.approx(a.unexplained_unhealed, rel=1e-4, abs=1e-7)
-    ids, mask = calib.input_ids, calib.attention_mask
-    a, _ = token_nll(healed_mem, ids, mask)
-    b, _ = token_nll(healed_st, ids, mask)
-    assert b == pytest.approx(a, rel=1e-4)
-    assert is_streamed(healed_st) and not any(p.is_meta for p in model.parameters())
-
-
 def test_streaming_reads_one_block_at_a_time(tmp_path, monkeypatch):
     model, _ = tiny_model("llama", n_layers=4)
     model.save_pretrained(tmp_path)
     streamed = open_streamed(tmp_path, CPU, torch.float32)
     assert all(p.is_meta for p in find_blocks(streamed).blocks.parameters())
-    stream = streamed._mi_prun_stream
+    stream = weight_source(streamed).stream
     reads: list[list[str]] = []
     real_get = stream.store.get
     monkeypatch.setattr(stream.store, "get", lambda keys: reads.append(sorted(keys)) or real_get(keys))
@@ -148,15 +81,15 @@ def test_streamed_model_that_cannot_be_opened_is_one_line(tmp_path):
 
 def test_verified_select_streamed_equals_in_memory(tmp_path):
     from mi_prun.config import AnalysisConfig
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
     from mi_prun.pipeline import analyze
     from mi_prun.select import select
 
     model, tok = tiny_model("llama", n_layers=8)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    mem = load_model(tmp_path / "m", device="cpu", dtype="float32", offload=False)
-    st = load_model(tmp_path / "m", device="cpu", dtype="float32", offload=True)
+    mem = load_model(tmp_path / "m", device="cpu", dtype="float32", stream=False)
+    st = load_model(tmp_path / "m", device="cpu", dtype="float32", stream=True)
     assert is_streamed(st.model) and not is_streamed(mem.model)
     acfg = AnalysisConfig(calib="builtin", n_samples=4, seq_len=48, max_positions=120)
     a_mem, a_st = analyze(mem, acfg), analyze(st, acfg)
@@ -180,37 +113,13 @@ def _saved(tmp_path, family="llama", n_layers=6):
     return model, folder
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_export_of_a_streamed_healed_model_equals_in_memory(family, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from mi_prun.export import export
-    from mi_prun.models import load_model
-
-    _, folder = _saved(tmp_path, family)
-    calib = calibration_tokens(tiny_model(family)[1], load_text("builtin"), 8, 40, seed=0)
-    cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
-    outs = {}
-    for name, offload in (("mem", False), ("st", True)):
-        loaded = load_model(folder, device="cpu", dtype="float32", offload=offload)
-        healed, _ = heal(loaded.model, [2, 3], calib, config=cfg)
-        outs[name] = export(healed, loaded.tokenizer, None, tmp_path / name, loaded=loaded)
-    ids, mask = _tokens()
-    logits = {}
-    for name, path in outs.items():
-        m = AutoModelForCausalLM.from_pretrained(path)  # plain transformers
-        with torch.no_grad():
-            logits[name] = m(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(logits["st"], logits["mem"], atol=1e-4, rtol=1e-4)
-
-
-def test_cli_offload_analyze_prune_eval(tmp_path, capsys):
+def test_cli_stream_analyze_prune_eval(tmp_path, capsys):
     import json
 
     from mi_prun.cli import main
 
     _, folder = _saved(tmp_path, n_layers=8)
-    common = ["--model", str(folder), "--device", "cpu", "--offload", "--calib", "builtin", "--samples", "4",
+    common = ["--model", str(folder), "--device", "cpu", "--stream", "--calib", "builtin", "--samples", "4",
               "--tokens", "48", "--positions", "120"]
     assert main(["--quiet", "analyze", *common, "--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "analysis.json").read_text())
@@ -223,40 +132,44 @@ def test_cli_offload_analyze_prune_eval(tmp_path, capsys):
     assert record["n_blocks"] == 6 and record["peak_memory"]["rss_peak_bytes"] > 0
     assert main(["--quiet", "eval", "--model", str(tmp_path / "p"), "--device", "cpu", "--offload", "--data", "builtin",
                  "--seq-len", "32", "--max-windows", "2"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "perplexity" in captured.out
+    # --offload, the earlier name of --stream, still works and says so once per command
+    assert captured.err.count("note: --offload is now --stream") == 3
 
 
 def test_offload_is_chosen_when_the_model_does_not_fit(tmp_path, monkeypatch):
-    from mi_prun.models import load_model, memory
+    from mi_prun.models import memory
+    from mi_prun.runtime import load_model
 
     _, folder = _saved(tmp_path)
     need = memory.weights_bytes(folder, None, torch.float32)
     monkeypatch.setattr(memory, "available_memory", lambda device: int(need * 0.8))  # a block fits, the model not
     loaded = load_model(folder, device="cpu", dtype="float32")
     assert is_streamed(loaded.model) and loaded.info["offload"] == "disk"
-    with pytest.raises(MiPrunError, match="--offload"):
-        load_model(folder, device="cpu", dtype="float32", offload=False)
+    with pytest.raises(MiPrunError, match="--stream"):
+        load_model(folder, device="cpu", dtype="float32", stream=False)
     monkeypatch.setattr(memory, "available_memory", lambda device: 16)  # not even one block
-    with pytest.raises(MiPrunError, match="needs about .*--offload.*--device-map auto"):
+    with pytest.raises(MiPrunError, match="needs about .*--stream.*--device-map auto"):
         load_model(folder, device="cpu", dtype="float32")
     with pytest.raises(MiPrunError, match="fits nowhere: even streamed"):
-        load_model(folder, device="cpu", dtype="float32", offload=True)
+        load_model(folder, device="cpu", dtype="float32", stream=True)
 
 
 def test_bad_execution_input_is_one_line(tmp_path):
     import json
 
-    from mi_prun.models import load_model
+    from mi_prun.runtime import load_model
 
     _, folder = _saved(tmp_path, n_layers=2)
     cases = [
         ({"device": "cuda:7"} if not torch.cuda.is_available() or torch.cuda.device_count() < 8
          else {"device": "nonsense"}, "cuda|device"),
         ({"device": "tpu"}, "unknown device|not supported"),
-        ({"offload": "sometimes"}, "offload must be"),
-        ({"offload": True, "device_map": "auto"}, "alternatives"),
+        ({"stream": "sometimes"}, "stream must be"),
+        ({"stream": True, "device_map": "auto"}, "alternatives"),
         ({"device_map": {"": 9}}, "GPU 9"),
-        ({"device_map": {"model.embed_tokens": "cuda:5", "": "cpu"}}, "cuda:5"),
+        ({"device_map": {"": "cuda:5"}}, "cuda:5"),
         ({"device_map": str(tmp_path / "missing.json")}, "not found"),
     ]
     bad_json = tmp_path / "bad.json"
@@ -280,44 +193,6 @@ def test_bad_execution_input_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------ accelerate device maps
-
-
-def test_dispatched_model_with_cpu_and_disk_offload_equals_in_memory(tmp_path):
-    """A device map that keeps blocks 0-2 on the CPU and offloads 3-5 to disk: capture, pruned views
-    (verification), healing folds (into an offloaded block too) and the export all match the
-    in-memory model, and the export loads with plain from_pretrained."""
-    from transformers import AutoModelForCausalLM
-
-    from mi_prun.export import export
-    from mi_prun.models import load_model, pruned_view
-
-    _, folder = _saved(tmp_path)
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "cpu" if i < 3 else "disk" for i in range(6)}}
-    map_file = tmp_path / "map.json"
-    import json
-
-    map_file.write_text(json.dumps(device_map))
-    mem = load_model(folder, device="cpu", dtype="float32", offload=False)
-    dis = load_model(folder, device="cpu", dtype="float32", device_map=str(map_file), offload_folder=tmp_path / "off")
-    assert any(p.is_meta for p in dis.model.parameters())  # really offloaded
-    ids, mask = _tokens()
-    torch.testing.assert_close(capture(dis.model, ids, mask, max_positions=40).hidden,
-                               capture(mem.model, ids, mask, max_positions=40).hidden)
-    for removed in ([1, 4], [3]):
-        assert token_nll(pruned_view(dis.model, removed), ids, mask)[0] == pytest.approx(
-            token_nll(pruned_view(mem.model, removed), ids, mask)[0], rel=1e-6)
-    calib = calibration_tokens(mem.tokenizer, load_text("builtin"), 8, 40, seed=0)
-    cfg = HealConfig(n_samples=8, seq_len=40, batch_size=4, ridge=1e-3)
-    (hm, rm), (hd, rd) = (heal(m.model, [2, 4], calib, config=cfg) for m in (mem, dis))  # block 3 is on disk
-    assert [r.unexplained_healed for r in rd.runs] == pytest.approx([r.unexplained_healed for r in rm.runs])
-    assert token_nll(hd, ids, mask)[0] == pytest.approx(token_nll(hm, ids, mask)[0], rel=1e-6)
-    outs = [export(h, mem.tokenizer, None, tmp_path / name, loaded=m) for h, m, name in
-            ((hm, mem, "em"), (hd, dis, "ed"))]
-    with torch.no_grad():
-        la, lb = (AutoModelForCausalLM.from_pretrained(p)(input_ids=ids, attention_mask=mask).logits for p in outs)
-    torch.testing.assert_close(lb, la)
-    assert token_nll(dis.model, ids, mask)[0] == pytest.approx(token_nll(mem.model, ids, mask)[0], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------ CUDA (skipped without a GPU)
@@ -354,7 +229,7 @@ def test_cli_pipeline_on_cuda_in_bfloat16(tmp_path):
     from mi_prun.cli import main
 
     _, folder = _saved(tmp_path, n_layers=8)
-    for offload in ("--no-offload", "--offload"):
+    for offload in ("--no-stream", "--stream"):
         out = tmp_path / offload.strip("-")
         args = ["--model", str(folder), "--device", "cuda", offload, "--calib", "builtin", "--samples", "4",
                 "--tokens", "48", "--positions", "120"]

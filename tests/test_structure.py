@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -91,3 +92,34 @@ def test_ruff_is_clean():
     res = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-1000:]
+
+
+# What only the runtime may ask: which way a model runs (streamed, dispatched by accelerate, resident).
+_EXECUTION_PATH = re.compile(r"is_streamed|stream_of|_hf_hook|STREAM_ATTR|_mi_prun_stream|\.kind\s*[!=]=\s*\"(?:streamed|"
+                             r"dispatched|resident)\"|isinstance\([^)]*(?:StreamedSource|DispatchedSource|ResidentSource)")
+
+
+def _path_branches(root: Path) -> list[str]:
+    hits = []
+    for path in [root / "app.py", *sorted((root / "mi_prun").rglob("*.py")), *sorted((root / "mi_prun_app").rglob("*.py")),
+                 *sorted((root / "pages").glob("*.py"))]:
+        if not path.exists() or (root / "mi_prun" / "runtime") in path.parents:
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if _EXECUTION_PATH.search(line):
+                hits.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    return hits
+
+
+def test_only_the_runtime_asks_which_way_a_model_runs():
+    """Capture, scoring, healing, evaluation and export run through the weight source and the block
+    runner; a module outside `mi_prun/runtime` that branches on the execution path is a regression."""
+    assert _path_branches(ROOT) == []
+
+
+def test_the_execution_path_check_sees_a_branch(tmp_path):
+    (tmp_path / "mi_prun" / "runtime").mkdir(parents=True)
+    (tmp_path / "mi_prun" / "runtime" / "sources.py").write_text("def is_streamed(m): ...\n")
+    (tmp_path / "mi_prun" / "capture.py").write_text(
+        "def f(model):\n    if weight_source(model).kind == \"streamed\":\n        return 1\n")
+    assert [h.split(":")[0] for h in _path_branches(tmp_path)] == ["mi_prun/capture.py"]

@@ -16,7 +16,8 @@ pytest.importorskip("lm_eval")
 
 from mi_prun.config import AnalysisConfig, SelectConfig, ZeroShotConfig  # noqa: E402
 from mi_prun.errors import MiPrunError  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.task_scorer import TaskScorer, is_task_spec  # noqa: E402
@@ -101,13 +102,15 @@ def test_verified_search_on_a_task(tiny, task_yaml):
     cfg = CFG.replace(verify_on=str(task_yaml))
     sel = select(analysis, cfg, model=loaded)
     assert sel.verified and sel.options["verify_on"] == str(task_yaml)
-    rows = [r for r in sel.candidates if len(r["removed"]) == sel.n]
-    assert sel.nll == min(r["nll"] for r in rows)  # the winner has the lowest choice NLL of the sets scored
+    rows = [r for r in sel.candidates if len(r.removed) == sel.n]
+    assert sel.nll == min(r.nll for r in rows)  # the winner has the lowest choice NLL of the sets scored
     assert sel.nll == pytest.approx(hand_choice_nll(loaded.model, loaded.tokenizer, sel.removed), rel=1e-5)
     task = sel.verification["task"]
     assert task["items"] == len(ITEMS) and 0.0 <= task["winner_accuracy"] <= 1.0
     assert sel.verification["tokens"]["kind"] == "task"
     assert sel.verification["tokens"]["tasks"][0]["task"] == "mc_verify"
+    assert sel.verification["race"]["mode"] == "off (the scorer cannot race)"  # a task's NLL is not per sample
+    assert all(r.complete and r.samples is None for r in sel.candidates)
     # verified on text (the default) the same search scores other values
     text_sel = select(analysis, CFG, model=loaded)
     assert text_sel.nll != sel.nll and "task" not in text_sel.verification

@@ -17,8 +17,9 @@ import torch
 
 from mi_prun.config import AnalysisConfig, SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.models import find_blocks, load_model
-from mi_prun.models.loading import LoadedModel
+from mi_prun.models import find_blocks
+from mi_prun.runtime import load_model
+from mi_prun.runtime.loading import LoadedModel
 from mi_prun.pipeline import analyze
 from mi_prun.select import NLLCache, Selection, guided_select, k_best_combinations, select
 from mi_prun.select.costs import set_cost
@@ -90,21 +91,22 @@ def test_verified_search_fixes_a_one_pass_criterion_wrong_by_construction(advers
     assert v.nll == pytest.approx(truth[v.removed[0]]) and v.one_pass_nll > v.nll + 1.0
     assert v.verification["one_pass_gap_nats"] == pytest.approx(v.one_pass_nll - v.nll)
     assert v.winner_source and v.winner_source != "fbs"
-    assert {tuple(c["removed"]) for c in v.candidates} == {(b,) for b in range(1, 5)}
+    assert {c.removed for c in v.candidates} == {(b,) for b in range(1, 5)}
 
 
+@pytest.mark.parametrize("race", ["off", "sets"])  # the budget in sets, unraced and raced
 @pytest.mark.parametrize("budget", [1, 3, 100])
-def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget):
+def test_passes_equal_sets_scored_and_never_exceed_the_budget(tiny, budget, race):
     loaded, analysis = tiny
-    v = select(analysis, config=CFG.replace(n=2, verify_passes=budget), model=loaded)
+    v = select(analysis, config=CFG.replace(n=2, verify_passes=budget, verify_race=race), model=loaded)
     extra = v.verification["confirm"]["passes"]  # the confirmation's, beyond the search's budget
     assert v.forward_passes == v.verification["passes"] == len(v.candidates) + extra
     assert len(v.candidates) <= budget and extra <= CFG.verify_confirm
-    assert not any(c["cached"] for c in v.candidates)
-    assert len({tuple(c["removed"]) for c in v.candidates}) == len(v.candidates)
-    assert v.candidates[0]["removed"] == list(v.one_pass_removed)  # the one-pass answer comes first
-    best = min(v.candidates, key=lambda c: c["nll"])
-    assert list(v.removed) == best["removed"] and v.nll == best["nll"]
+    assert not any(c.cached for c in v.candidates)
+    assert len({c.removed for c in v.candidates}) == len(v.candidates)
+    assert v.candidates[0].removed == v.one_pass_removed  # the one-pass answer comes first
+    best = min((c for c in v.candidates if c.complete), key=lambda c: c.nll)
+    assert v.removed == best.removed and v.nll == best.nll
     assert all(0 < b < 5 for b in v.removed)  # protect_ends holds for the verified answer too
     if budget == 100:
         assert v.forward_passes < 100  # candidates and refinement ran out before the budget
@@ -128,13 +130,13 @@ def test_deterministic_and_nll_cache_reused_across_n(tiny):
     loaded, analysis = tiny
     a = select(analysis, config=CFG.replace(n=2), model=loaded)
     b = select(analysis, config=CFG.replace(n=2), model=loaded)
-    assert a.removed == b.removed and [c["nll"] for c in a.candidates] == [c["nll"] for c in b.candidates]
+    assert a.removed == b.removed and [c.nll for c in a.candidates] == [c.nll for c in b.candidates]
     cache = NLLCache()
     first = select(analysis, config=CFG.replace(n=2), model=loaded, cache=cache)
     select(analysis, config=CFG.replace(n=3), model=loaded, cache=cache)
     again = select(analysis, config=CFG.replace(n=2), model=loaded, cache=cache)  # the slider comes back
     assert again.forward_passes == 0 and again.removed == first.removed and again.verification["dense_passes"] == 0
-    assert all(c["cached"] for c in again.candidates)
+    assert all(c.cached for c in again.candidates)
     assert select(analysis, config=CFG.replace(n=2, verify_passes=0), model=loaded).removed == a.one_pass_removed
 
 
@@ -181,7 +183,15 @@ def test_selection_round_trip_and_old_files(tiny, tmp_path):
     loaded, analysis = tiny
     v = select(analysis, config=CFG.replace(n=2, verify_passes=3), model=loaded)
     back = Selection.load(v.save(tmp_path / "v.json"))
-    assert back.verified and back.removed == v.removed and back.candidates == v.to_dict()["candidates"]
+    assert back.verified and back.removed == v.removed and back.candidates == v.candidates
+    assert [c.to_dict() for c in back.candidates] == v.to_dict()["candidates"]
+    # a file written before the rows were typed and raced (plain dicts, no race fields) reads the same
+    base = lambda c: (c.removed, c.proposers, c.objective, c.nll, c.cached, c.stage)  # noqa: E731
+    rows = [{"removed": list(c.removed), "proposers": list(c.proposers), "objective": c.objective, "nll": c.nll,
+             "cached": c.cached, "stage": c.stage} for c in v.candidates]
+    old_rows = Selection.from_dict({**v.to_dict(), "candidates": rows}).candidates
+    assert [base(c) for c in old_rows] == [base(c) for c in v.candidates]
+    assert all(c.complete and c.samples is None and c.units is None for c in old_rows)
     assert back.one_pass_removed == v.one_pass_removed and back.nll == pytest.approx(v.nll)
     old = {k: val for k, val in v.to_dict().items()
            if k not in ("verified", "nll", "candidates", "winner_source", "one_pass_removed", "one_pass_nll",
@@ -204,13 +214,17 @@ def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_pat
     assert main(["--quiet", "select", str(folder), "--n", "2"]) == 0
     assert "unverified (no --model): one-pass answer" in capsys.readouterr().out
     assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3",
-                 "--out", str(tmp_path / "s.json")]) == 0
+                 "--verify-race", "sets", "--out", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
     assert "verified: " in out and " of 3 sets scored" in out and "one-pass answer" in out
     sel = Selection.load(tmp_path / "s.json")
     assert sel.verified and len(sel.candidates) <= 3
     assert sel.forward_passes == len(sel.candidates) + sel.verification["confirm"]["passes"]
     assert "Confirmation: " in out
+    # the shipped race spends a budget in token-block units, and says so
+    assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "token-block units of a budget of" in out and "(3 passes x a full pass)" in out
     assert main(["--quiet", "select", str(folder), "--n", "2", "--verify-passes", "0"]) == 0
     assert "unverified" not in capsys.readouterr().out
     assert main(["select", str(folder), "--verify-passes", "-1"]) == 2
@@ -232,8 +246,11 @@ def test_benchmark_quick_mode_runs_every_method():
     from mi_prun.select.counts import allowed_blocks
 
     removable = len(allowed_blocks(6, SelectConfig().protect_ends))  # tiny-llama: 6 blocks
-    assert all(r["forward_passes"] <= SelectConfig().verify_budget(r["n"], removable)
-               for r in rows if r["method"] == "verified")
+    for r in rows:
+        if r["method"] == "verified" and r["unit_budget"] is None:  # the budget in sets
+            assert r["forward_passes"] <= SelectConfig().verify_budget(r["n"], removable)
+        elif r["method"] == "verified":  # in units: a set once started is finished
+            assert r["units"] <= r["unit_budget"] + r["largest_set_units"]
 
 
 def test_prune_verifies_with_inline_calibration_text(tmp_path, capsys):
@@ -307,7 +324,7 @@ def test_auto_budget_is_a_quarter_of_sleb_with_a_floor_and_the_cli_takes_it(tiny
     _, analysis = tiny
     folder = analysis.save(tmp_path / "a")
     assert main(["--quiet", "select", str(folder), "--n", "2", "--model", "tiny-llama", "--verify-passes", "auto",
-                 "--verify-tokens", "64"]) == 0
+                 "--verify-tokens", "64", "--verify-race", "sets"]) == 0
     out = capsys.readouterr().out
     assert f"of {cfg.verify_budget(2, 4)} (auto) sets scored" in out
     assert main(["select", str(folder), "--verify-passes", "lots"]) == 2
@@ -347,15 +364,15 @@ def test_local_search_finds_blocks_no_criterion_proposes():
     cands = propose(problem, None, one, "fbs")
     assert (1, 4, 7) not in {c.removed for c in cands}
     out = verified_search(problem, cands, nll, budget=200)
-    assert out["best"]["removed"] == [1, 4, 7] and out["best"]["stage"] in ("swap", "exchange")
-    assert out["passes"] == len(out["scored"]) == len(set(calls)) == len(calls) < 200
-    assert out["sets_by_stage"]["exchange"] > 0 and sum(out["sets_by_stage"].values()) == len(out["scored"])
+    assert out.best.removed == (1, 4, 7) and out.best.stage in ("swap", "exchange")
+    assert out.passes == len(out.scored) == len(set(calls)) == len(calls) < 200
+    assert out.sets_by_stage["exchange"] > 0 and sum(out.sets_by_stage.values()) == len(out.scored)
     # every budget is respected and the answer only improves with more budget
     last = math.inf
     for budget in (1, 5, 10, 20, 40, 80):
         r = verified_search(problem, cands, nll, budget=budget)
-        assert len(r["scored"]) <= budget and r["best"]["nll"] <= last
-        last = r["best"]["nll"]
+        assert len(r.scored) <= budget and r.best.nll <= last
+        last = r.best.nll
     # a warm cache changes the passes spent, never the answer
     cache = {}
 
@@ -366,8 +383,8 @@ def test_local_search_finds_blocks_no_criterion_proposes():
 
     a = verified_search(problem, cands, cached, budget=15)
     b = verified_search(problem, cands, cached, budget=15)
-    assert a["best"]["removed"] == b["best"]["removed"] and b["passes"] == 0
-    assert [r["removed"] for r in a["scored"]] == [r["removed"] for r in b["scored"]]
+    assert a.best.removed == b.best.removed and b.passes == 0
+    assert [r.removed for r in a.scored] == [r.removed for r in b.scored]
 
 
 def test_exchange_order_trusts_measurements_over_mi():
@@ -408,7 +425,7 @@ def test_later_exchanges_try_the_best_measured_block_first(monkeypatch):
     one = tuple(sorted(np.argsort(-harm[1:-1])[:3] + 1))
     out = verified_search(problem, propose(problem, None, one, "fbs"),
                           lambda removed: (float(harm[list(removed)].sum()), False), budget=200)
-    assert out["best"]["removed"] == [1, 4, 7]
+    assert out.best.removed == (1, 4, 7)
     assert len(calls) >= 2 and calls[0][2] == {}
     base, returned, measured, order = calls[1]
     assert measured and all(math.isclose(v, harm[b]) for b, v in measured.items())
@@ -441,10 +458,10 @@ def test_stopping_when_only_put_back_sets_are_left_changes_no_answer():
         for budget in range(1, 80, 3):
             full = verified_search(problem, cands, nll, budget, stop_early=False)
             cut = verified_search(problem, cands, nll, budget)
-            assert cut["best"]["removed"] == full["best"]["removed"], (seed, budget)
-            assert cut["best"]["nll"] == full["best"]["nll"]
-            sized = lambda out, n=n: [r["removed"] for r in out["scored"] if len(r["removed"]) == n]  # noqa: E731
+            assert cut.best.removed == full.best.removed, (seed, budget)
+            assert cut.best.nll == full.best.nll
+            sized = lambda out, n=n: [r.removed for r in out.scored if len(r.removed) == n]  # noqa: E731
             assert sized(cut) == sized(full)  # every set of n blocks the full search scores, in order
-            assert len(cut["scored"]) <= len(full["scored"]) <= budget
-            saved += len(full["scored"]) - len(cut["scored"])
+            assert len(cut.scored) <= len(full.scored) <= budget
+            saved += len(full.scored) - len(cut.scored)
     assert saved > 0

@@ -174,13 +174,15 @@ def _verified_selection():
     from mi_prun.select.selection import make_selection
     from dataclasses import replace
 
+    from mi_prun.select.selection import ScoredSet
+
     sel = make_selection("fbs", 2, 8, (2, 3), 0.5, "neg-mi", 0.1, forward_passes=3)
-    cands = [{"removed": [4, 5], "proposers": ["fbs", "topk"], "objective": 0.4, "nll": 3.2, "cached": False,
-              "stage": "candidate"},
-             {"removed": [2, 3], "proposers": ["exact:neg-mi#2"], "objective": 0.5, "nll": 3.0, "cached": True,
-              "stage": "candidate"},
-             {"removed": [2, 4], "proposers": ["swap:exact:neg-mi#2"], "objective": 0.7, "nll": 3.1,
-              "cached": False, "stage": "refinement"}]
+    cands = [ScoredSet((4, 5), ("fbs", "topk"), 0.4, 3.2, False, "candidate"),
+             ScoredSet((2, 3), ("exact:neg-mi#2",), 0.5, 3.0, True, "candidate"),
+             ScoredSet((2, 4), ("swap:exact:neg-mi#2",), 0.7, 3.1, False, "swap"),
+             # dropped by the race after 4 samples: its NLL is the paired estimate
+             ScoredSet((1, 4), ("swap:exact:neg-mi#2",), 0.8, 3.9, False, "swap", complete=False, samples=4,
+                       units=512)]
     return replace(sel, verified=True, nll=3.0, candidates=cands, winner_source="exact:neg-mi#2",
                    one_pass_removed=(4, 5), one_pass_nll=3.2,
                    verification={"budget": 16, "passes": 3, "dense_passes": 1, "dense_nll": 2.5,
@@ -193,18 +195,20 @@ def test_candidates_figure_and_table():
     sel = _verified_selection()
     fig = viz.candidates_figure(sel)
     dots = trace(fig, "candidate sets")
-    assert list(dots.x) == ["2 3", "2 4", "4 5"] and list(dots.y) == [3.0, 3.1, 3.2]  # best first
+    assert list(dots.x) == ["2 3", "2 4", "4 5", "1 4"] and list(dots.y) == [3.0, 3.1, 3.2, 3.9]  # best first
+    assert "dropped after 4 samples" in dots.customdata[3][3] and dots.customdata[0][3] == "all samples"
     assert dots.marker.color[0] == viz.METHOD_COLORS["fbs"]  # the winner
     assert dots.marker.line.color[2] == "#000000"  # the one-pass answer is circled
     assert list(trace(fig, "dense NLL 2.5000").y) == [2.5, 2.5]
     df = tables.verified_candidates_frame(sel)
-    assert list(df["removed"]) == ["4 5", "2 3", "2 4"]  # scoring order
-    assert list(df["winner"]) == [False, True, False] and list(df["one_pass"]) == [True, False, False]
+    assert list(df["removed"]) == ["4 5", "2 3", "2 4", "1 4"]  # scoring order
+    assert list(df["winner"]) == [False, True, False, False] and list(df["one_pass"]) == [True, False, False, False]
+    assert list(df["samples"]) == ["all", "all", "all", "4"]
     assert df["proposed_by"][0] == "MI-PRUN (FBS)" and df["proposers"][0] == "MI-PRUN (FBS); MI top-k"
     assert df["proposed_by"][1] == "MI exact optimum (neg-mi), 2nd best"
     assert df["proposed_by"][2] == "swap from MI exact optimum (neg-mi), 2nd best"
-    np.testing.assert_allclose(df["nll_vs_winner"], [0.2, 0.0, 0.1], atol=1e-12)
-    np.testing.assert_allclose(df["ppl"], np.exp([3.2, 3.0, 3.1]))
+    np.testing.assert_allclose(df["nll_vs_winner"], [0.2, 0.0, 0.1, 0.9], atol=1e-12)
+    np.testing.assert_allclose(df["ppl"], np.exp([3.2, 3.0, 3.1, 3.9]))
 
 
 def test_ppl_curve_draws_verified_and_healed_lines_and_the_table_pairs_them():

@@ -17,7 +17,8 @@ pytest.importorskip("lm_eval")
 
 from mi_prun.config import ZeroShotConfig  # noqa: E402
 from mi_prun.errors import MiPrunError  # noqa: E402
-from mi_prun.models import load_model, pruned_view  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.zeroshot import multiple_choice_items, record_zero_shot, zero_shot  # noqa: E402
 
 ITEMS = [

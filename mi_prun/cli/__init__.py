@@ -3,31 +3,31 @@
 Each command builds the library's configs from its flags (`args`), calls library functions
 (`commands`) and prints (`output`). Errors a user can fix (`MiPrunError`) print one line and exit
 with status 2; `--debug` shows the traceback. Blocks are numbered from 0 in all output.
+
+This module imports nothing heavy at import time: torch, transformers and the commands are imported
+inside `main`, so that Ctrl-C while they load (seconds on a cold disk) prints "interrupted" too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import signal
 import sys
 import threading
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
-from transformers.utils import logging as hf_logging
-
-from mi_prun.cli.args import build_parser
-from mi_prun.cli.commands import COMMANDS
-from mi_prun.cli.output import BLOCK_NOTE, format_analysis, format_selection
 from mi_prun.errors import MiPrunError
 
 log = logging.getLogger("mi_prun")
 
 
 def _quiet_libraries(debug: bool) -> None:
+    hf_logging = importlib.import_module("transformers.utils.logging")  # imported late: see the module docstring
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not debug:
@@ -63,13 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 a user error, 1 a bug, 130 interrupted, 143
     terminated by SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # torch and transformers load here (see the module docstring), as mi_prun's lazy names do
+        build_parser = importlib.import_module("mi_prun.cli.args").build_parser
+        COMMANDS = importlib.import_module("mi_prun.cli.commands").COMMANDS
+    except KeyboardInterrupt:  # Ctrl-C while torch and transformers are still being imported
+        print("mi-prun: interrupted", file=sys.stderr)
+        return 130
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or a usage error (2, printed on one line)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    _quiet_libraries(args.debug)
     try:
+        _quiet_libraries(args.debug)
         with _sigterm_raises():
             status = COMMANDS[args.command](args)
             sys.stdout.flush()  # a full disk shows here, inside the handlers below
@@ -112,6 +118,16 @@ def _internal(exc: BaseException) -> int:
     print(f"mi-prun: internal error: {type(exc).__name__}: {first} (rerun with --debug for the "
           "traceback, and please report it)", file=sys.stderr)
     return 1
+
+
+_LAZY = {"BLOCK_NOTE": "mi_prun.cli.output", "format_analysis": "mi_prun.cli.output",
+         "format_selection": "mi_prun.cli.output", "build_parser": "mi_prun.cli.args"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mi_prun.cli' has no attribute {name!r}")
 
 
 __all__ = ["BLOCK_NOTE", "build_parser", "format_analysis", "format_selection", "main"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 from mi_prun import __version__
@@ -146,7 +147,7 @@ MODEL_HELP = "zoo name ({default}, tiny-<family>), local folder, .gguf file or H
 ANALYSIS_DESTS = {"calib", "samples", "tokens", "positions", "keep_first", "estimator", "estimator_options",
                   "batch_size", "seed"}
 SELECT_DESTS = {"ratio", "n", "method", "run_cost", "protect_ends", "verify_passes", "verify_samples",
-                "verify_tokens", "verify_on", "verify_items", "verify_confirm"}
+                "verify_tokens", "verify_on", "verify_items", "verify_confirm", "verify_race", "verify_race_alpha"}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -157,20 +158,35 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|DEVICE|FILE.json",
                    help="spread the model over several devices with accelerate (a JSON file maps module names "
                         "to devices: 0, cpu, disk) (default: none)")
-    p.add_argument("--offload-folder", default=None, help="where --device-map puts the weights it offloads to disk")
-    add_offload_args(p)
+    p.add_argument("--offload-folder", default=None,
+                   help="accelerate's offload_folder: where --device-map puts the weights it offloads to disk")
+    add_stream_args(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the repository (off by default)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="load even when the weights look larger than the free memory")
 
 
-def add_offload_args(p: argparse.ArgumentParser) -> None:
+class _OldStreamFlag(_GivenConst):
+    """--offload / --no-offload, the earlier names of --stream / --no-stream: said once per command."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not getattr(namespace, "said_offload_", False):
+            new = option_string.replace("offload", "stream") if option_string else "--stream"
+            print(f"note: {option_string} is now {new} (mi-prun's block streaming; accelerate's disk offload is "
+                  "--device-map with --offload-folder)", file=sys.stderr)
+            namespace.said_offload_ = True
+        super().__call__(parser, namespace, values, option_string)
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
     x = p.add_mutually_exclusive_group()
-    x.add_argument("--offload", dest="offload", action="store_const", const=True, default=ExecutionConfig.offload,
+    x.add_argument("--stream", dest="stream", action="store_const", const=True, default=ExecutionConfig.stream,
                    help="stream the blocks: the weights stay in their safetensors files and one block at a time "
                         "runs on the device (default: only when the model does not fit in memory)")
-    x.add_argument("--no-offload", dest="offload", action="store_const", const=False,
+    x.add_argument("--no-stream", dest="stream", action="store_const", const=False,
                    help="never stream; refuse a model that does not fit")
+    x.add_argument("--offload", dest="stream", action=_OldStreamFlag, const=True, help=argparse.SUPPRESS)
+    x.add_argument("--no-offload", dest="stream", action=_OldStreamFlag, const=False, help=argparse.SUPPRESS)
 
 
 def add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -222,7 +238,8 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "--verify-samples x --verify-tokens calibration tokens kept apart from the capture's; "
                         "auto = a quarter of the passes SLEB-style greedy removal would spend for the same n "
                         "(grows with n and the model's depth); 0 = the one-pass answer (needs the model: "
-                        "`select` takes --model); the confirmation (--verify-confirm) comes on top")
+                        "`select` takes --model); raced in units (--verify-race units, the default) the budget is "
+                        "N times the token-block units of a full pass; the confirmation (--verify-confirm) comes on top")
     g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
                    help="verification samples (drawn from the calibration text, apart from the capture's)")
     g.add_argument("--verify-tokens", type=positive_int, default=d.verify_seq_len, help="tokens per verification sample")
@@ -238,6 +255,15 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "are re-scored with it on a fresh draw of as many verification tokens, and the lowest "
                         "NLL over both draws wins (at most K passes more, none when the winner is clear; "
                         "0 = off; default %(default)s)")
+    g.add_argument("--verify-race", choices=SelectConfig.RACE_MODES, default=d.verify_race,
+                   help="race the sets: score each on groups of verification samples and drop it once it trails "
+                        "the best set by more than a paired t bound (error rate --verify-race-alpha per comparison); "
+                        "units = the budget in token-block units (the auto passes x a full pass's units), so what "
+                        "the race saves buys more exchanges and swaps; sets = the budget in sets as without racing "
+                        "(the same search, cheaper); off = no racing (default %(default)s)")
+    g.add_argument("--verify-race-alpha", type=float, default=d.verify_race_alpha, metavar="A",
+                   help="the race's error rate: a set at least as good as the best is dropped with probability "
+                        "at most A per comparison (0 < A < 0.5; default %(default)s)")
 
 
 HEAL_DESTS = {"heal_ridge", "heal_calib", "heal_samples"}
@@ -284,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="the analysed model: " + MODEL_HELP.format(default="smollm2-135m"))
     m.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) | cpu | cuda[:N] | mps")
     m.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16")
-    add_offload_args(m)
+    add_stream_args(m)
     p.set_defaults(device_map=None, offload_folder=None, trust_remote_code=False, skip_memory_check=False)
     p.add_argument("--compare", action="store_true",
                    help="FBS, local search, exact optimum and exhaustive side by side")

@@ -9,7 +9,7 @@ from typing import Any
 from mi_prun.cli.args import ANALYSIS_DESTS, HEAL_DESTS, SELECT_DESTS, given
 from mi_prun.cli.output import TqdmProgress, format_analysis, format_compare, format_selection
 from mi_prun.config import AnalysisConfig, EvalConfig, ExportConfig, HealConfig, SelectConfig, ZeroShotConfig
-from mi_prun.data import load_text, verification_tokens
+from mi_prun.data import check_text_source, load_text, verification_tokens
 from mi_prun.errors import MiPrunError
 from mi_prun.estimators import describe_estimators
 from mi_prun.evaluate import evaluate, generate_sample
@@ -17,19 +17,21 @@ from mi_prun.export import export
 from mi_prun.gguf_export import GGUF_FILE, check_gguf_export, check_gguf_spec
 from mi_prun.files import ANALYSIS, EXPORT, check_output
 from mi_prun.heal import check_healable, heal, heal_calibration
-from mi_prun.models import load_model, prune
+from mi_prun.models import prune
+from mi_prun.runtime import load_model
 from mi_prun.pipeline import analyze, check_analysis_config, prepare_calibration
 from mi_prun.results import Analysis
 from mi_prun.select import Selection, compare, get_selector, resolve_n, select, sleb_select
 from mi_prun.select.confirm import FreshDrawError, fresh_tokens
 from mi_prun.select.registry import VERIFIABLE
-from mi_prun.zeroshot import build_tasks, is_export, record_zero_shot, zero_shot
+from mi_prun.select.task_scorer import is_task_spec
+from mi_prun.zeroshot import build_tasks, load_stamped, record_zero_shot, zero_shot
 
 
 def _load(args) -> Any:
     return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code,
-                      check_memory_first=not args.skip_memory_check, offload=args.offload,
+                      check_memory_first=not args.skip_memory_check, stream=args.stream,
                       offload_folder=args.offload_folder)
 
 
@@ -44,7 +46,8 @@ def select_config(args):
     kw: dict[str, Any] = {"method": args.method, "run_cost": args.run_cost, "n": args.n, "ratio": args.ratio,
                           "verify_passes": args.verify_passes, "verify_samples": args.verify_samples,
                           "verify_seq_len": args.verify_tokens, "verify_on": args.verify_on,
-                          "verify_items": args.verify_items, "verify_confirm": args.verify_confirm}
+                          "verify_items": args.verify_items, "verify_confirm": args.verify_confirm,
+                          "verify_race": args.verify_race, "verify_race_alpha": args.verify_race_alpha}
     if args.protect_ends is not None:
         kw["protect_ends"] = args.protect_ends
     if getattr(args, "heal", False) and not given(args, {"verify_passes"}):
@@ -80,7 +83,7 @@ def _refuse_flags(args, dests: set[str], why: str) -> None:
                           f"{'it' if len(flags) == 1 else 'them'}.")
 
 
-VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens"}
+VERIFY_DESTS = {"verify_passes", "verify_samples", "verify_tokens", "verify_race", "verify_race_alpha"}
 
 
 def _refuse_ignored_select_flags(args, cfg) -> None:
@@ -88,12 +91,22 @@ def _refuse_ignored_select_flags(args, cfg) -> None:
     (`--verify-passes 0`, which asks for no verification, is never refused)."""
     verify = VERIFY_DESTS if cfg.verifies else VERIFY_DESTS - {"verify_passes"}
     if getattr(args, "compare", False):
-        _refuse_flags(args, {"model", "device", "dtype", "method"} | verify,
+        _refuse_flags(args, {"model", "device", "dtype", "stream", "method"} | verify,
                       "--compare runs every one-pass method on the analysis, without the model")
     if getattr(args, "model", "") is None:  # select without --model
-        _refuse_flags(args, {"device", "dtype"}, "no --model is given")
+        _refuse_flags(args, {"device", "dtype", "stream"}, "no --model is given")
         _refuse_flags(args, verify, "verification runs the model, and no --model is given (add --model "
                       "to verify)")
+    heal = getattr(args, "heal", False)
+    if not cfg.verifies or cfg.method not in VERIFIABLE or getattr(args, "model", "") is None:
+        why = ("no --model is given (add --model to verify)" if getattr(args, "model", "") is None else
+               f"method {cfg.method} is not verified" if cfg.method not in VERIFIABLE else
+               "--verify-passes 0 turns verification off" + (" (the default with --heal; give --verify-passes N "
+                                                              "to verify)" if heal else ""))
+        _refuse_flags(args, {"verify_on", "verify_items"}, f"--verify-on chooses what verification scores, and {why}")
+    elif cfg.verify_on is None or not is_task_spec(cfg.verify_on):
+        _refuse_flags(args, {"verify_items"}, "--verify-items counts the items of a --verify-on task, and "
+                      + ("no --verify-on is given" if cfg.verify_on is None else f"{cfg.verify_on} is a text, not a task"))
     if cfg.method not in VERIFIABLE:
         needs_model = get_selector(cfg.method).needs_model
         # sleb and mi-guided search on the verification tokens themselves (prune's sleb: on calibration tokens)
@@ -105,8 +118,21 @@ def _refuse_ignored_select_flags(args, cfg) -> None:
                           f"verified methods {', '.join(VERIFIABLE)} run it)")
 
 
+TEXT_FLAGS = (("calib", "--calib"), ("heal_calib", "--heal-calib"), ("data", "--data"), ("verify_on", "--verify-on"))
+
+
+def _check_text_flags(args) -> None:
+    """Every text source the command will read exists (nothing is read yet): a missing file is
+    found before the model loads, not after the analysis and the selection."""
+    for dest, flag in TEXT_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None and not (dest == "verify_on" and is_task_spec(str(value))):
+            check_text_source(value, f"{flag} text")
+
+
 def cmd_analyze(args) -> int:
     analysis_config(args)  # bad settings fail before anything else
+    _check_text_flags(args)
     if args.out:
         check_output(args.out, ANALYSIS, args.overwrite, inputs=[args.model])
     progress = TqdmProgress(not args.quiet)
@@ -137,6 +163,7 @@ def cmd_select(args) -> int:
     if args.out and args.compare:
         raise MiPrunError("--out writes one selection; --compare prints several. Fix: drop one of them.")
     _refuse_ignored_select_flags(args, cfg)
+    _check_text_flags(args)
     analysis = Analysis.load(args.analysis)
     if args.compare:
         n = resolve_n(analysis.n_blocks, **cfg.count, protect_ends=cfg.protect_ends)
@@ -172,13 +199,14 @@ def cmd_prune(args) -> int:
         _refuse_ignored_select_flags(args, sel_cfg)
     acfg = None if (args.analysis or args.selection) else analysis_config(args)
     check_output(args.out, EXPORT, args.overwrite, inputs=[args.model, args.analysis, args.selection])
-    if args.sample and args.offload is True:
-        raise MiPrunError("--sample generates text, which needs the model in memory, and --offload streams it. "
+    if args.sample and args.stream is True:
+        raise MiPrunError("--sample generates text, which needs the model in memory, and --stream streams it. "
                           "Fix: drop one of them.")
     saved = Selection.load(args.selection) if args.selection else None
     analysis = Analysis.load(args.analysis) if args.analysis else None
     hcfg = heal_config(args, acfg, analysis.calibration if analysis is not None else
                        (saved.provenance.get("calibration") if saved is not None else None))
+    _check_text_flags(args)
     progress = TqdmProgress(not args.quiet)
     if analysis is None and saved is None:
         loaded, analysis = _analyze(args, progress)
@@ -246,6 +274,7 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     cfg = EvalConfig(data=args.data, seq_len=args.seq_len, max_windows=args.max_windows,
                      batch_size=args.batch_size)
+    _check_text_flags(args)
     zcfg = None
     if args.tasks is not None:
         zcfg = ZeroShotConfig(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
@@ -254,7 +283,8 @@ def cmd_eval(args) -> int:
     else:
         _refuse_flags(args, {"limit", "num_fewshot"}, "no --tasks given")
     progress = TqdmProgress(not args.quiet)
-    loaded = _load(args)
+    # the export evaluated is the one its accuracy is recorded into (another process may replace it)
+    loaded, stamp = load_stamped(args.model, lambda: _load(args))
     res = evaluate(loaded.model, loaded.tokenizer, cfg, progress=progress)
     progress.close()
     print(f"perplexity {res.ppl:.3f} on {res.source}: seq_len {res.seq_len}, {res.windows} windows, "
@@ -265,8 +295,8 @@ def cmd_eval(args) -> int:
         print(f"zero-shot accuracy (lm-eval {zs.lm_eval_version}, {zs.num_fewshot}-shot"
               f"{'' if zs.limit is None else f', at most {zs.limit} items per task'}):")
         print(zs.summary())
-        if is_export(args.model):
-            path = record_zero_shot(args.model, zs)
+        if stamp is not None:  # an export when it was loaded
+            path = record_zero_shot(args.model, zs, stamp=stamp)
             print(f"recorded in {path}")
     return 0
 

@@ -109,22 +109,38 @@ def format_selection(sel) -> str:
     return "\n".join(lines)
 
 
+def _scored_on(tokens: dict) -> str:
+    """What the verification passes scored: a task's items, or samples x tokens of a text."""
+    if tokens.get("kind") == "task":
+        names = ", ".join(str(t.get("task")) for t in tokens.get("tasks") or [] if isinstance(t, dict)) or "a task"
+        return f"{tokens.get('items')} items of {names}"
+    return f"{tokens.get('n_samples')} x {tokens.get('seq_len')} verification tokens"
+
+
 def format_verification(sel) -> list[str]:
     """Lines on the verified search: passes spent, the winner's proposer, the one-pass answer's gap."""
     v = getattr(sel, "verification", None) or {}
     if not getattr(sel, "verified", False):
         return ["unverified (no --model): one-pass answer"] if v.get("note") else []
+    race = v.get("race") or {}
+    raced = race.get("units") is not None
     rule = " (auto)" if v.get("budget_rule") == "auto" else ""
     stages = v.get("sets_by_stage") or {}
     split = ", ".join(f"{k} {c}" for k, c in stages.items() if c)
     scored = v.get("sets_scored", v.get("passes"))
     conf = v.get("confirm") or {}
     search_passes = (v.get("passes") or 0) - (conf.get("passes") or 0)
-    lines = [f"verified: {scored} of {v.get('budget')}{rule} sets scored"
+    of = "" if raced and race.get("unit_budget") else f" of {v.get('budget')}{rule}"
+    lines = [f"verified: {scored}{of} sets scored"
              + (f" ({split})" if split else "") + f", {search_passes} new forward passes"
-             + f" on {v.get('tokens', {}).get('n_samples')} x {v.get('tokens', {}).get('seq_len')} verification "
-             f"tokens (+{v.get('dense_passes', 0)} dense pass for the prefix cache); winner proposed by "
+             + f" on {_scored_on(v.get('tokens') or {})} (+{v.get('dense_passes', 0)} dense pass for the prefix "
+             f"cache); winner proposed by "
              f"{sel.winner_source}, NLL {sel.nll:.4f}"]
+    if raced:
+        budget = (f" of a budget of {race['unit_budget']:,} ({v.get('budget')}{rule} passes x a full pass)"
+                  if race.get("unit_budget") else "")
+        lines.append(f"raced: {race.get('dropped', 0)} sets dropped before their last sample; "
+                     f"{race['units']:,} token-block units{budget}, {race.get('units_unraced', 0):,} unraced")
     if sel.one_pass_nll is not None:
         same = tuple(sel.one_pass_removed or ()) == tuple(sel.removed)
         lines.append(f"one-pass answer {list(sel.one_pass_removed or [])}: NLL {sel.one_pass_nll:.4f}"

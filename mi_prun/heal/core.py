@@ -10,8 +10,8 @@ over calibration batches in float64 (`fit.BridgeStats`); padding and, with `drop
 sample's first position (the attention sink) are left out.
 
 The model passed in is never modified: the healed model is a `pruned_view` sharing every tensor
-with it except the folded weights, which are new tensors. Forward passes stop after the last block
-they need; hooks (`mi_prun.models.hooks`) live only on private views and are removed on exit.
+with it except the folded weights, which are new tensors. Every pass runs through the one block runner
+(`mi_prun.runtime`), whatever holds the weights, and stops after the last block it needs.
 """
 
 from __future__ import annotations
@@ -33,17 +33,11 @@ from mi_prun.evaluate import token_nll
 from mi_prun.heal.fit import BridgeStats, solve, unexplained
 from mi_prun.heal.folds import HealRefused, Site, apply, fold_for, site
 from mi_prun.models.accept import as_module, check_token_ids
-from mi_prun.models.blocks import check_context, find_blocks, input_device
-from mi_prun.models.hooks import hidden_of, output_hooks, run_until_stop
-from mi_prun.models.stream import (
-    BlockRunner,
-    offload_hook,
-    real_value,
-    replace_offloaded,
-    stream_of,
-)
+from mi_prun.models.blocks import check_context, find_blocks
 from mi_prun.models.surgery import _validate_remove, prune_info, pruned_view
 from mi_prun.progress import Progress
+from mi_prun.runtime.runner import BlockRunner
+from mi_prun.runtime.sources import weight_source
 from mi_prun.select.costs import runs_of
 
 log = logging.getLogger(__name__)
@@ -96,28 +90,11 @@ class Healing:
         return out
 
 
-def _run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, modules: dict[str, nn.Module],
-         stop: nn.Module) -> dict[str, torch.Tensor]:
-    """The output of each of `modules` on one batch; the pass ends after `stop`."""
-    out: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, output: Any) -> None:
-        out[name] = hidden_of(output).clone()  # some families (Falcon) add to it in place
-
-    device = input_device(model)
-    with output_hooks(modules, keep, stop=stop):
-        run_until_stop(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    missing = [name for name in modules if name not in out]
-    if missing:
-        raise HealRefused(f"cannot heal {type(model).__name__}: the forward pass never ran "
-                          f"{', '.join(missing)} (the family table does not match this model).")
-    return out
-
-
-class _Streamed:
-    """The activations heal needs, from block-by-block passes of a streamed model. The dense pass
-    continues where the previous run's stopped; the healed pass from the input of the block that
-    was folded last (a fold changes that block's output, never its input)."""
+class _Activations:
+    """The activations heal needs, from the one block runner (`mi_prun.runtime`) over every
+    calibration batch, whatever holds the weights. The dense pass continues where the previous run's
+    stopped; the healed pass from the input of the block that was folded last (a fold changes that
+    block's output, never its input)."""
 
     def __init__(self, dense: nn.Module, healed: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                  batch_size: int, fold_path: str) -> None:
@@ -148,41 +125,17 @@ class _Streamed:
         return out
 
 
-def _materialize_site(target: Site, stream: Any) -> None:
-    """Give the healed view's fold module real tensors (a streamed model's are on `meta`)."""
-    for name, p in list(target.module.named_parameters(recurse=False)):
-        if p.is_meta:
-            value = stream.real(p, f"{target.name}.{name}").to(device=stream.device, dtype=stream.dtype)
-            target.module._parameters[name] = nn.Parameter(value, requires_grad=False)
-
-
-def _materialize_offloaded(view: nn.Module, target: Site) -> list[str]:
-    """Real tensors for a fold module whose weights accelerate offloaded (device map with cpu or
-    disk entries); returns the names of the parameters it replaced."""
-    done = []
-    for pname, p in list(target.module.named_parameters(recurse=False)):
-        full = f"{target.name}.{pname}"
-        if p.is_meta and offload_hook(view, full) is not None:
-            hook, _ = offload_hook(view, full)
-            value = real_value(view, full, p).to(getattr(hook, "execution_device", None) or "cpu")
-            target.module._parameters[pname] = nn.Parameter(value, requires_grad=False)
-            done.append(pname)
-    return done
-
-
-def _install(view: nn.Module, target: Site, bridge: Any, offloaded: list[str]) -> None:
-    """Fold `bridge` into the target module (new tensors; accelerate's offload map serves them)."""
+def _install(view: nn.Module, target: Site, bridge: Any, replaced: list[str]) -> None:
+    """Fold `bridge` into the target module (new tensors, which the weight source then serves)."""
     apply(target, bridge.T, bridge.c)
-    for pname in offloaded:  # accelerate serves an offloaded block's weights from its map: the new ones
-        replace_offloaded(view, f"{target.name}.{pname}", getattr(target.module, pname))
+    weight_source(view).replaced(view, target.name, replaced)
 
 
-def _restore(view: nn.Module, target: Site, saved: dict[str, torch.Tensor], offloaded: list[str]) -> None:
+def _restore(view: nn.Module, target: Site, saved: dict[str, torch.Tensor], replaced: list[str]) -> None:
     """Put the target module's tensors from before `_install` back."""
     for pname, value in saved.items():
         target.module._parameters[pname] = value
-        if pname in offloaded:
-            replace_offloaded(view, f"{target.name}.{pname}", value)
+    weight_source(view).replaced(view, target.name, [p for p in replaced if p in saved])
 
 
 def _held_out_nll(model: nn.Module, held: tuple[torch.Tensor, torch.Tensor], batch_size: int) -> float:
@@ -253,15 +206,13 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     fold = fold_for(model)
     kept = [b for b in range(L) if b not in rem]
     healed = pruned_view(model, rem)
-    dense = pruned_view(model, [])  # hooks go on a private view, never on the caller's model
-    dense_blocks, healed_blocks = find_blocks(dense).blocks, find_blocks(healed).blocks
+    dense = model  # the runner works on a private weight-sharing copy, never on the caller's model
     ids, mask = calib.input_ids, calib.attention_mask
     n_samples = int(ids.shape[0])
     period = _holdout_period(cfg, n_samples)
     runs = runs_of(rem)
     n_steps = len(runs) * ((n_samples + cfg.batch_size - 1) // cfg.batch_size)
-    # Weights on disk or the CPU: block-by-block passes (models.stream) instead of hooked forwards.
-    streamer = _Streamed(dense, healed, ids, mask, cfg.batch_size, fold.path) if stream_of(model) else None
+    acts = _Activations(dense, healed, ids, mask, cfg.batch_size, fold.path)
     records: list[RunHealing] = []
     step = 0
     held_idx = [i for i in range(n_samples) if period and i % period == period - 1] if cfg.check else []
@@ -273,26 +224,14 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
         target = site(healed, blocks.path, kept.index(start - 1), fold)
         # The first run's inputs are the dense model's; later ones see the healed prefix.
         on_dense = not cfg.sequential or r == 0
-        src: Site = site(dense, blocks.path, start - 1, fold) if on_dense else target
-        src_block = dense_blocks[start - 1] if on_dense else healed_blocks[kept.index(start - 1)]
         train: BridgeStats | None = None
         hold: BridgeStats | None = None
-        if streamer is not None:
-            streamed = streamer.outputs(start, end, kept.index(start - 1), on_dense)
+        got_all = acts.outputs(start, end, kept.index(start - 1), on_dense)
         with torch.no_grad():
             for k_batch, b0 in enumerate(range(0, n_samples, cfg.batch_size)):
                 b1 = min(b0 + cfg.batch_size, n_samples)
                 rows = choose_positions(mask[b0:b1], int(mask[b0:b1].numel()), cfg.drop_first, 0)
-                t_mod = dense_blocks[end - 1]
-                if streamer is not None:
-                    got = {key: value[k_batch] for key, value in streamed.items()}
-                elif on_dense:
-                    got = _run(dense, ids[b0:b1], mask[b0:b1], {"m": src.module, "h": src_block, "t": t_mod},
-                               stop=t_mod)
-                else:
-                    got = _run(dense, ids[b0:b1], mask[b0:b1], {"t": t_mod}, stop=t_mod)
-                    got.update(_run(healed, ids[b0:b1], mask[b0:b1], {"m": src.module, "h": src_block},
-                                    stop=src_block))
+                got = {key: value[k_batch] for key, value in got_all.items()}
                 s_idx, p_idx = rows[:, 0], rows[:, 1]
                 # (B, T, d) views: some families (OPT) run their MLP on (B*T, d) rows.
                 m, h, t = (got[k].reshape(b1 - b0, ids.shape[1], -1)[s_idx.to(got[k].device),
@@ -321,9 +260,7 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
             ridge, how = cfg.default_ridge, "default"
         both = train + hold
         bridge = solve(both, ridge, target.intercept)
-        if streamer is not None:
-            _materialize_site(target, stream_of(model))
-        offloaded = _materialize_offloaded(healed, target)
+        offloaded = weight_source(healed).materialize(healed, target.name)  # real tensors to fold into
         verdict: dict[str, float] = {}
         if held is not None and hold.n:  # the check: the bridge fitted without the held-out samples, on them
             saved = {p: getattr(target.module, p) for p in ("weight", "bias")

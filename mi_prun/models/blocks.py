@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from mi_prun.errors import MiPrunError
@@ -153,22 +152,3 @@ def find_blocks(model: nn.Module) -> Blocks:
         f"{n_layers if n_layers is not None else '<no num_hidden_layers in config>'}. "
         "mi-prun supports decoder-only causal LMs; add the family to mi_prun.models.families.FAMILIES."
     )
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where token ids must go: the device of the input embeddings (with an accelerate device map,
-    the first parameter can live elsewhere)."""
-    try:
-        emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        emb = None
-    hook = getattr(emb, "_hf_hook", None)  # accelerate: weights offloaded, run on execution_device
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    for p in (emb.parameters() if emb is not None else ()):
-        if p.device.type != "meta":
-            return p.device
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")

@@ -134,7 +134,7 @@ def check_memory(spec: str, need: int | None, device: torch.device, dtype: torch
     dt = str(dtype).replace("torch.", "")
     raise MiPrunError(
         f"{spec} needs about {need / gib:.2f} GiB for its weights in {dt}, but only {free / gib:.2f} GiB "
-        f"of {device.type} memory is free. Fix: use --offload (streams one block at a time from disk), "
+        f"of {device.type} memory is free. Fix: use --stream (streams one block at a time from disk), "
         "--device-map auto (spreads the model over GPUs and CPU), a smaller --dtype (bfloat16 halves float32), or a smaller model; set "
         f"{SKIP_MEMORY_CHECK_ENV}=1 (--skip-memory-check) to try anyway.")
 

@@ -9,16 +9,15 @@ initializer_range) for matrices, ones for norm weights, zeros for biases.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from mi_prun.models.stream import _retie, _set_tensor, skeleton
+from mi_prun.models.skeleton import retie as _retie, set_tensor as _set_tensor, skeleton
+from mi_prun.models.shards import write_shards
 from mi_prun.models.tiny import byte_tokenizer
 
 def _init_value(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, seed: int,
@@ -59,33 +58,7 @@ def write_random_model(config: Any, folder: Any, dtype: torch.dtype = torch.bflo
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
-    shards: list[tuple[str, list[str]]] = []
-    current: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            tmp = f".part-{len(shards):05d}.safetensors"
-            save_file(current, str(folder / tmp), metadata={"format": "pt"})
-            shards.append((tmp, list(current)))
-            current, size = {}, 0
-
-    for name, value in random_tensors(config, dtype, "cpu", seed):
-        nbytes = value.numel() * value.element_size()
-        if current and size + nbytes > shard_bytes:
-            flush()
-        current[name] = value
-        size += nbytes
-        total += nbytes
-    flush()
-    weight_map = {}
-    for k, (tmp, names) in enumerate(shards):
-        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        (folder / tmp).rename(folder / final)
-        weight_map.update(dict.fromkeys(names, final))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1), encoding="utf-8")
+    write_shards(folder, random_tensors(config, dtype, "cpu", seed), shard_bytes, single_file=False)
     return folder
 
 

@@ -21,8 +21,13 @@ Pieces, each usable on its own (all importable from `mi_prun.select`):
 - `baselines`: "topk" and the baselines "shortgpt", "angular", "random".
 - `search`: "fbs" (Fast-Block-Select, with trajectory), "local", "exact" (dynamic programme,
   O(L^2 n), optimal for any additive run cost), "exhaustive".
+- `scoring`: what a search asks of its scorer, as protocols: `SetScorer` (`score(removed)`, which
+  `PrefixScorer` and `TaskScorer` implement; `Problem.scorer`) and `RowScorer` (per-sample NLLs of
+  some groups of samples and their cost in token-block units, what racing needs).
 - `scorer`: the one NLL scorer (`PrefixScorer`, `NLLCache`, `model_scorer`) behind every selector
   that runs the model: "sleb", "mi-guided" and the verified search.
+- `race`: racing in the verified search (`Race`, `RaceRule`: a set scored group by group is dropped
+  once a paired t bound shows it worse than the best complete set; `SelectConfig.verify_race`).
 - `sleb`: "sleb", SLEB's greedy removal: `sleb_search` (the search, given any NLL oracle) and
   `sleb_select` (on calibration tokens given directly); `select(..., method="sleb", model=...)`.
 - `api`: the entry points `select` and `compare`.
@@ -30,7 +35,8 @@ Pieces, each usable on its own (all importable from `mi_prun.select`):
   `SelectConfig.verify_passes`, "auto" = a quarter of SLEB's passes): every criterion's candidate
   sets (`propose`, with `k_best_combinations`, the exact programme's k best sets) scored by forward
   passes on verification tokens, then swaps and exchanges from the best set (`verified_search`, the
-  search given any NLL oracle; `verified_select`, on the model). `guided`: "mi-guided", SLEB's
+  search given any NLL oracle or a race; `verified_select`, on the model); each set scored is a
+  typed `ScoredSet` in `Selection.candidates`. `guided`: "mi-guided", SLEB's
   greedy steps trying only the c most redundant blocks by MI and BI (`guided_select`).
 
 `forward_passes` counts full passes over the calibration set (0 for score-based methods);
@@ -47,7 +53,7 @@ from mi_prun.select.costs import (RUN_COSTS, RunCost, RunCostFn, cost_matrix, re
 from mi_prun.select.counts import n_protected, resolve_n
 from mi_prun.select.registry import (SELECTORS, Problem, Selector, SelectorFn, SelectorOutput,
                                      get_selector, register_selector)
-from mi_prun.select.selection import Selection
+from mi_prun.select.selection import ScoredSet, Selection
 from mi_prun.select import baselines, search  # noqa: F401  (importing them registers their selectors)
 from mi_prun.select.scorer import NLLCache, PrefixScorer
 from mi_prun.select.sleb import calibration_nll, sleb_search, sleb_select
@@ -60,7 +66,7 @@ __all__ = [
     "RUN_COSTS", "RunCost", "RunCostFn", "cost_matrix", "register_run_cost", "run_cost_descriptions", "runs_of",
     "set_cost",
     "n_protected", "resolve_n",
-    "Selection",
+    "ScoredSet", "Selection",
     "SELECTORS", "Problem", "Selector", "SelectorFn", "SelectorOutput", "compare", "get_selector",
     "register_selector", "select",
     "calibration_nll", "sleb_search", "sleb_select",

@@ -15,7 +15,7 @@ import numpy as np
 
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.models.identity import check_same_model
+from mi_prun.runtime.identity import check_same_model
 from mi_prun.select.counts import resolve_n
 from mi_prun.select.registry import VERIFIABLE, get_selector, make_problem, resolve_config, run_selector
 from mi_prun.select.scorer import model_scorer
@@ -45,7 +45,7 @@ def select(analysis: Any, method: str = SelectConfig.method, n: int | None = Non
     `cache` (an `NLLCache`) and `progress` go to them; `confirm_tokens` is the verified search's fresh
     draw for its confirmation (drawn from the calibration text when not given with `tokens`). Without a model the answer is the one-pass
     one, with `verified` False and a note saying so. A model is checked whatever the method
-    (`mi_prun.models.identity.check_same_model`).
+    (`mi_prun.runtime.identity.check_same_model`).
     """
     cfg = resolve_config(method, n, ratio, run_cost, protect_ends, seed, options, config)
     if model is not None:

@@ -28,13 +28,14 @@ budget, reported in `verification["confirm"]`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from mi_prun.config import SelectConfig
 from mi_prun.data import Text, calibration_text, calibration_tokens, load_text, verification_tokens
 from mi_prun.errors import MiPrunError, NotEnoughText
+from mi_prun.select.selection import ScoredSet
 
 
 class FreshDrawError(MiPrunError):
@@ -86,9 +87,9 @@ def within_noise(gap: tuple[float, float] | None, z: float) -> bool:
     return mean < z * se if se > 0 else mean <= 0
 
 
-def confirm(n: int, scored: list[dict[str, Any]], score_b: Callable[[tuple[int, ...]], tuple[float, bool]],
+def confirm(n: int, scored: Sequence[ScoredSet], score_b: Callable[[tuple[int, ...]], tuple[float, bool]],
             k: int, samples_a: Callable[[tuple[int, ...]], Any] | None = None, z: float = SelectConfig.CONFIRM_Z
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
+            ) -> tuple[ScoredSet, dict[str, Any]]:
     """(winning row, record): the `k` best distinct sets of size `n` in `scored` (NLL on draw A,
     NaN last) are the finalists; the runners-up within `z` paired standard errors of the winner
     on A (`samples_a(removed)`: per-sample NLLs; without them every runner-up counts as within
@@ -96,22 +97,21 @@ def confirm(n: int, scored: list[dict[str, Any]], score_b: Callable[[tuple[int, 
     wins, ties to the set better on A. When no runner-up is within noise, `score_b` is never
     called. The record lists every finalist ({removed, proposers, nll_a, gap_a, se_a, within_noise,
     nll_b, nll_ab}; nll_b and nll_ab None when not re-scored), the passes spent and the rule."""
-    rows = [r for r in scored if len(r["removed"]) == n and not math.isnan(r["nll"])]
-    finalists: list[dict[str, Any]] = []
-    for r in sorted(rows, key=lambda r: r["nll"]):
-        if all(r["removed"] != f["removed"] for f in finalists):
+    rows = [r for r in scored if len(r.removed) == n and not math.isnan(r.nll)]
+    finalists: list[ScoredSet] = []
+    for r in sorted(rows, key=lambda r: r.nll):
+        if all(r.removed != f.removed for f in finalists):
             finalists.append(r)
         if len(finalists) == k:
             break
     if not finalists:
         raise MiPrunError("no finite NLL among the sets scored, nothing to confirm. Fix: check the model's outputs.")
-    per = {tuple(r["removed"]): (samples_a(tuple(r["removed"])) if samples_a is not None else None)
-           for r in finalists}
-    lead = per[tuple(finalists[0]["removed"])]
+    per = {r.removed: (samples_a(r.removed) if samples_a is not None else None) for r in finalists}
+    lead = per[finalists[0].removed]
     out = []
     for i, r in enumerate(finalists):
-        gap = None if i == 0 else paired_gap(lead, per[tuple(r["removed"])])
-        out.append({"removed": list(r["removed"]), "proposers": list(r["proposers"]), "nll_a": float(r["nll"]),
+        gap = None if i == 0 else paired_gap(lead, per[r.removed])
+        out.append({"removed": list(r.removed), "proposers": list(r.proposers), "nll_a": float(r.nll),
                     "gap_a": None if gap is None else gap[0], "se_a": None if gap is None else gap[1],
                     "within_noise": i == 0 or within_noise(gap, z), "nll_b": None, "nll_ab": None})
     contested = [i for i, f in enumerate(out) if f["within_noise"]]

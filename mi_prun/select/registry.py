@@ -17,10 +17,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mi_prun.config import SelectConfig, as_float, as_int
+from mi_prun.config import SelectConfig, as_float, as_int, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.select.costs import analysis_stats, cost_matrix, set_cost
 from mi_prun.select.counts import allowed_blocks, resolve_n
+from mi_prun.select.scoring import SetScorer
 from mi_prun.select.selection import Selection, make_selection
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Problem:
     allowed: tuple[int, ...]  # removable blocks (protect_ends drops 0 and L-1)
     baselines: Mapping[str, np.ndarray]
     seed: int
-    scorer: Any = None  # the NLL scorer (`mi_prun.select.scorer`) of selectors that run the model
+    scorer: SetScorer | None = None  # the NLL scorer (`select.scoring`) of selectors that run the model
 
 
 @dataclass
@@ -142,11 +143,12 @@ def resolve_config(method: Any, n: Any, ratio: Any, run_cost: str, protect_ends:
     or the individual arguments."""
     if isinstance(method, SelectConfig):
         config, method = method, SelectConfig.method
+    if isinstance(method, Mapping):  # select(analysis, {"n": 2}): settings where the method name goes
+        expect_config(method, SelectConfig, "the settings")
     if config is None:
         return SelectConfig(method=method, run_cost=run_cost, protect_ends=protect_ends, n=n, ratio=ratio,
                             seed=seed, options=options)
-    if not isinstance(config, SelectConfig):
-        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
+    expect_config(config, SelectConfig)
     d = SelectConfig()
     if (method, run_cost, protect_ends, seed) != (d.method, d.run_cost, d.protect_ends, d.seed) or options:
         raise MiPrunError("give the selection settings either in config or as arguments, not both "
@@ -177,11 +179,10 @@ def make_problem(analysis: Any, cfg: SelectConfig) -> Problem:
 VERIFIABLE = ("fbs", "exact", "local", "exhaustive", "topk")
 
 
-def run_selector(analysis: Any, cfg: SelectConfig, scorer: Any = None) -> Selection:
+def run_selector(analysis: Any, cfg: SelectConfig, scorer: SetScorer | None = None) -> Selection:
     """One registered selector's answer on `analysis` under `cfg` (no verification; `select` is
     the entry point). `scorer`: the NLL scorer a `needs_model` selector uses."""
-    if not isinstance(cfg, SelectConfig):
-        raise MiPrunError(f"config must be a SelectConfig, got {type(cfg).__name__}.")
+    expect_config(cfg, SelectConfig)
     sel = get_selector(cfg.method)
     if sel.needs_model and scorer is None:
         raise MiPrunError(f"method {cfg.method!r} scores removed sets by forward passes of the model, which "

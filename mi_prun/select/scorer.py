@@ -4,9 +4,9 @@ A search asks `scorer.score(removed)` -> (mean next-token NLL in nats of the mod
 skipped, whether it came from the cache); `scorer.dense()` is the unpruned model's NLL and
 `scorer.dense_passes` the passes that filled the prefix cache. `PrefixScorer` is the implementation
 on a real model:
-- each pass runs a weight-sharing `pruned_view` (the shared model is never touched) and, with
-  `use_prefix`, starts at the first removed block: one dense pass caches h_b of the tokens at every
-  block boundary where a removed set may start, and the blocks before it replay the cached state.
+- each pass runs the one block runner (`mi_prun.runtime`: the shared model is never touched,
+  whatever holds its weights) and, with `use_prefix`, starts at the first removed block: one dense
+  pass caches h_b of the tokens at every block boundary where a removed set may start.
   Memory: (removable blocks) x N x T x d values in the model's dtype (about 220 MB for
   SmolLM2-135M at 16 x 256 tokens in float32);
 - `NLLCache` keeps the NLL per removed set for one (model, tokens) pair, whatever n: callers (the
@@ -25,13 +25,10 @@ import torch
 from mi_prun.config import SelectConfig, as_int
 from mi_prun.data import calibration_text, verification_tokens
 from mi_prun.errors import MiPrunError
-from mi_prun.evaluate import token_nll, token_nll_rows
 from mi_prun.models.accept import check_token_ids
 from mi_prun.models.blocks import check_context, find_blocks
-from mi_prun.models.hooks import forward_overrides, hidden_of, output_hooks
-from mi_prun.models.identity import check_same_model
-from mi_prun.models.stream import BlockRunner, is_streamed
-from mi_prun.models.surgery import pruned_view
+from mi_prun.runtime.identity import check_same_model
+from mi_prun.runtime.runner import BlockRunner
 
 
 def tokens_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
@@ -58,10 +55,13 @@ class NLLCache:
         self.fresh: NLLCache | None = None  # draw B of the confirmation (select/confirm.py), for the same model
         self.prefix: Any = None  # the PrefixScorer's dense states, reused across calls
         self.drawn: dict[tuple, Any] = {}  # verification tokens drawn from a calibration text, by draw
+        # sets a race scored on some groups only (select/race.py: removed -> Partial), continued on a later need
+        self.partial: dict[tuple[int, ...], Any] = {}
 
     def bind(self, model: Any, key: str) -> None:
         if self.key != (id(model), key):
             self.key, self.nll, self.samples, self.prefix, self.fresh = (id(model), key), {}, {}, None, None
+            self.partial = {}
 
     def get(self, removed: Iterable[int]) -> float | None:
         return self.nll.get(tuple(sorted(removed)))
@@ -85,8 +85,10 @@ class NLLCache:
 class PrefixScorer:
     """NLL of `model` with blocks removed, each pass started at the first removed block.
 
-    `starts` are the blocks a removed set may start at; the dense pass (lazy, once) keeps the input
-    of each of them, per batch of `batch_size` rows: {b: [tensor (B, T, d)]}.
+    One `BlockRunner` (`mi_prun.runtime`) holds the verification tokens in batches of `batch_size`
+    rows (the `groups`); its dense pass (lazy, once, shared through `cache`) keeps h_b at every
+    block in `starts`, and a set whose first removed block is b runs from there, whatever holds the
+    weights. `rows(removed, groups)` scores some groups only (a race stops scoring a set early).
     """
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -104,52 +106,40 @@ class PrefixScorer:
 
     def _states(self) -> dict[str, Any]:
         pre = self.cache.prefix
-        if pre is not None and pre["batch_size"] == self.batch_size and set(self.starts) <= set(pre["states"]):
+        if pre is not None and pre["batch_size"] == self.batch_size and set(self.starts) <= set(pre["prefix"].states):
             return pre
-        if is_streamed(self.model):
-            return self._streamed_states()
-        copy = pruned_view(self.model, [])  # hooks go on a weight-sharing copy, never on the shared model
-        blocks = find_blocks(copy).blocks
-        states: dict[int, list[torch.Tensor]] = {b: [] for b in self.starts}
-        formats: dict[int, int] = {}  # block -> 0 (returns a tensor) or the length of its tuple
-
-        def keep(b: int, output: Any) -> None:
-            formats[b] = len(output) if isinstance(output, (tuple, list)) else 0
-            if b + 1 in states:
-                states[b + 1].append(hidden_of(output).detach())
-
-        with output_hooks(dict(enumerate(blocks)), keep):
-            total, count = token_nll(copy, self.ids, self.mask, batch_size=self.batch_size)
-        self.dense_passes += 1
-        self.cache.prefix = {"states": states, "formats": formats, "dense_nll": total / max(count, 1),
-                             "batch_size": self.batch_size}
-        return self.cache.prefix
-
-    def _streamed_states(self) -> dict[str, Any]:
-        """The prefix cache of a streamed model: one block-by-block dense pass (`BlockRunner`)."""
         runner = BlockRunner(self.model, self.ids, self.mask, batch_size=self.batch_size)
-        states: dict[int, list[torch.Tensor]] = {}
-        hidden = runner.h0
-        for b, hidden in runner.run_blocks(runner.h0):
-            if b + 1 in self.starts:
-                states[b + 1] = hidden
-        total, count = runner.nll(hidden)
+        prefix = runner.prefix(self.starts)
+        sums, counts = prefix.dense_rows
         self.dense_passes += 1
-        self.cache.prefix = {"states": states, "formats": {}, "dense_nll": total / max(count, 1),
-                             "batch_size": self.batch_size, "runner": runner}
+        self.cache.prefix = {"prefix": prefix, "runner": runner, "batch_size": self.batch_size,
+                             "dense_nll": float(sums.sum()) / max(int(counts.sum()), 1)}
         return self.cache.prefix
 
-    def _streamed_rows(self, rem: tuple[int, ...], use_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block-by-block pass from the cached state at the first removed block (streamed model)."""
-        pre = self._states()
-        runner: BlockRunner = pre["runner"]
-        first = rem[0]
-        start, hidden = (first, pre["states"][first]) if use_prefix and first in pre["states"] else (0, runner.h0)
-        return runner.nll_rows(runner.last(hidden, start, skip=rem))
+    @property
+    def groups(self) -> list[list[int]]:
+        """The verification sample indices of each group (a batch of `batch_size` rows)."""
+        return self._states()["runner"].groups
 
     def dense(self) -> float:
         """The dense model's mean NLL on the tokens (fills the prefix cache on first use)."""
         return float(self._states()["dense_nll"])
+
+    def rows(self, removed: Iterable[int], groups: Iterable[int] | None = None,
+             use_prefix: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample of the given groups (all when None), in the order of the groups given: the summed
+        next-token NLL (float64) and the tokens scored with `removed` skipped; one pass over those
+        groups, from the cached dense state at the first removed block."""
+        pre = self._states()
+        use = self.use_prefix if use_prefix is None else use_prefix
+        which = None if groups is None else [int(g) for g in groups]
+        return pre["runner"].rows_without(removed, pre["prefix"] if use else None, which)
+
+    def units(self, removed: Iterable[int], groups: Iterable[int] | None = None) -> int:
+        """Token-block units `rows(removed, groups)` spends (tokens x (blocks run + the head))."""
+        pre = self._states()
+        which = None if groups is None else [int(g) for g in groups]
+        return pre["runner"].units(removed, pre["prefix"] if self.use_prefix else None, which)
 
     def nll(self, removed: Iterable[int], use_prefix: bool = True) -> float:
         """Mean NLL (nats) with `removed` skipped; one forward pass (from the first removed block
@@ -158,44 +148,12 @@ class PrefixScorer:
 
     def nll_samples(self, removed: Iterable[int], use_prefix: bool = True) -> tuple[float, tuple[float, ...]]:
         """(mean NLL over every token scored, the mean NLL of each sample) with `removed` skipped."""
-        rem = tuple(sorted(int(b) for b in removed))
-        sums, counts = self._rows(rem, use_prefix)
+        sums, counts = self.rows(removed, None, use_prefix)
         total, count = float(sums.sum()), int(counts.sum())
         if count == 0:
             raise MiPrunError("no verification token to score (all masked). Fix: give longer samples.")
         per = tuple(float(s) / int(c) if int(c) else float("nan") for s, c in zip(sums.tolist(), counts.tolist()))
         return total / count, per
-
-    def _rows(self, rem: tuple[int, ...], use_prefix: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed NLL and tokens scored per sample: one pass of the view without `rem`."""
-        if is_streamed(self.model):
-            return self._streamed_rows(rem, use_prefix)
-        view = pruned_view(self.model, rem)
-        first = rem[0]
-        pre = self._states() if use_prefix and first >= 1 else None
-        if pre is not None and first in pre["states"]:  # other starts (e.g. a protected block): a full pass
-            batches, fmt = pre["states"][first], pre["formats"][first - 1]
-            blocks = find_blocks(view).blocks  # positions 0..first-1 are the original blocks 0..first-1
-            calls = [0]
-
-            def passthrough(hidden_states=None, *args, **kwargs):
-                return hidden_states if not fmt else (hidden_states,) + (None,) * (fmt - 1)
-
-            def replay(hidden_states=None, *args, **kwargs):
-                h = batches[calls[0]]
-                if h.shape != hidden_states.shape:
-                    raise AssertionError(f"cached state {tuple(h.shape)} does not match the batch "
-                                         f"{tuple(hidden_states.shape)}")
-                calls[0] += 1
-                return h if not fmt else (h,) + (None,) * (fmt - 1)
-
-            # The view's own block copies only: the shared model's blocks are untouched.
-            overrides = {blocks[pos]: passthrough for pos in range(first - 1)}
-            overrides[blocks[first - 1]] = replay
-        else:
-            overrides = {}
-        with forward_overrides(overrides):
-            return token_nll_rows(view, self.ids, self.mask, batch_size=self.batch_size)
 
     def score(self, removed: Iterable[int]) -> tuple[float, bool]:
         """(mean NLL, whether it came from the cache)."""

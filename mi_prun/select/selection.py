@@ -5,6 +5,7 @@ serialisable alike.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -14,8 +15,53 @@ from typing import Any, Iterable, Mapping
 from mi_prun.config import as_path
 from mi_prun.errors import MiPrunError
 from mi_prun.files import check_path_length, jsonable, parse_json, write_file
-from mi_prun.models.identity import check_same_model
+from mi_prun.runtime.identity import check_same_model
 from mi_prun.select.costs import runs_of
+
+
+@dataclass(frozen=True)
+class ScoredSet:
+    """One set the verified search scored (`Selection.candidates`), in the order it was scored.
+
+    removed: the removed blocks, sorted. proposers: who proposed it, the first counts ("fbs",
+        "exact:neg-mi#2", "exchange:fbs", "put-back:7", "swap:fbs", ...). objective: its MI
+        objective (NaN when none). nll: its verification NLL (nats per token; NaN for a broken
+        pass). cached: it cost no new forward work. stage: "candidate", "exchange", "exchange (put
+        back)" or "swap".
+    A raced search (`mi_prun.select.race`) also records `complete` (False: dropped after `samples`
+        of the verification samples, `nll` then being the paired estimate of its full NLL) and the
+        token-block `units` it was charged; unraced rows leave them at True / None / None and
+        write the same JSON as before racing existed.
+    """
+
+    removed: tuple[int, ...]
+    proposers: tuple[str, ...]
+    objective: float
+    nll: float
+    cached: bool
+    stage: str
+    complete: bool = True
+    samples: int | None = None
+    units: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"removed": list(self.removed), "proposers": list(self.proposers),
+                               "objective": self.objective, "nll": self.nll, "cached": self.cached,
+                               "stage": self.stage}
+        if not self.complete or self.samples is not None or self.units is not None:
+            out.update(complete=self.complete, samples=self.samples, units=self.units)
+        return jsonable(out)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ScoredSet":
+        """Inverse of `to_dict`; reads every saved selection's rows (None for a NaN)."""
+        objective, nll = d.get("objective"), d.get("nll")
+        return cls(removed=tuple(_whole(b) for b in d["removed"]), proposers=tuple(_str(p) for p in d.get("proposers") or ()),
+                   objective=math.nan if objective is None else _num(objective),
+                   nll=math.nan if nll is None else _num(nll), cached=bool(d.get("cached", False)),
+                   stage=_str(d.get("stage", "candidate")), complete=bool(d.get("complete", True)),
+                   samples=None if d.get("samples") is None else _whole(d["samples"]),
+                   units=None if d.get("units") is None else _whole(d["units"]))
 
 
 @dataclass(frozen=True)
@@ -29,7 +75,7 @@ class Selection:
     trajectory: method-specific steps (JSON-serialisable), e.g. FBS iterations or SLEB steps.
     verified: True when forward passes on verification tokens chose `removed` among candidate
         sets (`mi_prun.select.verify`); then `nll` is its verification NLL, `candidates` lists every
-        scored set ({"removed", "proposers", "objective", "nll", "cached", "stage"}),
+        scored set (`ScoredSet`),
         `winner_source` the criterion that proposed the winner, `one_pass_removed` /
         `one_pass_nll` the one-pass answer and its NLL, and `verification` the budget, passes,
         dense NLL and tokens. Unverified selections may carry `verification["note"]` saying why.
@@ -49,7 +95,7 @@ class Selection:
     provenance: dict[str, Any] = field(default_factory=dict)  # the analysis: model (with identity), estimator, calibration
     verified: bool = False
     nll: float | None = None
-    candidates: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[ScoredSet] = field(default_factory=list)
     winner_source: str | None = None
     one_pass_removed: tuple[int, ...] | None = None
     one_pass_nll: float | None = None
@@ -79,6 +125,10 @@ class Selection:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
         """Inverse of `to_dict` (the derived n, kept and runs are checked by `load`)."""
+        if "removed" in d and not isinstance(d["removed"], (list, tuple)):
+            raise MiPrunError(f"not a saved selection: 'removed' must be a list of block numbers (from 0), got "
+                              f"{json.dumps(d['removed']) if d['removed'] is None else type(d['removed']).__name__}. "
+                              "Fix: write it again with `mi-prun select --out`.")
         try:
             objective = d["objective"]
             one = d.get("one_pass_removed")
@@ -93,7 +143,7 @@ class Selection:
                 trajectory=list(d.get("trajectory", [])), options=dict(d.get("options", {})),
                 provenance=dict(d.get("provenance") or {}),
                 verified=bool(d.get("verified", False)), nll=_opt_float(d.get("nll")),
-                candidates=list(d.get("candidates") or []), winner_source=d.get("winner_source"),
+                candidates=[ScoredSet.from_dict(c) for c in d.get("candidates") or []], winner_source=d.get("winner_source"),
                 one_pass_removed=None if one is None else tuple(_whole(b) for b in one),
                 one_pass_nll=_opt_float(d.get("one_pass_nll")),
                 verification=dict(d.get("verification") or {}),
@@ -129,11 +179,26 @@ class Selection:
             raise MiPrunError(f"selection file {src}: {exc}") from exc
         L = sel.n_blocks
         derived = {"n": sel.n, "kept": list(sel.kept), "runs": [list(r) for r in sel.runs]}
-        if L < 1 or len(set(sel.removed)) != sel.n or not 0 < sel.n < L or \
-                any(not 0 <= b < L for b in sel.removed) or \
-                any(key in record and record[key] != value for key, value in derived.items()):
-            raise MiPrunError(f"selection file {src} is inconsistent (removed {list(sel.removed)} of "
-                              f"{L} blocks). Fix: write it again with `mi-prun select --out`.")
+        fix = "Fix: write it again with `mi-prun select --out`."
+        if L < 1:
+            raise MiPrunError(f"selection file {src}: n_blocks is {L}; a model has at least one block. {fix}")
+        if sel.n == 0:
+            raise MiPrunError(f"selection file {src} removes no block (removed: []), so there is nothing to prune. "
+                              "Fix: select at least one block (mi-prun select --n 1 or more).")
+        out_of_range = sorted({b for b in sel.removed if not 0 <= b < L})
+        if out_of_range:
+            raise MiPrunError(f"selection file {src}: block(s) {out_of_range} out of range for {L} blocks (numbered "
+                              f"from 0 to {L - 1}). {fix}")
+        if len(set(sel.removed)) != sel.n:
+            twice = sorted({b for b in sel.removed if sel.removed.count(b) > 1})
+            raise MiPrunError(f"selection file {src} names block(s) {twice} more than once. {fix}")
+        if sel.n >= L:
+            raise MiPrunError(f"selection file {src} removes all {L} blocks; a model needs at least one. Fix: "
+                              "select fewer blocks (mi-prun select --n with n < the block count).")
+        wrong = [key for key, value in derived.items() if key in record and record[key] != value]
+        if wrong:
+            raise MiPrunError(f"selection file {src} is inconsistent: {', '.join(wrong)} disagree(s) with removed "
+                              f"{list(sel.removed)} of {L} blocks. {fix}")
         return sel
 
     def check_model(self, model: Any, force: bool = False, where: str = "the selection") -> None:

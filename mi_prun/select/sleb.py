@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from mi_prun.config import SelectConfig, as_int
+from mi_prun.config import SelectConfig, as_int, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import token_nll
 from mi_prun.models.blocks import find_blocks
@@ -111,8 +111,7 @@ def sleb_select(model: Any, input_ids: Any, n: int | None = None, attention_mask
     same block count); without it the objective is NaN.
     """
     if config is not None:
-        if not isinstance(config, SelectConfig):
-            raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
+        expect_config(config, SelectConfig)
         protect_ends, run_cost = config.protect_ends, config.run_cost
         if n is None and ratio is None:
             n, ratio = config.n, config.ratio

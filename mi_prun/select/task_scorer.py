@@ -38,16 +38,15 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch.nn import functional as F
 
 from mi_prun.config import SelectConfig, ZeroShotConfig, as_int
 from mi_prun.data import calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
-from mi_prun.models.blocks import input_device
-from mi_prun.models.identity import check_same_model
-from mi_prun.models.surgery import pruned_view
+from mi_prun.runtime.identity import check_same_model
+from mi_prun.runtime.loss import continuation_loglik
+from mi_prun.runtime.runner import BlockRunner
 from mi_prun.select.scorer import NLLCache, PrefixScorer, model_scorer, unwrap_model
-from mi_prun.zeroshot import YAML_SUFFIXES, ChoiceItem, multiple_choice_items, task_provenance
+from mi_prun.zeroshot import YAML_SUFFIXES, ChoiceItem, check_items_fit, multiple_choice_items, task_provenance
 
 
 def is_task_spec(spec: str) -> bool:
@@ -92,6 +91,7 @@ class TaskScorer:
         self.items = list(items)
         self.provenance = {"kind": "task", "items": len(self.items), "tasks": provenance or []}
         self.dense_passes = 0
+        self.progress = None  # no search on a task reports through the scorer
         seqs: list[tuple[int, int, list[int], int]] = []  # (item, choice, ids, first continuation position)
         for i, it in enumerate(self.items):
             for j, choice in enumerate(it.choices):
@@ -100,6 +100,7 @@ class TaskScorer:
                     raise MiPrunError(f"task {it.task}, item {it.doc_id}: an empty context or choice cannot be "
                                       "scored. Fix: give every item a context and non-empty choices.")
                 seqs.append((i, j, ctx + cont, len(ctx)))
+        check_items_fit(model, ((self.items[i], len(ids)) for i, _, ids, _ in seqs))  # none scored cut short
         self.seqs = sorted(seqs, key=lambda s: -len(s[2]))  # similar lengths batched together
         self.pad = getattr(tokenizer, "pad_token_id", None)
         self.pad = int(self.pad) if self.pad is not None else 0
@@ -108,32 +109,33 @@ class TaskScorer:
         self.key = "task:" + digest.hexdigest()[:16]
         cache.bind(model, self.key)
         self.acc: dict[tuple[int, ...], float] = {}
+        self._runner: BlockRunner | None = None
 
-    def _loglik(self, model: torch.nn.Module) -> list[list[float]]:
-        """ll[item][choice]: summed log-probability of each choice's tokens given its context."""
+    def _loglik(self, removed: tuple[int, ...]) -> list[list[float]]:
+        """ll[item][choice]: summed log-probability of each choice's tokens given its context, with
+        `removed` skipped (the one block runner, whatever holds the weights)."""
         ll = [[math.nan] * len(it.choices) for it in self.items]
-        device = input_device(model)
-        with torch.inference_mode():
-            for start in range(0, len(self.seqs), self.batch_size):
-                batch = self.seqs[start:start + self.batch_size]
-                T = max(len(s[2]) for s in batch)
-                ids = torch.full((len(batch), T), self.pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), T), dtype=torch.long)
-                for r, (_, _, seq, _) in enumerate(batch):  # right padding: no real token sees a pad
-                    ids[r, :len(seq)] = torch.tensor(seq)
-                    mask[r, :len(seq)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-                for r, (i, j, seq, first) in enumerate(batch):
-                    pos = torch.arange(first - 1, len(seq) - 1, device=logp.device)
-                    tgt = torch.tensor(seq[first:], device=logp.device)
-                    ll[i][j] = float(logp[r, pos, tgt].double().sum())
+        if self._runner is None:
+            self._runner = BlockRunner(self.model, batch_size=self.batch_size)
+        runner = self._runner
+        for start in range(0, len(self.seqs), self.batch_size):
+            batch = self.seqs[start:start + self.batch_size]
+            T = max(len(s[2]) for s in batch)
+            ids = torch.full((len(batch), T), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            for r, (_, _, seq, _) in enumerate(batch):  # right padding: no real token sees a pad
+                ids[r, :len(seq)] = torch.tensor(seq)
+                mask[r, :len(seq)] = 1
+            runner.load(ids, mask)
+            logits = next(iter(runner.logits(runner.last(runner.h0, skip=removed))))
+            for r, (i, j, seq, first) in enumerate(batch):
+                ll[i][j] = continuation_loglik(logits, seq, first, r)
         return ll
 
     def measure(self, removed: Iterable[int]) -> tuple[float, float]:
         """(mean choice NLL, accuracy) with `removed` skipped; one pass over every sequence."""
         rem = tuple(sorted(int(b) for b in removed))
-        ll = self._loglik(pruned_view(self.model, rem))
+        ll = self._loglik(rem)
         nll, hits = 0.0, 0
         for it, row in zip(self.items, ll):
             t = torch.tensor(row, dtype=torch.float64)

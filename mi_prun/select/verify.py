@@ -23,6 +23,14 @@ Passes run through the one NLL scorer (`mi_prun.select.scorer`: `PrefixScorer`, 
 at its first removed block, and `NLLCache`). Each such pass counts as one forward pass in
 `forward_passes`; the dense pass that fills the prefix cache is reported apart
 (`verification["dense_passes"]`).
+
+Racing (`SelectConfig.verify_race`, `mi_prun.select.race`): with a scorer that scores groups of
+samples (`scoring.RowScorer`), every set is raced against the best complete set so far (an
+exchange's put-back sets against the best put-back set of that exchange) and dropped once it is
+clearly worse; only complete sets can win or reach the confirmation. "units" spends a budget of
+token-block units (the auto passes x the mean units of a full pass of the candidates), "sets" the
+budget in sets as unraced, "off" is the unraced search exactly. `verification["race"]` records the
+rule, the units charged and run, what the same sets would cost unraced and the sets dropped.
 """
 
 from __future__ import annotations
@@ -30,16 +38,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
 
-from mi_prun.config import SelectConfig, as_int
+from mi_prun.config import SelectConfig, as_int, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import check_token_ids
 from mi_prun.models.memory import peak_memory
-from mi_prun.models.stream import is_streamed
+from mi_prun.runtime.sources import weight_source
 from mi_prun.progress import Progress
 from mi_prun.select.candidates import (
     Candidate,
@@ -50,18 +58,21 @@ from mi_prun.select.candidates import (
 )
 from mi_prun.select.costs import set_cost
 from mi_prun.select.confirm import FreshDrawError, confirm, fresh_tokens
-from mi_prun.select.registry import VERIFIABLE, check_analysis, make_problem, run_selector
+from mi_prun.select.race import Race, RaceRule
+from mi_prun.select.registry import VERIFIABLE, Problem, check_analysis, make_problem, run_selector
 from mi_prun.select.scorer import NLLCache, PrefixScorer, resolve_tokens, tokens_key, unwrap_model
-from mi_prun.select.selection import Selection, make_selection
-from mi_prun.select.task_scorer import TaskScorer, verification_scorer
+from mi_prun.select.scoring import can_race
+from mi_prun.select.selection import ScoredSet, Selection, make_selection
+from mi_prun.select.task_scorer import TaskScorer, is_task_spec, verification_scorer
 
 log = logging.getLogger(__name__)
 
 PASS_NOTE = ("forward_passes counts new candidate passes over the verification tokens (a set in the NLL "
              "cache costs none); a pass that starts from the cached dense hidden states at its first "
-             "removed block counts as one; the dense pass that fills that cache is counted in dense_passes. "
-             "The budget bounds sets_scored (cached or not), so the answer is the same with a cold or a "
-             "warm cache, and sets_scored is what the search costs from a cold cache")
+             "removed block counts as one (raced: a set scored on some groups only, too); the dense pass "
+             "that fills that cache is counted in dense_passes. The budget bounds sets_scored (cached or "
+             "not), or raced in units the token-block units charged as from a cold cache (race.units), so "
+             "the answer is the same with a cold or a warm cache")
 
 
 def _better(a: float, b: float | None) -> bool:
@@ -69,50 +80,101 @@ def _better(a: float, b: float | None) -> bool:
     return not math.isnan(a) and (b is None or math.isnan(b) or a < b)
 
 
-def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[int, ...]], tuple[float, bool]],
-                    budget: int, progress: Progress | None = None, *, stop_early: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What `verified_search` found: the winning set, every set scored in order, the sets that cost
+    new forward work (`passes`), the sets scored per stage, and for a raced search the token-block
+    units charged and the race's record (`Race.record`)."""
+
+    best: ScoredSet
+    scored: list[ScoredSet]
+    passes: int
+    sets_by_stage: dict[str, int]
+    units: int | None = None
+    race: dict[str, Any] | None = None
+
+
+def verified_search(problem: Problem, cands: list[Candidate],
+                    nll: Callable[[tuple[int, ...]], tuple[float, bool]] | None, budget: int,
+                    progress: Progress | None = None, *, stop_early: bool = True, race: Race | None = None,
+                    unit_budget: int | None = None) -> SearchOutcome:
     """The search of `verified_select` on any NLL: `cands` scored in order, then exchanges and swaps
     from the best set (module docstring), at most `budget` distinct sets scored.
 
     `nll(removed)` returns (mean NLL, whether it was cached). The budget counts sets scored, cached
-    or not, so the answer never depends on what a cache held. Returns {"best": the winning row,
-    "scored": every row in order ({removed, proposers, objective, nll, cached, stage}), "passes":
-    uncached calls, "sets_by_stage": sets scored per stage}.
+    or not, so the answer never depends on what a cache held.
+
+    With a `race` (`mi_prun.select.race`), sets are scored by `race.score(removed, against)` instead
+    of `nll`: a set of n blocks is raced against the best complete set so far, an exchange's
+    put-back set against the best complete put-back set of that exchange, and only complete sets
+    can become the best. Then `unit_budget`, when given, replaces `budget`: the search stops when
+    the token-block units charged (as from a cold cache, so the answer still never depends on a
+    cache) reach it; a set once started is raced to its end, so the charge may pass the budget by
+    at most one set's units. Without a race the search is exactly the unraced one.
 
     `stop_early` (the default) ends the search when what is left of the budget cannot reach a set
-    of n blocks: an exchange scores its smaller put-back sets (never the answer) before any set of
-    n, so once the budget left is no more than the put-back sets not yet scored, every later pass
-    would be a put-back pass and the answer is already final. The answer is the same either way
-    (tests/test_verify.py); only the sets scored after it are saved.
+    of n: an exchange scores its smaller put-back sets (never the answer) before any set of n, so
+    once the budget left is no more than the put-back sets not yet scored (in units: the least
+    they can be charged, `Race.first_look_cost`), every later pass would be a put-back pass and the
+    answer is already final. The answer is the same either way (tests/test_verify.py); only the
+    sets scored after it are saved.
     """
     budget = as_int(budget, "verification budget", minimum=1)
-    scored: list[dict[str, Any]] = []
-    seen: dict[tuple[int, ...], float] = {}
+    if race is None and (nll is None or unit_budget is not None):
+        raise MiPrunError("an unraced verified search needs an NLL and a budget in sets. Fix: give nll, or a race.")
+    if unit_budget is not None:
+        unit_budget = as_int(unit_budget, "verification budget in token-block units", minimum=1)
+    scored: list[ScoredSet] = []
+    seen: dict[tuple[int, ...], ScoredSet] = {}
     stages = {"candidate": 0, "exchange": 0, "swap": 0}
     state: dict[str, Any] = {"best": None, "passes": 0}
 
-    def score(cand: Candidate, stage: str) -> float | None:
-        """NLL of a candidate (None once the budget is spent); a set of n blocks may become the
-        best, a smaller one (an exchange's put-back step) is measured only."""
+    def spent() -> bool:
+        if unit_budget is not None and race is not None:
+            return race.units >= unit_budget
+        return len(seen) >= budget
+
+    def report(row: ScoredSet) -> None:
+        if progress is None or row.cached:
+            return
+        if unit_budget is not None and race is not None:
+            progress("verify", min(1.0, race.units / unit_budget), f"set {len(seen)}, "
+                     f"{max(0, unit_budget - race.units):,} of {unit_budget:,} token-block units left in the budget: "
+                     f"NLL {row.nll:.4f}"
+                     + ("" if row.complete else f" (dropped after {row.samples} samples)"))
+        else:
+            progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)} of at most {budget} "
+                     f"({budget - len(seen)} left in the budget): NLL {row.nll:.4f}"
+                     + ("" if row.complete else f" (dropped after {row.samples} samples)"))
+
+    def score(cand: Candidate, stage: str, against: tuple[int, ...] | None = None) -> ScoredSet | None:
+        """The row of a candidate (None once the budget is spent); a complete set of n blocks may
+        become the best, a smaller one (an exchange's put-back step) is measured only."""
         if cand.removed in seen:
             return seen[cand.removed]
-        if len(seen) >= budget:
+        if spent():
             return None
-        value, cached = nll(cand.removed)
-        state["passes"] += 0 if cached else 1
+        if race is None:
+            assert nll is not None
+            value, cached = nll(cand.removed)
+            row = ScoredSet(cand.removed, tuple(cand.proposers), cand.objective, float(value), bool(cached), stage)
+        else:
+            out = race.score(cand.removed, against)
+            row = ScoredSet(cand.removed, tuple(cand.proposers), cand.objective, float(out.nll), out.cached, stage,
+                            complete=out.complete, samples=out.samples, units=out.units)
+        state["passes"] += 0 if row.cached else 1
         stages[stage.split(" ")[0]] += 1
-        row = {"removed": list(cand.removed), "proposers": list(cand.proposers), "objective": cand.objective,
-               "nll": float(value), "cached": bool(cached), "stage": stage}
         scored.append(row)
-        seen[cand.removed] = row["nll"]
+        seen[cand.removed] = row
         best = state["best"]
-        if len(cand.removed) == problem.n and (best is None or _better(row["nll"], best["nll"])):
+        if len(cand.removed) == problem.n and row.complete and (best is None or _better(row.nll, best.nll)):
             state["best"] = row
-        if progress is not None and not cached:
-            progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)} of at most {budget} "
-                     f"({budget - len(seen)} left in the budget): NLL {value:.4f}")
-        log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), value, " (cached)" if cached else "")
-        return row["nll"]
+        report(row)
+        log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), row.nll, " (cached)" if row.cached else "")
+        return row
+
+    def incumbent() -> tuple[int, ...] | None:
+        return state["best"].removed if state["best"] is not None else None
 
     def make(removed: Iterable[int], proposer: str) -> Candidate:
         key = tuple(sorted(removed))
@@ -124,8 +186,8 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
         improved = False
         while True:
             before = state["best"]
-            for nb in neighbours(tuple(before["removed"]), problem):
-                if score(make(nb, f"swap:{before['proposers'][0]}"), "swap") is None:
+            for nb in neighbours(before.removed, problem):
+                if score(make(nb, f"swap:{before.proposers[0]}"), "swap", incumbent()) is None:
                     return improved
                 if state["best"] is not before:
                     improved = True
@@ -135,42 +197,52 @@ def verified_search(problem: Any, cands: list[Candidate], nll: Callable[[tuple[i
 
     added: dict[int, float] = {}  # block -> NLL(base + block) - NLL(base) in the latest exchange that tried it
 
+    def put_backs_left(cur: tuple[int, ...]) -> bool:
+        """Whether the budget left can get past the put-back sets not yet scored (module docstring)."""
+        sets = [tuple(x for x in cur if x != b) for b in cur] if len(cur) > 1 else []
+        unseen = [s for s in sets if s not in seen]
+        if unit_budget is not None and race is not None:
+            return unit_budget - race.units > sum(race.first_look_cost(s) for s in unseen)
+        return budget - len(seen) > len(unseen)
+
     def exchange() -> bool:
         """One exchange from the best set (module docstring); True when it improved."""
         before = state["best"]
-        cur = tuple(before["removed"])
-        back: list[tuple[float, int]] = []
-        unseen = sum(tuple(x for x in cur if x != b) not in seen for b in cur) if len(cur) > 1 else 0
-        if stop_early and budget - len(seen) <= unseen:
+        cur = before.removed
+        back: list[tuple[float, int, ScoredSet]] = []
+        if stop_early and not put_backs_left(cur):
             state["final"] = True  # the put-back sets would spend the rest: no set of n blocks is reached
             return False
         for b in cur if len(cur) > 1 else ():  # n = 1: put back the only block (the dense model)
-            value = score(make([x for x in cur if x != b], f"put-back:{b}"), "exchange (put back)")
-            if value is None:
+            done = [t for t in back if t[2].complete and not math.isnan(t[0])]
+            against = min(done, key=lambda t: (t[0], t[1]))[2].removed if done else None
+            row = score(make([x for x in cur if x != b], f"put-back:{b}"), "exchange (put back)", against)
+            if row is None:
                 return False
-            back.append((value, b))
-        best_back = min(back, key=lambda t: (*nan_last(t[0]), t[1])) \
+            back.append((row.nll, b, row))
+        best_back = min(((v, b) for v, b, _ in back), key=lambda t: (*nan_last(t[0]), t[1])) \
             if back else (0.0, cur[0])  # n = 1: every trial starts from the dense model, a common base
         returned = best_back[1]
         base = [x for x in cur if x != returned]
         for k in exchange_order(base, returned, problem, added):
-            value = score(make(base + [k], f"exchange:{before['proposers'][0]}"), "exchange")
-            if value is None:
+            row = score(make(base + [k], f"exchange:{before.proposers[0]}"), "exchange", incumbent())
+            if row is None:
                 break
             if k != returned:
-                added[k] = value - best_back[0]
+                added[k] = row.nll - best_back[0]
         return state["best"] is not before
 
     if progress is not None:
-        progress("verify", 0.0, f"0 of at most {budget} sets scored")
+        progress("verify", 0.0, "0 sets scored" if unit_budget is not None else f"0 of at most {budget} sets scored")
     for cand in cands:
-        score(cand, "candidate")
+        score(cand, "candidate", incumbent())
     if state["best"] is None:
         raise MiPrunError("the verified search scored no set of the right size. Fix: give a budget of at least 1.")
-    while len(seen) < budget and problem.n < len(problem.allowed):
+    while not spent() and problem.n < len(problem.allowed):
         if not exchange() and (state.get("final") or not swaps()):
             break
-    return {"best": state["best"], "scored": scored, "passes": state["passes"], "sets_by_stage": stages}
+    return SearchOutcome(state["best"], scored, state["passes"], stages,
+                         units=None if race is None else race.units, race=None if race is None else race.record())
 
 
 def verified_select(model: Any, analysis: Any, config: SelectConfig | None = None, *, tokenizer: Any = None,
@@ -192,21 +264,31 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     """
     t0 = time.perf_counter()
     config = config if config is not None else SelectConfig()
-    if not isinstance(config, SelectConfig):
-        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
+    expect_config(config, SelectConfig)
     one = run_selector(analysis, config.replace(verify_passes=0))
     if not config.verifies or config.method not in VERIFIABLE:
         return one
     problem = make_problem(analysis, config)
-    # model_scorer, or the text / task of config.verify_on (task_scorer)
+    # a task's choice NLL is no mean over samples: it cannot race (task_scorer), and keeps its batch size
+    racing = config.verify_race != "off" and not (config.verify_on is not None and tokens is None
+                                                  and is_task_spec(config.verify_on))
+    # model_scorer, or the text / task of config.verify_on (task_scorer); a raced search scores
+    # groups of verify_race_group samples, one batch each
     scorer = verification_scorer(model, analysis, config, n_blocks=problem.n_blocks, starts=problem.allowed,
-                                 tokenizer=tokenizer, tokens=tokens, batch_size=batch_size, cache=cache, force=force)
+                                 tokenizer=tokenizer, tokens=tokens, cache=cache, force=force,
+                                 batch_size=min(batch_size, config.verify_race_group) if racing else batch_size)
     cache, tok_prov = scorer.cache, scorer.provenance
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
     budget = config.verify_budget(problem.n, len(problem.allowed))
-    out = verified_search(problem, cands, scorer.score, budget, progress)
-    best, scored, passes = out["best"], out["scored"], out["passes"]
+    race = Race(scorer, RaceRule(config.verify_race_alpha, config.RACE_MIN_SAMPLES)) \
+        if racing and can_race(scorer) else None
+    unit_budget = None
+    if race is not None and config.verify_race == "units":  # budget x the mean full pass of the candidates
+        unit_budget = max(1, round(budget * sum(race.full_cost(c.removed) for c in cands) / len(cands)))
+    out = verified_search(problem, cands, None if race is not None else scorer.score, budget, progress,
+                          race=race, unit_budget=unit_budget)
+    best, scored, passes = out.best, out.scored, out.passes
     confirmed = None
     if config.verify_confirm:  # finalists within noise on a fresh draw of the same text (select/confirm.py)
         if not isinstance(scorer, PrefixScorer) or (tokens is not None and confirm_tokens is None):
@@ -228,44 +310,51 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                                               use_prefix=False)
                 return fresh["b"].score(removed)
 
-            try:
-                best, confirmed = confirm(problem.n, scored, score_b, config.verify_confirm,
-                                          samples_a=scorer.sample_nll, z=config.CONFIRM_Z)
+            try:  # a set the race dropped is many standard errors behind: never a finalist
+                best, confirmed = confirm(problem.n, [r for r in scored if r.complete], score_b,
+                                          config.verify_confirm, samples_a=scorer.sample_nll, z=config.CONFIRM_Z)
                 passes += confirmed["passes"]
             except FreshDrawError as e:  # the search's answer stands, and the record says why
                 log.warning("verified search not confirmed: %s", e)
                 confirmed = {"note": f"not confirmed: {e}"}
     if progress is not None:
         progress("verify", 1.0, f"{len(scored)} sets scored, {passes} new passes")
-    one_nll = next((r["nll"] for r in scored if tuple(r["removed"]) == one.removed), None)
+    one_row = next((r for r in scored if r.removed == one.removed), None)
+    one_nll = None if one_row is None else one_row.nll
     dense_nll = cache.prefix["dense_nll"] if cache.prefix is not None else None
-    gap = None if one_nll is None else one_nll - best["nll"]
-    winner = tuple(best["removed"])
+    gap = None if one_nll is None else one_nll - best.nll
+    winner = best.removed
     result = make_selection(
         config.method, problem.n, problem.n_blocks, winner, set_cost(winner, problem.C), config.run_cost,
         time.perf_counter() - t0, forward_passes=passes, span_lookups=one.span_lookups, ratio=one.ratio,
         trajectory=one.trajectory, options={**one.options, "verify_passes": config.verify_passes,
                                            "verify_samples": config.verify_samples,
                                            "verify_seq_len": config.verify_seq_len,
+                                           **({"verify_race": config.verify_race,
+                                               "verify_race_alpha": config.verify_race_alpha,
+                                               "verify_race_group": config.verify_race_group} if race else {}),
                                            **({"verify_on": config.verify_on} if config.verify_on else {})},
         provenance=one.provenance)
     log.info("verified %s: removed %s (NLL %.4f, proposed by %s) after %d of %d sets (%d new passes); "
-             "one-pass %s NLL %s", config.method, list(winner), best["nll"], best["proposers"][0], len(scored),
+             "one-pass %s NLL %s", config.method, list(winner), best.nll, best.proposers[0], len(scored),
              budget, passes, list(one.removed), one_nll)
-    return replace(result, verified=True, nll=best["nll"], candidates=scored,
-                   winner_source=best["proposers"][0], one_pass_removed=one.removed, one_pass_nll=one_nll,
+    return replace(result, verified=True, nll=best.nll, candidates=scored,
+                   winner_source=best.proposers[0], one_pass_removed=one.removed, one_pass_nll=one_nll,
                    verification={
                        "budget": budget, "budget_rule": config.verify_passes, "passes": passes,
-                       "sets_scored": len(scored), "sets_by_stage": out["sets_by_stage"],
+                       "sets_scored": len(scored), "sets_by_stage": out.sets_by_stage,
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
-                       "tokens": tok_prov, "note": PASS_NOTE, "offload": is_streamed(scorer.model),
+                       "tokens": tok_prov, "note": PASS_NOTE, "offload": weight_source(scorer.model).describe()["streamed"],
                        "peak_memory": peak_memory(),
+                       **({"race": {**out.race, "mode": config.verify_race, "unit_budget": unit_budget}}
+                          if out.race is not None else {"race": {"mode": "off" if config.verify_race == "off" else
+                                                                 "off (the scorer cannot race)"}}),
                        **({"task": scorer.report(winner, one.removed if one_nll is not None else None)}
                           if isinstance(scorer, TaskScorer) else {}),
                        **({"confirm": confirmed} if confirmed is not None else {})})
 
 
-__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "resolve_tokens", "tokens_key", "verified_search",
-           "verified_select"]  # the scorer's names stay importable from here
+__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "SearchOutcome", "resolve_tokens", "tokens_key",
+           "verified_search", "verified_select"]  # the scorer's names stay importable from here

@@ -10,16 +10,20 @@ the config (which transformers would fill with random numbers).
 
 from __future__ import annotations
 
-import json
+import contextlib
+import difflib
+import errno
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from accelerate import init_empty_weights
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -27,10 +31,11 @@ from mi_prun.errors import MiPrunError
 from mi_prun.config import ExecutionConfig
 from mi_prun.files import check_path_length, parse_json
 from mi_prun.models import gguf_cache
-from mi_prun.models.blocks import find_blocks, input_device, num_layers_of
-from mi_prun.models.identity import model_identity
+from mi_prun.models.blocks import find_blocks, num_layers_of
+from mi_prun.models.families import BLOCK_PATHS
+from mi_prun.runtime.identity import model_identity
 from mi_prun.models.memory import check_memory, check_streamable, fits, weights_bytes
-from mi_prun.models.stream import offload_to_cpu, open_streamed
+from mi_prun.runtime.sources import WeightSource, offload_to_cpu, open_streamed, weight_source
 from mi_prun.models.tiny import tiny_model
 from mi_prun.models.zoo import (
     DEFAULT_MODEL,
@@ -107,6 +112,11 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    weights: WeightSource | None = None  # where the weights live, chosen by load_model (derived when None)
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            self.weights = weight_source(self.model)
 
     @property
     def n_blocks(self) -> int:
@@ -119,7 +129,7 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """What results record of the model: names, size, hub id and its identity (see
-        `mi_prun.models.identity.model_identity`), so an analysis can refuse to prune another model."""
+        `mi_prun.runtime.identity.model_identity`), so an analysis can refuse to prune another model."""
         return {
             "spec": self.spec,
             "source": self.source,
@@ -386,11 +396,72 @@ def _n_layers(config: Any) -> int:
     return num_layers_of(text) or num_layers_of(config) or 0
 
 
+def _safetensors_keys(folder: Path) -> list[str]:
+    """Tensor names of the safetensors files in `folder`, from the headers only (no weights read);
+    [] when there are none or a header cannot be read (the loader then names the damage)."""
+    keys: list[str] = []
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 0 < size <= 100 * 2**20:
+                    return []
+                header = parse_json(fh.read(size))
+        except (OSError, ValueError):
+            return []
+        if not isinstance(header, dict):
+            return []
+        keys += [k for k in header if k != "__metadata__"]
+    return keys
+
+
+def _few(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (" ..." if len(numbers) > 5 else "")
+
+
+def check_block_count(spec: str, source: str, config: Any, gguf_file: str | None = None) -> None:
+    """Refuse a local safetensors model whose config names another number of blocks than its weight
+    files hold, before any weights are read, on every load path (resident, device map, streamed).
+    transformers would fill missing blocks with random weights or drop extra ones; streaming would
+    run only the blocks the config names. Block tensors are found under the family's block path
+    (`BLOCK_PATHS`), with or without the base model's prefix; a family not in the table, a GGUF file
+    (whose config is read from the same file) or a hub id not on disk is left to the loader's own
+    check of the weights against the model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    path = BLOCK_PATHS.get(getattr(config, "model_type", None) or "") or \
+        BLOCK_PATHS.get(getattr(text, "model_type", None) or "")
+    folder = Path(source)
+    n_config = _n_layers(config)
+    if gguf_file is not None or path is None or not folder.is_dir() or not n_config:
+        return
+    prefixes = {path + "."} | ({path.split(".", 1)[1] + "."} if "." in path else set())
+    found: set[int] = set()
+    for key in _safetensors_keys(folder):
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                number = key[len(prefix):].split(".", 1)[0]
+                if number.isdigit():
+                    found.add(int(number))
+    if found and found != set(range(n_config)):
+        n_weights = max(found) + 1
+        gaps = sorted(set(range(n_weights)) - found)
+        held = f"{n_weights}" + (f" (blocks {', '.join(map(str, gaps[:5]))} missing)" if gaps else "")
+        absent = sorted(set(range(n_config)) - found)
+        extra = sorted(found - set(range(n_config)))
+        what = "; ".join(
+            ([f"the weights of block(s) {_few(absent)} are not in the files"] if absent else [])
+            + ([f"the files hold block(s) {_few(extra)} that fit nowhere in the model"] if extra else []))
+        raise MiPrunError(f"the config of {spec} says {n_config} blocks but its weights hold {held}: {what}. The files are "
+                          "damaged or were edited by hand, and the model would run with random or missing blocks. "
+                          "Fix: export or download it again (to change the number of blocks, prune it with mi-prun "
+                          "rather than editing config.json).")
+
+
 def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
     """The local folder of safetensors files a streamed model reads its blocks from."""
     if gguf_file is not None:
         raise MiPrunError(f"{spec} is a GGUF file, whose quantised blocks cannot stream. Fix: load it without "
-                          "--offload, or convert it to safetensors first (the zoo's models are converted).")
+                          "--stream, or convert it to safetensors first (the zoo's models are converted).")
     folder = Path(source)
     if not folder.is_dir():
         hit = try_to_load_from_cache(source, "config.json")
@@ -400,23 +471,36 @@ def _stream_folder(spec: str, source: str, gguf_file: str | None) -> Path:
         folder = Path(hit).parent
     if not any(folder.glob("*.safetensors")):
         raise MiPrunError(f"{spec} has no .safetensors weights, and streaming reads blocks from them. Fix: "
-                          "save it with save_pretrained(safe_serialization=True), or load without --offload.")
+                          "save it with save_pretrained(safe_serialization=True), or load without --stream.")
     return folder
+
+
+MAP_EXAMPLE = '{"model.embed_tokens": 0, "model.layers.0": "cpu", ...}'
 
 
 def read_device_map(path: str | os.PathLike) -> dict:
     """A {module name: device} map from a JSON file (accelerate's `device_map` format)."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MiPrunError(f"device map file {path} not found. Fix: give an existing JSON file, or auto, "
                           "balanced or sequential.") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MiPrunError(f"device map file {path} is not valid JSON ({type(exc).__name__}). Fix: write it as "
-                          '{"model.embed_tokens": 0, "model.layers.0": "cpu", ...}.') from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MiPrunError(f"device map file {path} cannot be read ({type(exc).__name__}). Fix: write it as "
+                          f"{MAP_EXAMPLE}.") from exc
+    return parse_device_map(text, f"device map file {path}")
+
+
+def parse_device_map(text: str, where: str = "the device map") -> dict:
+    """A {module name: device} map from JSON text (a file's content, or an inline `--device-map
+    '{"": "cpu"}'`)."""
+    try:
+        value = parse_json(text)
+    except ValueError as exc:
+        raise MiPrunError(f"{where} is not valid JSON ({type(exc).__name__}). Fix: write it as {MAP_EXAMPLE}.") from exc
     if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
-        raise MiPrunError(f"device map file {path} must hold a non-empty JSON object of module name -> device. "
-                          'Fix: write it as {"model.embed_tokens": 0, "model.layers.0": "cpu", ...}.')
+        raise MiPrunError(f"{where} must hold a non-empty JSON object of module name -> device. "
+                          f"Fix: write it as {MAP_EXAMPLE}.")
     return value
 
 
@@ -433,7 +517,15 @@ def _check_writable(folder: Path) -> None:
 
 
 def _check_device_map(device_map: dict) -> None:
-    """Refuse a device map naming devices this machine lacks, in one line."""
+    """Refuse a device map naming devices this machine lacks, or a module twice (an entry inside
+    another: which device would win is accelerate's detail), in one line."""
+    names = sorted(device_map)
+    for name in names:
+        outer = next((o for o in names if o != name and (o == "" or name.startswith(o + "."))), None)
+        if outer is not None:
+            where = outer if outer else 'the whole model ("")'
+            raise MiPrunError(f"the device map places {name} twice: by its own entry and inside {where}. Fix: give "
+                              "each module one entry (drop one of them).")
     for module, where in device_map.items():
         if where in ("disk", "cpu") or (isinstance(where, int) and not isinstance(where, bool)):
             if isinstance(where, int) and not (torch.cuda.is_available() and where < torch.cuda.device_count()):
@@ -450,6 +542,60 @@ def _check_device_map(device_map: dict) -> None:
                               f"not have ({torch.cuda.device_count()} GPUs). Fix: use an existing device.")
 
 
+def _check_device_map_modules(spec: str, device_map: dict, config: Any) -> None:
+    """Refuse a device map naming modules the model does not have (a typo would be ignored) or
+    leaving modules with weights unplaced (accelerate lists every parameter), naming a few; the
+    module names come from the model built on the meta device (no memory)."""
+    try:
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001 (the loader below reports a config it cannot build)
+        log.debug("no skeleton to check the device map against: %s", exc)
+        return
+    modules = {name for name, _ in skeleton.named_modules()}
+    unknown = sorted(k for k in device_map if k not in modules)
+    if unknown:
+        close = [difflib.get_close_matches(k, sorted(modules), n=1) for k in unknown[:3]]
+        hint = "; ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in zip(unknown[:3], close))
+        raise MiPrunError(f"the device map names module(s) that {spec} does not have: {hint}"
+                          f"{' ...' if len(unknown) > 3 else ''}. Fix: use the model's module names, e.g. "
+                          f"{', '.join(sorted(m for m in modules if m and m.count('.') <= 1)[:4])}.")
+
+    def placed(param: str) -> bool:
+        return "" in device_map or any(param == k or param.startswith(k + ".") for k in device_map)
+
+    unplaced = sorted({p.rsplit(".", 1)[0] for p, _ in skeleton.named_parameters() if not placed(p)})
+    if unplaced:
+        raise MiPrunError(f"the device map leaves {len(unplaced)} module(s) of {spec} without a device: "
+                          f"{', '.join(unplaced[:4])}{' ...' if len(unplaced) > 4 else ''}. Fix: give every module a "
+                          "device (a parent such as model.layers covers its blocks), or use --device-map auto.")
+
+
+def _offloading(folder: Path, load: Callable[[], nn.Module]) -> nn.Module:
+    """`load()` with accelerate offloading weights into `folder`: if it fails (a full disk, an
+    interrupt), the files it wrote there are removed (the folder's earlier content is kept), and a
+    full disk is named as such (not as damaged weights)."""
+    before = set(os.listdir(folder))
+    try:
+        return load()
+    except BaseException as exc:
+        for name in set(os.listdir(folder)) - before:
+            path = folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        cause: BaseException | None = exc
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise MiPrunError(f"the offload folder {folder} filled up while the weights were written to it "
+                              f"({os.strerror(cause.errno)}); the files written there were removed. Fix: free disk "
+                              "space there, or give an --offload-folder on a disk with more room.") from exc
+        raise
+
+
 def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device = "auto",
@@ -459,8 +605,9 @@ def load_model(
     trust_remote_code: bool = False,
     progress=None,
     check_memory_first: bool = True,
-    offload: bool | str = "auto",
+    stream: bool | str = "auto",
     offload_folder: str | os.PathLike | None = None,
+    offload: bool | str | None = None,
 ) -> LoadedModel:
     """Load a decoder-only causal LM for analysis.
 
@@ -470,11 +617,13 @@ def load_model(
     CPU) or a name. device_map: passed to accelerate (`"auto"` spreads a model larger than one
     GPU); device is then ignored for placement. trust_remote_code stays off unless the caller asks
     for it. check_memory_first: refuse weights larger than the free memory of the device before
-    loading (skipped with a device_map, or when the size is unknown). offload: True streams the
-    blocks (`mi_prun.models.stream`: weights stay in the safetensors files, or in CPU memory for a
+    loading (skipped with a device_map, or when the size is unknown). stream: True streams the
+    blocks (`mi_prun.runtime.sources`: weights stay in the safetensors files, or in CPU memory for a
     tiny model, one block at a time on the device); "auto" streams when the memory check says the
-    weights do not fit; False never streams (and the memory check refuses). offload_folder: where
-    accelerate offloads weights to disk with a device_map (must be writable).
+    weights do not fit; False never streams (and the memory check refuses). offload_folder:
+    accelerate's folder for the weights a device_map offloads to disk (must be writable). offload:
+    the earlier name of `stream`, still accepted. The weight source chosen here travels with the
+    result (`LoadedModel.weights`).
     """
     t0 = time.perf_counter()
     is_path = isinstance(spec, os.PathLike)
@@ -483,13 +632,18 @@ def load_model(
         raise MiPrunError(f"model spec must be a name or a path, got {spec!r}.")
     check_path_length(spec, "model path")
     dev = resolve_device(device)
-    if isinstance(device_map, (str, os.PathLike)) and os.fspath(device_map).endswith(".json"):
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        device_map = parse_device_map(device_map, "the inline device map")
+    elif isinstance(device_map, (str, os.PathLike)) and os.fspath(device_map).endswith(".json"):
         device_map = read_device_map(device_map)
     if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
         resolve_device(device_map)  # a device name: an unknown or missing device fails here, in one line
     dt = resolve_dtype(dtype, dev)
 
-    ExecutionConfig(offload=offload, device_map=device_map,
+    if offload is not None:  # the earlier name of `stream`
+        stream = offload
+    offload = stream  # below: whether to stream
+    ExecutionConfig(stream=stream, device_map=device_map,
                     offload_folder=None if offload_folder is None else os.fspath(offload_folder))
     if isinstance(device_map, dict):
         _check_device_map(device_map)
@@ -497,6 +651,10 @@ def load_model(
         _check_writable(Path(offload_folder))
     info: dict = {}
     family = None if is_path else tiny_family(spec)
+    if family is not None and device_map is not None:
+        raise MiPrunError(f"a device map would be ignored: the built-in {spec} is built in memory on one device. "
+                          "Fix: drop --device-map (use --device), or save the model with save_pretrained and give "
+                          "its folder.")
     if family is not None:
         model, tokenizer = tiny_model(family)
         if offload is True:  # the weights stay in CPU memory; blocks move to the device one at a time
@@ -513,6 +671,9 @@ def load_model(
         config = _load_config(spec, source, kwargs, gguf_file)
         if _is_encoder_config(config):
             raise _not_causal(spec, config)
+        check_block_count(spec, source, config, gguf_file)  # every path below: resident, device map, streamed
+        if isinstance(device_map, dict):
+            _check_device_map_modules(spec, device_map, config)
         need = weights_bytes(source, gguf_file, dt) if device_map is None else None
         stream = offload is True or (offload == "auto" and check_memory_first and gguf_file is None
                                      and not fits(need, dev))  # a GGUF file cannot stream: the check refuses it
@@ -537,6 +698,8 @@ def load_model(
                 model = open_streamed(folder, dev, dt, config=config)
             except CONFIG_DAMAGE as exc:
                 raise _damaged_config(f"cannot build {spec} from its config ({type(exc).__name__})", exc) from exc
+        elif device_map is not None and offload_folder is not None:
+            model = _offloading(Path(offload_folder), lambda: _load_weights(spec, source, config, kwargs))
         else:
             model = _load_weights(spec, source, config, kwargs)
         if gguf_file:
@@ -551,14 +714,16 @@ def load_model(
             stored = gguf_cache.store(Path(source) / gguf_file, info["gguf_sha256"], model, tokenizer)
             if stored is not None:
                 info["gguf_cache"] = str(stored)
+        elif info.get("gguf_cache") == source:  # read from the cache: named after its GGUF, as a direct load is
+            model.config._name_or_path = str(Path(info["gguf"]).parent)
     model.eval()
     model.requires_grad_(False)
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     find_blocks(model)  # fail early, with the model class named, if blocks cannot be found
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    if device_map is not None:
-        dev = input_device(model)
+    weights = weight_source(model)
+    info.update({k: v for k, v in weights.describe().items() if k in ("weights", "weights_at")})
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source,
-                       model_type=model_type, device=dev, dtype=dt,
-                       load_seconds=time.perf_counter() - t0, info=info)
+                       model_type=model_type, device=weights.device if device_map is not None else dev, dtype=dt,
+                       load_seconds=time.perf_counter() - t0, info=info, weights=weights)

@@ -19,7 +19,7 @@ from mi_prun.errors import MiPrunError
 from mi_prun.files import jsonable
 from mi_prun.models.accept import as_module
 from mi_prun.models.blocks import find_blocks
-from mi_prun.models.stream import real_values
+from mi_prun.runtime.sources import weight_source
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "torch_dtype", "dtype", "transformers_version", "_commit_hash",
                          "use_cache", "_attn_implementation", "_attn_implementation_autoset",
@@ -44,6 +44,7 @@ def model_identity(model: Any) -> dict[str, Any]:
     picks = np.unique(np.linspace(0, len(params) - 1, min(_SAMPLE_TENSORS, len(params))).astype(int)) \
         if params else []
     sample: list[float] = []
+    source = weight_source(model)
     with torch.no_grad():
         for i in picks:
             name, tensor = params[int(i)]
@@ -52,7 +53,7 @@ def model_identity(model: Any) -> dict[str, Any]:
             # integer arithmetic: float32 positions round past the end of tensors over 2^24 elements
             idx = torch.arange(k, dtype=torch.int64) * (numel - 1) // max(k - 1, 1)
             # a streamed or accelerate-offloaded tensor is on `meta`: its values come from the store
-            sample += [float(v) for v in real_values(model, name, tensor, idx).float().cpu()]
+            sample += [float(v) for v in source.values(model, name, tensor, idx).float().cpu()]
     cfg = model.config
     return {"architecture": type(model).__name__, "model_type": getattr(cfg, "model_type", None),
             "n_blocks": len(find_blocks(model)),

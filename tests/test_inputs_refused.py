@@ -1,5 +1,5 @@
-"""Reliability round 3 (issue 23): no wrong answer with exit 0, no internal error, bounded memory
-on any text. Each class of the issue is shown fixed where the user meets it (CLI or library);
+"""Bad inputs are refused in one line: no wrong answer with exit 0, no internal error, bounded memory
+on any text (the classes of issue 23). Each class of the issue is shown fixed where the user meets it (CLI or library);
 docs/RELIABILITY.md cites these tests as `R3::test`.
 
 CLI contract: a problem the user can fix exits with status 2 and one stderr line
@@ -17,7 +17,7 @@ import pytest
 from cli_helpers import assert_one_line_error, run_cli
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
-from mi_prun.models import load_model
+from mi_prun.runtime import load_model
 from mi_prun.results import Analysis
 from mi_prun.select import Selection, select
 from mi_prun.select.guided import guided_select

@@ -1,0 +1,201 @@
+"""Racing in the verified search, side by side in one process: today's search against the raced ones.
+
+    MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_bench.py --model smollm2-135m --ns 2,4,6,8,10
+    MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_bench.py --model path/to/model.gguf --ns 2,4,6
+    python benchmarks/race_bench.py --quick            # tiny random model, seconds (used by the tests)
+
+One model load and one analysis with the shipped defaults (`AnalysisConfig(calib=--calib)`), timed.
+Then for every n and every variant of `SelectConfig.verify_race` (`--variants`, default
+off,sets,units), the shipped verified selection (`SelectConfig(n=n, verify_race=variant)`) from a
+cold NLL cache, timed: off is the search before racing (the budget in sets, every set on every
+sample), sets the same search raced (the budget in sets), units the raced search whose budget is in
+token-block units (the auto passes x the mean units of a full pass of the candidates), so what the
+race saves buys more exchanges and swaps. Per row: the set chosen, its test perplexity, the sets
+scored and dropped, the new forward passes (+ the confirmation's), the token-block units charged
+(for off, the units of its passes, counted by the scorer's arithmetic), the wall time and the prune
+time over the analysis time.
+
+Test perplexity follows benchmarks/quality.py: the raw WikiText-2 test split (`--eval`), windows of
+`--eval-seq-len` tokens, the first `--eval-windows` windows, every set scored on the same windows.
+
+Writes benchmarks/results/<name>.json and <name>.md (`--out-dir`, `--name`; default
+race-<model>[-quick]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
+from mi_prun.data import load_text  # noqa: E402
+from mi_prun.evaluate import perplexity  # noqa: E402
+from mi_prun.models import pruned_view  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
+from mi_prun.pipeline import analyze  # noqa: E402
+from mi_prun.select import NLLCache, select  # noqa: E402
+from mi_prun.select.registry import make_problem  # noqa: E402
+from mi_prun.select.scorer import model_scorer  # noqa: E402
+
+log = logging.getLogger("race_bench")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a zoo name, folder, .gguf file or HF id")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--calib", default="wikitext2")
+    ap.add_argument("--ns", default="2,4,6,8,10", help="numbers of blocks to remove")
+    ap.add_argument("--variants", default=",".join(reversed(SelectConfig.RACE_MODES)),
+                    help="verify_race values to compare, comma-separated (off = the search before racing)")
+    ap.add_argument("--eval", default="wikitext2-test")
+    ap.add_argument("--eval-seq-len", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, n = 1, 2, small tokens (for tests)")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    args.select = {}
+    args.analysis = {}
+    if args.quick:
+        args.model = args.model if args.model != "smollm2-135m" else "tiny-llama"
+        args.calib, args.eval, args.ns = "builtin", "builtin", "1,2"
+        args.eval_seq_len, args.eval_windows = 64, 4
+        args.analysis = {"n_samples": 8, "seq_len": 48}
+        args.select = {"verify_samples": 8, "verify_seq_len": 32}
+    stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
+    args.name = args.name or f"race-{stem}" + ("-quick" if args.quick else "")
+    return args
+
+
+def units_of(scorer: Any, rows: list[Any]) -> int | None:
+    """Token-block units of the sets an unraced search ran (None when the scorer cannot count them)."""
+    if not hasattr(scorer, "units"):
+        return None
+    return int(sum(scorer.units(r.removed) for r in rows if not r.cached))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load1 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    t_load = time.perf_counter() - t0
+    acfg = AnalysisConfig(calib=args.calib, **args.analysis)
+    t0 = time.perf_counter()
+    analysis = analyze(loaded, acfg)
+    t_analysis = time.perf_counter() - t0
+    log.info("analysis %.1fs", t_analysis)
+    eval_text = load_text(args.eval, purpose="evaluation").text
+    ppl: dict[tuple[int, ...], float] = {}
+    protocol: dict[str, Any] = {}
+
+    def ppl_of(removed: tuple[int, ...]) -> float:
+        """Test perplexity of the model without `removed` (benchmarks/quality.py's protocol), once per set."""
+        if removed not in ppl:
+            res = perplexity(pruned_view(loaded.model, removed) if removed else loaded.model, loaded.tokenizer,
+                             eval_text, seq_len=args.eval_seq_len, max_windows=args.eval_windows, batch_size=4)
+            ppl[removed] = float(res.ppl)
+            protocol.update(text=res.protocol, tokens=res.tokens_scored, windows=res.windows, bos=res.bos)
+        return ppl[removed]
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows = []
+    for n in [int(x) for x in args.ns.split(",")]:
+        if not 0 < n < loaded.n_blocks:
+            continue
+        for variant in variants:
+            cfg = SelectConfig(n=n, verify_race=variant, **args.select)
+            cache = NLLCache()
+            t0 = time.perf_counter()
+            sel = select(analysis, config=cfg, model=loaded, cache=cache)
+            seconds = time.perf_counter() - t0
+            v = sel.verification
+            race = v.get("race") or {}
+            conf = v.get("confirm") or {}
+            units = race.get("units")
+            if units is None:  # unraced: what its passes ran, by the scorer's own count
+                problem = make_problem(analysis, cfg)
+                units = units_of(model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks,  # its dense states
+                                              starts=problem.allowed, cache=cache), sel.candidates)
+            row = {"n": n, "variant": variant, "removed": list(sel.removed),
+                   "one_pass_removed": list(sel.one_pass_removed or []), "verification_nll": sel.nll,
+                   "test_ppl": None, "sets_scored": v.get("sets_scored"),
+                   "dropped": race.get("dropped", 0), "new_passes": sel.forward_passes - (conf.get("passes") or 0),
+                   "confirm_passes": conf.get("passes") or 0, "dense_passes": v.get("dense_passes"),
+                   "budget_sets": v.get("budget"), "unit_budget": race.get("unit_budget"), "units": units,
+                   "units_unraced": race.get("units_unraced"), "sets_by_stage": v.get("sets_by_stage"),
+                   "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
+            row["test_ppl"] = ppl_of(tuple(sel.removed))
+            log.info("n=%d %-5s removed %s ppl %.2f, %s sets, %s units, %.1fs", n, variant, row["removed"],
+                     row["test_ppl"], row["sets_scored"], row["units"], seconds)
+            rows.append(row)
+    return {
+        "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
+        "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
+        "load_seconds": round(t_load, 2), "analysis_config": repr(acfg),
+        "select_defaults": {"verify_passes": SelectConfig().verify_passes, "verify_race": SelectConfig().verify_race,
+                            "verify_race_alpha": SelectConfig().verify_race_alpha,
+                            "verify_race_group": SelectConfig().verify_race_group, **args.select},
+        "eval": {"text": args.eval, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
+                 "dense_ppl": ppl_of(()), "protocol": protocol},
+        "rows": rows, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "load_average_1min_at_start": round(load1, 2), "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_bench.py " + " ".join(sys.argv[1:]),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The side-by-side table: one line per (n, variant)."""
+    e = result["eval"]
+    out = [f"Model `{result['model'].get('spec')}` ({result['n_blocks']} blocks), calibration `{result['calib']}`; "
+           f"analysis {result['analysis_seconds']} s; test perplexity on `{e['text']}`, {e['windows']} windows of "
+           f"{e['seq_len']} tokens (dense {e['dense_ppl']:.2f}). Each row from a cold NLL cache; off = the search "
+           "before racing.", "",
+           "| n | variant | removed | test ppl | sets scored | dropped | new passes (+confirm) | units | "
+           "units / off | wall s | prune / analysis |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    off = {r["n"]: r for r in result["rows"] if r["variant"] == "off"}
+    for r in result["rows"]:
+        base = off.get(r["n"])
+        ratio = (f"{r['units'] / base['units']:.2f}" if base and base.get("units") and r.get("units") is not None
+                 else "-")
+        ppl = "-" if r["test_ppl"] is None or not math.isfinite(r["test_ppl"]) else f"{r['test_ppl']:.2f}"
+        out.append(f"| {r['n']} | {r['variant']} | {' '.join(map(str, r['removed']))} | {ppl} | {r['sets_scored']} | "
+                   f"{r['dropped']} | {r['new_passes']} (+{r['confirm_passes']}) | "
+                   f"{'-' if r['units'] is None else format(r['units'], ',')} | {ratio} | {r['seconds']} | "
+                   f"{r['prune_over_analysis']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    result = run(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md = markdown(result)
+    (out / f"{args.name}.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
