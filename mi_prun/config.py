@@ -387,20 +387,35 @@ class ZeroShotConfig:
         return replace(self, **changes)
 
 
+EXPORT_FORMATS = ("safetensors", "gguf")
+GGUF_FOLD_TYPES = ("f32", "f16", "q8_0")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """How a pruned model is written. `overwrite` replaces only an earlier mi-prun export (see
     `mi_prun.files`); `force` exports even when the analysis was made on another model with the
-    same block count; `max_shard_size` is passed to `save_pretrained`."""
+    same block count; `max_shard_size` is passed to `save_pretrained`. `format`: "safetensors" (a
+    folder plain transformers loads) or "gguf" (`model.gguf` made from the GGUF file the model was read
+    from, its quantisation kept: `mi_prun.gguf_export`); `gguf_fold_type`: the precision of a healed,
+    folded tensor in a GGUF export ("f16", the default: within 0.003 of the float32 logits on smollm2-135m; "f32":
+    exact; "q8_0": smallest; see benchmarks/RESULTS.md)."""
 
     overwrite: bool = False
     force: bool = False
     max_shard_size: str = "5GB"
+    format: str = "safetensors"
+    gguf_fold_type: str = "f16"
 
     def __post_init__(self) -> None:
         for name in ("overwrite", "force"):
             if not isinstance(getattr(self, name), bool):
                 raise MiPrunError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.format not in EXPORT_FORMATS:
+            raise MiPrunError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}.")
+        if self.gguf_fold_type not in GGUF_FOLD_TYPES:
+            raise MiPrunError(f"gguf_fold_type must be one of {', '.join(GGUF_FOLD_TYPES)}, got "
+                              f"{self.gguf_fold_type!r}.")
         if not _is_shard_size(self.max_shard_size):
             raise MiPrunError(f"max_shard_size must be a size such as '5GB', '500MB' or '2GiB' (or a number "
                               f"of bytes), got {self.max_shard_size!r}.")

@@ -5,7 +5,9 @@ Removing blocks from a model object (`pruned_view`, `prune`, `prune_info`, confi
 
 `export(...)` writes a folder that plain `transformers` loads (safetensors, config, tokenizer),
 plus `mi_prun.json` (what was removed and why) and `mergekit.yaml` (a passthrough merge that
-rebuilds the same model from the original). Writing is atomic.
+rebuilds the same model from the original). Writing is atomic. With `ExportConfig(format="gguf")`
+the folder holds `model.gguf` instead, made from the GGUF file the model was read from with its
+quantisation kept (`mi_prun.gguf_export`), beside the same `mi_prun.json`.
 
 Blocks are numbered from 0 everywhere.
 """
@@ -28,6 +30,7 @@ from torch import nn
 from mi_prun.config import ExportConfig, expect_config
 from mi_prun.errors import MiPrunError
 from mi_prun.files import EXPORT, check_output, dump_json, folder_files, write_folder
+from mi_prun.gguf_export import check_gguf_export, write_gguf_export
 from mi_prun.models.accept import as_module, is_loaded
 from mi_prun.heal import healing_of
 from mi_prun.models.blocks import find_blocks, num_layers_of
@@ -267,6 +270,19 @@ def export(
         heal_note = ("this export is healed (bridges folded into the weights, see mi_prun.json); a "
                      "passthrough merge rebuilds only the unhealed pruned model")
         mergekit_note = f"{source_note}; {heal_note}" if source_note else heal_note
+
+    if cfg.format == "gguf":  # the source GGUF's blocks, copied: see mi_prun.gguf_export
+        gguf_source = check_gguf_export(loaded, info.kept)
+
+        def fill(tmp: Path) -> None:
+            gguf_record = write_gguf_export(tmp, loaded, pruned, info.kept, heal_rec, cfg.gguf_fold_type,
+                                            source=gguf_source)
+            dump_json({**record, "dtype": "as in the source GGUF", "gguf": gguf_record,
+                       "files": folder_files(tmp) + [EXPORT.marker]}, tmp / EXPORT.marker)
+
+        out = write_folder(out_dir, EXPORT, fill, overwrite=cfg.overwrite, inputs=inputs)
+        log.info("exported %d-block GGUF (removed %s) to %s", len(info.kept), list(info.removed), out)
+        return out
 
     def fill(tmp: Path) -> None:
         try:

@@ -56,7 +56,7 @@ EXPORT = OutputKind("export", "mi_prun.json", "mi-prun-pruned-model",
                     ("mi_prun.json", "mergekit.yaml", "config.json", "generation_config.json",
                      "model*.safetensors", "model.safetensors.index.json", "tokenizer*", "vocab.*",
                      "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
-                     "spiece.model", "README.md"),
+                     "spiece.model", "README.md", "model.gguf"),
                     "pruned model")
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mi_prun.config import ExportConfig, SelectConfig
+from mi_prun.config import EXPORT_FORMATS, ExportConfig, SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.speed import compare_speed, model_size
 from mi_prun.export import export
+from mi_prun.gguf_export import GGUF_FILE
 from mi_prun.heal import HealRefused
-from mi_prun.models import pruned_view
+from mi_prun.models import ZOO, pruned_view
 from mi_prun.progress import TimeLeft
 from mi_prun_app import accuracy, healing, search, state, tables, viz
 from mi_prun_app.labels import proposer_label
@@ -250,6 +251,12 @@ st.caption(f"Removes blocks {list(sel.removed)} (numbered from 0)"
            "why) and mergekit.yaml (rebuilds the same model from the original's Hugging Face id)."
            + (" Healing is on: the bridges are folded into the saved weights and recorded in mi_prun.json "
               "(mergekit.yaml rebuilds only the unhealed model)." if heal_on else ""))
+from_gguf = str(spec).lower().endswith(".gguf") or spec in ZOO  # the built-in model is read from a GGUF too
+fmt = (st.radio("Format", EXPORT_FORMATS, horizontal=True, key="pr_format",
+                help="safetensors: a folder plain transformers loads (float32). gguf: model.gguf for llama.cpp, "
+                     "the source GGUF's kept blocks copied in their original quantisation (healed weights in "
+                     "float16), with mi_prun.json beside it.")
+       if from_gguf else "safetensors")
 if st.button("Export", type="primary", key="export", icon=":material/save:"):
     try:
         target = state.safe_export_path(name, root)
@@ -258,7 +265,7 @@ if st.button("Export", type="primary", key="export", icon=":material/save:"):
                          else (pruned_view(loaded.model, list(sel.removed)), None))
         with st.spinner(f"Writing {target}..."):
             out = export(model, loaded.tokenizer, sel, target, analysis=analysis, loaded=loaded,
-                         config=ExportConfig(overwrite=bool(overwrite)), healing=record,
+                         config=ExportConfig(overwrite=bool(overwrite), format=fmt), healing=record,
                          inputs=[st.session_state.get("analysis_folder")])
         st.session_state["export_path"] = str(out)
         st.session_state["export_notes"] = list(record.notes) if record is not None else []
@@ -277,9 +284,14 @@ if path and Path(path).is_dir():
     report = (out / "mi_prun.json").read_text()
     d[1].download_button("mi_prun.json", data=report, file_name="mi_prun.json", mime="application/json",
                          key="dl_json", icon=":material/description:")
-    yaml_text = (out / "mergekit.yaml").read_text()
-    d[2].download_button("mergekit.yaml", data=yaml_text, file_name="mergekit.yaml", mime="text/yaml",
-                         key="dl_yaml", icon=":material/description:")
-    with st.expander("mergekit.yaml and the report"):
-        st.code(yaml_text, language="yaml")
-        st.json(json.loads(report), expanded=False)
+    if (out / GGUF_FILE).is_file():  # a GGUF export: no mergekit recipe, a file llama.cpp runs
+        d[2].code(f"llama-cli -m {out / GGUF_FILE}", language="bash")
+        with st.expander("The report"):
+            st.json(json.loads(report), expanded=False)
+    else:
+        yaml_text = (out / "mergekit.yaml").read_text()
+        d[2].download_button("mergekit.yaml", data=yaml_text, file_name="mergekit.yaml", mime="text/yaml",
+                             key="dl_yaml", icon=":material/description:")
+        with st.expander("mergekit.yaml and the report"):
+            st.code(yaml_text, language="yaml")
+            st.json(json.loads(report), expanded=False)

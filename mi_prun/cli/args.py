@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_selection_args(p)
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier mi-prun export in --out")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="safetensors: a folder plain transformers loads (float32); gguf: --out/model.gguf for "
+                        "llama.cpp, made from the .gguf the model was read from, its quantisation kept")
     p.add_argument("--force", action="store_true", help="accept an analysis or selection made on another "
                                                         "model with the same number of blocks")
     p.add_argument("--sample", default=None, help="prompt for a generation sample before and after")

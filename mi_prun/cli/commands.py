@@ -14,6 +14,7 @@ from mi_prun.errors import MiPrunError
 from mi_prun.estimators import describe_estimators
 from mi_prun.evaluate import evaluate, generate_sample
 from mi_prun.export import export
+from mi_prun.gguf_export import GGUF_FILE, check_gguf_export, check_gguf_spec
 from mi_prun.files import ANALYSIS, EXPORT, check_output
 from mi_prun.heal import check_healable, heal, heal_calibration
 from mi_prun.models import prune
@@ -190,7 +191,9 @@ def cmd_prune(args) -> int:
                       + ("--analysis" if args.analysis else "--selection") + ", not run")
     if args.selection:
         _refuse_flags(args, SELECT_DESTS, "--selection already says which blocks to remove")
-    export_cfg = ExportConfig(overwrite=args.overwrite, force=args.force)
+    export_cfg = ExportConfig(overwrite=args.overwrite, force=args.force, format=args.format)
+    if export_cfg.format == "gguf":
+        check_gguf_spec(args.model)  # before the slow work
     sel_cfg = None if args.selection else select_config(args)
     if sel_cfg is not None:
         _refuse_ignored_select_flags(args, sel_cfg)
@@ -235,6 +238,8 @@ def cmd_prune(args) -> int:
             sel = select(analysis, config=sel_cfg, model=loaded, tokens=tokens, progress=progress,
                          force=export_cfg.force, confirm_tokens=fresh)
     print(format_selection(sel))
+    if export_cfg.format == "gguf":  # a removal the GGUF cannot express is refused before healing
+        check_gguf_export(loaded, [b for b in range(loaded.n_blocks) if b not in set(sel.removed)])
     healing = None
     if hcfg is not None:
 
@@ -256,7 +261,10 @@ def cmd_prune(args) -> int:
     path = export(pruned, loaded.tokenizer, sel, args.out, analysis=analysis, loaded=loaded,
                   config=export_cfg, inputs=[args.model, args.analysis, args.selection], healing=healing)
     progress.close()
-    print(f"exported to {path} (load it with AutoModelForCausalLM.from_pretrained({str(path)!r}))")
+    if export_cfg.format == "gguf":
+        print(f"exported to {path / GGUF_FILE} (run it with llama.cpp: llama-cli -m {str(path / GGUF_FILE)!r})")
+    else:
+        print(f"exported to {path} (load it with AutoModelForCausalLM.from_pretrained({str(path)!r}))")
     if args.sample:
         print("before:", generate_sample(loaded.model, loaded.tokenizer, args.sample))
         print("after: ", generate_sample(pruned, loaded.tokenizer, args.sample))

@@ -263,8 +263,9 @@ def hub_id(loaded_or_spec: Any) -> str | None:
         if tiny_family(spec) is not None:
             return None
         source = str(loaded_or_spec.source)
-        if spec.lower().endswith(".gguf"):
-            return _gguf_hub_id(Path(source) / Path(spec).name)
+        if spec.lower().endswith(".gguf"):  # the file itself, also when the model was read from its cache
+            gguf_path = (getattr(loaded_or_spec, "info", None) or {}).get("gguf")
+            return _gguf_hub_id(Path(gguf_path) if gguf_path else Path(source) / Path(spec).name)
         return hub_id(Path(source)) if Path(source).exists() else _hub_id_in(source)
     is_path = isinstance(loaded_or_spec, os.PathLike)
     spec = os.fspath(loaded_or_spec)

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from mi_prun.errors import MiPrunError
 from mi_prun.config import ExecutionConfig
 from mi_prun.files import check_path_length, parse_json
+from mi_prun.models import gguf_cache
 from mi_prun.models.blocks import find_blocks, num_layers_of
 from mi_prun.models.families import BLOCK_PATHS
 from mi_prun.runtime.identity import model_identity
@@ -258,6 +259,13 @@ def _resolve(spec: str, is_path: bool, info: dict, progress) -> tuple[str, str |
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise MiPrunError(f"GGUF file not found: {spec}. Fix: give the path of an existing .gguf file.")
+        info["gguf"] = str(path.resolve())
+        info["gguf_sha256"] = gguf_cache.file_digest(path)
+        hit = gguf_cache.cached(info["gguf_sha256"])
+        if hit is not None:  # converted before: no dequantisation (see mi_prun.models.gguf_cache)
+            log.info("%s: loading the model converted before, cached in %s", spec, hit)
+            info["gguf_cache"] = str(hit)
+            return str(hit), None
         return str(path.parent), path.name
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -702,6 +710,12 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # damaged files, all alike
             raise _tokenizer_error(spec, source, exc) from exc
+        if gguf_file and not stream and device_map is None:  # converted once, cached by the file's digest
+            stored = gguf_cache.store(Path(source) / gguf_file, info["gguf_sha256"], model, tokenizer)
+            if stored is not None:
+                info["gguf_cache"] = str(stored)
+        elif info.get("gguf_cache") == source:  # read from the cache: named after its GGUF, as a direct load is
+            model.config._name_or_path = str(Path(info["gguf"]).parent)
     model.eval()
     model.requires_grad_(False)
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
