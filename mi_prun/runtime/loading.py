@@ -642,7 +642,7 @@ def load_model(
 
     if offload is not None:  # the earlier name of `stream`
         stream = offload
-    offload = stream  # below: whether to stream
+    asked = stream  # what the caller asked for; `stream` below is the decision
     ExecutionConfig(stream=stream, device_map=device_map,
                     offload_folder=None if offload_folder is None else os.fspath(offload_folder))
     if isinstance(device_map, dict):
@@ -657,7 +657,7 @@ def load_model(
                           "its folder.")
     if family is not None:
         model, tokenizer = tiny_model(family)
-        if offload is True:  # the weights stay in CPU memory; blocks move to the device one at a time
+        if asked is True:  # the weights stay in CPU memory; blocks move to the device one at a time
             model = offload_to_cpu(model, dev, dt)
             info["offload"] = "cpu"
         else:
@@ -675,14 +675,14 @@ def load_model(
         if isinstance(device_map, dict):
             _check_device_map_modules(spec, device_map, config)
         need = weights_bytes(source, gguf_file, dt) if device_map is None else None
-        stream = offload is True or (offload == "auto" and check_memory_first and gguf_file is None
+        stream = asked is True or (asked == "auto" and check_memory_first and gguf_file is None
                                      and not fits(need, dev))  # a GGUF file cannot stream: the check refuses it
-        if stream and offload == "auto" and not fits(3 * need // max(_n_layers(config), 1), dev):
+        if stream and asked == "auto" and not fits(3 * need // max(_n_layers(config), 1), dev):
             check_memory(spec, need, dev, dt)  # fits nowhere: the memory check's message lists every way out
         if stream:
             folder = _stream_folder(spec, source, gguf_file)
             check_streamable(spec, need, _n_layers(config), dev, dt)
-            if offload == "auto":
+            if asked == "auto":
                 log.info("%s does not fit in %s memory: streaming its blocks from %s", spec, dev.type, folder)
             info["offload"] = "disk"
         elif check_memory_first and device_map is None:

@@ -31,6 +31,8 @@ Blocks are numbered from 0. The model is never modified.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,7 +199,7 @@ class BlockRunner:
     # -- blocks
     def _tap(self, block: nn.Module, b: int, path: str | None) -> Any:
         if path is None:
-            return _NoTap()
+            return contextlib.nullcontext()
         got: list[torch.Tensor] = []
         self.tapped[b] = got
         return output_hooks({path: block.get_submodule(path)}, lambda name, output: got.append(hidden_of(output).clone()))
@@ -326,14 +328,6 @@ class BlockRunner:
         run = sum(1 for b in range(start, self.n_blocks) if b not in rem)
         tokens = sum(int(self.batches[k][0].numel()) for k in self._which(batches))
         return tokens * (run + 1)
-
-
-class _NoTap:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def chunks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int
