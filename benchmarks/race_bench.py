@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval", default="wikitext2-test")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--baselines", default="shortgpt,angular",
+                    help="one-shot selectors whose test perplexity is given beside each n, comma-separated "
+                         "(empty: none); the one-pass answer of the verified search is always given")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, n = 1, 2, small tokens (for tests)")
     ap.add_argument("--name", default=None)
@@ -90,7 +94,12 @@ def units_of(scorer: Any, rows: list[Any]) -> int | None:
     return int(sum(scorer.units(r.removed) for r in rows if not r.cached))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     load1 = os.getloadavg()[0]
@@ -116,7 +125,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return ppl[removed]
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    rows = []
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    rows: list[dict[str, Any]] = []
+    others: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
+        "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
+        "load_seconds": round(t_load, 2), "analysis_config": repr(acfg),
+        "select_defaults": {"verify_passes": SelectConfig().verify_passes, "verify_race": SelectConfig().verify_race,
+                            "verify_race_alpha": SelectConfig().verify_race_alpha,
+                            "verify_race_group": SelectConfig().verify_race_group, **args.select},
+        "eval": {"text": args.eval, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
+                 "dense_ppl": ppl_of(()), "protocol": protocol},
+        "rows": rows, "one_shot": others, "peak_rss_mb_after_analysis": peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "load_average_1min_at_start": round(load1, 2),
+        "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_bench.py " + " ".join(sys.argv[1:]),
+    }
     for n in [int(x) for x in args.ns.split(",")]:
         if not 0 < n < loaded.n_blocks:
             continue
@@ -143,22 +168,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "units_unraced": race.get("units_unraced"), "sets_by_stage": v.get("sets_by_stage"),
                    "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
             row["test_ppl"] = ppl_of(tuple(sel.removed))
+            row["peak_rss_mb"] = peak_rss_mb()
             log.info("n=%d %-5s removed %s ppl %.2f, %s sets, %s units, %.1fs", n, variant, row["removed"],
                      row["test_ppl"], row["sets_scored"], row["units"], seconds)
             rows.append(row)
-    return {
-        "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
-        "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
-        "load_seconds": round(t_load, 2), "analysis_config": repr(acfg),
-        "select_defaults": {"verify_passes": SelectConfig().verify_passes, "verify_race": SelectConfig().verify_race,
-                            "verify_race_alpha": SelectConfig().verify_race_alpha,
-                            "verify_race_group": SelectConfig().verify_race_group, **args.select},
-        "eval": {"text": args.eval, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
-                 "dense_ppl": ppl_of(()), "protocol": protocol},
-        "rows": rows, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "load_average_1min_at_start": round(load1, 2), "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_bench.py " + " ".join(sys.argv[1:]),
-    }
+            if save is not None:  # a long run keeps what it has measured
+                save(result)
+        one_pass = next((r["one_pass_removed"] for r in rows if r["n"] == n and r["one_pass_removed"]), None)
+        picks = [(b, tuple(select(analysis, config=SelectConfig(n=n, method=b)).removed)) for b in baselines]
+        picks += [("one-pass", tuple(one_pass))] if one_pass else []
+        for name, removed in picks:
+            others.append({"n": n, "method": name, "removed": list(removed), "test_ppl": ppl_of(removed)})
+            log.info("n=%d %s removed %s ppl %.2f", n, name, list(removed), others[-1]["test_ppl"])
+        if save is not None:
+            save(result)
+    result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -181,16 +207,29 @@ def markdown(result: dict[str, Any]) -> str:
                    f"{r['dropped']} | {r['new_passes']} (+{r['confirm_passes']}) | "
                    f"{'-' if r['units'] is None else format(r['units'], ',')} | {ratio} | {r['seconds']} | "
                    f"{r['prune_over_analysis']} |")
+    if result.get("one_shot"):
+        out += ["", "The one-shot answers on the same capture and test windows (one-pass: the verified search's "
+                    "starting point, before any set is scored):", "", "| n | method | removed | test ppl |",
+                "|---|---|---|---|"]
+        out += [f"| {o['n']} | {o['method']} | {' '.join(map(str, o['removed']))} | {o['test_ppl']:.2f} |"
+                for o in result["one_shot"]]
+    if result.get("peak_rss_mb"):
+        out += ["", f"Peak resident memory of the process: {result['peak_rss_mb_after_analysis']:,} MB after the "
+                    f"load and the analysis, {result['peak_rss_mb']:,} MB at the end."]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    result = run(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    def save(result: dict[str, Any]) -> None:
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    result = run(args, save)
+    save(result)
     md = markdown(result)
     (out / f"{args.name}.md").write_text(md)
     print(md)

@@ -19,6 +19,17 @@ def test_race_bench_quick_mode_writes_the_side_by_side_table(tmp_path):
         assert len(r["removed"]) == r["n"] and r["test_ppl"] > 1.0 and r["seconds"] > 0
         assert r["sets_scored"] >= 1 and r["prune_over_analysis"] > 0
     assert result["analysis_seconds"] > 0 and result["eval"]["dense_ppl"] > 1.0
+    # the one-shot answers on the same capture, each with its test perplexity, and the memory used
+    shots = result["one_shot"]
+    assert {(o["n"], o["method"]) for o in shots} == {(n, m) for n in (1, 2) for m in ("shortgpt", "angular", "one-pass")}
+    for o in shots:
+        assert len(o["removed"]) == o["n"] and o["test_ppl"] > 1.0
+    one_pass = {o["n"]: o["removed"] for o in shots if o["method"] == "one-pass"}
+    assert all(r["one_pass_removed"] == one_pass[r["n"]] for r in rows)
+    assert result["peak_rss_mb"] >= result["peak_rss_mb_after_analysis"] > 50
     md = (tmp_path / "race-tiny-llama-quick.md").read_text()
-    lines = [line.split(" | ")[:2] for line in md.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    races, shots_md = md.split("The one-shot answers")
+    lines = [line.split(" | ")[:2] for line in races.splitlines() if line.startswith(("| 1 ", "| 2 "))]
     assert sorted(lines) == sorted([f"| {n}", v] for n in (1, 2) for v in ("off", "sets", "units"))
+    assert sum(line.startswith(("| 1 ", "| 2 ")) for line in shots_md.splitlines()) == len(shots)
+    assert "Peak resident memory" in shots_md
