@@ -19,7 +19,8 @@ than pass the hidden state on fails in one line naming it.
   `logits` / `nll_rows` (final norm, LM head, next-token NLL), `load(ids, mask)` (new tokens, same
   private copy);
 - `PrefixStates` / `runner.prefix(starts)`: one dense pass keeps h_b at every block a removed set may
-  start at; `runner.rows_without(removed, prefix, batches)` starts there (the prefix cache);
+  start at; `runner.rows_without(removed, prefix, batches)` starts there (the prefix cache), or
+  further on from a partial run that removed the same blocks so far (`RunStates`, below);
 - `token_nll_rows(model, ids, mask, ...)`: per-row NLL over any number of rows, in chunks the
   weight source chooses (a batch at a time in memory; all rows per block when streamed);
 - `logits_fn(model)`: a function (ids, mask) -> logits for callers that bring their own batches.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,14 +84,73 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return h
 
 
+class RunStates:
+    """Hidden states of earlier runs with blocks removed, for later sets that remove the same blocks
+    up to a point: the input of block b in batch k of a run that removed `pattern` (the removed
+    blocks below b) is the input of block b of *every* set whose removed blocks below b are
+    `pattern`, so such a set starts at b instead of at its first removed block. The verified search
+    proposes exactly such sets: an exchange's trials are one base set plus one block each, its
+    put-back sets and the swaps are the best set with one block changed. The states are the same
+    tensors a fresh run would compute (same batch, same calls), so an NLL never depends on them;
+    only the work does.
+
+    Kept most recently used first within `max_bytes` (0: nothing is kept); `find` returns the
+    deepest state a set can start from. `hits` counts the batches that started from one,
+    `blocks_saved` the block calls (per batch) they skipped.
+    """
+
+    def __init__(self, max_bytes: int = 0) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self.bytes = 0
+        self.hits = 0
+        self.blocks_saved = 0
+        self._states: OrderedDict[tuple[tuple[int, ...], int, int], torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def find(self, removed: Sequence[int], first: int, stop: int, k: int) -> tuple[int, torch.Tensor] | None:
+        """(b, input of block b in batch k) for the deepest b in first+1..stop-1 a kept run shares
+        with `removed` (sorted), or None."""
+        for b in range(stop - 1, first, -1):
+            key = (tuple(r for r in removed if r < b), b, k)
+            h = self._states.get(key)
+            if h is not None:
+                self._states.move_to_end(key)
+                self.hits += 1
+                self.blocks_saved += sum(1 for x in range(first, b) if x not in removed)
+                return b, h
+        return None
+
+    def put(self, removed: Sequence[int], b: int, k: int, h: torch.Tensor) -> None:
+        """Keep `h`, the input of block b in batch k of a run without `removed` (sorted)."""
+        if self.max_bytes <= 0:
+            return
+        key = (tuple(r for r in removed if r < b), b, k)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return
+        size = h.numel() * h.element_size()
+        if size > self.max_bytes:
+            return
+        self._states[key] = h
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._states.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
 @dataclass
 class PrefixStates:
     """The dense model's hidden states at the blocks a removed set may start at: {b: [h_b per batch]}
     (h_b is the input of block b), and the dense model's per-sample NLL. A set whose first removed
-    block is b runs from h_b; blocks before b are never run again."""
+    block is b runs from h_b; blocks before b are never run again. `runs` keeps states of the
+    removed sets' own runs (`RunStates`), within as many bytes as the dense states take (so the
+    cache at most doubles), unless the runner was asked for none."""
 
     states: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     dense_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    runs: RunStates = field(default_factory=RunStates)
 
 
 class BlockRunner:
@@ -121,6 +182,7 @@ class BlockRunner:
         self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per block: (args, kwargs) without the hidden
         self.h0: list[torch.Tensor] = []
         self.tapped: dict[int, list[torch.Tensor]] = {}
+        self.work = 0  # token-block units `rows_without` really ran (tokens x (blocks run + the head))
         if input_ids is not None:
             self.load(input_ids, attention_mask)
 
@@ -295,8 +357,9 @@ class BlockRunner:
         return float(sums.sum()), int(counts.sum())
 
     # -- the prefix cache
-    def prefix(self, starts: Iterable[int]) -> PrefixStates:
-        """One dense pass over every batch keeping h_b for each b in `starts` (and the dense NLL)."""
+    def prefix(self, starts: Iterable[int], keep_runs: bool = True) -> PrefixStates:
+        """One dense pass over every batch keeping h_b for each b in `starts` (and the dense NLL);
+        with `keep_runs`, `rows_without` keeps its own runs' states too (`RunStates`)."""
         want = {int(b) for b in starts if 1 <= int(b) < self.n_blocks}
         pre = PrefixStates()
         hidden = self.h0
@@ -304,24 +367,49 @@ class BlockRunner:
             if b + 1 in want:
                 pre.states[b + 1] = hidden
         pre.dense_rows = self.nll_rows(hidden)
+        if keep_runs:
+            pre.runs = RunStates(sum(h.numel() * h.element_size() for hs in pre.states.values() for h in hs))
         return pre
 
     def rows_without(self, removed: Iterable[int], prefix: PrefixStates | None = None,
                      batches: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row NLL (as `nll_rows`) of the model with blocks `removed` skipped, started from the
-        prefix state at the first removed block when `prefix` holds it (else from h_0)."""
+        prefix state at the first removed block when `prefix` holds it (else from h_0), or from a
+        deeper state of an earlier run that removed the same blocks so far (`prefix.runs`). Adds
+        the token-block units really run to `self.work`."""
         rem = sorted({int(b) for b in removed})
         which = self._which(batches)
         first = rem[0] if rem else self.n_blocks
-        if prefix is not None and first in prefix.states:
-            start, hidden = first, [prefix.states[first][k] for k in which]
-        else:
-            start, hidden = 0, [self.h0[k] for k in which]
-        return self.nll_rows(self.last(hidden, start, skip=rem, batches=which), which)
+        if prefix is None or first not in prefix.states:
+            finals = self.last([self.h0[k] for k in which], 0, skip=rem, batches=which)
+            self._count(which, 0, rem)
+            return self.nll_rows(finals, which)
+        runs = prefix.runs
+        starts: dict[int, list[tuple[int, torch.Tensor]]] = {}  # start block -> (batch, its state there)
+        for k in which:
+            start, h = runs.find(rem, first, self.n_blocks, k) or (first, prefix.states[first][k])
+            starts.setdefault(start, []).append((k, h))
+        final: dict[int, torch.Tensor] = {}
+        for start, items in sorted(starts.items()):  # batches that start at the same block run together
+            ks = [k for k, _ in items]
+            hidden = [h for _, h in items]
+            for b, hidden in self.run_blocks(hidden, start, skip=rem, batches=ks):
+                if b + 1 < self.n_blocks:
+                    for k, h in zip(ks, hidden):
+                        runs.put(rem, b + 1, k, h)
+            final.update(zip(ks, hidden))
+            self._count(ks, start, rem)
+        return self.nll_rows([final[k] for k in which], which)
+
+    def _count(self, batches: Sequence[int], start: int, removed: Sequence[int]) -> None:
+        run = sum(1 for b in range(start, self.n_blocks) if b not in removed)
+        self.work += sum(int(self.batches[k][0].numel()) for k in batches) * (run + 1)
 
     def units(self, removed: Iterable[int], prefix: PrefixStates | None = None,
               batches: Sequence[int] | None = None) -> int:
-        """Token-block units `rows_without` spends: tokens in the batches x (blocks run + 1 for the head)."""
+        """Token-block units `rows_without` spends from the dense prefix alone: tokens in the batches x
+        (blocks run + 1 for the head). What a race charges, so that no charge depends on which runs'
+        states happen to be kept; `work` counts what really ran."""
         rem = sorted({int(b) for b in removed})
         first = rem[0] if rem else self.n_blocks
         start = first if prefix is not None and first in prefix.states else 0
@@ -398,4 +486,4 @@ def runner_model(model: nn.Module) -> nn.Module:
     return view
 
 
-__all__ = ["BlockRunner", "PrefixStates", "chunks", "logits_fn", "runner_model", "token_nll_rows"]
+__all__ = ["BlockRunner", "PrefixStates", "RunStates", "chunks", "logits_fn", "runner_model", "token_nll_rows"]

@@ -275,10 +275,13 @@ class Race:
                 per += [known_per[i] for i in members]  # type: ignore[index]
             else:
                 if g not in part.sums:
+                    before = getattr(self.scorer, "work", None)  # what really runs (kept runs' states serve)
                     sums, counts = self.scorer.rows(key, [g])
                     part.sums[g] = sums.detach().cpu().double().numpy().reshape(-1)
                     part.counts[g] = counts.detach().cpu().long().numpy().reshape(-1)
-                    new += int(self.scorer.units(key, [g]))
+                    after = getattr(self.scorer, "work", None)
+                    new += int(after - before) if isinstance(before, int) and isinstance(after, int) \
+                        else int(self.scorer.units(key, [g]))
                 per += [s / c if c else math.nan for s, c in zip(part.sums[g].tolist(), part.counts[g].tolist())]
             charged += int(self.scorer.units(key, [g]))
             seen += members

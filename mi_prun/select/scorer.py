@@ -136,10 +136,22 @@ class PrefixScorer:
         return pre["runner"].rows_without(removed, pre["prefix"] if use else None, which)
 
     def units(self, removed: Iterable[int], groups: Iterable[int] | None = None) -> int:
-        """Token-block units `rows(removed, groups)` spends (tokens x (blocks run + the head))."""
+        """Token-block units `rows(removed, groups)` spends from the dense prefix (tokens x (blocks run +
+        the head)); less really runs when a kept run's states serve (`work`)."""
         pre = self._states()
         which = None if groups is None else [int(g) for g in groups]
         return pre["runner"].units(removed, pre["prefix"] if self.use_prefix else None, which)
+
+    @property
+    def work(self) -> int:
+        """Token-block units really run by this scorer's passes so far (the dense pass not included)."""
+        pre = self.cache.prefix
+        return 0 if pre is None else int(pre["runner"].work)
+
+    @property
+    def run_states(self) -> Any:
+        """The kept runs' states (`mi_prun.runtime.runner.RunStates`: hits, blocks_saved, bytes)."""
+        return self._states()["prefix"].runs
 
     def nll(self, removed: Iterable[int], use_prefix: bool = True) -> float:
         """Mean NLL (nats) with `removed` skipped; one forward pass (from the first removed block
