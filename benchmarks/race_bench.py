@@ -12,8 +12,10 @@ sample), sets the same search raced (the budget in sets), units the raced search
 token-block units (the auto passes x the mean units of a full pass of the candidates), so what the
 race saves buys more exchanges and swaps. Per row: the set chosen, its test perplexity, the sets
 scored and dropped, the new forward passes (+ the confirmation's), the token-block units charged
-(for off, the units of its passes, counted by the scorer's arithmetic), the wall time and the prune
-time over the analysis time.
+(for off, the units of its passes, counted by the scorer's arithmetic; both as from a cold cache),
+the units really run (less where kept runs' states served), the wall time and the prune time over
+the analysis time. Beside each n, the test perplexity of ShortGPT's set, the angular window and the
+one-pass answer (`--baselines`); the process's peak resident memory.
 
 Test perplexity follows benchmarks/quality.py: the raw WikiText-2 test split (`--eval`), windows of
 `--eval-seq-len` tokens, the first `--eval-windows` windows, every set scored on the same windows.
@@ -94,6 +96,13 @@ def units_of(scorer: Any, rows: list[Any]) -> int | None:
     return int(sum(scorer.units(r.removed) for r in rows if not r.cached))
 
 
+def units_run(cache: NLLCache) -> int | None:
+    """Token-block units the search's passes really ran (kept runs' states make it less than the
+    charge; the dense pass and the confirmation's fresh draw not included)."""
+    pre = cache.prefix
+    return None if pre is None else int(pre["runner"].work)
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -165,7 +174,8 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                    "dropped": race.get("dropped", 0), "new_passes": sel.forward_passes - (conf.get("passes") or 0),
                    "confirm_passes": conf.get("passes") or 0, "dense_passes": v.get("dense_passes"),
                    "budget_sets": v.get("budget"), "unit_budget": race.get("unit_budget"), "units": units,
-                   "units_unraced": race.get("units_unraced"), "sets_by_stage": v.get("sets_by_stage"),
+                   "units_unraced": race.get("units_unraced"), "units_run": units_run(cache),
+                   "sets_by_stage": v.get("sets_by_stage"),
                    "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
             row["test_ppl"] = ppl_of(tuple(sel.removed))
             row["peak_rss_mb"] = peak_rss_mb()
@@ -195,8 +205,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"{e['seq_len']} tokens (dense {e['dense_ppl']:.2f}). Each row from a cold NLL cache; off = the search "
            "before racing.", "",
            "| n | variant | removed | test ppl | sets scored | dropped | new passes (+confirm) | units | "
-           "units / off | wall s | prune / analysis |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "units / off | units run | wall s | prune / analysis |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     off = {r["n"]: r for r in result["rows"] if r["variant"] == "off"}
     for r in result["rows"]:
         base = off.get(r["n"])
@@ -205,7 +215,8 @@ def markdown(result: dict[str, Any]) -> str:
         ppl = "-" if r["test_ppl"] is None or not math.isfinite(r["test_ppl"]) else f"{r['test_ppl']:.2f}"
         out.append(f"| {r['n']} | {r['variant']} | {' '.join(map(str, r['removed']))} | {ppl} | {r['sets_scored']} | "
                    f"{r['dropped']} | {r['new_passes']} (+{r['confirm_passes']}) | "
-                   f"{'-' if r['units'] is None else format(r['units'], ',')} | {ratio} | {r['seconds']} | "
+                   f"{'-' if r['units'] is None else format(r['units'], ',')} | {ratio} | "
+                   f"{'-' if r.get('units_run') is None else format(r['units_run'], ',')} | {r['seconds']} | "
                    f"{r['prune_over_analysis']} |")
     if result.get("one_shot"):
         out += ["", "The one-shot answers on the same capture and test windows (one-pass: the verified search's "
