@@ -294,6 +294,8 @@ def curve_controls(analysis: Any, passes: int | str, n: int) -> None:
         st.caption("**One pass** at every n: the answers come from the analysis alone (no forward pass).")
         return
     job = curve_job(passes)
+    if job is not None and job.running:
+        job.prefer(n)  # the n on the slider comes next
     if job is None:
         st.button("Verify every n in the background", key="curve_start", icon=":material/playlist_play:",
                   on_click=start_curve, args=(analysis, passes),
@@ -315,7 +317,10 @@ def _curve_progress(analysis: Any, key: str, passes: int | str, n: int) -> None:
             done, total = job.progress()
             if job.running:
                 now = f"verifying n = {job.current}" if job.current is not None else "starting"
-                st.progress(done / max(total, 1), text=f"Verify every n: {done} of {total} done, {now}")
+                left = job.seconds_left()
+                left = "" if left is None else f", about {state.fmt_seconds(left)} left"
+                st.progress(done / max(total, 1), text=f"Verify every n: {done} of {total} done, {now}{left} "
+                                                       "(the n on the slider goes next)")
                 st.button("Stop verifying every n", key="curve_stop", on_click=job.cancel, icon=":material/stop:")
             elif running:  # it finished since the page ran: redraw the page with the new answers
                 st.rerun()

@@ -394,26 +394,40 @@ class CurveJob:
         self.ns = [int(n) for n in ns]
         self.verify, self.lock = verify, lock
         self.results: dict[int, Any] = {}
+        self.seconds: dict[int, float] = {}  # wall time of each n verified here
         self.current: int | None = None
         self.error: str | None = None
         self.cancelled = False
+        self._queue = list(self.ns)
+        self._queue_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="mi-prun-verify-curve", daemon=True)
 
     def start(self) -> "CurveJob":
         self.thread.start()
         return self
 
+    def prefer(self, n: int) -> None:
+        """Verify `n` next (the n the user looks at), then the rest in their order."""
+        with self._queue_lock:
+            if int(n) in self._queue:
+                self._queue.remove(int(n))
+                self._queue.insert(0, int(n))
+
+    def _next(self) -> int | None:
+        with self._queue_lock:
+            return self._queue.pop(0) if self._queue and not self.cancelled else None
+
     def _run(self) -> None:
-        for n in self.ns:
-            if self.cancelled:
-                break
+        while (n := self._next()) is not None:
             self.current = n
+            started = time.perf_counter()
             try:
                 with self.lock:
                     self.results[n] = self.verify(n)
             except MiPrunError as exc:  # the library's one-line reason; the n done so far stay
                 self.error = f"n = {n}: {exc}"
                 break
+            self.seconds[n] = time.perf_counter() - started
         self.current = None
 
     @property
@@ -423,6 +437,13 @@ class CurveJob:
     def progress(self) -> tuple[int, int]:
         """(n verified so far, n to verify)."""
         return len(self.results), len(self.ns)
+
+    def seconds_left(self) -> float | None:
+        """The time the n left will take at the mean pace of the n done so far (None before the
+        first is done). Later n reuse more of the cache, so this errs long."""
+        if not self.seconds:
+            return None
+        return sum(self.seconds.values()) / len(self.seconds) * (len(self.ns) - len(self.results))
 
     def cancel(self) -> None:
         """Stop after the n being verified (its answer is kept)."""

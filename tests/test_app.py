@@ -939,3 +939,36 @@ def test_verify_every_n_in_the_background_gives_the_library_answers_and_marks_th
     col = chart(at, "Which blocks each method removes")
     assert sorted(trace(col, "MI-PRUN (FBS) verified removed")["y"]) == list(job.results[other].removed)
     search._curve_jobs.clear()
+
+
+def test_the_background_curve_takes_the_slider_n_next_and_says_the_time_left():
+    """The n the user looks at jumps the queue of 'Verify every n'; the time left is the mean pace of
+    the n done times the n left; a stop keeps what was done."""
+    import threading
+
+    from mi_prun_app.state import CurveJob
+
+    order: list[int] = []
+    gate = threading.Event()
+
+    def verify(k: int) -> int:
+        if not order:
+            gate.wait(10)  # the first n waits until the page asked for n = 5
+        order.append(k)
+        return k * 10
+
+    job = CurveJob(range(1, 7), verify, threading.Lock())
+    assert job.seconds_left() is None
+    job.start()
+    job.prefer(5)
+    job.prefer(99)  # not an n of the curve: ignored
+    gate.set()
+    job.thread.join(10)
+    assert order == [1, 5, 2, 3, 4, 6] and job.results == {k: k * 10 for k in range(1, 7)}
+    assert job.seconds_left() == 0.0 and set(job.seconds) == set(range(1, 7))
+
+    stopped = CurveJob(range(1, 5), lambda k: (stopped.cancel() if k == 2 else None) or k, threading.Lock())
+    stopped.start()
+    stopped.thread.join(10)
+    assert sorted(stopped.results) == [1, 2] and stopped.seconds_left() == pytest.approx(
+        sum(stopped.seconds.values()) / 2 * 2)
