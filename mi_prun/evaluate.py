@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mi_prun.config import EvalConfig, as_int
+from mi_prun.config import EvalConfig, as_int, expect_config
 from mi_prun.data import adds_bos, load_text, tokenize
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import as_module, as_tokenizer, check_token_ids
@@ -194,9 +194,7 @@ def evaluate(model: nn.Module, tokenizer: Any, config: Any = None, *,
     """Perplexity of `model` on the text and protocol of `config` (an `EvalConfig`; default: the
     WikiText-2 test split, windows of 256 tokens, all of them)."""
 
-    cfg = config if config is not None else EvalConfig()
-    if not isinstance(cfg, EvalConfig):
-        raise MiPrunError(f"config must be an EvalConfig, got {type(cfg).__name__}.")
+    cfg = expect_config(config if config is not None else EvalConfig(), EvalConfig)
     text = load_text(cfg.data, purpose="evaluation")
     model, tokenizer = as_module(model), as_tokenizer(tokenizer if tokenizer is not None else model)
     res = perplexity(model, tokenizer, text.text, seq_len=cfg.seq_len, max_windows=cfg.max_windows,

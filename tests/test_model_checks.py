@@ -100,3 +100,13 @@ def test_a_dict_where_a_config_is_expected_names_the_constructor(tmp_path):
     with pytest.raises(MiPrunError, match=r"must be an ExportConfig, got a dict.*ExportConfig\(overwrite=True\)"):
         export(prune(loaded.model, [1]), loaded.tokenizer, None, tmp_path / "x", config={"overwrite": True})
     assert select(analysis, SelectConfig(n=2)).n == 2
+
+
+def test_evaluation_and_healing_name_a_dict_config_as_its_constructor_call():
+    from mi_prun.evaluate import evaluate
+    from mi_prun.heal import heal
+
+    with pytest.raises(MiPrunError, match=r"config must be an EvalConfig, got a dict.*EvalConfig\(max_windows=4\)"):
+        evaluate(object(), None, config={"max_windows": 4})
+    with pytest.raises(MiPrunError, match=r"config must be a HealConfig, got a dict.*HealConfig\(n_samples=4\)"):
+        heal(object(), (1,), object(), config={"n_samples": 4})

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mi_prun.capture import choose_positions
-from mi_prun.config import HealConfig
+from mi_prun.config import HealConfig, expect_config
 from mi_prun.data import Calibration, calibration_tokens, load_text
 from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import token_nll
@@ -155,7 +155,7 @@ def _holdout_period(cfg: HealConfig, n_samples: int) -> int:
 
 def heal_calibration(loaded: Any, config: HealConfig | None = None) -> Calibration:
     """The calibration tokens of `config` for `loaded`'s tokenizer (a `LoadedModel`)."""
-    cfg = config or HealConfig()
+    cfg = expect_config(config if config is not None else HealConfig(), HealConfig)
     check_context(loaded, cfg.seq_len, "healing tokens per sample")
     text = load_text(cfg.calib, purpose="calibration")
     return calibration_tokens(loaded.tokenizer, text, cfg.n_samples, cfg.seq_len, seed=cfg.seed)
@@ -185,9 +185,7 @@ def heal(model: nn.Module, removed: Iterable[int], calib: Calibration, *, config
     unchanged. Raises `HealRefused` (one line, before any forward pass) where a run cannot be
     folded exactly. `progress("heal", fraction, message)` after every batch.
     """
-    cfg = config or HealConfig()
-    if not isinstance(cfg, HealConfig):
-        raise MiPrunError(f"config must be a HealConfig, got {type(cfg).__name__}.")
+    cfg = expect_config(config if config is not None else HealConfig(), HealConfig)
     model = as_module(model)
     if not hasattr(calib, "input_ids"):
         raise MiPrunError(f"calib must be calibration tokens, got {type(calib).__name__}. Fix: pass "

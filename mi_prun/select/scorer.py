@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
-from mi_prun.config import SelectConfig, as_int
+from mi_prun.config import SelectConfig, as_int, expect_config
 from mi_prun.data import calibration_text, verification_tokens
 from mi_prun.errors import MiPrunError
 from mi_prun.models.accept import check_token_ids
@@ -209,8 +209,7 @@ def resolve_tokens(tokens: Any, tokenizer: Any, analysis: Any, cfg: SelectConfig
 
 def unwrap_model(model: Any, tokenizer: Any, config: Any) -> tuple[Any, Any]:
     """(module, tokenizer) from a `LoadedModel` or a module (+ tokenizer); `config` checked."""
-    if not isinstance(config, SelectConfig):
-        raise MiPrunError(f"config must be a SelectConfig, got {type(config).__name__}.")
+    expect_config(config, SelectConfig)
     if hasattr(model, "model") and hasattr(model, "tokenizer"):
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         model = model.model
