@@ -196,10 +196,12 @@ class SelectConfig:
     a paired t bound at error rate `verify_race_alpha` per comparison (Bonferroni over the looks).
     "units": the budget is spent in token-block units (tokens x blocks run), "auto" or a number of
     passes times the mean units of a full pass of the proposed candidates, so what racing saves buys
-    more exchanges and swaps for the same cost; "sets": the budget counts sets as without racing
-    (the same search, each set cheaper); "off" (the default until the real-model comparison in
-    benchmarks/RESULTS.md chooses a mode): no racing, the search as before racing existed. A scorer
-    that cannot race (a task's) runs unraced.
+    more exchanges and swaps for the same cost; "sets", the default: the budget counts sets as
+    without racing (the same search, each set cheaper: on smollm2-135m and Gemma 3 270M it chose the
+    unraced search's set at every n measured for 0.32-0.84 of its token-block units, while "units"
+    spent about what "off" does and found nothing better; benchmarks/RESULTS.md, race_bench.py);
+    "off": no racing, the search as before racing existed. A scorer that cannot race (a task's)
+    runs unraced.
     """
 
     method: str = "fbs"
@@ -217,9 +219,8 @@ class SelectConfig:
     # finalists of the verified search; those within CONFIRM_Z paired SE of the winner are re-scored on a
     # fresh draw of tokens (select/confirm.py); 0: off
     verify_confirm: int = 3
-    # "units", "sets" or "off" (class docstring, mi_prun/select/race.py); off until benchmarks/race_bench.py on
-    # real models chooses a mode: a default changes the README's and RESULTS' verified numbers
-    verify_race: str = "off"
+    # "units", "sets" or "off" (class docstring, mi_prun/select/race.py); chosen by benchmarks/race_bench.py
+    verify_race: str = "sets"
     verify_race_alpha: float = 0.05  # a set at least as good as the best is dropped at most this often
     verify_race_group: int = 4  # verification samples per group (the scorer's batch size when racing)
 

@@ -506,7 +506,8 @@ def test_cancel_during_verification_leaves_the_page_usable(shared_model, fresh_n
     assert any("cancelled" in w.value for w in at.warning)
     m = metrics_of(at)
     assert "Verified answer removes" not in m and m["FBS removes"]  # the one-pass answer is shown
-    assert len(nll_cache_of(at)) == 4  # the passes done before the cancel are kept
+    cache = nll_cache_of(at)  # the passes done before the cancel are kept: complete sets, and raced ones in part
+    assert len(set(cache.nll) | {k for k, part in cache.partial.items() if part.sums}) == 4
     monkeypatch.undo()
     at.slider(key="p_n_remove").set_value(3).run()  # the page still works
     no_errors(at)

@@ -237,7 +237,7 @@ def test_the_race_settings_are_checked_and_reach_the_cli():
     cfg = select_config(args)
     assert (cfg.verify_race, cfg.verify_race_alpha) == ("sets", 0.01)
     assert select_config(build_parser().parse_args(["select", "a"])).verify_race == SelectConfig().verify_race
-    assert SelectConfig().verify_race == "off" and SelectConfig(verify_race="UNITS").verify_race == "units"
+    assert SelectConfig().verify_race == "sets" and SelectConfig(verify_race="UNITS").verify_race == "units"
     for bad in ("fast", 1, None):
         with pytest.raises(MiPrunError, match="Fix: units"):
             SelectConfig(verify_race=bad)

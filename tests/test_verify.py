@@ -209,7 +209,7 @@ def test_mi_guided_greedy_tries_c_blocks_a_step(tiny):
 def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_path, capsys):
     from mi_prun.cli import main
 
-    _, analysis = tiny
+    loaded, analysis = tiny
     folder = analysis.save(tmp_path / "a")
     assert main(["--quiet", "select", str(folder), "--n", "2"]) == 0
     assert "unverified (no --model): one-pass answer" in capsys.readouterr().out
@@ -219,6 +219,11 @@ def test_cli_says_unverified_without_a_model_and_verifies_with_one(tiny, tmp_pat
     assert "verified: " in out and " of 3 sets scored" in out and "one-pass answer" in out
     sel = Selection.load(tmp_path / "s.json")
     assert sel.verified and len(sel.candidates) <= 3
+    # the CLI's raced answer is the library's, set for set
+    lib = select(analysis, config=SelectConfig(n=2, verify_passes=3, verify_race="sets"), model=loaded)
+    assert (sel.removed, sel.nll) == (lib.removed, pytest.approx(lib.nll))
+    assert [(c.removed, c.complete, c.samples) for c in sel.candidates] == \
+        [(c.removed, c.complete, c.samples) for c in lib.candidates]
     assert sel.forward_passes == len(sel.candidates) + sel.verification["confirm"]["passes"]
     assert "Confirmation: " in out
     # a race in units spends a budget in token-block units, and says so

@@ -28,7 +28,7 @@ Racing (`SelectConfig.verify_race`, `mi_prun.select.race`): with a scorer that s
 samples (`scoring.RowScorer`), every set is raced against the best complete set so far (an
 exchange's put-back sets against the best put-back set of that exchange) and dropped once it is
 clearly worse; only complete sets can win or reach the confirmation. "units" spends a budget of
-token-block units (the auto passes x the mean units of a full pass of the candidates), "sets" the
+token-block units (the auto passes x the mean units of a full pass of the candidates), "sets" (the default) the
 budget in sets as unraced, "off" is the unraced search exactly. `verification["race"]` records the
 rule, the units charged and run, what the same sets would cost unraced and the sets dropped.
 """
