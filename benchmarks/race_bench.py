@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--baselines", default="shortgpt,angular",
                     help="one-shot selectors whose test perplexity is given beside each n, comma-separated "
                          "(empty: none); the one-pass answer of the verified search is always given")
+    ap.add_argument("--warm", default="", help="a verify_race value: after the cold rows, verify every n of --ns in "
+                                                "order on one shared NLL cache, as the app's 'Verify every n' does, "
+                                                "and time each n (empty: no sweep)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, n = 1, 2, small tokens (for tests)")
     ap.add_argument("--name", default=None)
@@ -192,6 +195,24 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
             log.info("n=%d %s removed %s ppl %.2f", n, name, list(removed), others[-1]["test_ppl"])
         if save is not None:
             save(result)
+    if args.warm:  # the app's sweep: one cache for every n, so sets (and kept runs) measured at one n serve the next
+        cache = NLLCache()
+        cold = {(r["n"], r["variant"]): r for r in rows}
+        result["warm"] = warm = []
+        for n in [int(x) for x in args.ns.split(",") if 0 < int(x) < loaded.n_blocks]:
+            t0 = time.perf_counter()
+            before = units_run(cache) or 0
+            sel = select(analysis, config=SelectConfig(n=n, verify_race=args.warm, **args.select), model=loaded,
+                         cache=cache)
+            same = cold.get((n, args.warm))
+            warm.append({"n": n, "variant": args.warm, "removed": list(sel.removed),
+                         "same_as_cold": None if same is None else same["removed"] == list(sel.removed),
+                         "units": (sel.verification.get("race") or {}).get("units"),
+                         "units_run": (units_run(cache) or 0) - before,
+                         "seconds": round(time.perf_counter() - t0, 2)})
+            log.info("warm n=%d removed %s in %.1fs", n, warm[-1]["removed"], warm[-1]["seconds"])
+            if save is not None:
+                save(result)
     result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -224,6 +245,12 @@ def markdown(result: dict[str, Any]) -> str:
                 "|---|---|---|---|"]
         out += [f"| {o['n']} | {o['method']} | {' '.join(map(str, o['removed']))} | {o['test_ppl']:.2f} |"
                 for o in result["one_shot"]]
+    if result.get("warm"):
+        out += ["", f"Every n in order on one NLL cache ({result['warm'][0]['variant']}, as the app's 'Verify every n'):",
+                "", "| n | removed | same as cold | units run | wall s |", "|---|---|---|---|---|"]
+        out += [f"| {w['n']} | {' '.join(map(str, w['removed']))} | "
+                f"{'-' if w['same_as_cold'] is None else ('yes' if w['same_as_cold'] else 'no')} | "
+                f"{w['units_run']:,} | {w['seconds']} |" for w in result["warm"]]
     if result.get("peak_rss_mb"):
         out += ["", f"Peak resident memory of the process: {result['peak_rss_mb_after_analysis']:,} MB after the "
                     f"load and the analysis, {result['peak_rss_mb']:,} MB at the end."]

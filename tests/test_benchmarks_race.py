@@ -33,3 +33,12 @@ def test_race_bench_quick_mode_writes_the_side_by_side_table(tmp_path):
     assert sorted(lines) == sorted([f"| {n}", v] for n in (1, 2) for v in ("off", "sets", "units"))
     assert sum(line.startswith(("| 1 ", "| 2 ")) for line in shots_md.splitlines()) == len(shots)
     assert "Peak resident memory" in shots_md
+
+
+def test_batch_rows_quick_mode_times_every_batch_size(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "batch_rows.py"), "--quick", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "batch-rows-tiny-llama.json").read_text())
+    assert [r["rows_per_call"] for r in result["rows"]] == [2, 8]
+    assert all(r["seconds"] > 0 and r["us_per_unit"] > 0 for r in result["rows"]) and result["rows"][0]["relative"] == 1
