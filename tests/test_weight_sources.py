@@ -99,9 +99,16 @@ def test_prefix_cached_scoring_of_some_groups_equals_resident(models, source):
         torch.testing.assert_close(some[0], torch.cat([full[0][6:8], full[0][2:4]]), atol=1e-6, rtol=1e-6)
         # from the cached dense state at the first removed block = from the embeddings
         torch.testing.assert_close(scorers[source].rows(removed, use_prefix=False)[0], full[0], atol=1e-6, rtol=1e-6)
-        # the units count the blocks really run: from the first removed block, without the removed ones
+        # the units charged: the blocks run from the first removed block, without the removed ones
         assert scorers[source].units(removed, groups=[3]) == 2 * ids.shape[1] * (N_LAYERS - removed[0] - len(
             [b for b in removed if b >= removed[0]]) + 1)
+    # sets that remove what an earlier set removed up to a later block start from its kept states
+    hits = scorers[source].run_states.hits
+    for removed in ([2, 3, 5], [2, 3, 4], [1, 5, 4]):
+        full = scorers["resident"].rows(removed)
+        some = scorers[source].rows(removed, groups=[3, 1])
+        torch.testing.assert_close(some[0], torch.cat([full[0][6:8], full[0][2:4]]), atol=1e-6, rtol=1e-6)
+    assert scorers[source].run_states.hits >= hits + 2 * 2  # [2, 3, 5] and [1, 4, 5] in both groups
     assert scorers[source].dense() == pytest.approx(scorers["resident"].dense(), rel=1e-6)
 
 
