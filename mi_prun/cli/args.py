@@ -238,7 +238,7 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
                         "--verify-samples x --verify-tokens calibration tokens kept apart from the capture's; "
                         "auto = a quarter of the passes SLEB-style greedy removal would spend for the same n "
                         "(grows with n and the model's depth); 0 = the one-pass answer (needs the model: "
-                        "`select` takes --model); raced in units (--verify-race units, the default) the budget is "
+                        "`select` takes --model); raced in units (--verify-race units) the budget is "
                         "N times the token-block units of a full pass; the confirmation (--verify-confirm) comes on top")
     g.add_argument("--verify-samples", type=positive_int, default=d.verify_samples,
                    help="verification samples (drawn from the calibration text, apart from the capture's)")
