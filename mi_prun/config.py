@@ -198,8 +198,9 @@ class SelectConfig:
     passes times the mean units of a full pass of the proposed candidates, so what racing saves buys
     more exchanges and swaps for the same cost; "sets", the default: the budget counts sets as
     without racing (the same search, each set cheaper: on smollm2-135m and Gemma 3 270M it chose the
-    unraced search's set at every n measured for 0.32-0.84 of its token-block units, while "units"
-    spent about what "off" does and found nothing better; benchmarks/RESULTS.md, race_bench.py);
+    unraced search's set at every n measured for 0.32-0.84 of its token-block units; "units" spent
+    about what "off" does, found nothing better on smollm2 and a far better set on Gemma at n = 6,
+    where the budget binds; benchmarks/RESULTS.md, race_bench.py);
     "off": no racing, the search as before racing existed. A scorer that cannot race (a task's)
     runs unraced.
     """
