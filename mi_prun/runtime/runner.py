@@ -402,8 +402,12 @@ class BlockRunner:
         return self.nll_rows([final[k] for k in which], which)
 
     def _count(self, batches: Sequence[int], start: int, removed: Sequence[int]) -> None:
+        self.work += self._units(batches, start, removed)
+
+    def _units(self, batches: Sequence[int], start: int, removed: Sequence[int]) -> int:
+        """Tokens in the batches x (blocks start.. not removed + 1 for the head)."""
         run = sum(1 for b in range(start, self.n_blocks) if b not in removed)
-        self.work += sum(int(self.batches[k][0].numel()) for k in batches) * (run + 1)
+        return sum(int(self.batches[k][0].numel()) for k in batches) * (run + 1)
 
     def units(self, removed: Iterable[int], prefix: PrefixStates | None = None,
               batches: Sequence[int] | None = None) -> int:
@@ -413,9 +417,7 @@ class BlockRunner:
         rem = sorted({int(b) for b in removed})
         first = rem[0] if rem else self.n_blocks
         start = first if prefix is not None and first in prefix.states else 0
-        run = sum(1 for b in range(start, self.n_blocks) if b not in rem)
-        tokens = sum(int(self.batches[k][0].numel()) for k in self._which(batches))
-        return tokens * (run + 1)
+        return self._units(self._which(batches), start, rem)
 
 
 def chunks(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int
