@@ -79,6 +79,39 @@ def test_perplexity_without_bos_matches_hand_computation(llama):
     assert perplexity(model, tok, TEXT, seq_len=8, add_bos=False, max_windows=1).windows == 1
 
 
+def test_the_head_scores_a_batch_in_row_chunks_that_fit_and_gives_the_same_numbers(llama, monkeypatch):
+    """A large vocabulary's logits are never held for a whole batch (Gemma 3: 268 MB per row of 256
+    tokens): the head runs on as many rows as fit in HEAD_BYTES, and every row's NLL is unchanged,
+    padded rows included."""
+    from mi_prun.evaluate import token_nll_rows
+    from mi_prun.runtime import BlockRunner
+
+    model, _ = llama
+    ids = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    mask[4, :3] = 0
+    whole = token_nll_rows(model, ids, mask, batch_size=5)
+    seen = []
+    head = BlockRunner._head
+
+    def counting(self, h, ids_, mask_):
+        seen.append(int(ids_.shape[0]))
+        return head(self, h, ids_, mask_)
+
+    monkeypatch.setattr(BlockRunner, "_head", counting)
+    vocab = model.get_output_embeddings().out_features
+    monkeypatch.setattr(BlockRunner, "HEAD_BYTES", 2 * 12 * vocab * 4)  # two rows' logits
+    parts = token_nll_rows(model, ids, mask, batch_size=5)
+    assert seen == [2, 2, 1]
+    assert torch.equal(parts[1], whole[1])
+    assert torch.allclose(parts[0], whole[0], rtol=1e-6, atol=1e-6)
+    seen.clear()
+    monkeypatch.setattr(BlockRunner, "HEAD_BYTES", 1)  # not even one row fits: one row at a time
+    ones = token_nll_rows(model, ids, mask, batch_size=5)
+    assert seen == [1] * 5 and torch.allclose(ones[0], whole[0], rtol=1e-6, atol=1e-6)
+
+
 def test_perplexity_errors(llama):
     model, tok = llama
     with pytest.raises(MiPrunError, match=r"too short.*255 tokens needed.*17 found"):

@@ -26,7 +26,8 @@ than pass the hidden state on fails in one line naming it.
 - `logits_fn(model)`: a function (ids, mask) -> logits for callers that bring their own batches.
 
 Memory: the hidden states of the rows in flight (N x T x d) and the recorded block arguments
-(masks and position embeddings, shared across blocks), plus one materialised block when streamed.
+(masks and position embeddings, shared across blocks), plus one materialised block when streamed,
+plus the logits of the rows scored at once (at most `BlockRunner.HEAD_BYTES` where a row fits).
 Blocks are numbered from 0. The model is never modified.
 """
 
@@ -162,6 +163,9 @@ class BlockRunner:
     place. `batches` (indices into the batch list) restricts a call to some batches; `hidden` then
     holds those batches' states in that order. `model` is never modified.
     """
+
+    # the logits of one head call (rows scored together) stay within this many bytes (`nll_rows`)
+    HEAD_BYTES = 256 << 20
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, batch_size: int = 8) -> None:
@@ -331,24 +335,44 @@ class BlockRunner:
         """Logits (B, T, V) per batch from the last hidden state (final norm and head of the family)."""
         self._ensure_head()
         for k, h in zip(self._which(batches), hidden):
-            ids, mask = self.batches[k]
-            self._inject = h
-            try:
-                yield self._shell_forward(ids, mask).logits
-            finally:
-                self._inject = None
+            yield self._head(h, *self.batches[k])
+
+    def _head(self, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        self._inject = h
+        try:
+            return self._shell_forward(ids, mask).logits
+        finally:
+            self._inject = None
+
+    def _head_rows(self, tokens: int) -> int:
+        """Rows whose logits (tokens x vocabulary float32 values each) fit in HEAD_BYTES, at least 1."""
+        vocab = getattr(self.shell.config, "vocab_size", None)
+        try:
+            head = self.shell.get_output_embeddings()
+            vocab = int(getattr(head, "out_features", None) or vocab)
+        except (AttributeError, NotImplementedError, TypeError):
+            pass
+        if not vocab:
+            return 1 << 30
+        return max(1, self.HEAD_BYTES // (int(tokens) * int(vocab) * 4))
 
     def nll_rows(self, hidden: Sequence[torch.Tensor], batches: Sequence[int] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: summed next-token NLL (float64) and tokens scored (`loss.nll_rows`), from the last
-        hidden state of the batches."""
+        hidden state of the batches. The head runs on as many rows at a time as keep their logits within
+        HEAD_BYTES (a 262,144-word head's logits are 268 MB per row of 256 tokens), so scoring never
+        holds a whole batch's logits and their log-softmax; the per-row numbers are the same."""
+        self._ensure_head()
         sums, counts = [], []
-        which = self._which(batches)
-        for k, logits in zip(which, self.logits(hidden, which)):
+        for k, h in zip(self._which(batches), hidden):
             ids, mask = self.batches[k]
-            s, c = nll_rows(logits, ids, mask)
-            sums.append(s)
-            counts.append(c)
+            step = self._head_rows(ids.shape[1])
+            for r in range(0, int(ids.shape[0]), step):
+                part = slice(r, r + step)
+                m = None if mask is None else mask[part]
+                s, c = nll_rows(self._head(h[part], ids[part], m), ids[part], m)
+                sums.append(s)
+                counts.append(c)
         return torch.cat(sums), torch.cat(counts)
 
     def nll(self, hidden: Sequence[torch.Tensor]) -> tuple[float, int]:
