@@ -14,7 +14,8 @@ race saves buys more exchanges and swaps. Per row: the set chosen, its test perp
 scored and dropped, the new forward passes (+ the confirmation's), the token-block units charged
 (for off, the units of its passes, counted by the scorer's arithmetic; both as from a cold cache),
 the units really run (less where kept runs' states served), the wall time and the prune time over
-the analysis time. Beside each n, the test perplexity of ShortGPT's set, the angular window and the
+the analysis time, whether the search converged or its budget ran out, and when the winner was first
+scored (its place among the sets, and raced the units charged up to it, in the JSON). Beside each n, the test perplexity of ShortGPT's set, the angular window and the
 one-pass answer (`--baselines`); the process's peak resident memory.
 
 Test perplexity follows benchmarks/quality.py: the raw WikiText-2 test split (`--eval`), windows of
@@ -106,6 +107,18 @@ def units_run(cache: NLLCache) -> int | None:
     return None if pre is None else int(pre["runner"].work)
 
 
+def winner_found(sel: Any) -> dict[str, Any]:
+    """When the search first scored its winner: the set's place in the order scored (1 = the first) and,
+    raced, the token-block units charged up to and with it (how much of the search the answer needed)."""
+    rows = list(sel.candidates)
+    at = next((i for i, r in enumerate(rows) if tuple(r.removed) == tuple(sel.removed)), None)
+    if at is None:  # the confirmation's pick is always a set the search scored; kept for old records
+        return {"winner_at_set": None, "winner_at_units": None}
+    charged = [r.units for r in rows[:at + 1]]
+    return {"winner_at_set": at + 1,
+            "winner_at_units": None if any(u is None for u in charged) else int(sum(charged))}
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -178,8 +191,8 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                    "confirm_passes": conf.get("passes") or 0, "dense_passes": v.get("dense_passes"),
                    "budget_sets": v.get("budget"), "unit_budget": race.get("unit_budget"), "units": units,
                    "units_unraced": race.get("units_unraced"), "units_run": units_run(cache),
-                   "sets_by_stage": v.get("sets_by_stage"),
-                   "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
+                   "sets_by_stage": v.get("sets_by_stage"), "stopped": v.get("stopped"),
+                   **winner_found(sel), "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
             row["test_ppl"] = ppl_of(tuple(sel.removed))
             row["peak_rss_mb"] = peak_rss_mb()
             log.info("n=%d %-5s removed %s ppl %.2f, %s sets, %s units, %.1fs", n, variant, row["removed"],
@@ -226,8 +239,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"{e['seq_len']} tokens (dense {e['dense_ppl']:.2f}). Each row from a cold NLL cache; off = the search "
            "before racing.", "",
            "| n | variant | removed | test ppl | sets scored | dropped | new passes (+confirm) | units | "
-           "units / off | units run | wall s | prune / analysis |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "units / off | units run | wall s | prune / analysis | stopped | winner at set |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     off = {r["n"]: r for r in result["rows"] if r["variant"] == "off"}
     for r in result["rows"]:
         base = off.get(r["n"])
@@ -238,7 +251,7 @@ def markdown(result: dict[str, Any]) -> str:
                    f"{r['dropped']} | {r['new_passes']} (+{r['confirm_passes']}) | "
                    f"{'-' if r['units'] is None else format(r['units'], ',')} | {ratio} | "
                    f"{'-' if r.get('units_run') is None else format(r['units_run'], ',')} | {r['seconds']} | "
-                   f"{r['prune_over_analysis']} |")
+                   f"{r['prune_over_analysis']} | {r.get('stopped') or '-'} | {r.get('winner_at_set') or '-'} |")
     if result.get("one_shot"):
         out += ["", "The one-shot answers on the same capture and test windows (one-pass: the verified search's "
                     "starting point, before any set is scored):", "", "| n | method | removed | test ppl |",

@@ -23,7 +23,7 @@ import streamlit as st
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import TimeLeft
-from mi_prun.select import NLLCache, select
+from mi_prun.select import NLLCache, select, stop_note
 from mi_prun.select.confirm import describe_confirmation
 from mi_prun.select.counts import allowed_blocks
 from mi_prun_app import state, tables, viz
@@ -389,6 +389,9 @@ def verified_section(sel: Any, n: int) -> None:
                + ("was kept." if gap is not None and gap == 0 else
                   ("was not scored." if gap is None else f"loses by {gap:.4f} nats per token."))
                + ("" if not conf else " " + describe_confirmation(conf)))
+    note = stop_note(v)
+    if note:
+        st.caption(note + " Raise the pass budget above to search further.")
     left, right = st.columns([3, 2], gap="large")
     with left:
         table(tables.verified_candidates_frame(sel), f"verified_candidates_n{n}", "verify_candidates",

@@ -18,6 +18,9 @@ def test_race_bench_quick_mode_writes_the_side_by_side_table(tmp_path):
     for r in rows:
         assert len(r["removed"]) == r["n"] and r["test_ppl"] > 1.0 and r["seconds"] > 0
         assert r["sets_scored"] >= 1 and r["prune_over_analysis"] > 0
+        assert r["stopped"] in ("budget", "converged") and 1 <= r["winner_at_set"] <= r["sets_scored"]
+        assert (r["winner_at_units"] is None) == (r["variant"] == "off")
+        assert r["variant"] == "off" or 0 < r["winner_at_units"] <= r["units"]
     assert result["analysis_seconds"] > 0 and result["eval"]["dense_ppl"] > 1.0
     # the one-shot answers on the same capture, each with its test perplexity, and the memory used
     shots = result["one_shot"]

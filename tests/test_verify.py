@@ -393,6 +393,49 @@ def test_local_search_finds_blocks_no_criterion_proposes():
     assert [r.removed for r in a.scored] == [r.removed for r in b.scored]
 
 
+def test_the_search_says_whether_it_converged_or_its_budget_ran_out_and_the_cli_says_what_to_do():
+    """A budget that stops the search while exchanges still improve is reported ("budget"), with the
+    advice to search longer; a search that ran until no move improved says "converged", and no advice."""
+    from mi_prun.cli.output import format_verification
+    from mi_prun.select import stop_note
+    from mi_prun.select.candidates import propose
+    from mi_prun.select.verify import verified_search
+
+    harm = np.array([9, 1.0, 7, 8, 0.5, 6, 9, 0.7, 5, 9.5, 4, 9])  # as above: exchanges reach 1, 4, 7
+    problem = _synthetic_problem(harm, 3)
+    one = tuple(sorted(np.argsort(-harm[1:-1])[:3] + 1))
+    cands = propose(problem, None, one, "fbs")
+
+    def nll(removed):
+        return float(harm[list(removed)].sum()), False
+
+    done = verified_search(problem, cands, nll, budget=200)
+    assert done.stopped == "converged" and len(done.scored) < 200 and done.best.removed == (1, 4, 7)
+    for budget in (len(cands), len(cands) + 4):  # spent by the candidates; cut inside the first exchanges
+        cut = verified_search(problem, cands, nll, budget=budget)
+        assert cut.stopped == "budget" and cut.best.nll > done.best.nll
+    # the converged search given exactly what it spent also converged: the reason is not "no budget left"
+    again = verified_search(problem, cands, nll, budget=len(done.scored))
+    assert again.stopped == "converged" and again.best.removed == (1, 4, 7)
+
+    assert stop_note({"stopped": "converged", "budget": 9}) is None
+    assert "stopped at its budget (9 passes) before it converged" in stop_note({"stopped": "budget", "budget": 9})
+
+    class Sel:  # what format_verification reads of a Selection
+        verified, winner_source, nll, one_pass_nll, one_pass_removed, removed = True, "fbs", 1.0, None, None, (1,)
+
+        def __init__(self, v):
+            self.verification = v
+
+    base = {"budget": 9, "budget_rule": "auto", "sets_scored": 9, "passes": 9, "tokens": {}}
+    sets = "\n".join(format_verification(Sel({**base, "stopped": "budget", "race": {"mode": "sets", "units": 5}})))
+    assert "before it converged" in sets and "--verify-race units" in sets and "--verify-passes" in sets
+    units = "\n".join(format_verification(Sel({**base, "stopped": "budget",
+                                                "race": {"mode": "units", "units": 5, "unit_budget": 6}})))
+    assert "before it converged" in units and "--verify-race units" not in units and "--verify-passes" in units
+    assert "converged" not in "\n".join(format_verification(Sel({**base, "stopped": "converged"})))
+
+
 def test_exchange_order_trusts_measurements_over_mi():
     """Blocks whose addition an earlier exchange measured: the better half first (best first), then
     the blocks never measured in MI/BI order, then the worse half; the returned block last."""

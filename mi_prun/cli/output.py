@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from mi_prun.progress import TimeLeft, time_left_text
 from mi_prun.select.confirm import describe_confirmation
+from mi_prun.select import stop_note
 from mi_prun.results import rank_blocks
 
 BLOCK_NOTE = "Blocks are numbered from 0."
@@ -147,6 +148,12 @@ def format_verification(sel) -> list[str]:
                      + (" (the winner)" if same else f", {v.get('one_pass_gap_nats', 0):.4f} nats worse "
                         f"(perplexity x{v.get('one_pass_ppl_ratio', 1):.3f})"))
     lines += [describe_confirmation(conf)] if conf else []
+    note = stop_note(v)
+    if note:
+        lines.append(note + (" Give a larger --verify-passes." if race.get("mode") == "units" else
+                             " --verify-race units spends what the race saves on a longer search, for about the "
+                             "unraced search's cost (on Gemma 3 270M at n = 6 it found a set of half the test "
+                             "perplexity; benchmarks/RESULTS.md); or give a larger --verify-passes."))
     return lines
 
 

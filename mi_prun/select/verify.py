@@ -17,7 +17,9 @@ search from the best set, which needs no proxy at all:
 - when an exchange no longer improves, swap moves (`candidates.neighbours`: a removed block traded
   for an adjacent kept block or the most redundant one by MI), the first improving swap accepted,
   while the NLL falls; an improving swap is followed by exchanges again.
-The search stops when the budget is spent or neither an exchange nor a swap improves.
+The search stops when the budget is spent or neither an exchange nor a swap improves;
+`verification["stopped"]` says which ("budget" or "converged"), and `stop_note` what to do about a
+budget that ran out.
 
 Passes run through the one NLL scorer (`mi_prun.select.scorer`: `PrefixScorer`, each pass started
 at its first removed block, and `NLLCache`). Each such pass counts as one forward pass in
@@ -92,6 +94,9 @@ class SearchOutcome:
     sets_by_stage: dict[str, int]
     units: int | None = None
     race: dict[str, Any] | None = None
+    # "converged": no exchange or swap improved the best set (or nothing was left to search); "budget":
+    # the budget ran out first, so a longer search might have found a better set (`stop_note`)
+    stopped: str = "converged"
 
 
 def verified_search(problem: Problem, cands: list[Candidate],
@@ -153,6 +158,7 @@ def verified_search(problem: Problem, cands: list[Candidate],
         if cand.removed in seen:
             return seen[cand.removed]
         if spent():
+            state["ran_out"] = True
             return None
         if race is None:
             assert nll is not None
@@ -238,11 +244,16 @@ def verified_search(problem: Problem, cands: list[Candidate],
         score(cand, "candidate", incumbent())
     if state["best"] is None:
         raise MiPrunError("the verified search scored no set of the right size. Fix: give a budget of at least 1.")
-    while not spent() and problem.n < len(problem.allowed):
+    while problem.n < len(problem.allowed):
+        if spent():
+            state["ran_out"] = True
+            break
         if not exchange() and (state.get("final") or not swaps()):
             break
+    ran_out = bool(state.get("ran_out") or state.get("final"))
     return SearchOutcome(state["best"], scored, state["passes"], stages,
-                         units=None if race is None else race.units, race=None if race is None else race.record())
+                         units=None if race is None else race.units, race=None if race is None else race.record(),
+                         stopped="budget" if ran_out else "converged")
 
 
 def verified_select(model: Any, analysis: Any, config: SelectConfig | None = None, *, tokenizer: Any = None,
@@ -342,7 +353,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                    winner_source=best.proposers[0], one_pass_removed=one.removed, one_pass_nll=one_nll,
                    verification={
                        "budget": budget, "budget_rule": config.verify_passes, "passes": passes,
-                       "sets_scored": len(scored), "sets_by_stage": out.sets_by_stage,
+                       "sets_scored": len(scored), "sets_by_stage": out.sets_by_stage, "stopped": out.stopped,
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
@@ -356,5 +367,16 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        **({"confirm": confirmed} if confirmed is not None else {})})
 
 
-__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "SearchOutcome", "resolve_tokens", "tokens_key",
+def stop_note(verification: dict[str, Any] | None) -> str | None:
+    """Whether a verified search stopped at its budget before it converged, in a sentence (None when it
+    converged): then a longer search might find a better set (a larger budget; in the budget of sets,
+    racing in units, which spends what the race saves on more exchanges and swaps)."""
+    v = verification or {}
+    if v.get("stopped") != "budget":
+        return None
+    return (f"The search stopped at its budget ({v.get('budget')} passes) before it converged: a longer search "
+            "may find a better set.")
+
+
+__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "SearchOutcome", "resolve_tokens", "stop_note", "tokens_key",
            "verified_search", "verified_select"]  # the scorer's names stay importable from here
