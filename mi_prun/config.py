@@ -199,8 +199,9 @@ class SelectConfig:
     more exchanges and swaps for the same cost; "sets", the default: the budget counts sets as
     without racing (the same search, each set cheaper: on smollm2-135m and Gemma 3 270M it chose the
     unraced search's set at every n measured for 0.32-0.84 of its token-block units; "units" spent
-    about what "off" does, found nothing better on smollm2 and a far better set on Gemma at n = 6,
-    where the budget binds; benchmarks/RESULTS.md, race_bench.py);
+    0.49-1.20 of "off"'s, chose the same set on 8 of 9 rows and a set of half the test perplexity on
+    Gemma at n = 6, where the budget binds; benchmarks/RESULTS.md, race_bench.py). Whether the search
+    converged or its budget ran out is recorded (`verification["stopped"]`, `select.stop_note`).
     "off": no racing, the search as before racing existed. A scorer that cannot race (a task's)
     runs unraced.
     """
