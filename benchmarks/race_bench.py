@@ -88,6 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.eval_seq_len, args.eval_windows = 64, 4
         args.analysis = {"n_samples": 8, "seq_len": 48}
         args.select = {"verify_samples": 8, "verify_seq_len": 32}
+    try:  # checked before the model loads: a typo must not cost a load and an analysis
+        args.n_list = [int(x) for x in args.ns.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--ns must be whole numbers separated by commas (e.g. 2,4,6) or empty, got {args.ns!r}")
+    if any(n < 1 for n in args.n_list):
+        ap.error(f"--ns: every n must be at least 1, got {args.ns!r}")
+    modes = SelectConfig.RACE_MODES
+    bad = [v for v in args.variants.split(",") + [args.warm] if v.strip() and v.strip() not in modes]
+    if bad:
+        ap.error(f"--variants / --warm take {', '.join(modes)}; got {', '.join(map(repr, bad))}")
     stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
     args.name = args.name or f"race-{stem}" + ("-quick" if args.quick else "")
     return args
@@ -167,7 +177,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         "load_average_1min_at_start": round(load1, 2),
         "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_bench.py " + " ".join(sys.argv[1:]),
     }
-    for n in [int(x) for x in args.ns.split(",")]:
+    for n in args.n_list:
         if not 0 < n < loaded.n_blocks:
             continue
         for variant in variants:
@@ -212,7 +222,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         cache = NLLCache()
         cold = {(r["n"], r["variant"]): r for r in rows}
         result["warm"] = warm = []
-        for n in [int(x) for x in args.ns.split(",") if 0 < int(x) < loaded.n_blocks]:
+        for n in [n for n in args.n_list if n < loaded.n_blocks]:
             t0 = time.perf_counter()
             before = units_run(cache) or 0
             sel = select(analysis, config=SelectConfig(n=n, verify_race=args.warm, **args.select), model=loaded,
