@@ -45,6 +45,17 @@ def default_widget_value() -> int:
     return 0 if d == SelectConfig.AUTO else max(int(d), 1)
 
 
+# the race modes as the app names them (SelectConfig.verify_race; mi_prun.select.race)
+RACE_LABELS = {"sets": "sets: the same search, faster", "units": "units: a longer search, same cost",
+               "off": "off: every set on every sample"}
+
+
+def race_mode() -> str:
+    """The session's race mode (SelectConfig's default until the Race control is changed)."""
+    value = st.session_state.get("p_verify_race", SelectConfig().verify_race)
+    return value if value in SelectConfig.RACE_MODES else SelectConfig().verify_race
+
+
 def from_widget(value: Any) -> int | str:
     """The pass-budget field's value as `verify_passes`: 0 means "auto" (one pass is the other mode)."""
     return SelectConfig.AUTO if int(value) == 0 else int(value)
@@ -61,7 +72,7 @@ def budget_text(passes: int | str, n: int | None = None, removable: int | None =
 
 
 def cost_text(passes: int | str) -> str:
-    cfg = state.select_config(DEFAULT_METHOD, None, True, passes)
+    cfg = state.select_config(DEFAULT_METHOD, None, True, passes, race_mode())
     measured = st.session_state.get("verify_s_per_pass")
     speed = (f"Measured here: about {state.fmt_seconds(measured)} per pass." if measured else
              "Each pass is one forward pass of the pruned model on the verification tokens: about 4 s for "
@@ -70,12 +81,16 @@ def cost_text(passes: int | str) -> str:
             f"by exchanging and swapping blocks, with {budget_text(passes)} of the pruned model on "
             f"{cfg.verify_samples} x {cfg.verify_seq_len} calibration tokens kept apart from the analysis's "
             f"(plus one dense pass, once). {speed} Only the current n is verified; sets measured before (any n, "
-            "any tab) are free.")
+            f"any tab) are free. Race {cfg.verify_race}: "
+            + {"sets": "clearly worse sets are dropped after a few samples, the budget counts sets.",
+               "units": "clearly worse sets are dropped after a few samples and what that saves buys more "
+                        "exchanges and swaps (about the cost of an unraced search).",
+               "off": "every set is scored on every sample."}[cfg.verify_race])
 
 
 def search_controls() -> int | str:
     """The search choice and the pass budget; returns `verify_passes` (0 = one pass, "auto" or a number)."""
-    c1, c2, c3 = st.columns([2, 1, 4], vertical_alignment="bottom")
+    c1, c2, c4, c3 = st.columns([2, 1, 2, 3], vertical_alignment="bottom")
     mode = c1.radio("Search", SEARCH_MODES, index=SEARCH_MODES.index(default_mode()), key="p_search",
                     horizontal=True, persist_state="session",
                     help="One pass: MI-PRUN's answer from the analysis alone (milliseconds). Verified: "
@@ -90,6 +105,15 @@ def search_controls() -> int | str:
                     help="At most this many forward passes per n (SelectConfig.verify_passes). 0 = auto, the "
                          "library's default: a quarter of the passes SLEB-style greedy removal would spend for "
                          "the same n.")
+    race = race_mode()  # read before the widget, as the budget above
+    c4.selectbox("Race", SelectConfig.RACE_MODES, index=SelectConfig.RACE_MODES.index(race),
+                 format_func=RACE_LABELS.get, key="p_verify_race", persist_state="session",
+                 disabled=mode != SEARCH_MODES[1],
+                 help="How the verified search spends its budget (SelectConfig.verify_race). sets, the default: "
+                      "each set is dropped once it is clearly worse than the best, the budget counts sets (the "
+                      "unraced answer, faster). units: the budget counts token-block units, so what the race "
+                      "saves buys more exchanges and swaps (better where the budget stops the search, about the "
+                      "unraced cost). off: every set on every sample.")
     if mode == SEARCH_MODES[1]:
         chosen = from_widget(current)
         c3.caption(cost_text(chosen))
@@ -138,7 +162,7 @@ def _forget(key: tuple) -> None:
 
 
 def _key(method: str, n: int, passes: int | str) -> tuple:
-    cfg = state.select_config(method, n, protect_on(), passes)
+    cfg = state.select_config(method, n, protect_on(), passes, race_mode())
     return (st.session_state.get("analysis_key"), repr(cfg), "verified"), cfg
 
 
@@ -248,7 +272,7 @@ def _curve_jobs() -> state.Memo:
 
 
 def _curve_key(passes: int | str) -> str:
-    cfg = state.select_config(DEFAULT_METHOD, None, protect_on(), passes)
+    cfg = state.select_config(DEFAULT_METHOD, None, protect_on(), passes, race_mode())
     return f"{st.session_state.get('analysis_key')}|{cfg!r}"
 
 
@@ -268,10 +292,10 @@ def start_curve(analysis: Any, passes: int | str) -> state.CurveJob:
         return job
     loaded = model_for(analysis)
     cache, lock = nll_cache(str(st.session_state.get("analysis_key")))
-    protect = protect_on()
+    protect, race = protect_on(), race_mode()  # read here: the thread has no session
 
     def verify(k: int) -> Any:
-        return select(analysis, config=state.select_config(DEFAULT_METHOD, k, protect, passes), model=loaded,
+        return select(analysis, config=state.select_config(DEFAULT_METHOD, k, protect, passes, race), model=loaded,
                       cache=cache)
 
     ns = range(1, min(analysis.n_blocks - 1, removable(analysis)) + 1)
@@ -391,7 +415,9 @@ def verified_section(sel: Any, n: int) -> None:
                + ("" if not conf else " " + describe_confirmation(conf)))
     note = stop_note(v)
     if note:
-        st.caption(note + " Raise the pass budget above to search further.")
+        st.caption(note + (" Raise the pass budget above to search further." if race.get("mode") == "units" else
+                           " Race 'units' above spends what the race saves on a longer search (about the unraced "
+                           "cost), or raise the pass budget."))
     left, right = st.columns([3, 2], gap="large")
     with left:
         table(tables.verified_candidates_frame(sel), f"verified_candidates_n{n}", "verify_candidates",

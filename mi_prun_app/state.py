@@ -120,12 +120,14 @@ TEST_MODE_HEAL = {"n_samples": 8, "seq_len": 64}
 
 
 def select_config(method: str = SelectConfig.method, n: int | None = None, protect: bool = True,
-                  verify_passes: int | str = 0) -> SelectConfig:
-    """The selection settings of the app's widgets: a method, n blocks, the protect switch and the
-    verification budget (0 = the one-pass answer, "auto" or a number of passes); the run cost, seed, method options and
-    verification tokens are SelectConfig's defaults (smaller tokens in test mode)."""
+                  verify_passes: int | str = 0, verify_race: str | None = None) -> SelectConfig:
+    """The selection settings of the app's widgets: a method, n blocks, the protect switch, the
+    verification budget (0 = the one-pass answer, "auto" or a number of passes) and the race mode (None:
+    SelectConfig's); the run cost, seed, method options and verification tokens are SelectConfig's
+    defaults (smaller tokens in test mode)."""
     cfg = SelectConfig(method=method, n=n, protect_ends=protect_margin() if protect else False,
-                       verify_passes=verify_passes)
+                       verify_passes=verify_passes,
+                       **({} if verify_race is None else {"verify_race": verify_race}))
     return cfg.replace(**TEST_MODE_VERIFY) if test_model() else cfg
 
 

@@ -393,11 +393,13 @@ def nll_cache_of(at):
     return search.nll_cache(at.session_state["analysis_key"])[0]
 
 
-def library_verified(analysis, model, n: int, protect: bool = True):
-    """What the app's verified line must be: the library's default selection with the model."""
+def library_verified(analysis, model, n: int, protect: bool = True, race: str | None = None):
+    """What the app's verified line must be: the library's default selection with the model (race: a
+    race mode other than the default)."""
     from mi_prun.select import select
 
-    cfg = state.select_config(SelectConfig.method, n, protect=protect, verify_passes=SelectConfig().verify_passes)
+    cfg = state.select_config(SelectConfig.method, n, protect=protect, verify_passes=SelectConfig().verify_passes,
+                              verify_race=race)
     return select(analysis, config=cfg, model=model)
 
 
@@ -453,6 +455,29 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     fig = chart(at, "Verified search")
     assert sorted(trace(fig, "candidate sets")["y"]) == pytest.approx(  # sets of n blocks; put-back steps: table
         sorted(c.nll for c in lib.candidates if len(c.removed) == 2))
+
+
+def test_the_race_control_runs_the_library_search_in_the_mode_chosen(shared_model, fresh_nll_caches):
+    """Race defaults to the library's mode; "units" gives the library's units answer, with its record,
+    kept apart from the default's (its own memo entry), and the choice holds across pages."""
+    at = analysed_app()
+    analysis = at.session_state["analysis"]
+    at.switch_page(PAGES["fbs"]).run()
+    assert at.selectbox(key="p_verify_race").value == SelectConfig().verify_race
+    at.slider(key="p_n_remove").set_value(2).run()
+    no_errors(at)
+    at.selectbox(key="p_verify_race").set_value("units").run()
+    no_errors(at)
+    lib = library_verified(analysis, shared_model, 2, race="units")
+    assert lib.verification["race"]["mode"] == "units"
+    assert metrics_of(at)["Verified answer removes"] == ", ".join(map(str, lib.removed))
+    shown = [v for k, v in at.session_state["selections"].items() if "verify_race='units'" in k[1]]
+    assert len(shown) == 1 and shown[0].verification["race"]["mode"] == "units"
+    assert shown[0].removed == lib.removed
+    assert any("Race units: " in c.value for c in at.caption)
+    at.switch_page(PAGES["prune"]).run()
+    no_errors(at)
+    assert at.selectbox(key="p_verify_race").value == "units"  # kept across pages
 
 
 def test_nll_cache_makes_a_second_visit_of_the_same_n_free(shared_model, fresh_nll_caches):
