@@ -48,6 +48,11 @@ def default_widget_value() -> int:
 # the race modes as the app names them (SelectConfig.verify_race; mi_prun.select.race)
 RACE_LABELS = {"sets": "sets: the same search, faster", "units": "units: a longer search, same cost",
                "off": "off: every set on every sample"}
+RACE_TEXT = {"sets": "clearly worse sets are dropped after a few samples, the budget counts sets (the unraced "
+                     "answer, faster).",
+             "units": "clearly worse sets are dropped after a few samples and what that saves buys more exchanges "
+                      "and swaps (better where the budget stops the search, about the cost of an unraced search).",
+             "off": "every set is scored on every sample."}
 
 
 def race_mode() -> str:
@@ -81,11 +86,7 @@ def cost_text(passes: int | str) -> str:
             f"by exchanging and swapping blocks, with {budget_text(passes)} of the pruned model on "
             f"{cfg.verify_samples} x {cfg.verify_seq_len} calibration tokens kept apart from the analysis's "
             f"(plus one dense pass, once). {speed} Only the current n is verified; sets measured before (any n, "
-            f"any tab) are free. Race {cfg.verify_race}: "
-            + {"sets": "clearly worse sets are dropped after a few samples, the budget counts sets.",
-               "units": "clearly worse sets are dropped after a few samples and what that saves buys more "
-                        "exchanges and swaps (about the cost of an unraced search).",
-               "off": "every set is scored on every sample."}[cfg.verify_race])
+            f"any tab) are free. Race {cfg.verify_race}: {RACE_TEXT[cfg.verify_race]}")
 
 
 def search_controls() -> int | str:
@@ -109,11 +110,9 @@ def search_controls() -> int | str:
     c4.selectbox("Race", SelectConfig.RACE_MODES, index=SelectConfig.RACE_MODES.index(race),
                  format_func=RACE_LABELS.get, key="p_verify_race", persist_state="session",
                  disabled=mode != SEARCH_MODES[1],
-                 help="How the verified search spends its budget (SelectConfig.verify_race). sets, the default: "
-                      "each set is dropped once it is clearly worse than the best, the budget counts sets (the "
-                      "unraced answer, faster). units: the budget counts token-block units, so what the race "
-                      "saves buys more exchanges and swaps (better where the budget stops the search, about the "
-                      "unraced cost). off: every set on every sample.")
+                 help="How the verified search spends its budget (SelectConfig.verify_race; the library's default "
+                      f"is {SelectConfig().verify_race}). "
+                      + " ".join(f"{m}: {RACE_TEXT[m]}" for m in SelectConfig.RACE_MODES))
     if mode == SEARCH_MODES[1]:
         chosen = from_widget(current)
         c3.caption(cost_text(chosen))
