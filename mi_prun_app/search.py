@@ -229,13 +229,19 @@ def verified(analysis: Any, method: str, n: int, passes: int | str, area: Any = 
     spent = sel.forward_passes + int((sel.verification or {}).get("dense_passes") or 0)
     if spent:
         st.session_state["verify_s_per_pass"] = sel.seconds / spent
-    race = (sel.verification or {}).get("race") or {}
-    raced = (f", {race['dropped']} sets dropped early by the race" if race.get("dropped") else "")
-    status.update(label=f"Verified in {state.fmt_seconds(sel.seconds)}: {sel.forward_passes} new forward "
-                        f"passes ({len(sel.candidates) - sel.forward_passes} sets were cached{raced})",
+    status.update(label=verified_label(sel),
                   state="complete", expanded=False)
     memo[key] = sel
     return sel
+
+
+def verified_label(sel: Any) -> str:
+    """The verification's one-line summary: time, new passes, sets served by the cache, sets the race dropped."""
+    race = (sel.verification or {}).get("race") or {}
+    raced = (f", {race['dropped']} sets dropped early by the race" if race.get("dropped") else "")
+    cached = sum(1 for c in sel.candidates if c.cached)  # forward_passes also counts the confirmation's
+    return (f"Verified in {state.fmt_seconds(sel.seconds)}: {sel.forward_passes} new forward passes ({cached} sets "
+            f"were cached{raced})")
 
 
 def notice(method: str, n: int, passes: int | str) -> None:

@@ -444,6 +444,10 @@ def test_verified_selection_shows_candidates_passes_and_winner(shared_model, fre
     extra = lib.verification["confirm"].get("passes", 0)  # the confirmation's, beyond the budget
     of = "" if lib.verification["race"].get("unit_budget") else f" of {lib.verification['budget']}"  # units: no sets
     assert m["Forward passes"] == f"{lib.forward_passes - extra}{of}" + (f" + {extra}" if extra else "")
+    # the status line counts the cached sets, not passes minus sets (the confirmation's passes are no sets)
+    from mi_prun_app.search import verified_label
+
+    assert extra and f"{lib.forward_passes} new forward passes (0 sets were cached" in verified_label(lib)
     assert any("Confirmation: " in c.value for c in at.caption)
     assert m["One-pass answer removes"] == ", ".join(map(str, select(analysis, "fbs", n=2).removed))
     assert m["FBS removes"] == m["One-pass answer removes"]  # FBS's own answer is still shown
