@@ -122,7 +122,7 @@ def winner_found(sel: Any) -> dict[str, Any]:
     raced, the token-block units charged up to and with it (how much of the search the answer needed)."""
     rows = list(sel.candidates)
     at = next((i for i, r in enumerate(rows) if tuple(r.removed) == tuple(sel.removed)), None)
-    if at is None:  # the confirmation's pick is always a set the search scored; kept for old records
+    if at is None:  # a selection that scored no set (unverified); a verified winner is always among its sets
         return {"winner_at_set": None, "winner_at_units": None}
     charged = [r.units for r in rows[:at + 1]]
     return {"winner_at_set": at + 1,
