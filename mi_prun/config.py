@@ -238,6 +238,9 @@ class SelectConfig:
     RACE_MODES = ("units", "sets", "off")
     # no set is dropped on fewer samples: a paired standard error from 3 differences is too unsteady
     RACE_MIN_SAMPLES = 4
+    # when a raced set may be dropped: "doubling" (4, 8 of 16 samples) or "every" group (4, 8, 12);
+    # chosen by benchmarks/race_looks.py (mi_prun/select/race.py)
+    RACE_LOOKS = "doubling"
 
     def __post_init__(self) -> None:
         # Names are checked against the registries where they are looked up (`mi_prun.select`):

@@ -76,9 +76,16 @@ def test_t_quantile_matches_the_tables():
 
 
 def test_rule_looks_and_drops():
-    rule = RaceRule(alpha=0.05, min_samples=4)
+    every = RaceRule(alpha=0.05, min_samples=4, schedule="every")
     groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert rule.looks(groups) == [4, 6]  # never after the last group, never before 4 samples
+    assert every.looks(groups) == [4, 6]  # never after the last group, never before 4 samples
+    rule = RaceRule(alpha=0.05, min_samples=4)  # the shipped schedule: doubling
+    assert rule.looks(groups) == [4]
+    sixteen = [[4 * g + i for i in range(4)] for g in range(4)]
+    assert rule.looks(sixteen) == [4, 8] and every.looks(sixteen) == [4, 8, 12]
+    assert rule.looks([[i] for i in range(16)]) == [4, 8]  # groups of one: the same looks
+    assert rule.looks([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14], [15]]) == [6, 12]
+    assert rule.looks([[0, 1, 2, 3]]) == []  # one group: scored whole
     bound = rule.bound(4, 2)
     assert bound == pytest.approx(t_quantile(1 - 0.025, 3))
     d = [0.1, 0.12, 0.09, 0.11]  # mean 0.105, se 0.0065: 16 SE
@@ -88,6 +95,8 @@ def test_rule_looks_and_drops():
     assert not rule.drops([0.1, math.nan, 0.1, 0.1, 0.1], 2)  # a non-finite difference: no decision here
     with pytest.raises(MiPrunError):
         RaceRule(alpha=0.0)
+    with pytest.raises(MiPrunError, match="doubling"):
+        RaceRule(schedule="halving")
 
 
 def test_synthetic_and_real_scorers_implement_the_protocols():
@@ -112,14 +121,15 @@ def race_all(scorer: Synthetic, sets, order, rule: RaceRule) -> tuple[tuple[int,
     return best, race
 
 
+@pytest.mark.parametrize("schedule", RaceRule.SCHEDULES)
 @pytest.mark.parametrize("heavy", [False, True])
-def test_the_race_drops_the_best_set_no_more_often_than_its_error_rate(heavy):
+def test_the_race_drops_the_best_set_no_more_often_than_its_error_rate(heavy, schedule):
     """Many draws of 12 sets with known means: the best by 0.5-2 paired SE over a few close ones,
     the rest clearly worse, scored in random order, Gaussian and heavy-tailed (t, 5 df) noise. The
     set the full evaluation (every sample) ranks best is the race's winner except in at most
     alpha of the draws, and the race saves most of the units on the clearly worse sets."""
     alpha, draws = SelectConfig().verify_race_alpha, 400
-    rule = RaceRule(alpha, SelectConfig.RACE_MIN_SAMPLES)
+    rule = RaceRule(alpha, SelectConfig.RACE_MIN_SAMPLES, schedule)
     lost = spent = unraced = dropped = 0
     for seed in range(draws):
         rng = np.random.default_rng(seed)
@@ -134,7 +144,7 @@ def test_the_race_drops_the_best_set_no_more_often_than_its_error_rate(heavy):
         lost += winner != truth
         spent, unraced, dropped = spent + race.units, unraced + race.full_units, dropped + len(race.dropped)
         assert race.new_units == race.units  # a cold store: every unit charged was run
-    print(f"lost {lost} of {draws}, units {spent / unraced:.2f} of unraced")
+    print(f"{schedule}: lost {lost} of {draws}, units {spent / unraced:.2f} of unraced")
     assert lost / draws <= alpha, (lost, draws)
     assert dropped > 4 * draws and spent < 0.8 * unraced  # the race does drop, and saves
 

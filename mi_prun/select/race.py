@@ -7,7 +7,13 @@ paired standard error of about 0.01. Racing stops spending on such a set; only c
 sample, and the budget counts the work really done (token-block units), not sets.
 
 The rule (`RaceRule`). The verification samples come in G groups (`RowScorer.groups`, one batch of
-rows each), scored in order. After each group but the last, once m >= `min_samples` samples are in,
+rows each), scored in order. A set may be dropped at the looks: with the shipped `schedule`
+"doubling", after the first group that brings m >= `min_samples` samples, then after the first group
+that doubles the samples of the look before, never after the last group (16 samples in groups of 4:
+looks at 4 and 8); with "every", after every group but the last from `min_samples` on (4, 8, 12).
+Fewer looks make each one's bound tighter (the Bonferroni split below): on smollm2-135m the
+doubling looks dropped as many sets as every group's, earlier, for 0.84-0.92 of the units at n = 4-10
+(benchmarks/race_looks.py, RESULTS "Racing"). At a look with m samples in,
 let d_i = NLL_i(set) - NLL_i(incumbent) be the paired per-sample differences (mean NLL per token of
 sample i; the incumbent is the best complete set so far, scored on every sample). The set is
 dropped when
@@ -126,19 +132,29 @@ class RaceRule:
 
     alpha: float = 0.05
     min_samples: int = 4
+    schedule: str = "doubling"  # or "every" (module docstring)
+
+    SCHEDULES = ("doubling", "every")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", as_float(self.alpha, "race alpha (error rate of a drop)", 0.0, 1.0,
                                                    open_low=True, open_high=True))
         object.__setattr__(self, "min_samples", as_int(self.min_samples, "race min_samples", minimum=2))
+        if self.schedule not in self.SCHEDULES:
+            raise MiPrunError(f"race schedule must be one of {', '.join(self.SCHEDULES)}, got {self.schedule!r}. "
+                              "Fix: doubling (looks at min_samples, then each time the samples double) or every "
+                              "(after every group).")
 
     def looks(self, groups: Sequence[Sequence[int]]) -> list[int]:
-        """The sample counts after which a set may be dropped: after each group but the last, from
-        `min_samples` samples on."""
+        """The sample counts after which a set may be dropped (never after the last group, never
+        before `min_samples`): after every such group ("every"), or at the first, then each time the
+        samples have doubled since the last look ("doubling")."""
         out, m = [], 0
         for g in groups[:-1]:
             m += len(g)
-            if m >= self.min_samples:
+            if m < self.min_samples:
+                continue
+            if self.schedule == "every" or not out or m >= 2 * out[-1]:
                 out.append(m)
         return out
 
@@ -160,9 +176,11 @@ class RaceRule:
         return mean > self.bound(m, n_looks) * se
 
     def describe(self) -> str:
-        return (f"paired t bound: a set is dropped once its mean per-sample NLL gap to the best complete set "
-                f"exceeds t(1 - {self.alpha:g}/K, m - 1) paired standard errors, from {self.min_samples} samples "
-                f"on, K the looks (Bonferroni); a set at least as good is dropped with probability at most "
+        when = ("at the first group from {0} samples on, then each time the samples double" if self.schedule == "doubling"
+                else "after every group from {0} samples on").format(self.min_samples)
+        return (f"paired t bound: a set is dropped at a look ({when}, never after the last group) once its mean "
+                f"per-sample NLL gap to the best complete set exceeds t(1 - {self.alpha:g}/K, m - 1) paired "
+                f"standard errors, K the looks (Bonferroni); a set at least as good is dropped with probability at most "
                 f"{self.alpha:g} per comparison (normal paired differences)")
 
 
@@ -316,7 +334,7 @@ class Race:
     def record(self) -> dict[str, Any]:
         """The verification record's "race" entry."""
         return {"rule": self.rule.describe(), "alpha": self.rule.alpha, "min_samples": self.rule.min_samples,
-                "groups": [len(g) for g in self.groups], "looks": self.rule.looks(self.groups),
+                "schedule": self.rule.schedule, "groups": [len(g) for g in self.groups], "looks": self.rule.looks(self.groups),
                 "units": self.units, "new_units": self.new_units, "units_unraced": self.full_units,
                 "dropped": len(self.dropped)}
 

@@ -292,7 +292,7 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
     budget = config.verify_budget(problem.n, len(problem.allowed))
-    race = Race(scorer, RaceRule(config.verify_race_alpha, config.RACE_MIN_SAMPLES)) \
+    race = Race(scorer, RaceRule(config.verify_race_alpha, config.RACE_MIN_SAMPLES, config.RACE_LOOKS)) \
         if racing and can_race(scorer) else None
     unit_budget = None
     if race is not None and config.verify_race == "units":  # budget x the mean full pass of the candidates

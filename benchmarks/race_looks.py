@@ -1,0 +1,189 @@
+"""When may a raced set be dropped? The race's look schedules replayed on one model's real NLLs.
+
+    MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_looks.py --model smollm2-135m --ns 2,4,6,8,10
+    python benchmarks/race_looks.py --quick            # tiny random model, seconds (used by the tests)
+
+One model load and one analysis with the shipped defaults (`AnalysisConfig(calib=--calib)`). For
+every n, the unraced verified search (`verify_race="off"`) from a cold NLL cache, timed: it scores
+every set it tries on every verification sample and keeps each set's per-sample NLLs. Then, on that
+same cache, the raced search (`verify_race="sets"`, the shipped mode) once per look schedule
+(`RaceRule.schedule`, `--schedules`) and group size (`verify_race_group`, `--groups`). A warm cache
+changes the work a race does, never its decisions or its charge (tests/test_race.py): the looks
+are replayed from the first group, so each raced row is what a cold run would choose and be charged,
+in seconds instead of minutes (sets no earlier row scored are run for real). Per row: the set
+chosen, whether it is the unraced set, the sets scored and dropped, at which looks the drops fell,
+the token-block units charged and their ratio to the unraced search's.
+
+What it does not give: wall times of the raced rows (their work came from the cache; race_bench.py
+times the shipped default from a cold cache) or test perplexity (the same set as the unraced search
+has its test perplexity in race_bench.py's rows).
+
+Writes benchmarks/results/<name>.json and <name>.md (`--out-dir`, `--name`; default
+race-looks-<model>[-quick]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
+from mi_prun.pipeline import analyze  # noqa: E402
+from mi_prun.runtime import load_model  # noqa: E402
+from mi_prun.select import NLLCache, select  # noqa: E402
+from mi_prun.select.race import RaceRule  # noqa: E402
+from mi_prun.select.registry import make_problem  # noqa: E402
+from mi_prun.select.scorer import model_scorer  # noqa: E402
+from race_bench import peak_rss_mb, units_of  # noqa: E402
+
+log = logging.getLogger("race_looks")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a zoo name, folder, .gguf file or HF id")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--calib", default="wikitext2")
+    ap.add_argument("--ns", default="2,4,6,8,10", help="numbers of blocks to remove")
+    ap.add_argument("--schedules", default=",".join(RaceRule.SCHEDULES), help="RaceRule schedules, comma-separated")
+    ap.add_argument("--groups", default=str(SelectConfig().verify_race_group),
+                    help="verify_race_group values (samples per group), comma-separated")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, n = 1, 2, small tokens (for tests)")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    args.select, args.analysis = {}, {}
+    if args.quick:
+        args.model = args.model if args.model != "smollm2-135m" else "tiny-llama"
+        args.calib, args.ns = "builtin", "1,2"
+        args.analysis = {"n_samples": 8, "seq_len": 48}
+        args.select = {"verify_samples": 16, "verify_seq_len": 32, "verify_race_alpha": 0.2}
+    try:  # checked before the model loads: a typo must not cost a load and an analysis
+        args.n_list = [int(x) for x in args.ns.split(",") if x.strip()]
+        args.group_list = [int(x) for x in args.groups.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--ns and --groups take whole numbers separated by commas; got {args.ns!r}, {args.groups!r}")
+    if not args.n_list or any(n < 1 for n in args.n_list) or not args.group_list or any(g < 1 for g in args.group_list):
+        ap.error(f"--ns and --groups need at least one number, each at least 1; got {args.ns!r}, {args.groups!r}")
+    args.schedule_list = [s.strip() for s in args.schedules.split(",") if s.strip()]
+    bad = [s for s in args.schedule_list if s not in RaceRule.SCHEDULES]
+    if bad or not args.schedule_list:
+        ap.error(f"--schedules takes {', '.join(RaceRule.SCHEDULES)}; got {args.schedules!r}")
+    stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
+    args.name = args.name or f"race-looks-{stem}" + ("-quick" if args.quick else "")
+    return args
+
+
+def raced(analysis: Any, loaded: Any, cache: NLLCache, n: int, group: int, schedule: str,
+          select_kw: dict[str, Any]) -> Any:
+    """The shipped raced search at n with this look schedule and group size, on `cache`."""
+    shipped = SelectConfig.RACE_LOOKS
+    SelectConfig.RACE_LOOKS = schedule  # a class constant: the search reads it from its config
+    try:
+        return select(analysis, config=SelectConfig(n=n, verify_race="sets", verify_race_group=group, **select_kw),
+                      model=loaded, cache=cache)
+    finally:
+        SelectConfig.RACE_LOOKS = shipped
+
+
+def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    t0 = time.perf_counter()
+    analysis = analyze(loaded, AnalysisConfig(calib=args.calib, **args.analysis))
+    t_analysis = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
+        "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
+        "shipped": {"schedule": SelectConfig.RACE_LOOKS, "group": SelectConfig().verify_race_group,
+                    "alpha": SelectConfig().verify_race_alpha, "min_samples": SelectConfig.RACE_MIN_SAMPLES},
+        "select": args.select, "rows": rows, "torch_threads": torch.get_num_threads(),
+        "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_looks.py " + " ".join(sys.argv[1:]),
+    }
+    for n in args.n_list:
+        if not 0 < n < loaded.n_blocks:
+            continue
+        cfg = SelectConfig(n=n, verify_race="off", **args.select)
+        cache = NLLCache()
+        t0 = time.perf_counter()
+        off = select(analysis, config=cfg, model=loaded, cache=cache)
+        seconds = time.perf_counter() - t0
+        problem = make_problem(analysis, cfg)
+        off_units = units_of(model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks, starts=problem.allowed,
+                                          cache=cache), off.candidates)
+        rows.append({"n": n, "variant": "off", "removed": list(off.removed), "same_as_off": True,
+                     "sets_scored": off.verification.get("sets_scored"), "dropped": 0, "drops_at": {},
+                     "looks": [], "units": off_units, "units_over_off": 1.0, "seconds": round(seconds, 2)})
+        log.info("n=%d off %s %.1fs", n, off.removed, seconds)
+        for group in args.group_list:
+            for schedule in args.schedule_list:
+                sel = raced(analysis, loaded, cache, n, group, schedule, args.select)
+                race = sel.verification.get("race") or {}
+                at = Counter(int(c.samples) for c in sel.candidates if not c.complete)
+                units = race.get("units")
+                rows.append({"n": n, "variant": f"sets, groups of {group}, {schedule}", "group": group,
+                             "schedule": schedule, "removed": list(sel.removed),
+                             "same_as_off": tuple(sel.removed) == tuple(off.removed),
+                             "sets_scored": sel.verification.get("sets_scored"), "dropped": race.get("dropped", 0),
+                             "drops_at": {str(k): v for k, v in sorted(at.items())}, "looks": race.get("looks"),
+                             "units": units, "units_over_off": (round(units / off_units, 3)
+                                                               if units is not None and off_units else None),
+                             "new_units": race.get("new_units")})
+                log.info("n=%d %s: %s", n, rows[-1]["variant"], rows[-1]["units_over_off"])
+        if save is not None:
+            save(result)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = [f"Model `{result['model'].get('spec')}` ({result['n_blocks']} blocks), calibration `{result['calib']}`; "
+           f"analysis {result['analysis_seconds']} s. Per n: the unraced search (off) from a cold cache, then the "
+           "raced search (sets) per look schedule replayed on its NLLs (decisions and charges as from a cold cache).",
+           "", "| n | variant | removed | same as off | sets scored | dropped | drops at (samples: sets) | looks | units "
+           "| units / off |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        drops = ", ".join(f"{k}: {v}" for k, v in r["drops_at"].items()) or "-"
+        units = "-" if r["units"] is None else format(r["units"], ",")
+        ratio = "-" if r["units_over_off"] is None else f"{r['units_over_off']:.3f}"
+        out.append(f"| {r['n']} | {r['variant']} | {' '.join(map(str, r['removed']))} | "
+                   f"{'yes' if r['same_as_off'] else 'no'} | {r['sets_scored']} | {r['dropped']} | {drops} | "
+                   f"{', '.join(map(str, r['looks'])) or '-'} | {units} | {ratio} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict[str, Any]) -> None:
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    result = run(args, save)
+    save(result)
+    md = markdown(result)
+    (out / f"{args.name}.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
