@@ -45,3 +45,27 @@ def test_batch_rows_quick_mode_times_every_batch_size(tmp_path):
     result = json.loads((tmp_path / "batch-rows-tiny-llama.json").read_text())
     assert [r["rows_per_call"] for r in result["rows"]] == [2, 8]
     assert all(r["seconds"] > 0 and r["us_per_unit"] > 0 for r in result["rows"]) and result["rows"][0]["relative"] == 1
+
+
+def test_race_looks_quick_mode_replays_each_schedule_against_the_unraced_search(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "race_looks.py"), "--quick",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "race-looks-tiny-llama-quick.json").read_text())
+    rows = result["rows"]
+    assert [(r["n"], r.get("schedule")) for r in rows] == [(n, s) for n in (1, 2) for s in (None, "doubling", "every")]
+    for r in rows:
+        assert len(r["removed"]) == r["n"] and r["sets_scored"] >= 1 and r["units"] > 0
+        if r["variant"] == "off":
+            assert r["units_over_off"] == 1.0 and r["dropped"] == 0 and r["seconds"] > 0
+            continue
+        # 16 samples in groups of 4: the doubling schedule looks at 4 and 8, every group's at 4, 8, 12
+        assert r["looks"] == ([4, 8] if r["schedule"] == "doubling" else [4, 8, 12])
+        assert 0 < r["units_over_off"] <= 1.0 and r["dropped"] == sum(r["drops_at"].values())
+        assert set(r["drops_at"]) <= {str(m) for m in r["looks"]}
+    md = (tmp_path / "race-looks-tiny-llama-quick.md").read_text()
+    assert sum(line.startswith(("| 1 ", "| 2 ")) for line in md.splitlines()) == len(rows)
+    # a typo is refused before the model loads
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "race_looks.py"), "--schedules", "halving",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--schedules takes doubling, every" in bad.stderr

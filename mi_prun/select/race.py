@@ -11,17 +11,19 @@ rows each), scored in order. A set may be dropped at the looks: with the shipped
 "doubling", after the first group that brings m >= `min_samples` samples, then after the first group
 that doubles the samples of the look before, never after the last group (16 samples in groups of 4:
 looks at 4 and 8); with "every", after every group but the last from `min_samples` on (4, 8, 12).
-Fewer looks make each one's bound tighter (the Bonferroni split below): on smollm2-135m the
-doubling looks dropped as many sets as every group's, earlier, for 0.84-0.92 of the units at n = 4-10
-(benchmarks/race_looks.py, RESULTS "Racing"). At a look with m samples in,
-let d_i = NLL_i(set) - NLL_i(incumbent) be the paired per-sample differences (mean NLL per token of
-sample i; the incumbent is the best complete set so far, scored on every sample). The set is
-dropped when
+Fewer looks make each one's bound tighter (the Bonferroni split below), so more sets go at the
+first look, and the few a look at 12 would drop are scored to the end: on smollm2-135m (n = 2-10),
+Gemma 3 270M (2, 4, 6) and Qwen2.5-Coder-1.5B (4) the doubling looks chose the same sets as every
+group's, for 0.92-1.00 of their units on 8 rows and 1.04 on one (benchmarks/race_looks.py,
+race_bench.py; RESULTS "Racing").
+At a look with m samples in, let d_i = NLL_i(set) - NLL_i(incumbent) be the paired per-sample
+differences (mean NLL per token of sample i; the incumbent is the best complete set so far, scored
+on every sample). The set is dropped when
 
     mean(d) > t_{1 - alpha / K, m - 1} * sd(d) / sqrt(m),
 
-a one-sided paired t test at level alpha / K, K being the number of looks the group sizes allow
-(the groups after which m >= min_samples and one is left): Bonferroni over the looks.
+a one-sided paired t test at level alpha / K, K being the number of looks the schedule and the
+group sizes give (`RaceRule.looks`): Bonferroni over the looks.
 Error rate: if the paired differences of a set and its incumbent are independent normal draws (the
 verification samples are drawn at random from the text) and the set's expected NLL is no higher
 than the incumbent's, the set is dropped with probability at most `alpha` (0.05 by default),
