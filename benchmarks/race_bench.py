@@ -15,7 +15,8 @@ scored and dropped, the new forward passes (+ the confirmation's), the token-blo
 (for off, the units of its passes, counted by the scorer's arithmetic; both as from a cold cache),
 the units really run (less where kept runs' states served), the wall time and the prune time over
 the analysis time, whether the search converged or its budget ran out, and when the winner was first
-scored (its place among the sets, and raced the units charged up to it, in the JSON). Beside each n, the test perplexity of ShortGPT's set, the angular window and the
+scored (its place among the sets, and raced the units charged up to it, in the JSON, as are the race's
+looks and how many sets it dropped at each, `drops_at`). Beside each n, the test perplexity of ShortGPT's set, the angular window and the
 one-pass answer (`--baselines`); the process's peak resident memory.
 
 Test perplexity follows benchmarks/quality.py: the raw WikiText-2 test split (`--eval`), windows of
@@ -36,6 +37,7 @@ import platform
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,12 @@ def winner_found(sel: Any) -> dict[str, Any]:
             "winner_at_units": None if any(u is None for u in charged) else int(sum(charged))}
 
 
+def drops_at(sel: Any) -> dict[str, int]:
+    """How many sets the race dropped at each look: {samples scored: sets} (empty unraced)."""
+    at = Counter(int(r.samples) for r in sel.candidates if not r.complete)
+    return {str(k): v for k, v in sorted(at.items())}
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -202,7 +210,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                    "budget_sets": v.get("budget"), "unit_budget": race.get("unit_budget"), "units": units,
                    "units_unraced": race.get("units_unraced"), "units_run": units_run(cache),
                    "sets_by_stage": v.get("sets_by_stage"), "stopped": v.get("stopped"),
-                   **winner_found(sel), "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
+                   "looks": race.get("looks"), "drops_at": drops_at(sel), **winner_found(sel), "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
             row["test_ppl"] = ppl_of(tuple(sel.removed))
             row["peak_rss_mb"] = peak_rss_mb()
             log.info("n=%d %-5s removed %s ppl %.2f, %s sets, %s units, %.1fs", n, variant, row["removed"],

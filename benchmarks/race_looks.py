@@ -29,7 +29,6 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.race import RaceRule  # noqa: E402
 from mi_prun.select.registry import make_problem  # noqa: E402
 from mi_prun.select.scorer import model_scorer  # noqa: E402
-from race_bench import peak_rss_mb, units_of  # noqa: E402
+from race_bench import drops_at, peak_rss_mb, units_of  # noqa: E402
 
 log = logging.getLogger("race_looks")
 
@@ -135,13 +134,12 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
             for schedule in args.schedule_list:
                 sel = raced(analysis, loaded, cache, n, group, schedule, args.select)
                 race = sel.verification.get("race") or {}
-                at = Counter(int(c.samples) for c in sel.candidates if not c.complete)
                 units = race.get("units")
                 rows.append({"n": n, "variant": f"sets, groups of {group}, {schedule}", "group": group,
                              "schedule": schedule, "removed": list(sel.removed),
                              "same_as_off": tuple(sel.removed) == tuple(off.removed),
                              "sets_scored": sel.verification.get("sets_scored"), "dropped": race.get("dropped", 0),
-                             "drops_at": {str(k): v for k, v in sorted(at.items())}, "looks": race.get("looks"),
+                             "drops_at": drops_at(sel), "looks": race.get("looks"),
                              "units": units, "units_over_off": (round(units / off_units, 3)
                                                                if units is not None and off_units else None),
                              "new_units": race.get("new_units")})
