@@ -59,13 +59,24 @@ from mi_prun.select.scorer import model_scorer  # noqa: E402
 log = logging.getLogger("race_bench")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every racing benchmark takes: the model, the calibration text, the n, threads,
+    the quick mode and where the results go."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="a zoo name, folder, .gguf file or HF id")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--calib", default="wikitext2")
     ap.add_argument("--ns", default="2,4,6,8,10", help="numbers of blocks to remove")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, n = 1, 2, small tokens (for tests)")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = common_parser(__doc__)
     ap.add_argument("--variants", default=",".join(reversed(SelectConfig.RACE_MODES)),
                     help="verify_race values to compare, comma-separated (off = the search before racing)")
     ap.add_argument("--eval", default="wikitext2-test")
@@ -77,10 +88,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warm", default="", help="a verify_race value: after the cold rows, verify every n of --ns in "
                                                 "order on one shared NLL cache, as the app's 'Verify every n' does, "
                                                 "and time each n (empty: no sweep)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--quick", action="store_true", help="tiny random model, n = 1, 2, small tokens (for tests)")
-    ap.add_argument("--name", default=None)
-    ap.add_argument("--out-dir", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     args.select = {}
     args.analysis = {}
@@ -289,7 +296,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    return run_and_write(parse_args(argv), run, markdown)
+
+
+def run_and_write(args: argparse.Namespace, run: Any, markdown: Any) -> dict[str, Any]:
+    """Run a benchmark, keeping its JSON as it goes (`run(args, save)`), then write and print its
+    Markdown: <out-dir>/<name>.json and .md."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ race-looks-<model>[-quick]).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -45,25 +44,16 @@ from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.race import RaceRule  # noqa: E402
 from mi_prun.select.registry import make_problem  # noqa: E402
 from mi_prun.select.scorer import model_scorer  # noqa: E402
-from race_bench import drops_at, peak_rss_mb, units_of  # noqa: E402
+from race_bench import common_parser, drops_at, peak_rss_mb, run_and_write, units_of  # noqa: E402
 
 log = logging.getLogger("race_looks")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", help="a zoo name, folder, .gguf file or HF id")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--calib", default="wikitext2")
-    ap.add_argument("--ns", default="2,4,6,8,10", help="numbers of blocks to remove")
+    ap = common_parser(__doc__)
     ap.add_argument("--schedules", default=",".join(RaceRule.SCHEDULES), help="RaceRule schedules, comma-separated")
     ap.add_argument("--groups", default=str(SelectConfig().verify_race_group),
                     help="verify_race_group values (samples per group), comma-separated")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--quick", action="store_true", help="tiny random model, n = 1, 2, small tokens (for tests)")
-    ap.add_argument("--name", default=None)
-    ap.add_argument("--out-dir", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     args.select, args.analysis = {}, {}
     if args.quick:
@@ -167,20 +157,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def save(result: dict[str, Any]) -> None:
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-
-    result = run(args, save)
-    save(result)
-    md = markdown(result)
-    (out / f"{args.name}.md").write_text(md)
-    print(md)
-    return result
+    return run_and_write(parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

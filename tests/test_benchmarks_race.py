@@ -8,11 +8,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_race_bench_quick_mode_writes_the_side_by_side_table(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "race_bench.py"), "--quick",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+def quick(script: str, tmp_path: Path, name: str, *extra: str) -> dict:
+    """Run a benchmark script's quick mode into tmp_path; its JSON result."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out-dir", str(tmp_path),
+                           *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "race-tiny-llama-quick.json").read_text())
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_race_bench_quick_mode_writes_the_side_by_side_table(tmp_path):
+    result = quick("race_bench.py", tmp_path, "race-tiny-llama-quick")
     rows = result["rows"]
     assert {(r["n"], r["variant"]) for r in rows} == {(n, v) for n in (1, 2) for v in ("off", "sets", "units")}
     for r in rows:
@@ -41,19 +46,13 @@ def test_race_bench_quick_mode_writes_the_side_by_side_table(tmp_path):
 
 
 def test_batch_rows_quick_mode_times_every_batch_size(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "batch_rows.py"), "--quick", "--out-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "batch-rows-tiny-llama.json").read_text())
+    result = quick("batch_rows.py", tmp_path, "batch-rows-tiny-llama")
     assert [r["rows_per_call"] for r in result["rows"]] == [2, 8]
     assert all(r["seconds"] > 0 and r["us_per_unit"] > 0 for r in result["rows"]) and result["rows"][0]["relative"] == 1
 
 
 def test_race_looks_quick_mode_replays_each_schedule_against_the_unraced_search(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "race_looks.py"), "--quick",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "race-looks-tiny-llama-quick.json").read_text())
+    result = quick("race_looks.py", tmp_path, "race-looks-tiny-llama-quick")
     rows = result["rows"]
     assert [(r["n"], r.get("schedule")) for r in rows] == [(n, s) for n in (1, 2) for s in (None, "doubling", "every")]
     for r in rows:
