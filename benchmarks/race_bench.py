@@ -261,11 +261,14 @@ def markdown(result: dict[str, Any]) -> str:
     e = result["eval"]
     out = [f"Model `{result['model'].get('spec')}` ({result['n_blocks']} blocks), calibration `{result['calib']}`; "
            f"analysis {result['analysis_seconds']} s; test perplexity on `{e['text']}`, {e['windows']} windows of "
-           f"{e['seq_len']} tokens (dense {e['dense_ppl']:.2f}). Each row from a cold NLL cache; off = the search "
-           "before racing.", "",
-           "| n | variant | removed | test ppl | sets scored | dropped | new passes (+confirm) | units | "
-           "units / off | units run | wall s | prune / analysis | stopped | winner at set |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           f"{e['seq_len']} tokens (dense {e['dense_ppl']:.2f})." + (" Each row from a cold NLL cache; off = the "
+                                                                      "search before racing." if result["rows"] else
+                                                                      " No verified selection was run (--ns or "
+                                                                      "--variants empty).")]
+    if result["rows"]:
+        out += ["", "| n | variant | removed | test ppl | sets scored | dropped | new passes (+confirm) | units | "
+                    "units / off | units run | wall s | prune / analysis | stopped | winner at set |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     off = {r["n"]: r for r in result["rows"] if r["variant"] == "off"}
     for r in result["rows"]:
         base = off.get(r["n"])

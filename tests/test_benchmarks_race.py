@@ -70,3 +70,10 @@ def test_race_looks_quick_mode_replays_each_schedule_against_the_unraced_search(
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "race_looks.py"), "--schedules", "halving",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--schedules takes doubling, every" in bad.stderr
+
+
+def test_race_bench_without_a_selection_prints_no_empty_table(tmp_path):
+    result = quick("race_bench.py", tmp_path, "bare", "--variants", "", "--baselines", "", "--name", "bare")
+    assert result["rows"] == [] and result["eval"]["dense_ppl"] > 1.0
+    md = (tmp_path / "bare.md").read_text()
+    assert "No verified selection was run" in md and "| n | variant |" not in md
