@@ -326,10 +326,9 @@ class BlockRunner:
         except (AttributeError, NotImplementedError):
             return
         w = getattr(head, "weight", None)
-        if isinstance(w, torch.Tensor) and w.is_meta and self.source.kind == "streamed":
-            value = self.source.value(self.model, "lm_head", w)
-            head.weight = nn.Parameter(value.to(device=self.device, dtype=self.source.stream.dtype),
-                                       requires_grad=False)
+        value = self.source.head_weight(self.model, w) if isinstance(w, torch.Tensor) and w.is_meta else None
+        if value is not None:
+            head.weight = nn.Parameter(value, requires_grad=False)
 
     def logits(self, hidden: Sequence[torch.Tensor], batches: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         """Logits (B, T, V) per batch from the last hidden state (final norm and head of the family)."""

@@ -460,6 +460,12 @@ class ResidentSource:
         flat = self.value(model, name, tensor).detach().reshape(-1)
         return flat[flat_index.to(flat.device)]
 
+    def head_weight(self, model: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+        """The real LM head weight for a runner whose head `weight` is on `meta`, on the compute
+        device; None where the model's own forward serves it (real here; accelerate's hook brings
+        a dispatched head's weight when the head runs)."""
+        return None
+
     def materialize(self, model: nn.Module, module_name: str) -> list[str]:
         """Give `module_name`'s own parameters real tensors on the compute device before a fold;
         returns those it replaced (none here: they are real)."""
@@ -571,6 +577,10 @@ class StreamedSource:
             return self.stream.store.values(self.stream.keys[id(tensor)], flat_index)
         flat = self.value(model, name, tensor).detach().reshape(-1)
         return flat[flat_index.to(flat.device)]
+
+    def head_weight(self, model: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+        """The head is read from the store once, when logits are first needed."""
+        return self.value(model, "lm_head", weight).to(device=self.device, dtype=self.stream.dtype)
 
     def materialize(self, model: nn.Module, module_name: str) -> list[str]:
         module = model.get_submodule(module_name)
