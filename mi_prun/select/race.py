@@ -13,8 +13,8 @@ that doubles the samples of the look before, never after the last group (16 samp
 looks at 4 and 8); with "every", after every group but the last from `min_samples` on (4, 8, 12).
 Fewer looks make each one's bound tighter (the Bonferroni split below), so more sets go at the
 first look, and the few a look at 12 would drop are scored to the end: on smollm2-135m (n = 2-10),
-Gemma 3 270M (2, 4, 6) and Qwen2.5-Coder-1.5B (4) the doubling looks chose the same sets as every
-group's, for 0.92-1.00 of their units on 8 rows and 1.04 on one (benchmarks/race_looks.py,
+Gemma 3 270M (2, 4, 6) and Qwen2.5-Coder-1.5B (4, 7) the doubling looks chose the same sets as every
+group's, for 0.92-1.00 of their units on 9 rows and 1.04 on one (benchmarks/race_looks.py,
 race_bench.py; RESULTS "Racing").
 At a look with m samples in, let d_i = NLL_i(set) - NLL_i(incumbent) be the paired per-sample
 differences (mean NLL per token of sample i; the incumbent is the best complete set so far, scored
