@@ -119,6 +119,14 @@ def units_of(scorer: Any, rows: list[Any]) -> int | None:
     return int(sum(scorer.units(r.removed) for r in rows if not r.cached))
 
 
+def unraced_units(loaded: Any, analysis: Any, cfg: SelectConfig, cache: NLLCache, sel: Any) -> int | None:
+    """What the passes of the unraced selection `sel` ran, by the scorer's own count (its scorer is
+    rebuilt on `cache`, whose dense states it reuses)."""
+    problem = make_problem(analysis, cfg)
+    return units_of(model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks, starts=problem.allowed,
+                                 cache=cache), sel.candidates)
+
+
 def units_run(cache: NLLCache) -> int | None:
     """Token-block units the search's passes really ran (kept runs' states make it less than the
     charge; the dense pass and the confirmation's fresh draw not included)."""
@@ -206,9 +214,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
             conf = v.get("confirm") or {}
             units = race.get("units")
             if units is None:  # unraced: what its passes ran, by the scorer's own count
-                problem = make_problem(analysis, cfg)
-                units = units_of(model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks,  # its dense states
-                                              starts=problem.allowed, cache=cache), sel.candidates)
+                units = unraced_units(loaded, analysis, cfg, cache, sel)
             row = {"n": n, "variant": variant, "removed": list(sel.removed),
                    "one_pass_removed": list(sel.one_pass_removed or []), "verification_nll": sel.nll,
                    "test_ppl": None, "sets_scored": v.get("sets_scored"),
@@ -217,7 +223,8 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                    "budget_sets": v.get("budget"), "unit_budget": race.get("unit_budget"), "units": units,
                    "units_unraced": race.get("units_unraced"), "units_run": units_run(cache),
                    "sets_by_stage": v.get("sets_by_stage"), "stopped": v.get("stopped"),
-                   "looks": race.get("looks"), "drops_at": drops_at(sel), **winner_found(sel), "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
+                   "looks": race.get("looks"), "drops_at": drops_at(sel), **winner_found(sel),
+                   "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
             row["test_ppl"] = ppl_of(tuple(sel.removed))
             row["peak_rss_mb"] = peak_rss_mb()
             log.info("n=%d %-5s removed %s ppl %.2f, %s sets, %s units, %.1fs", n, variant, row["removed"],

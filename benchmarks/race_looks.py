@@ -42,9 +42,7 @@ from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.race import RaceRule  # noqa: E402
-from mi_prun.select.registry import make_problem  # noqa: E402
-from mi_prun.select.scorer import model_scorer  # noqa: E402
-from race_bench import common_parser, drops_at, peak_rss_mb, run_and_write, units_of  # noqa: E402
+from race_bench import common_parser, drops_at, peak_rss_mb, run_and_write, unraced_units  # noqa: E402
 
 log = logging.getLogger("race_looks")
 
@@ -113,9 +111,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         off = select(analysis, config=cfg, model=loaded, cache=cache)
         seconds = time.perf_counter() - t0
-        problem = make_problem(analysis, cfg)
-        off_units = units_of(model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks, starts=problem.allowed,
-                                          cache=cache), off.candidates)
+        off_units = unraced_units(loaded, analysis, cfg, cache, off)
         rows.append({"n": n, "variant": "off", "removed": list(off.removed), "same_as_off": True,
                      "sets_scored": off.verification.get("sets_scored"), "dropped": 0, "drops_at": {},
                      "looks": [], "units": off_units, "units_over_off": 1.0, "seconds": round(seconds, 2)})
