@@ -178,12 +178,13 @@ class RaceRule:
         return mean > self.bound(m, n_looks) * se
 
     def describe(self) -> str:
-        when = ("at the first group from {0} samples on, then each time the samples double" if self.schedule == "doubling"
-                else "after every group from {0} samples on").format(self.min_samples)
+        m = self.min_samples
+        when = (f"at the first group from {m} samples on, then each time the samples double"
+                if self.schedule == "doubling" else f"after every group from {m} samples on")
         return (f"paired t bound: a set is dropped at a look ({when}, never after the last group) once its mean "
                 f"per-sample NLL gap to the best complete set exceeds t(1 - {self.alpha:g}/K, m - 1) paired "
-                f"standard errors, K the looks (Bonferroni); a set at least as good is dropped with probability at most "
-                f"{self.alpha:g} per comparison (normal paired differences)")
+                f"standard errors, K the looks (Bonferroni); a set at least as good is dropped with probability at "
+                f"most {self.alpha:g} per comparison (normal paired differences)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +337,8 @@ class Race:
     def record(self) -> dict[str, Any]:
         """The verification record's "race" entry."""
         return {"rule": self.rule.describe(), "alpha": self.rule.alpha, "min_samples": self.rule.min_samples,
-                "schedule": self.rule.schedule, "groups": [len(g) for g in self.groups], "looks": self.rule.looks(self.groups),
+                "schedule": self.rule.schedule, "groups": [len(g) for g in self.groups],
+                "looks": self.rule.looks(self.groups),
                 "units": self.units, "new_units": self.new_units, "units_unraced": self.full_units,
                 "dropped": len(self.dropped)}
 
