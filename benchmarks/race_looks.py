@@ -1,4 +1,5 @@
-"""When may a raced set be dropped? The race's look schedules replayed on one model's real NLLs.
+"""When may a raced set be dropped, and in which order are sets raced? The race's look schedules
+and orders replayed on one model's real NLLs.
 
     MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_looks.py --model smollm2-135m --ns 2,4,6,8,10
     python benchmarks/race_looks.py --quick            # tiny random model, seconds (used by the tests)
@@ -7,7 +8,9 @@ One model load and one analysis with the shipped defaults (`AnalysisConfig(calib
 every n, the unraced verified search (`verify_race="off"`) from a cold NLL cache, timed: it scores
 every set it tries on every verification sample and keeps each set's per-sample NLLs. Then, on that
 same cache, the raced search (`verify_race="sets"`, the shipped mode) once per look schedule
-(`RaceRule.schedule`, `--schedules`) and group size (`verify_race_group`, `--groups`). A warm cache
+(`RaceRule.schedule`, `--schedules`), race order (`RaceRule.order`, `--orders`: "field", a stage's
+first looks first, or "sequence", one set after another) and group size (`verify_race_group`,
+`--groups`). A warm cache
 changes the work a race does, never its decisions or its charge (tests/test_race.py): the looks
 are replayed from the first group, so each raced row is what a cold run would choose and be charged,
 in seconds instead of minutes (sets no earlier row scored are run for real). Per row: the set
@@ -50,6 +53,7 @@ log = logging.getLogger("race_looks")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = common_parser(__doc__)
     ap.add_argument("--schedules", default=",".join(RaceRule.SCHEDULES), help="RaceRule schedules, comma-separated")
+    ap.add_argument("--orders", default=",".join(RaceRule.ORDERS), help="RaceRule orders, comma-separated")
     ap.add_argument("--groups", default=str(SelectConfig().verify_race_group),
                     help="verify_race_group values (samples per group), comma-separated")
     args = ap.parse_args(argv)
@@ -70,21 +74,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [s for s in args.schedule_list if s not in RaceRule.SCHEDULES]
     if bad or not args.schedule_list:
         ap.error(f"--schedules takes {', '.join(RaceRule.SCHEDULES)}; got {args.schedules!r}")
+    args.order_list = [s.strip() for s in args.orders.split(",") if s.strip()]
+    if not args.order_list or any(s not in RaceRule.ORDERS for s in args.order_list):
+        ap.error(f"--orders takes {', '.join(RaceRule.ORDERS)}; got {args.orders!r}")
     stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
     args.name = args.name or f"race-looks-{stem}" + ("-quick" if args.quick else "")
     return args
 
 
-def raced(analysis: Any, loaded: Any, cache: NLLCache, n: int, group: int, schedule: str,
+def raced(analysis: Any, loaded: Any, cache: NLLCache, n: int, group: int, schedule: str, order: str,
           select_kw: dict[str, Any]) -> Any:
-    """The shipped raced search at n with this look schedule and group size, on `cache`."""
-    shipped = SelectConfig.RACE_LOOKS
-    SelectConfig.RACE_LOOKS = schedule  # a class constant: the search reads it from its config
+    """The shipped raced search at n with this look schedule, order and group size, on `cache`."""
+    shipped = SelectConfig.RACE_LOOKS, SelectConfig.RACE_ORDER
+    SelectConfig.RACE_LOOKS, SelectConfig.RACE_ORDER = schedule, order  # class constants the search reads
     try:
         return select(analysis, config=SelectConfig(n=n, verify_race="sets", verify_race_group=group, **select_kw),
                       model=loaded, cache=cache)
     finally:
-        SelectConfig.RACE_LOOKS = shipped
+        SelectConfig.RACE_LOOKS, SelectConfig.RACE_ORDER = shipped
 
 
 def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
         "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
-        "shipped": {"schedule": SelectConfig.RACE_LOOKS, "group": SelectConfig().verify_race_group,
+        "shipped": {"schedule": SelectConfig.RACE_LOOKS, "order": SelectConfig.RACE_ORDER, "group": SelectConfig().verify_race_group,
                     "alpha": SelectConfig().verify_race_alpha, "min_samples": SelectConfig.RACE_MIN_SAMPLES},
         "select": args.select, "rows": rows, "torch_threads": torch.get_num_threads(),
         "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_looks.py " + " ".join(sys.argv[1:]),
@@ -117,12 +124,12 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                      "looks": [], "units": off_units, "units_over_off": 1.0, "seconds": round(seconds, 2)})
         log.info("n=%d off %s %.1fs", n, off.removed, seconds)
         for group in args.group_list:
-            for schedule in args.schedule_list:
-                sel = raced(analysis, loaded, cache, n, group, schedule, args.select)
+            for schedule, order in ((s, o) for s in args.schedule_list for o in args.order_list):
+                sel = raced(analysis, loaded, cache, n, group, schedule, order, args.select)
                 race = sel.verification.get("race") or {}
                 units = race.get("units")
-                rows.append({"n": n, "variant": f"sets, groups of {group}, {schedule}", "group": group,
-                             "schedule": schedule, "removed": list(sel.removed),
+                rows.append({"n": n, "variant": f"sets, groups of {group}, {schedule}, {order}", "group": group,
+                             "schedule": schedule, "order": order, "removed": list(sel.removed),
                              "same_as_off": tuple(sel.removed) == tuple(off.removed),
                              "sets_scored": sel.verification.get("sets_scored"), "dropped": race.get("dropped", 0),
                              "drops_at": drops_at(sel), "looks": race.get("looks"),
@@ -139,7 +146,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     out = [f"Model `{result['model'].get('spec')}` ({result['n_blocks']} blocks), calibration `{result['calib']}`; "
            f"analysis {result['analysis_seconds']} s. Per n: the unraced search (off) from a cold cache, then the "
-           "raced search (sets) per look schedule replayed on its NLLs (decisions and charges as from a cold cache).",
+           "raced search (sets) per look schedule and order replayed on its NLLs (decisions and charges as from a cold cache).",
            "", "| n | variant | removed | same as off | sets scored | dropped | drops at (samples: sets) | looks | units "
            "| units / off |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -241,6 +241,9 @@ class SelectConfig:
     # when a raced set may be dropped: "doubling" (4, 8 of 16 samples) or "every" group (4, 8, 12);
     # chosen by benchmarks/race_looks.py (mi_prun/select/race.py)
     RACE_LOOKS = "doubling"
+    # how a stage's sets are raced: "field" (every first look first, then best-looking first) or
+    # "sequence" (one by one in the search's order); chosen by benchmarks/race_looks.py
+    RACE_ORDER = "field"
 
     def __post_init__(self) -> None:
         # Names are checked against the registries where they are looked up (`mi_prun.select`):

@@ -23,7 +23,7 @@ import streamlit as st
 from mi_prun.config import SelectConfig
 from mi_prun.errors import MiPrunError
 from mi_prun.progress import TimeLeft
-from mi_prun.select import NLLCache, select, stop_note
+from mi_prun.select import NLLCache, one_pass_estimate, select, stop_note
 from mi_prun.select.confirm import describe_confirmation
 from mi_prun.select.counts import allowed_blocks
 from mi_prun_app import state, tables, viz
@@ -399,7 +399,8 @@ def verified_section(sel: Any, n: int) -> None:
                      f"at its first removed block). {len(sel.candidates)} of {v.get('candidates_proposed', '?')} "
                      "proposed sets scored.")
     m[3].metric("One-pass answer removes", _blocks(sel.one_pass_removed),
-                help=None if sel.one_pass_nll is None else f"Verification NLL {sel.one_pass_nll:.4f}.")
+                help=None if sel.one_pass_nll is None else f"Verification NLL {sel.one_pass_nll:.4f}"
+                + (one_pass_estimate(v) or "") + ".")
     m[4].metric("One-pass gap", "-" if gap is None else f"{gap:+.4f} nats",
                 help="One-pass NLL minus the winner's (0 = verification kept the one-pass answer)"
                      + ("" if ratio is None else f"; perplexity ratio x{ratio:.3f}."))

@@ -51,10 +51,11 @@ def test_batch_rows_quick_mode_times_every_batch_size(tmp_path):
     assert all(r["seconds"] > 0 and r["us_per_unit"] > 0 for r in result["rows"]) and result["rows"][0]["relative"] == 1
 
 
-def test_race_looks_quick_mode_replays_each_schedule_against_the_unraced_search(tmp_path):
+def test_race_looks_quick_mode_replays_each_schedule_and_order_against_the_unraced_search(tmp_path):
     result = quick("race_looks.py", tmp_path, "race-looks-tiny-llama-quick")
     rows = result["rows"]
-    assert [(r["n"], r.get("schedule")) for r in rows] == [(n, s) for n in (1, 2) for s in (None, "doubling", "every")]
+    variants = [(None, None)] + [(s, o) for s in ("doubling", "every") for o in ("field", "sequence")]
+    assert [(r["n"], r.get("schedule"), r.get("order")) for r in rows] == [(n, *v) for n in (1, 2) for v in variants]
     for r in rows:
         assert len(r["removed"]) == r["n"] and r["sets_scored"] >= 1 and r["units"] > 0
         if r["variant"] == "off":
@@ -70,6 +71,9 @@ def test_race_looks_quick_mode_replays_each_schedule_against_the_unraced_search(
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "race_looks.py"), "--schedules", "halving",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--schedules takes doubling, every" in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "race_looks.py"), "--orders", "fields",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--orders takes field, sequence" in bad.stderr
 
 
 def test_race_bench_without_a_selection_prints_no_empty_table(tmp_path):

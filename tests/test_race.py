@@ -111,9 +111,12 @@ def test_synthetic_and_real_scorers_implement_the_protocols():
 
 
 def race_all(scorer: Synthetic, sets, order, rule: RaceRule) -> tuple[tuple[int, ...], Race]:
-    """Race `sets` in `order` as the search does: each against the best complete set so far."""
+    """Race `sets` as the search races a stage: each against the best complete set so far, in `order`
+    (`rule.order` "sequence") or every first look first, then the best-looking first ("field")."""
     race = Race(scorer, rule, store={})
     best, best_nll = None, math.inf
+    if rule.order == "field":
+        order = [order[k] for k in race.field_order([sets[k] for k in order])]
     for k in order:
         out = race.score(sets[k], best)
         if out.complete and out.nll < best_nll:
@@ -121,15 +124,16 @@ def race_all(scorer: Synthetic, sets, order, rule: RaceRule) -> tuple[tuple[int,
     return best, race
 
 
+@pytest.mark.parametrize("order", RaceRule.ORDERS)
 @pytest.mark.parametrize("schedule", RaceRule.SCHEDULES)
 @pytest.mark.parametrize("heavy", [False, True])
-def test_the_race_drops_the_best_set_no_more_often_than_its_error_rate(heavy, schedule):
+def test_the_race_drops_the_best_set_no_more_often_than_its_error_rate(heavy, schedule, order):
     """Many draws of 12 sets with known means: the best by 0.5-2 paired SE over a few close ones,
     the rest clearly worse, scored in random order, Gaussian and heavy-tailed (t, 5 df) noise. The
     set the full evaluation (every sample) ranks best is the race's winner except in at most
     alpha of the draws, and the race saves most of the units on the clearly worse sets."""
     alpha, draws = SelectConfig().verify_race_alpha, 400
-    rule = RaceRule(alpha, SelectConfig.RACE_MIN_SAMPLES, schedule)
+    rule = RaceRule(alpha, SelectConfig.RACE_MIN_SAMPLES, schedule, order)
     lost = spent = unraced = dropped = 0
     for seed in range(draws):
         rng = np.random.default_rng(seed)
@@ -144,7 +148,7 @@ def test_the_race_drops_the_best_set_no_more_often_than_its_error_rate(heavy, sc
         lost += winner != truth
         spent, unraced, dropped = spent + race.units, unraced + race.full_units, dropped + len(race.dropped)
         assert race.new_units == race.units  # a cold store: every unit charged was run
-    print(f"{schedule}: lost {lost} of {draws}, units {spent / unraced:.2f} of unraced")
+    print(f"{schedule}, {order}: lost {lost} of {draws}, units {spent / unraced:.2f} of unraced")
     assert lost / draws <= alpha, (lost, draws)
     assert dropped > 4 * draws and spent < 0.8 * unraced  # the race does drop, and saves
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from mi_prun.progress import TimeLeft, time_left_text
 from mi_prun.select.confirm import describe_confirmation
-from mi_prun.select import stop_note
+from mi_prun.select import one_pass_estimate, stop_note
 from mi_prun.results import rank_blocks
 
 BLOCK_NOTE = "Blocks are numbered from 0."
@@ -146,7 +146,7 @@ def format_verification(sel) -> list[str]:
         same = tuple(sel.one_pass_removed or ()) == tuple(sel.removed)
         lines.append(f"one-pass answer {list(sel.one_pass_removed or [])}: NLL {sel.one_pass_nll:.4f}"
                      + (" (the winner)" if same else f", {v.get('one_pass_gap_nats', 0):.4f} nats worse "
-                        f"(perplexity x{v.get('one_pass_ppl_ratio', 1):.3f})"))
+                        f"(perplexity x{v.get('one_pass_ppl_ratio', 1):.3f})") + one_pass_estimate(v))
     lines += [describe_confirmation(conf)] if conf else []
     note = stop_note(v)
     if note:

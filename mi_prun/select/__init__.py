@@ -58,7 +58,7 @@ from mi_prun.select import baselines, search  # noqa: F401  (importing them regi
 from mi_prun.select.scorer import NLLCache, PrefixScorer
 from mi_prun.select.sleb import calibration_nll, sleb_search, sleb_select
 from mi_prun.select.candidates import k_best_combinations, propose
-from mi_prun.select.verify import stop_note, verified_search, verified_select
+from mi_prun.select.verify import one_pass_estimate, stop_note, verified_search, verified_select
 from mi_prun.select.guided import guided_search, guided_select
 from mi_prun.select.api import compare, select
 
@@ -70,5 +70,5 @@ __all__ = [
     "SELECTORS", "Problem", "Selector", "SelectorFn", "SelectorOutput", "compare", "get_selector",
     "register_selector", "select",
     "calibration_nll", "sleb_search", "sleb_select",
-    "k_best_combinations", "propose", "NLLCache", "PrefixScorer", "stop_note", "verified_search", "verified_select", "guided_search", "guided_select",
+    "k_best_combinations", "propose", "NLLCache", "PrefixScorer", "one_pass_estimate", "stop_note", "verified_search", "verified_select", "guided_search", "guided_select",
 ]

@@ -135,8 +135,10 @@ class RaceRule:
     alpha: float = 0.05
     min_samples: int = 4
     schedule: str = "doubling"  # or "every" (module docstring)
+    order: str = "field"  # or "sequence": how the verified search races a stage's sets (module docstring)
 
     SCHEDULES = ("doubling", "every")
+    ORDERS = ("field", "sequence")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", as_float(self.alpha, "race alpha (error rate of a drop)", 0.0, 1.0,
@@ -146,6 +148,10 @@ class RaceRule:
             raise MiPrunError(f"race schedule must be one of {', '.join(self.SCHEDULES)}, got {self.schedule!r}. "
                               "Fix: doubling (looks at min_samples, then each time the samples double) or every "
                               "(after every group).")
+        if self.order not in self.ORDERS:
+            raise MiPrunError(f"race order must be one of {', '.join(self.ORDERS)}, got {self.order!r}. Fix: field "
+                              "(a stage's first looks first, then its sets best-looking first) or sequence (one by "
+                              "one in the search's order).")
 
     def looks(self, groups: Sequence[Sequence[int]]) -> list[int]:
         """The sample counts after which a set may be dropped (never after the last group, never
@@ -246,6 +252,7 @@ class Race:
         self.n_looks = len(self.rule.looks(groups))
         self.units = self.new_units = self.full_units = 0
         self.dropped: list[tuple[int, ...]] = []
+        self._prefetched: dict[tuple[int, ...], int] = {}  # set -> units its first look ran ahead (`first_look`)
 
     def _incumbent(self, against: Sequence[int] | None) -> tuple[float, list[float]] | None:
         """(mean NLL, per-sample NLLs) of a complete set, or None (then no set is dropped)."""
@@ -264,14 +271,63 @@ class Race:
     def first_look_cost(self, removed: Iterable[int]) -> int:
         """The least a set can be charged in this race: the units up to the first look (every group
         when there is none)."""
+        return int(self.scorer.units(tuple(sorted(int(b) for b in removed)), list(range(self._first_groups()))))
+
+    def _first_groups(self) -> int:
+        """How many groups the first look needs (every group when there is no look)."""
         looks = self.rule.looks(self.groups)
-        m, upto = 0, len(self.groups)
+        m = 0
         for g, members in enumerate(self.groups):
             m += len(members)
             if looks and m == looks[0]:
-                upto = g + 1
-                break
-        return int(self.scorer.units(tuple(sorted(int(b) for b in removed)), list(range(upto))))
+                return g + 1
+        return len(self.groups)
+
+    def _run_group(self, key: tuple[int, ...], g: int, part: Partial) -> int:
+        """Score group g of `key` into `part` unless it holds it; the units really run."""
+        if g in part.sums:
+            return 0
+        before = getattr(self.scorer, "work", None)  # what really runs (kept runs' states serve)
+        sums, counts = self.scorer.rows(key, [g])
+        part.sums[g] = sums.detach().cpu().double().numpy().reshape(-1)
+        part.counts[g] = counts.detach().cpu().long().numpy().reshape(-1)
+        after = getattr(self.scorer, "work", None)
+        return int(after - before) if isinstance(before, int) and isinstance(after, int) \
+            else int(self.scorer.units(key, [g]))
+
+    def field_order(self, sets: Sequence[Iterable[int]]) -> list[int]:
+        """The order to race a field of sets in ("field", module docstring): every set's first look is
+        run (the groups no cache holds), then the indices of `sets` from the lowest mean NLL over the
+        first look's samples (the same samples for every set, so the means rank them; a broken pass
+        last, ties in the order given). The work is reported by each set's `score`, which replays
+        the groups run here; charges and decisions are `score`'s alone."""
+        means = self.first_look(sets)
+        return [i for _, _, i in sorted((math.isnan(m), m if not math.isnan(m) else 0.0, i)
+                                        for i, m in enumerate(means))]
+
+    def first_look(self, sets: Sequence[Iterable[int]]) -> list[float]:
+        """Each set's mean NLL over the first look's samples (NaN for a broken pass), running the
+        groups no cache holds (`field_order`)."""
+        upto = self._first_groups()
+        samples = [i for g in self.groups[:upto] for i in g]
+        out = []
+        for removed in sets:
+            key = tuple(sorted(int(b) for b in removed))
+            mean, per = self.scorer.cache.get(key), self.scorer.cache.sample_nll(key)
+            if mean is not None and per is not None and len(per) == self.n_samples:
+                vals = [per[i] for i in samples]
+            elif mean is not None:  # complete without per-sample NLLs: its mean is all there is
+                out.append(float(mean))
+                continue
+            else:
+                part = self.store.setdefault(key, Partial())
+                self._prefetched[key] = self._prefetched.get(key, 0) + sum(
+                    self._run_group(key, g, part) for g in range(upto))
+                sums = np.concatenate([part.sums[g] for g in range(upto)])
+                counts = np.concatenate([part.counts[g] for g in range(upto)])
+                vals = [s / c if c else math.nan for s, c in zip(sums.tolist(), counts.tolist())]
+            out.append(float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.nan)
+        return out
 
     def score(self, removed: Iterable[int], against: Sequence[int] | None = None) -> Outcome:
         """Race `removed` against the complete set `against` (None: score every group). The looks
@@ -286,7 +342,7 @@ class Race:
         looks = set(self.rule.looks(self.groups))
         per: list[float] = []  # per-sample mean NLL, samples in group order
         seen: list[int] = []
-        charged = new = 0
+        charged, new = 0, self._prefetched.pop(key, 0)  # the first look run ahead (`prefetch`) is this set's work
         self.full_units += self.full_cost(key)
         for g, members in enumerate(self.groups):
             if whole and known_per is None:  # a complete score without per-sample NLLs: nothing to replay
@@ -295,14 +351,7 @@ class Race:
             if whole:
                 per += [known_per[i] for i in members]  # type: ignore[index]
             else:
-                if g not in part.sums:
-                    before = getattr(self.scorer, "work", None)  # what really runs (kept runs' states serve)
-                    sums, counts = self.scorer.rows(key, [g])
-                    part.sums[g] = sums.detach().cpu().double().numpy().reshape(-1)
-                    part.counts[g] = counts.detach().cpu().long().numpy().reshape(-1)
-                    after = getattr(self.scorer, "work", None)
-                    new += int(after - before) if isinstance(before, int) and isinstance(after, int) \
-                        else int(self.scorer.units(key, [g]))
+                new += self._run_group(key, g, part)
                 per += [s / c if c else math.nan for s, c in zip(part.sums[g].tolist(), part.counts[g].tolist())]
             charged += int(self.scorer.units(key, [g]))
             seen += members
@@ -337,7 +386,7 @@ class Race:
     def record(self) -> dict[str, Any]:
         """The verification record's "race" entry."""
         return {"rule": self.rule.describe(), "alpha": self.rule.alpha, "min_samples": self.rule.min_samples,
-                "schedule": self.rule.schedule, "groups": [len(g) for g in self.groups],
+                "schedule": self.rule.schedule, "order": self.rule.order, "groups": [len(g) for g in self.groups],
                 "looks": self.rule.looks(self.groups),
                 "units": self.units, "new_units": self.new_units, "units_unraced": self.full_units,
                 "dropped": len(self.dropped)}

@@ -152,12 +152,14 @@ def verified_search(problem: Problem, cands: list[Candidate],
                      f"({budget - len(seen)} left in the budget): NLL {row.nll:.4f}"
                      + ("" if row.complete else f" (dropped after {row.samples} samples)"))
 
-    def score(cand: Candidate, stage: str, against: tuple[int, ...] | None = None) -> ScoredSet | None:
-        """The row of a candidate (None once the budget is spent); a complete set of n blocks may
-        become the best, a smaller one (an exchange's put-back step) is measured only."""
+    def score(cand: Candidate, stage: str, against: tuple[int, ...] | None = None,
+              admitted: bool = False) -> ScoredSet | None:
+        """The row of a candidate (None once the budget is spent, unless `admitted` by its stage); a
+        complete set of n blocks may become the best, a smaller one (an exchange's put-back step) is
+        measured only."""
         if cand.removed in seen:
             return seen[cand.removed]
-        if spent():
+        if not admitted and spent():
             state["ran_out"] = True
             return None
         if race is None:
@@ -179,8 +181,57 @@ def verified_search(problem: Problem, cands: list[Candidate],
         log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), row.nll, " (cached)" if row.cached else "")
         return row
 
-    def incumbent() -> tuple[int, ...] | None:
+    def incumbent(done: list[ScoredSet] | None = None) -> tuple[int, ...] | None:
         return state["best"].removed if state["best"] is not None else None
+
+    def admit(cands: list[Candidate]) -> list[int]:
+        """The stage's sets that the budget reaches, as the one-by-one search would score them (indices;
+        sets scored before are free); in units, sets while the first looks of those admitted fit."""
+        keep, new, charge = [], set(), 0
+        for i, cand in enumerate(cands):
+            if cand.removed not in seen and cand.removed not in new:
+                if (race.units + charge >= unit_budget if unit_budget is not None and race is not None
+                        else len(seen) + len(new) >= budget):
+                    state["ran_out"] = True
+                    break
+                new.add(cand.removed)
+                if unit_budget is not None and race is not None:
+                    charge += race.first_look_cost(cand.removed)
+            keep.append(i)
+        return keep
+
+    def score_stage(cands: list[Candidate], stage: str,
+                    ref: Callable[[list[ScoredSet]], tuple[int, ...] | None]) -> list[ScoredSet | None]:
+        """Score one stage's sets (the candidates, an exchange's put-back sets or its trials), each
+        raced against `ref(rows done so far in the stage)`; rows in the order given, None past the
+        budget. One by one in that order, or with the race's order "field": the sets the budget
+        reaches all run their first look, then are raced best-looking first, so the set completed
+        first is the stage's likely best and the others race against it instead of against weaker
+        sets completed before it (race.py)."""
+        rows: list[ScoredSet | None] = [None] * len(cands)
+        if race is None or race.rule.order == "sequence" or not race.n_looks:  # no look: nothing to order for
+            done: list[ScoredSet] = []
+            for i, cand in enumerate(cands):
+                row = score(cand, stage, ref(done))
+                if row is None:
+                    break
+                rows[i] = row
+                done.append(row)
+            return rows
+        idx = admit(cands)
+        fresh = [i for i in idx if cands[i].removed not in seen
+                 and all(cands[j].removed != cands[i].removed for j in idx if j < i)]  # each new set once
+        done = [seen[cands[i].removed] for i in idx if cands[i].removed in seen]
+        order = race.field_order([cands[i].removed for i in fresh]) if len(fresh) > 1 else range(len(fresh))
+        for i in (fresh[k] for k in order):
+            row = score(cands[i], stage, ref(done), admitted=True)
+            assert row is not None
+            done.append(row)
+        if fresh:  # listed in the stage's order (the one-pass answer first), whatever order they ran in
+            scored[-len(fresh):] = [seen[cands[i].removed] for i in fresh]
+        for i in idx:
+            rows[i] = seen[cands[i].removed]
+        return rows
 
     def make(removed: Iterable[int], proposer: str) -> Candidate:
         key = tuple(sorted(removed))
@@ -215,33 +266,40 @@ def verified_search(problem: Problem, cands: list[Candidate],
         """One exchange from the best set (module docstring); True when it improved."""
         before = state["best"]
         cur = before.removed
-        back: list[tuple[float, int, ScoredSet]] = []
         if stop_early and not put_backs_left(cur):
             state["final"] = True  # the put-back sets would spend the rest: no set of n blocks is reached
             return False
-        for b in cur if len(cur) > 1 else ():  # n = 1: put back the only block (the dense model)
-            done = [t for t in back if t[2].complete and not math.isnan(t[0])]
-            against = min(done, key=lambda t: (t[0], t[1]))[2].removed if done else None
-            row = score(make([x for x in cur if x != b], f"put-back:{b}"), "exchange (put back)", against)
-            if row is None:
-                return False
-            back.append((row.nll, b, row))
-        best_back = min(((v, b) for v, b, _ in back), key=lambda t: (*nan_last(t[0]), t[1])) \
+
+        def put_back(row: ScoredSet) -> int:
+            return next(x for x in cur if x not in row.removed)
+
+        def best_back(done: list[ScoredSet]) -> tuple[int, ...] | None:
+            fine = [r for r in done if r.complete and not math.isnan(r.nll)]
+            return min(fine, key=lambda r: (r.nll, put_back(r))).removed if fine else None
+
+        blocks = list(cur) if len(cur) > 1 else []  # n = 1: put back the only block (the dense model)
+        rows = score_stage([make([x for x in cur if x != b], f"put-back:{b}") for b in blocks],
+                           "exchange (put back)", best_back)
+        if any(row is None for row in rows):
+            return False
+        back = [(row.nll, b, row) for b, row in zip(blocks, rows) if row is not None]
+        chosen = min(((v, b) for v, b, _ in back), key=lambda t: (*nan_last(t[0]), t[1])) \
             if back else (0.0, cur[0])  # n = 1: every trial starts from the dense model, a common base
-        returned = best_back[1]
+        returned = chosen[1]
         base = [x for x in cur if x != returned]
-        for k in exchange_order(base, returned, problem, added):
-            row = score(make(base + [k], f"exchange:{before.proposers[0]}"), "exchange", incumbent())
+        order = exchange_order(base, returned, problem, added)
+        trials = score_stage([make(base + [k], f"exchange:{before.proposers[0]}") for k in order], "exchange",
+                             incumbent)
+        for k, row in zip(order, trials):
             if row is None:
                 break
             if k != returned:
-                added[k] = row.nll - best_back[0]
+                added[k] = row.nll - chosen[0]
         return state["best"] is not before
 
     if progress is not None:
         progress("verify", 0.0, "0 sets scored" if unit_budget is not None else f"0 of at most {budget} sets scored")
-    for cand in cands:
-        score(cand, "candidate", incumbent())
+    score_stage(list(cands), "candidate", incumbent)
     if state["best"] is None:
         raise MiPrunError("the verified search scored no set of the right size. Fix: give a budget of at least 1.")
     while problem.n < len(problem.allowed):
@@ -292,7 +350,8 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
     _, _, span_norm = check_analysis(analysis)
     cands = propose(problem, span_norm, one.removed, config.method)
     budget = config.verify_budget(problem.n, len(problem.allowed))
-    race = Race(scorer, RaceRule(config.verify_race_alpha, config.RACE_MIN_SAMPLES, config.RACE_LOOKS)) \
+    race = Race(scorer, RaceRule(config.verify_race_alpha, config.RACE_MIN_SAMPLES, config.RACE_LOOKS,
+                                   config.RACE_ORDER)) \
         if racing and can_race(scorer) else None
     unit_budget = None
     if race is not None and config.verify_race == "units":  # budget x the mean full pass of the candidates
@@ -357,6 +416,9 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        "dense_passes": scorer.dense_passes,
                        "candidates_proposed": len(cands), "dense_nll": dense_nll,
                        "one_pass_gap_nats": gap, "one_pass_ppl_ratio": None if gap is None else math.exp(gap),
+                       # when the race dropped the one-pass answer, the samples its NLL rests on (it is
+                       # then the paired estimate of its full NLL, `race.Outcome.nll`); None: scored in full
+                       "one_pass_dropped_after": None if one_row is None or one_row.complete else one_row.samples,
                        "tokens": tok_prov, "note": PASS_NOTE, "offload": weight_source(scorer.model).describe()["streamed"],
                        "peak_memory": peak_memory(),
                        **({"race": {**out.race, "mode": config.verify_race, "unit_budget": unit_budget}}
@@ -365,6 +427,18 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                        **({"task": scorer.report(winner, one.removed if one_nll is not None else None)}
                           if isinstance(scorer, TaskScorer) else {}),
                        **({"confirm": confirmed} if confirmed is not None else {})})
+
+
+def one_pass_estimate(verification: dict[str, Any] | None) -> str:
+    """"" when the one-pass answer's NLL is measured on every verification sample; else what it is (the
+    race dropped it early: a paired estimate on its first samples)."""
+    v = verification or {}
+    after = v.get("one_pass_dropped_after")
+    if not after:
+        return ""
+    total = ((v.get("tokens") or {}).get("n_samples")) or "all"
+    return (f" (estimated on {after} of {total} verification samples: the race dropped it as clearly worse than "
+            "a complete set)")
 
 
 def stop_note(verification: dict[str, Any] | None) -> str | None:
@@ -378,5 +452,5 @@ def stop_note(verification: dict[str, Any] | None) -> str | None:
             "may find a better set.")
 
 
-__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "SearchOutcome", "resolve_tokens", "stop_note", "tokens_key",
+__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "one_pass_estimate", "SearchOutcome", "resolve_tokens", "stop_note", "tokens_key",
            "verified_search", "verified_select"]  # the scorer's names stay importable from here
