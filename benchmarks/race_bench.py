@@ -16,7 +16,9 @@ scored and dropped, the new forward passes (+ the confirmation's), the token-blo
 the units really run (less where kept runs' states served), the wall time and the prune time over
 the analysis time, whether the search converged or its budget ran out, and when the winner was first
 scored (its place among the sets, and raced the units charged up to it, in the JSON, as are the race's
-looks and how many sets it dropped at each, `drops_at`). Beside each n, the test perplexity of ShortGPT's set, the angular window and the
+looks and how many sets it dropped at each, `drops_at`), and the seconds until the progress first named
+a best set so far and until the best so far was the final answer (what the CLI and the app show while
+the search runs; `AnswerClock`). Beside each n, the test perplexity of ShortGPT's set, the angular window and the
 one-pass answer (`--baselines`); the process's peak resident memory.
 
 Test perplexity follows benchmarks/quality.py: the raw WikiText-2 test split (`--eval`), windows of
@@ -146,6 +148,31 @@ def winner_found(sel: Any) -> dict[str, Any]:
             "winner_at_units": None if any(u is None for u in charged) else int(sum(charged))}
 
 
+class AnswerClock:
+    """A progress callback that notes when the search first named a best set of n so far (what the CLI and
+    the app show while it runs) and when the best so far first was the final answer."""
+
+    MARK = "best so far removes "
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.named: list[tuple[float, str]] = []  # (seconds, the set as the message names it)
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if self.MARK in message:
+            named = message.split(self.MARK, 1)[1].split(" (NLL", 1)[0]
+            if not self.named or self.named[-1][1] != named:
+                self.named.append((time.perf_counter() - self.t0, named))
+
+    def times(self, removed: Any, total: float) -> dict[str, Any]:
+        """Seconds to the first best-so-far set, and to the final answer named as the best so far (the
+        whole run when only the confirmation chose it)."""
+        want = ", ".join(map(str, removed))
+        final = next((t for t, named in self.named if named == want), total)
+        return {"first_answer_s": round(self.named[0][0], 2) if self.named else None,
+                "final_answer_s": round(final, 2)}
+
+
 def drops_at(sel: Any) -> dict[str, int]:
     """How many sets the race dropped at each look: {samples scored: sets} (empty unraced)."""
     at = Counter(int(r.samples) for r in sel.candidates if not r.complete)
@@ -207,7 +234,8 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
             cfg = SelectConfig(n=n, verify_race=variant, **args.select)
             cache = NLLCache()
             t0 = time.perf_counter()
-            sel = select(analysis, config=cfg, model=loaded, cache=cache)
+            clock = AnswerClock()
+            sel = select(analysis, config=cfg, model=loaded, cache=cache, progress=clock)
             seconds = time.perf_counter() - t0
             v = sel.verification
             race = v.get("race") or {}
@@ -224,6 +252,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                    "units_unraced": race.get("units_unraced"), "units_run": units_run(cache),
                    "sets_by_stage": v.get("sets_by_stage"), "stopped": v.get("stopped"),
                    "looks": race.get("looks"), "drops_at": drops_at(sel), **winner_found(sel),
+                   **clock.times(sel.removed, seconds),
                    "seconds": round(seconds, 2), "prune_over_analysis": round(seconds / t_analysis, 2)}
             row["test_ppl"] = ppl_of(tuple(sel.removed))
             row["peak_rss_mb"] = peak_rss_mb()
@@ -274,8 +303,9 @@ def markdown(result: dict[str, Any]) -> str:
                                                                       "--variants empty).")]
     if result["rows"]:
         out += ["", "| n | variant | removed | test ppl | sets scored | dropped | new passes (+confirm) | units | "
-                    "units / off | units run | wall s | prune / analysis | stopped | winner at set |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                    "units / off | units run | wall s | best so far: first / final s | prune / analysis | stopped | "
+                    "winner at set |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     off = {r["n"]: r for r in result["rows"] if r["variant"] == "off"}
     for r in result["rows"]:
         base = off.get(r["n"])
@@ -286,6 +316,7 @@ def markdown(result: dict[str, Any]) -> str:
                    f"{r['dropped']} | {r['new_passes']} (+{r['confirm_passes']}) | "
                    f"{'-' if r['units'] is None else format(r['units'], ',')} | {ratio} | "
                    f"{'-' if r.get('units_run') is None else format(r['units_run'], ',')} | {r['seconds']} | "
+                   f"{r.get('first_answer_s') or '-'} / {r.get('final_answer_s') or '-'} | "
                    f"{r['prune_over_analysis']} | {r.get('stopped') or '-'} | {r.get('winner_at_set') or '-'} |")
     if result.get("one_shot"):
         out += ["", "The one-shot answers on the same capture and test windows (one-pass: the verified search's "

@@ -28,6 +28,8 @@ def test_race_bench_quick_mode_writes_the_side_by_side_table(tmp_path):
         assert r["variant"] == "off" or 0 < r["winner_at_units"] <= r["units"]
         # where the race dropped its sets: at its looks, as many as it dropped
         assert sum(r["drops_at"].values()) == r["dropped"] and set(r["drops_at"]) <= {str(m) for m in r["looks"] or []}
+        # the progress named a best set so far before the search ended, and the final answer no later than the end
+        assert 0 < r["first_answer_s"] <= r["final_answer_s"] <= r["seconds"]
     assert result["analysis_seconds"] > 0 and result["eval"]["dense_ppl"] > 1.0
     # the one-shot answers on the same capture, each with its test perplexity, and the memory used
     shots = result["one_shot"]

@@ -521,3 +521,18 @@ def test_stopping_when_only_put_back_sets_are_left_changes_no_answer():
             assert len(cut.scored) <= len(full.scored) <= budget
             saved += len(full.scored) - len(cut.scored)
     assert saved > 0
+
+
+def test_progress_names_the_best_set_so_far_while_the_search_goes_on(tiny):
+    """Every progress message after the first complete set of n names the best such set so far, so the
+    app and the CLI show a verified answer long before the search ends; the last one names the
+    search's winner (the lowest NLL among the complete sets of n)."""
+    loaded, analysis = tiny
+    said: list[str] = []
+    v = select(analysis, config=CFG.replace(n=2, verify_confirm=0), model=loaded,
+               progress=lambda stage, fraction, message="": said.append(message))
+    named = [m.split("best so far removes ")[1] for m in said if "best so far removes" in m]
+    assert named, said
+    best = min((c for c in v.candidates if c.complete and len(c.removed) == 2), key=lambda c: c.nll)
+    assert best.removed == v.removed
+    assert named[-1].startswith(", ".join(map(str, v.removed)) + f" (NLL {v.nll:.4f})")

@@ -33,6 +33,18 @@ tests/test_race.py measures how often the race drops the set the full evaluation
 synthetic scorers with known means and noise, and holds it below `alpha`. A set whose partial NLL
 is not finite is dropped at once (a broken pass never wins, as in the unraced search).
 
+Order (`RaceRule.order`). A set is raced against the best complete set so far, so a set that beats a
+weak incumbent is scored to the end, and so is every set within noise of one. Scored one by one in
+the search's order ("sequence"), a stage whose best set comes late completes every improvement on
+the way to it. The verified search scores stages whose sets are all known at once (the candidates,
+an exchange's put-back sets, its trials), so with "field" (the default) every set of a stage first
+runs its first look (work it is charged anyway: every raced set is scored at least that far), and
+the sets are then raced best-looking first (`Race.field_order`: the lowest mean NLL on those common
+samples): the set completed first is the stage's likely best, and the others race against it. The
+rule of each comparison is unchanged; which sets complete, and so the units, change. Swap moves
+(first improvement) stay one by one. A set's decision still depends only on its per-sample NLLs and
+its incumbent's, so a warm cache changes the work, never a decision or a charge.
+
 Memory of what was spent: the groups a set has been scored on are kept (`RaceStore`, per set:
 summed NLL and tokens per sample), so a later need (another incumbent, the same set at another
 n, the app's slider) continues from them instead of starting over. A set scored on every group goes

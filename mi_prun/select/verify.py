@@ -29,7 +29,9 @@ at its first removed block, and `NLLCache`). Each such pass counts as one forwar
 Racing (`SelectConfig.verify_race`, `mi_prun.select.race`): with a scorer that scores groups of
 samples (`scoring.RowScorer`), every set is raced against the best complete set so far (an
 exchange's put-back sets against the best put-back set of that exchange) and dropped once it is
-clearly worse; only complete sets can win or reach the confirmation. "units" spends a budget of
+clearly worse; only complete sets can win or reach the confirmation. A stage's sets (the
+candidates, an exchange's put-back sets, its trials) race as a field: first looks first, then the
+best-looking first (`race.RaceRule.order`). "units" spends a budget of
 token-block units (the auto passes x the mean units of a full pass of the candidates), "sets" (the default) the
 budget in sets as unraced, "off" is the unraced search exactly. `verification["race"]` records the
 rule, the units charged and run, what the same sets would cost unraced and the sets dropped.
@@ -112,10 +114,14 @@ def verified_search(problem: Problem, cands: list[Candidate],
     With a `race` (`mi_prun.select.race`), sets are scored by `race.score(removed, against)` instead
     of `nll`: a set of n blocks is raced against the best complete set so far, an exchange's
     put-back set against the best complete put-back set of that exchange, and only complete sets
-    can become the best. Then `unit_budget`, when given, replaces `budget`: the search stops when
-    the token-block units charged (as from a cold cache, so the answer still never depends on a
-    cache) reach it; a set once started is raced to its end, so the charge may pass the budget by
-    at most one set's units. Without a race the search is exactly the unraced one.
+    can become the best. With the race's order "field" a stage's sets within the budget (the same
+    sets the one-by-one search would reach, in sets) all run their first look, then race
+    best-looking first (`score_stage`). Then `unit_budget`, when given, replaces `budget`: the
+    search stops when the token-block units charged (as from a cold cache, so the answer still never
+    depends on a cache) reach it; a stage admits its sets while their first looks fit in what is
+    left, and a set once started is raced to its end, so the charge may pass the budget by the rest
+    of one stage's admitted sets (one set's units with the order "sequence"). Without a race the
+    search is exactly the unraced one.
 
     `stop_early` (the default) ends the search when what is left of the budget cannot reach a set
     of n: an exchange scores its smaller put-back sets (never the answer) before any set of n, so
@@ -142,15 +148,17 @@ def verified_search(problem: Problem, cands: list[Candidate],
     def report(row: ScoredSet) -> None:
         if progress is None or row.cached:
             return
+        best = state["best"]
+        what = (f"NLL {row.nll:.4f}" + ("" if row.complete else f" (dropped after {row.samples} samples)")
+                + ("" if best is None else f"; best so far removes {', '.join(map(str, best.removed))} "
+                   f"(NLL {best.nll:.4f})"))  # a verified answer to show while the search goes on
         if unit_budget is not None and race is not None:
             progress("verify", min(1.0, race.units / unit_budget), f"set {len(seen)}, "
                      f"{max(0, unit_budget - race.units):,} of {unit_budget:,} token-block units left in the budget: "
-                     f"NLL {row.nll:.4f}"
-                     + ("" if row.complete else f" (dropped after {row.samples} samples)"))
+                     + what)
         else:
             progress("verify", min(1.0, len(seen) / budget), f"set {len(seen)} of at most {budget} "
-                     f"({budget - len(seen)} left in the budget): NLL {row.nll:.4f}"
-                     + ("" if row.complete else f" (dropped after {row.samples} samples)"))
+                     f"({budget - len(seen)} left in the budget): " + what)
 
     def score(cand: Candidate, stage: str, against: tuple[int, ...] | None = None,
               admitted: bool = False) -> ScoredSet | None:
