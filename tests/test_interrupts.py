@@ -23,6 +23,13 @@ def _importing_torch(pid: int) -> bool:
         return False
 
 
+def _as_at_a_terminal() -> None:
+    """Ctrl-C's default action in the child, as for a command typed at a terminal: a suite started as a
+    background job of a non-interactive shell hands its children SIGINT ignored, and the CLI would never
+    see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the import start")
 # 0.3 s: an interrupt inside code a C extension runs left CPython's "unhandled KeyboardInterrupt" flag set
 # (the process ended with SIGINT, status -2, after printing "interrupted"); 4 s: transformers' lazy import
@@ -31,7 +38,8 @@ def _importing_torch(pid: int) -> bool:
 def test_ctrl_c_while_importing_prints_interrupted(tmp_path, when):
     proc = subprocess.Popen([sys.executable, "-m", "mi_prun.cli", "--quiet", "analyze", "--model", "tiny-llama",
                              "--samples", "8", "--tokens", "48", "--out", str(tmp_path / "a")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_at_a_terminal)
     if when == "importing torch":  # the moment torch's library is mapped: its import has begun
         deadline = time.monotonic() + 60
         while not _importing_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
