@@ -533,6 +533,23 @@ def test_progress_names_the_best_set_so_far_while_the_search_goes_on(tiny):
                progress=lambda stage, fraction, message="": said.append(message))
     named = [m.split("best so far removes ")[1] for m in said if "best so far removes" in m]
     assert named, said
+    assert any("candidate: first look of set 1 of" in m for m in said)  # the field's first looks report too
     best = min((c for c in v.candidates if c.complete and len(c.removed) == 2), key=lambda c: c.nll)
     assert best.removed == v.removed
     assert named[-1].startswith(", ".join(map(str, v.removed)) + f" (NLL {v.nll:.4f})")
+
+
+def test_a_cancel_during_the_first_looks_stops_the_search(tiny):
+    """The field's first looks run several sets before any is scored to the end: the progress callback
+    is called after each, so a cancel (the app's button raises from it) stops the search there."""
+    loaded, analysis = tiny
+
+    class Stop(Exception):
+        pass
+
+    def progress(stage, fraction, message=""):
+        if "first look of set 2" in message:
+            raise Stop
+
+    with pytest.raises(Stop):
+        select(analysis, config=CFG.replace(n=2), model=loaded, progress=progress)

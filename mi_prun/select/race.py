@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -307,17 +307,18 @@ class Race:
         return int(after - before) if isinstance(before, int) and isinstance(after, int) \
             else int(self.scorer.units(key, [g]))
 
-    def field_order(self, sets: Sequence[Iterable[int]]) -> list[int]:
+    def field_order(self, sets: Sequence[Iterable[int]], each: Callable[[int], None] | None = None) -> list[int]:
         """The order to race a field of sets in ("field", module docstring): every set's first look is
         run (the groups no cache holds), then the indices of `sets` from the lowest mean NLL over the
         first look's samples (the same samples for every set, so the means rank them; a broken pass
         last, ties in the order given). The work is reported by each set's `score`, which replays
-        the groups run here; charges and decisions are `score`'s alone."""
-        means = self.first_look(sets)
+        the groups run here; charges and decisions are `score`'s alone. `each(k)` is called after the k-th
+        set's first look (the search's progress, and a cancel)."""
+        means = self.first_look(sets, each)
         return [i for _, _, i in sorted((math.isnan(m), m if not math.isnan(m) else 0.0, i)
                                         for i, m in enumerate(means))]
 
-    def first_look(self, sets: Sequence[Iterable[int]]) -> list[float]:
+    def first_look(self, sets: Sequence[Iterable[int]], each: Callable[[int], None] | None = None) -> list[float]:
         """Each set's mean NLL over the first look's samples (NaN for a broken pass), running the
         groups no cache holds (`field_order`)."""
         upto = self._first_groups()
@@ -329,8 +330,7 @@ class Race:
             if mean is not None and per is not None and len(per) == self.n_samples:
                 vals = [per[i] for i in samples]
             elif mean is not None:  # complete without per-sample NLLs: its mean is all there is
-                out.append(float(mean))
-                continue
+                vals = [float(mean)]
             else:
                 part = self.store.setdefault(key, Partial())
                 self._prefetched[key] = self._prefetched.get(key, 0) + sum(
@@ -339,6 +339,8 @@ class Race:
                 counts = np.concatenate([part.counts[g] for g in range(upto)])
                 vals = [s / c if c else math.nan for s, c in zip(sums.tolist(), counts.tolist())]
             out.append(float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.nan)
+            if each is not None:
+                each(len(out) - 1)
         return out
 
     def score(self, removed: Iterable[int], against: Sequence[int] | None = None) -> Outcome:

@@ -230,7 +230,15 @@ def verified_search(problem: Problem, cands: list[Candidate],
         fresh = [i for i in idx if cands[i].removed not in seen
                  and all(cands[j].removed != cands[i].removed for j in idx if j < i)]  # each new set once
         done = [seen[cands[i].removed] for i in idx if cands[i].removed in seen]
-        order = race.field_order([cands[i].removed for i in fresh]) if len(fresh) > 1 else range(len(fresh))
+        def looked(k: int) -> None:  # progress (and the app's cancel) while the first looks run
+            if progress is not None:
+                done = min(1.0, (race.units / unit_budget) if unit_budget is not None
+                           else (len(seen) + 0.25 * (k + 1)) / budget)  # a first look: a quarter of the samples
+                progress("verify", done, f"{stage}: first look of set {k + 1} of {len(fresh)} ({len(seen)} sets "
+                                         "scored so far)")
+
+        order = race.field_order([cands[i].removed for i in fresh], looked) if len(fresh) > 1 \
+            else range(len(fresh))
         for i in (fresh[k] for k in order):
             row = score(cands[i], stage, ref(done), admitted=True)
             assert row is not None
