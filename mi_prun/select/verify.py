@@ -230,11 +230,12 @@ def verified_search(problem: Problem, cands: list[Candidate],
         fresh = [i for i in idx if cands[i].removed not in seen
                  and all(cands[j].removed != cands[i].removed for j in idx if j < i)]  # each new set once
         done = [seen[cands[i].removed] for i in idx if cands[i].removed in seen]
+
         def looked(k: int) -> None:  # progress (and the app's cancel) while the first looks run
             if progress is not None:
-                done = min(1.0, (race.units / unit_budget) if unit_budget is not None
+                frac = min(1.0, (race.units / unit_budget) if unit_budget is not None
                            else (len(seen) + 0.25 * (k + 1)) / budget)  # a first look: a quarter of the samples
-                progress("verify", done, f"{stage}: first look of set {k + 1} of {len(fresh)} ({len(seen)} sets "
+                progress("verify", frac, f"{stage}: first look of set {k + 1} of {len(fresh)} ({len(seen)} sets "
                                          "scored so far)")
 
         order = race.field_order([cands[i].removed for i in fresh], looked) if len(fresh) > 1 \
@@ -468,5 +469,5 @@ def stop_note(verification: dict[str, Any] | None) -> str | None:
             "may find a better set.")
 
 
-__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "one_pass_estimate", "SearchOutcome", "resolve_tokens", "stop_note", "tokens_key",
-           "verified_search", "verified_select"]  # the scorer's names stay importable from here
+__all__ = ["NLLCache", "PASS_NOTE", "PrefixScorer", "SearchOutcome", "one_pass_estimate", "resolve_tokens", "stop_note",
+           "tokens_key", "verified_search", "verified_select"]  # the scorer's names stay importable from here
