@@ -44,8 +44,9 @@ samples): the set completed first is the stage's likely best, and the others rac
 rule of each comparison is unchanged; which sets complete, and so the units, change: the same sets
 as one by one on 8 rows of smollm2-135m and Gemma 3 270M for 0.85-1.00 of the units, on
 Qwen2.5-Coder-1.5B (n = 4, 7) for 0.81 and 0.80 (benchmarks/race_looks.py --orders, race_bench.py;
-RESULTS "The race's order"). Swap moves (first improvement) stay one by one. A set's decision still depends only on its per-sample NLLs and
-its incumbent's, so a warm cache changes the work, never a decision or a charge.
+RESULTS "The race's order"). Swap moves (first improvement) stay one by one. A set's decision still
+depends only on its per-sample NLLs and its incumbent's, so a warm cache changes the work, never a
+decision or a charge.
 
 Memory of what was spent: the groups a set has been scored on are kept (`RaceStore`, per set:
 summed NLL and tokens per sample), so a later need (another incumbent, the same set at another
@@ -358,7 +359,7 @@ class Race:
         looks = set(self.rule.looks(self.groups))
         per: list[float] = []  # per-sample mean NLL, samples in group order
         seen: list[int] = []
-        charged, new = 0, self._prefetched.pop(key, 0)  # the first look run ahead (`prefetch`) is this set's work
+        charged, new = 0, self._prefetched.pop(key, 0)  # the first look run ahead (`first_look`) is this set's work
         self.full_units += self.full_cost(key)
         for g, members in enumerate(self.groups):
             if whole and known_per is None:  # a complete score without per-sample NLLs: nothing to replay
