@@ -189,13 +189,16 @@ def verified_search(problem: Problem, cands: list[Candidate],
         log.debug("verify %s %s: NLL %.4f%s", stage, list(cand.removed), row.nll, " (cached)" if row.cached else "")
         return row
 
-    def incumbent(done: list[ScoredSet] | None = None) -> tuple[int, ...] | None:
+    def incumbent() -> tuple[int, ...] | None:
         return state["best"].removed if state["best"] is not None else None
 
-    def admit(cands: list[Candidate]) -> list[int]:
+    def admit(cands: list[Candidate]) -> tuple[list[int], list[int]]:
         """The stage's sets that the budget reaches, as the one-by-one search would score them (indices;
-        sets scored before are free); in units, sets while the first looks of those admitted fit."""
-        keep, new, charge = [], set(), 0
+        sets scored before are free), and among them the first index of each set not scored before;
+        in units, sets while the first looks of those admitted fit."""
+        keep: list[int] = []
+        fresh: list[int] = []
+        new, charge = set(), 0
         for i, cand in enumerate(cands):
             if cand.removed not in seen and cand.removed not in new:
                 if (race.units + charge >= unit_budget if unit_budget is not None and race is not None
@@ -203,10 +206,11 @@ def verified_search(problem: Problem, cands: list[Candidate],
                     state["ran_out"] = True
                     break
                 new.add(cand.removed)
+                fresh.append(i)
                 if unit_budget is not None and race is not None:
                     charge += race.first_look_cost(cand.removed)
             keep.append(i)
-        return keep
+        return keep, fresh
 
     def score_stage(cands: list[Candidate], stage: str,
                     ref: Callable[[list[ScoredSet]], tuple[int, ...] | None]) -> list[ScoredSet | None]:
@@ -226,9 +230,7 @@ def verified_search(problem: Problem, cands: list[Candidate],
                 rows[i] = row
                 done.append(row)
             return rows
-        idx = admit(cands)
-        fresh = [i for i in idx if cands[i].removed not in seen
-                 and all(cands[j].removed != cands[i].removed for j in idx if j < i)]  # each new set once
+        idx, fresh = admit(cands)
         done = [seen[cands[i].removed] for i in idx if cands[i].removed in seen]
 
         def looked(k: int) -> None:  # progress (and the app's cancel) while the first looks run
@@ -306,7 +308,7 @@ def verified_search(problem: Problem, cands: list[Candidate],
         base = [x for x in cur if x != returned]
         order = exchange_order(base, returned, problem, added)
         trials = score_stage([make(base + [k], f"exchange:{before.proposers[0]}") for k in order], "exchange",
-                             incumbent)
+                             lambda done: incumbent())
         for k, row in zip(order, trials):
             if row is None:
                 break
@@ -316,7 +318,7 @@ def verified_search(problem: Problem, cands: list[Candidate],
 
     if progress is not None:
         progress("verify", 0.0, "0 sets scored" if unit_budget is not None else f"0 of at most {budget} sets scored")
-    score_stage(list(cands), "candidate", incumbent)
+    score_stage(list(cands), "candidate", lambda done: incumbent())
     if state["best"] is None:
         raise MiPrunError("the verified search scored no set of the right size. Fix: give a budget of at least 1.")
     while problem.n < len(problem.allowed):
