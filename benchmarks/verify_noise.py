@@ -64,7 +64,7 @@ def one_n(loaded, analysis, n: int, eval_cfg: EvalConfig, ppl: dict) -> dict:
     draw_b = fresh_tokens(cfg, analysis, loaded.tokenizer, a.ids)
     cache_b = cache.fresh if cache.fresh is not None else NLLCache()  # the confirmation's draw B, as scored
     cache_b.bind(loaded.model, tokens_key(draw_b, None))
-    b = PrefixScorer(loaded.model, draw_b, None, 8, problem.allowed, cache_b, use_prefix=False)
+    b = PrefixScorer(loaded.model, draw_b, None, 8, problem.allowed, cache_b, dense=False)
     scored = {r.removed for r in plain.candidates}
     info: dict = {}
     for label, removed in sets.items():

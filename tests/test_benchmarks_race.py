@@ -83,3 +83,16 @@ def test_race_bench_without_a_selection_prints_no_empty_table(tmp_path):
     assert result["rows"] == [] and result["eval"]["dense_ppl"] > 1.0
     md = (tmp_path / "bare.md").read_text()
     assert "No verified selection was run" in md and "| n | variant |" not in md
+
+
+def test_confirm_cost_quick_mode_scores_draw_b_both_ways_for_the_same_numbers(tmp_path):
+    result = quick("confirm_cost.py", tmp_path, "confirm-cost-tiny-llama-quick")
+    rescored = [r for r in result["rows"] if r["rescored"]]
+    assert [r["n"] for r in result["rows"]] == [1, 2] and rescored
+    for r in rescored:
+        # the script itself fails when the two ways' NLLs differ or are not the search's
+        assert len(r["nll_b"]) == len(r["rescored"])
+        # before: a dense pass through every block and the head, then each finalist from the embeddings
+        assert r["before"]["dense_units"] == 8 * 32 * (result["n_blocks"] + 1)
+        assert r["after"]["dense_units"] < r["before"]["dense_units"]
+        assert r["after"]["set_units"] <= r["before"]["set_units"] and r["units_after_over_before"] < 1

@@ -144,3 +144,28 @@ def test_too_little_text_for_a_fresh_draw_leaves_the_answer_unconfirmed(tiny, tm
     sel = select(analysis, cfg, model=loaded)
     assert sel.verification["confirm"]["note"].startswith("not confirmed: the verification text holds")
     assert sel.removed == select(analysis, cfg.replace(verify_confirm=0), model=loaded).removed
+
+
+def test_draw_b_runs_its_dense_blocks_only_as_deep_as_the_finalists_need(tiny, monkeypatch):
+    from mi_prun.select.scorer import PrefixScorer, tokens_key
+
+    loaded, analysis = tiny
+    monkeypatch.setattr(SelectConfig, "CONFIRM_Z", math.inf)  # every runner-up within noise: all re-scored
+    cfg = SelectConfig(n=2, verify_seq_len=48, verify_samples=4, verify_confirm=3, verify_race="off")
+    cache = NLLCache()
+    sel = select(analysis, cfg, model=loaded, cache=cache)
+    rec = sel.verification["confirm"]
+    again = [tuple(f["removed"]) for f in rec["finalists"] if f["nll_b"] is not None]
+    assert len(again) == 3 and rec["passes"] == 3
+    pre = cache.fresh.prefix
+    assert pre["dense_nll"] is None  # no dense pass to the end, no head on the dense states
+    firsts = [min(r) for r in again if min(r) in pre["prefix"].want]
+    assert pre["prefix"].reached[0] == max(firsts, default=0)
+    # each finalist's NLL on draw B is that of a pass from the embeddings, exactly
+    a, _, _ = resolve_tokens(None, loaded.tokenizer, analysis, cfg)
+    b = fresh_tokens(cfg, analysis, loaded.tokenizer, a)
+    plain = NLLCache()
+    plain.bind(loaded.model, tokens_key(b, None))
+    scorer = PrefixScorer(loaded.model, b, None, 8, range(1, analysis.n_blocks), plain, use_prefix=False)
+    for f in rec["finalists"]:
+        assert f["nll_b"] == scorer.nll(tuple(f["removed"]), use_prefix=False)

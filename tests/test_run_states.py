@@ -77,7 +77,7 @@ def test_the_raced_search_is_unchanged_by_the_kept_states_and_runs_less(tiny, mo
     with_runs = select(analysis, config=cfg, model=loaded, cache=NLLCache())
 
     real = BlockRunner.prefix
-    monkeypatch.setattr(BlockRunner, "prefix", lambda self, starts, keep_runs=True: real(self, starts, False))
+    monkeypatch.setattr(BlockRunner, "prefix", lambda self, starts, keep_runs=True, dense=True: real(self, starts, False, dense))
     without = select(analysis, config=cfg, model=loaded, cache=NLLCache())
     assert with_runs.removed == without.removed and with_runs.nll == without.nll
     assert [(c.removed, c.nll, c.complete, c.samples, c.units) for c in with_runs.candidates] == \
@@ -85,3 +85,26 @@ def test_the_raced_search_is_unchanged_by_the_kept_states_and_runs_less(tiny, mo
     r1, r2 = with_runs.verification["race"], without.verification["race"]
     assert r1["units"] == r2["units"]  # the charge is the cold cache's either way
     assert r2["new_units"] == r2["units"] and r1["new_units"] < r1["units"]  # the work is not
+
+
+def test_a_lazy_prefix_runs_the_dense_blocks_only_as_deep_as_the_sets_need_and_changes_no_number(tiny):
+    # the confirmation's draw B: a few finalists, no dense NLL wanted
+    loaded, ids = tiny
+    runner = BlockRunner(loaded.model, ids, batch_size=2)
+    full = runner.prefix(range(1, runner.n_blocks), keep_runs=False)
+    lazy = runner.prefix(range(1, runner.n_blocks), keep_runs=False, dense=False)
+    assert lazy.dense_rows is None and lazy.states == {} and lazy.reached[0] == 0
+    calls = []
+    real = runner._call
+    runner._call = lambda b, *a, **k: (calls.append(b), real(b, *a, **k))[1]
+    # (set, the dense blocks it makes the prefix run over all 3 batches, the deepest dense state after)
+    for s, dense, deepest in [((2, 3), [0, 1], 2), ((1, 4), [], 2), ((3, 5), [2], 3), ((0, 2), [], 3)]:
+        calls.clear()
+        got = runner.rows_without(s, lazy, [1, 0])
+        own = [b for b in range(min(s), runner.n_blocks) if b not in s]
+        assert calls == [b for b in dense for _ in range(3)] + [b for b in own for _ in range(2)]
+        want = runner.rows_without(s, full, [1, 0])
+        h0 = runner.rows_without(s, None, [1, 0])
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(got, want, h0))
+        assert lazy.reached[0] == deepest and set(lazy.states) == set(range(1, deepest + 1))
+    assert runner.units((3, 5), lazy) == runner.units((3, 5), full)  # charged from the first removed block

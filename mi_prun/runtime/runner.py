@@ -152,6 +152,10 @@ class PrefixStates:
     states: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     dense_rows: tuple[torch.Tensor, torch.Tensor] | None = None
     runs: RunStates = field(default_factory=RunStates)
+    want: set[int] = field(default_factory=set)  # the blocks whose states it keeps (or will, when lazy)
+    # a lazy prefix (`BlockRunner.prefix(dense=False)`): the dense pass so far, (block, its input per
+    # batch); `rows_without` runs it on to the first removed block a set needs, never further
+    reached: tuple[int, list[torch.Tensor]] | None = None
 
 
 class BlockRunner:
@@ -380,19 +384,38 @@ class BlockRunner:
         return float(sums.sum()), int(counts.sum())
 
     # -- the prefix cache
-    def prefix(self, starts: Iterable[int], keep_runs: bool = True) -> PrefixStates:
+    def prefix(self, starts: Iterable[int], keep_runs: bool = True, dense: bool = True) -> PrefixStates:
         """One dense pass over every batch keeping h_b for each b in `starts` (and the dense NLL);
-        with `keep_runs`, `rows_without` keeps its own runs' states too (`RunStates`)."""
+        with `keep_runs`, `rows_without` keeps its own runs' states too (`RunStates`). With `dense`
+        False the prefix is lazy: no block runs here and no dense NLL is computed; `rows_without`
+        runs the dense blocks on demand, only as deep as the first removed block of a set it scores
+        (the confirmation's draw B needs the states at its few finalists' first blocks, not a whole
+        dense pass and its head)."""
         want = {int(b) for b in starts if 1 <= int(b) < self.n_blocks}
-        pre = PrefixStates()
-        hidden = self.h0
-        for b, hidden in self.run_blocks(self.h0):
-            if b + 1 in want:
-                pre.states[b + 1] = hidden
-        pre.dense_rows = self.nll_rows(hidden)
+        pre = PrefixStates(want=want)
+        if dense:
+            hidden = self.h0
+            for b, hidden in self.run_blocks(self.h0):
+                if b + 1 in want:
+                    pre.states[b + 1] = hidden
+            pre.dense_rows = self.nll_rows(hidden)
+            size = sum(h.numel() * h.element_size() for hs in pre.states.values() for h in hs)
+        else:
+            pre.reached = (0, list(self.h0))
+            size = len(want) * sum(h.numel() * h.element_size() for h in self.h0)
         if keep_runs:
-            pre.runs = RunStates(sum(h.numel() * h.element_size() for hs in pre.states.values() for h in hs))
+            pre.runs = RunStates(size)
         return pre
+
+    def _reach(self, prefix: PrefixStates, block: int) -> None:
+        """Run a lazy prefix's dense pass on to `block` (keeping the states it wants on the way)."""
+        if prefix.reached is None or block <= prefix.reached[0]:
+            return
+        at, hidden = prefix.reached
+        for b, hidden in self.run_blocks(hidden, at, block):
+            if b + 1 in prefix.want:
+                prefix.states[b + 1] = hidden
+        prefix.reached = (block, hidden)
 
     def rows_without(self, removed: Iterable[int], prefix: PrefixStates | None = None,
                      batches: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,6 +426,8 @@ class BlockRunner:
         rem = sorted({int(b) for b in removed})
         which = self._which(batches)
         first = rem[0] if rem else self.n_blocks
+        if prefix is not None and first in prefix.want:
+            self._reach(prefix, first)
         if prefix is None or first not in prefix.states:
             finals = self.last([self.h0[k] for k in which], 0, skip=rem, batches=which)
             self._count(which, 0, rem)
@@ -439,7 +464,7 @@ class BlockRunner:
         states happen to be kept; `work` counts what really ran."""
         rem = sorted({int(b) for b in removed})
         first = rem[0] if rem else self.n_blocks
-        start = first if prefix is not None and first in prefix.states else 0
+        start = first if prefix is not None and (first in prefix.states or first in prefix.want) else 0
         return self._units(self._which(batches), start, rem)
 
 

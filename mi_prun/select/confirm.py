@@ -18,8 +18,9 @@ the next `verify_samples` x `verify_seq_len` samples of the same text (disjoint 
 the capture), and the set of lowest NLL over A and B together wins (equal weights: the two draws
 have the same size). So the tokens are doubled exactly where the search cannot tell its best
 sets apart, on any model and text, and a finalist that only A flattered loses its advantage.
-Cost: one full pass on B per set re-scored (no prefix cache: at most k sets), beyond the search's
-budget, reported in `verification["confirm"]`.
+Cost: one pass on B per set re-scored (at most k sets), beyond the search's budget, reported in
+`verification["confirm"]`. Draw B's dense blocks run once, as deep as the finalists' first removed
+blocks (a lazy prefix: `BlockRunner.prefix(dense=False)`), and each finalist runs from there.
 
 `fresh_tokens` draws B; `confirm` is the decision, a pure function over any scorer
 `score_b(removed) -> (nll, cached)` and the per-sample NLLs on A (`samples_a`).

@@ -93,9 +93,10 @@ class PrefixScorer:
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  batch_size: int, starts: Iterable[int], cache: NLLCache, use_prefix: bool = True,
-                 progress: Any = None, provenance: dict[str, Any] | None = None) -> None:
+                 progress: Any = None, provenance: dict[str, Any] | None = None, dense: bool = True) -> None:
         self.model, self.ids, self.mask = model, input_ids, attention_mask
         self.use_prefix = bool(use_prefix)
+        self.dense_pass = bool(dense)  # False: a lazy prefix (run as deep as the sets scored need), no dense NLL
         self.progress = progress  # the caller's progress callback, for the search that uses it
         self.provenance = dict(provenance or {})  # where the tokens came from
         self.batch_size = as_int(batch_size, "batch_size")
@@ -106,14 +107,17 @@ class PrefixScorer:
 
     def _states(self) -> dict[str, Any]:
         pre = self.cache.prefix
-        if pre is not None and pre["batch_size"] == self.batch_size and set(self.starts) <= set(pre["prefix"].states):
+        if pre is not None and pre["batch_size"] == self.batch_size and set(self.starts) <= pre["prefix"].want \
+                and (pre["dense_nll"] is not None or not self.dense_pass):
             return pre
         runner = BlockRunner(self.model, self.ids, self.mask, batch_size=self.batch_size)
-        prefix = runner.prefix(self.starts)
-        sums, counts = prefix.dense_rows
-        self.dense_passes += 1
-        self.cache.prefix = {"prefix": prefix, "runner": runner, "batch_size": self.batch_size,
-                             "dense_nll": float(sums.sum()) / max(int(counts.sum()), 1)}
+        prefix = runner.prefix(self.starts, dense=self.dense_pass)
+        dense_nll = None
+        if prefix.dense_rows is not None:
+            sums, counts = prefix.dense_rows
+            self.dense_passes += 1
+            dense_nll = float(sums.sum()) / max(int(counts.sum()), 1)
+        self.cache.prefix = {"prefix": prefix, "runner": runner, "batch_size": self.batch_size, "dense_nll": dense_nll}
         return self.cache.prefix
 
     @property
@@ -123,7 +127,11 @@ class PrefixScorer:
 
     def dense(self) -> float:
         """The dense model's mean NLL on the tokens (fills the prefix cache on first use)."""
-        return float(self._states()["dense_nll"])
+        pre = self._states()
+        if pre["dense_nll"] is None:
+            raise MiPrunError("this scorer runs no dense pass (dense=False), so it has no dense NLL. "
+                              "Fix: a PrefixScorer with dense=True.")
+        return float(pre["dense_nll"])
 
     def rows(self, removed: Iterable[int], groups: Iterable[int] | None = None,
              use_prefix: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -395,8 +395,11 @@ def verified_select(model: Any, analysis: Any, config: SelectConfig | None = Non
                     if cache.fresh is None:
                         cache.fresh = NLLCache()
                     cache.fresh.bind(scorer.model, tokens_key(ids_b, None))
+                    # a lazy prefix: draw B's dense blocks run once, only as deep as the finalists' first
+                    # removed blocks (no dense pass to the end, no dense NLL), and finalists that remove the
+                    # same blocks so far share their runs
                     fresh["b"] = PrefixScorer(scorer.model, ids_b, None, batch_size, problem.allowed, cache.fresh,
-                                              use_prefix=False)
+                                              dense=False)
                 return fresh["b"].score(removed)
 
             try:  # a set the race dropped is many standard errors behind: never a finalist
