@@ -15,7 +15,10 @@ changes the work a race does, never its decisions or its charge (tests/test_race
 are replayed from the first group, so each raced row is what a cold run would choose and be charged,
 in seconds instead of minutes (sets no earlier row scored are run for real). Per row: the set
 chosen, whether it is the unraced set, the sets scored and dropped, at which looks the drops fell,
-the token-block units charged and their ratio to the unraced search's.
+the token-block units charged and their ratio to the unraced search's; and, per schedule and group
+size, what a race with that rule could spend at best on the same sets (`best_cases`): the oracle
+(every set raced against the final winner from the start) and the floor (every set but the winner
+charged its first look only), as ratios to the unraced search's units.
 
 What it does not give: wall times of the raced rows (their work came from the cache; race_bench.py
 times the shipped default from a cold cache) or test perplexity (the same set as the unraced search
@@ -45,6 +48,8 @@ from mi_prun.pipeline import analyze  # noqa: E402
 from mi_prun.runtime import load_model  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.race import RaceRule  # noqa: E402
+from mi_prun.select.registry import make_problem  # noqa: E402
+from mi_prun.select.scorer import model_scorer  # noqa: E402
 from race_bench import common_parser, drops_at, peak_rss_mb, run_and_write, unraced_units  # noqa: E402
 
 log = logging.getLogger("race_looks")
@@ -94,6 +99,41 @@ def raced(analysis: Any, loaded: Any, cache: NLLCache, n: int, group: int, sched
         SelectConfig.RACE_LOOKS, SelectConfig.RACE_ORDER = shipped
 
 
+def best_cases(analysis: Any, loaded: Any, cache: NLLCache, off: Any, group: int, schedule: str,
+               select_kw: dict[str, Any]) -> dict[str, int]:
+    """What a race with this rule (groups, looks, alpha) could spend at best on the unraced search's
+    sets, from their per-sample NLLs in `cache`:
+    - "oracle": every set raced against the final winner from the start (the incumbent it trails
+      most, which a real search knows only at its end), charged up to the first look that drops it,
+      or in full; the winner in full;
+    - "floor": every set but the winner charged its first look only (no race with this first look
+      spends less on these sets, whatever its order or incumbents)."""
+    cfg = SelectConfig(n=len(off.removed), **select_kw)
+    problem = make_problem(analysis, cfg)
+    scorer = model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks, starts=problem.allowed,
+                          batch_size=group, cache=cache)
+    rule = RaceRule(cfg.verify_race_alpha, SelectConfig.RACE_MIN_SAMPLES, schedule)
+    groups = scorer.groups
+    looks = rule.looks(groups)
+    winner = tuple(off.removed)
+    best = cache.sample_nll(winner)
+    oracle = floor = 0
+    for key in dict.fromkeys(tuple(r.removed) for r in off.candidates):
+        per, cost = cache.sample_nll(key), [int(scorer.units(key, [g])) for g in range(len(groups))]
+        spent, m, dropped = 0, 0, False
+        for g, members in enumerate(groups):
+            spent, m = spent + cost[g], m + len(members)
+            if key != winner and m in looks and rule.drops([per[i] - best[i] for gg in groups[:g + 1] for i in gg],
+                                                           len(looks)):
+                dropped = True
+                break
+        oracle += spent if dropped else sum(cost)
+        first = looks[0] if looks else cfg.verify_samples
+        upto = next((g + 1 for g in range(len(groups)) if sum(map(len, groups[:g + 1])) >= first), len(groups))
+        floor += sum(cost) if key == winner else sum(cost[:upto])
+    return {"oracle": oracle, "floor": floor}
+
+
 def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +164,10 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                      "looks": [], "units": off_units, "units_over_off": 1.0, "seconds": round(seconds, 2)})
         log.info("n=%d off %s %.1fs", n, off.removed, seconds)
         for group in args.group_list:
+            bests = {s: best_cases(analysis, loaded, cache, off, group, s, args.select) for s in args.schedule_list}
             for schedule, order in ((s, o) for s in args.schedule_list for o in args.order_list):
+                at_best = {f"{k}_over_off": round(v / off_units, 3) if off_units else None
+                           for k, v in bests[schedule].items()}
                 sel = raced(analysis, loaded, cache, n, group, schedule, order, args.select)
                 race = sel.verification.get("race") or {}
                 units = race.get("units")
@@ -135,7 +178,7 @@ def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
                              "drops_at": drops_at(sel), "looks": race.get("looks"),
                              "units": units, "units_over_off": (round(units / off_units, 3)
                                                                if units is not None and off_units else None),
-                             "new_units": race.get("new_units")})
+                             "new_units": race.get("new_units"), **at_best})
                 log.info("n=%d %s: %s", n, rows[-1]["variant"], rows[-1]["units_over_off"])
         if save is not None:
             save(result)
@@ -147,15 +190,19 @@ def markdown(result: dict[str, Any]) -> str:
     out = [f"Model `{result['model'].get('spec')}` ({result['n_blocks']} blocks), calibration `{result['calib']}`; "
            f"analysis {result['analysis_seconds']} s. Per n: the unraced search (off) from a cold cache, then the "
            "raced search (sets) per look schedule and order replayed on its NLLs (decisions and charges as from a cold cache).",
+           "Oracle: the same sets each raced against the final winner from the start; floor: every set but the "
+           "winner charged its first look only (`best_cases`).",
            "", "| n | variant | removed | same as off | sets scored | dropped | drops at (samples: sets) | looks | units "
-           "| units / off |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| units / off | oracle / off | floor / off |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         drops = ", ".join(f"{k}: {v}" for k, v in r["drops_at"].items()) or "-"
         units = "-" if r["units"] is None else format(r["units"], ",")
         ratio = "-" if r["units_over_off"] is None else f"{r['units_over_off']:.3f}"
         out.append(f"| {r['n']} | {r['variant']} | {' '.join(map(str, r['removed']))} | "
                    f"{'yes' if r['same_as_off'] else 'no'} | {r['sets_scored']} | {r['dropped']} | {drops} | "
-                   f"{', '.join(map(str, r['looks'])) or '-'} | {units} | {ratio} |")
+                   f"{', '.join(map(str, r['looks'])) or '-'} | {units} | {ratio} | "
+                   f"{r.get('oracle_over_off') if r.get('oracle_over_off') is not None else '-'} | "
+                   f"{r.get('floor_over_off') if r.get('floor_over_off') is not None else '-'} |")
     return "\n".join(out) + "\n"
 
 

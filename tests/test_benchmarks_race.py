@@ -66,6 +66,10 @@ def test_race_looks_quick_mode_replays_each_schedule_and_order_against_the_unrac
         # 16 samples in groups of 4: the doubling schedule looks at 4 and 8, every group's at 4, 8, 12
         assert r["looks"] == ([4, 8] if r["schedule"] == "doubling" else [4, 8, 12])
         assert 0 < r["units_over_off"] <= 1.0 and r["dropped"] == sum(r["drops_at"].values())
+        # the best cases on the same sets: the floor (first looks only) below the oracle, the oracle at most all
+        assert 0 < r["floor_over_off"] <= r["oracle_over_off"] <= 1.0
+        if r["same_as_off"] and r["sets_scored"] == rows[0 if r["n"] == 1 else 5]["sets_scored"]:
+            assert r["floor_over_off"] <= r["units_over_off"]
         assert set(r["drops_at"]) <= {str(m) for m in r["looks"]}
     md = (tmp_path / "race-looks-tiny-llama-quick.md").read_text()
     assert sum(line.startswith(("| 1 ", "| 2 ")) for line in md.splitlines()) == len(rows)
