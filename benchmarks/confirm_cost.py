@@ -32,34 +32,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
-from mi_prun.pipeline import analyze  # noqa: E402
-from mi_prun.runtime import load_model  # noqa: E402
+from mi_prun.config import SelectConfig  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.confirm import fresh_tokens  # noqa: E402
 from mi_prun.select.registry import make_problem  # noqa: E402
 from mi_prun.select.scorer import PrefixScorer, resolve_tokens, tokens_key  # noqa: E402
-from race_bench import common_parser, peak_rss_mb, run_and_write  # noqa: E402
+from race_bench import common_parser, finish_args, load_and_analyze, peak_rss_mb, run_and_write  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = common_parser(__doc__)
-    args = ap.parse_args(argv)
-    args.select, args.analysis = {}, {}
-    if args.quick:
-        args.model = args.model if args.model != "smollm2-135m" else "tiny-llama"
-        args.calib, args.ns = "builtin", "1,2"
-        args.analysis = {"n_samples": 8, "seq_len": 48}
-        args.select = {"verify_samples": 8, "verify_seq_len": 32}
-    try:
-        args.n_list = [int(x) for x in args.ns.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--ns takes whole numbers separated by commas; got {args.ns!r}")
-    if not args.n_list or any(n < 1 for n in args.n_list):
-        ap.error(f"--ns needs at least one number, each at least 1; got {args.ns!r}")
-    stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
-    args.name = args.name or f"confirm-cost-{stem}" + ("-quick" if args.quick else "")
-    return args
+    return finish_args(ap, ap.parse_args(argv), "confirm-cost", {"verify_samples": 8, "verify_seq_len": 32})
 
 
 def score_b(loaded: Any, ids_b: torch.Tensor, allowed: Any, sets: list[tuple[int, ...]], lazy: bool
@@ -80,19 +63,8 @@ def score_b(loaded: Any, ids_b: torch.Tensor, allowed: Any, sets: list[tuple[int
 
 
 def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    t0 = time.perf_counter()
-    analysis = analyze(loaded, AnalysisConfig(calib=args.calib, **args.analysis))
-    t_analysis = time.perf_counter() - t0
-    rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {
-        "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
-        "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
-        "select": args.select, "rows": rows, "torch_threads": torch.get_num_threads(),
-        "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/confirm_cost.py " + " ".join(sys.argv[1:]),
-    }
+    loaded, analysis, result = load_and_analyze(args, "confirm_cost.py")
+    rows: list[dict[str, Any]] = result["rows"]
     for n in args.n_list:
         if not 0 < n < loaded.n_blocks:
             continue

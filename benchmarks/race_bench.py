@@ -90,28 +90,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warm", default="", help="a verify_race value: after the cold rows, verify every n of --ns in "
                                                 "order on one shared NLL cache, as the app's 'Verify every n' does, "
                                                 "and time each n (empty: no sweep)")
-    args = ap.parse_args(argv)
-    args.select = {}
-    args.analysis = {}
+    args = finish_args(ap, ap.parse_args(argv), "race", {"verify_samples": 8, "verify_seq_len": 32}, empty_ns=True)
     if args.quick:
-        args.model = args.model if args.model != "smollm2-135m" else "tiny-llama"
-        args.calib, args.eval, args.ns = "builtin", "builtin", "1,2"
-        args.eval_seq_len, args.eval_windows = 64, 4
-        args.analysis = {"n_samples": 8, "seq_len": 48}
-        args.select = {"verify_samples": 8, "verify_seq_len": 32}
-    try:  # checked before the model loads: a typo must not cost a load and an analysis
-        args.n_list = [int(x) for x in args.ns.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--ns must be whole numbers separated by commas (e.g. 2,4,6) or empty, got {args.ns!r}")
-    if any(n < 1 for n in args.n_list):
-        ap.error(f"--ns: every n must be at least 1, got {args.ns!r}")
+        args.eval, args.eval_seq_len, args.eval_windows = "builtin", 64, 4
     modes = SelectConfig.RACE_MODES
     bad = [v for v in args.variants.split(",") + [args.warm] if v.strip() and v.strip() not in modes]
     if bad:
         ap.error(f"--variants / --warm take {', '.join(modes)}; got {', '.join(map(repr, bad))}")
-    stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
-    args.name = args.name or f"race-{stem}" + ("-quick" if args.quick else "")
     return args
+
+
+def finish_args(ap: argparse.ArgumentParser, args: argparse.Namespace, prefix: str, quick_select: dict[str, Any],
+                empty_ns: bool = False) -> argparse.Namespace:
+    """What every racing benchmark does with its parsed arguments: `--quick`'s settings (the tiny
+    random model, n = 1, 2, a small capture, the verification settings `quick_select`), `--ns` as
+    numbers in `args.n_list` (checked before the model loads: a typo must not cost a load and an
+    analysis; empty only with `empty_ns`), and the result's name, <prefix>-<model>[-quick]."""
+    args.select, args.analysis = {}, {}
+    if args.quick:
+        args.model = args.model if args.model != "smollm2-135m" else "tiny-llama"
+        args.calib, args.ns = "builtin", "1,2"
+        args.analysis = {"n_samples": 8, "seq_len": 48}
+        args.select = dict(quick_select)
+    try:
+        args.n_list = [int(x) for x in args.ns.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--ns must be whole numbers separated by commas (e.g. 2,4,6){' or empty' if empty_ns else ''}, "
+                 f"got {args.ns!r}")
+    if any(n < 1 for n in args.n_list) or not (args.n_list or empty_ns):
+        ap.error(f"--ns: every n must be at least 1{'' if empty_ns else ', and one n at least'}, got {args.ns!r}")
+    stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
+    args.name = args.name or f"{prefix}-{stem}" + ("-quick" if args.quick else "")
+    return args
+
+
+def load_and_analyze(args: argparse.Namespace, script: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(loaded model, analysis, the result's head) of a racing benchmark that replays searches on one
+    analysis: torch's threads, one load, one analysis with the shipped defaults (timed), and the
+    result with an empty `rows` list and the command that reproduces it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    t0 = time.perf_counter()
+    analysis = analyze(loaded, AnalysisConfig(calib=args.calib, **args.analysis))
+    t_analysis = time.perf_counter() - t0
+    return loaded, analysis, {
+        "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
+        "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
+        "select": args.select, "rows": [], "torch_threads": torch.get_num_threads(),
+        "command": f"MI_PRUN_DATA_DIR=../shared/data python benchmarks/{script} " + " ".join(sys.argv[1:])}
 
 
 def units_of(scorer: Any, rows: list[Any]) -> int | None:

@@ -37,20 +37,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from mi_prun.config import AnalysisConfig, SelectConfig  # noqa: E402
-from mi_prun.pipeline import analyze  # noqa: E402
-from mi_prun.runtime import load_model  # noqa: E402
+from mi_prun.config import SelectConfig  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
 from mi_prun.select.race import RaceRule  # noqa: E402
 from mi_prun.select.registry import make_problem  # noqa: E402
 from mi_prun.select.scorer import model_scorer  # noqa: E402
-from race_bench import common_parser, drops_at, peak_rss_mb, run_and_write, unraced_units  # noqa: E402
+from race_bench import (common_parser, drops_at, finish_args, load_and_analyze, peak_rss_mb,  # noqa: E402
+                        run_and_write, unraced_units)
 
 log = logging.getLogger("race_looks")
 
@@ -61,20 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--orders", default=",".join(RaceRule.ORDERS), help="RaceRule orders, comma-separated")
     ap.add_argument("--groups", default=str(SelectConfig().verify_race_group),
                     help="verify_race_group values (samples per group), comma-separated")
-    args = ap.parse_args(argv)
-    args.select, args.analysis = {}, {}
-    if args.quick:
-        args.model = args.model if args.model != "smollm2-135m" else "tiny-llama"
-        args.calib, args.ns = "builtin", "1,2"
-        args.analysis = {"n_samples": 8, "seq_len": 48}
-        args.select = {"verify_samples": 16, "verify_seq_len": 32, "verify_race_alpha": 0.2}
-    try:  # checked before the model loads: a typo must not cost a load and an analysis
-        args.n_list = [int(x) for x in args.ns.split(",") if x.strip()]
+    args = finish_args(ap, ap.parse_args(argv), "race-looks",
+                       {"verify_samples": 16, "verify_seq_len": 32, "verify_race_alpha": 0.2})
+    try:  # checked before the model loads, as --ns
         args.group_list = [int(x) for x in args.groups.split(",") if x.strip()]
     except ValueError:
-        ap.error(f"--ns and --groups take whole numbers separated by commas; got {args.ns!r}, {args.groups!r}")
-    if not args.n_list or any(n < 1 for n in args.n_list) or not args.group_list or any(g < 1 for g in args.group_list):
-        ap.error(f"--ns and --groups need at least one number, each at least 1; got {args.ns!r}, {args.groups!r}")
+        ap.error(f"--groups takes whole numbers separated by commas; got {args.groups!r}")
+    if not args.group_list or any(g < 1 for g in args.group_list):
+        ap.error(f"--groups needs at least one number, each at least 1; got {args.groups!r}")
     args.schedule_list = [s.strip() for s in args.schedules.split(",") if s.strip()]
     bad = [s for s in args.schedule_list if s not in RaceRule.SCHEDULES]
     if bad or not args.schedule_list:
@@ -82,8 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.order_list = [s.strip() for s in args.orders.split(",") if s.strip()]
     if not args.order_list or any(s not in RaceRule.ORDERS for s in args.order_list):
         ap.error(f"--orders takes {', '.join(RaceRule.ORDERS)}; got {args.orders!r}")
-    stem = Path(args.model).stem if args.model.endswith(".gguf") else args.model.replace("/", "_")
-    args.name = args.name or f"race-looks-{stem}" + ("-quick" if args.quick else "")
     return args
 
 
@@ -135,21 +125,11 @@ def best_cases(analysis: Any, loaded: Any, cache: NLLCache, off: Any, group: int
 
 
 def run(args: argparse.Namespace, save: Any = None) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    t0 = time.perf_counter()
-    analysis = analyze(loaded, AnalysisConfig(calib=args.calib, **args.analysis))
-    t_analysis = time.perf_counter() - t0
-    rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {
-        "model": loaded.describe() if hasattr(loaded, "describe") else {"spec": args.model},
-        "n_blocks": loaded.n_blocks, "calib": args.calib, "analysis_seconds": round(t_analysis, 2),
-        "shipped": {"schedule": SelectConfig.RACE_LOOKS, "order": SelectConfig.RACE_ORDER, "group": SelectConfig().verify_race_group,
-                    "alpha": SelectConfig().verify_race_alpha, "min_samples": SelectConfig.RACE_MIN_SAMPLES},
-        "select": args.select, "rows": rows, "torch_threads": torch.get_num_threads(),
-        "command": "MI_PRUN_DATA_DIR=../shared/data python benchmarks/race_looks.py " + " ".join(sys.argv[1:]),
-    }
+    loaded, analysis, result = load_and_analyze(args, "race_looks.py")
+    rows: list[dict[str, Any]] = result["rows"]
+    result["shipped"] = {"schedule": SelectConfig.RACE_LOOKS, "order": SelectConfig.RACE_ORDER,
+                         "group": SelectConfig().verify_race_group, "alpha": SelectConfig().verify_race_alpha,
+                         "min_samples": SelectConfig.RACE_MIN_SAMPLES}
     for n in args.n_list:
         if not 0 < n < loaded.n_blocks:
             continue
