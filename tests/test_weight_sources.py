@@ -3,7 +3,8 @@
 One suite, parametrised over tiny families and the three weight sources of `mi_prun.runtime`
 (resident in memory, streamed block by block from safetensors, dispatched by accelerate with part of
 the blocks on the CPU and part offloaded to disk): capture, per-row NLL, prefix-cached scoring of
-some verification groups, task scoring, healing and export all equal the resident model's within
+some verification groups (and from a lazy prefix, the confirmation's), task scoring, healing and export all
+equal the resident model's within
 float tolerance.
 """
 
@@ -17,6 +18,7 @@ import torch
 from mi_prun.capture import capture
 from mi_prun.config import HealConfig
 from mi_prun.data import calibration_tokens, load_text
+from mi_prun.errors import MiPrunError
 from mi_prun.evaluate import token_nll_rows
 from mi_prun.heal import heal
 from mi_prun.models import find_blocks
@@ -110,6 +112,20 @@ def test_prefix_cached_scoring_of_some_groups_equals_resident(models, source):
         torch.testing.assert_close(some[0], torch.cat([full[0][6:8], full[0][2:4]]), atol=1e-6, rtol=1e-6)
     assert scorers[source].run_states.hits >= hits + 2 * 2  # [2, 3, 5] and [1, 4, 5] in both groups
     assert scorers[source].dense() == pytest.approx(scorers["resident"].dense(), rel=1e-6)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_lazy_prefix_equals_resident(models, source):
+    # the confirmation's draw B: the dense blocks run on demand, only as deep as the sets scored need
+    _, m, _ = models
+    ids, mask = _tokens(n=8)
+    lazy = PrefixScorer(m[source].model, ids, mask, 2, range(1, N_LAYERS), NLLCache(), dense=False)
+    ref = PrefixScorer(m["resident"].model, ids, mask, 2, range(1, N_LAYERS), NLLCache())
+    for removed in ([3, 4], [1, 5], [2]):
+        torch.testing.assert_close(lazy.rows(removed)[0], ref.rows(removed)[0], atol=1e-6, rtol=1e-6)
+    assert lazy.cache.prefix["prefix"].reached[0] == 3 and lazy.dense_passes == 0
+    with pytest.raises(MiPrunError, match="runs no dense pass"):
+        lazy.dense()
 
 
 @pytest.mark.parametrize("source", SOURCES)
