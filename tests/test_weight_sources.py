@@ -3,9 +3,8 @@
 One suite, parametrised over tiny families and the three weight sources of `mi_prun.runtime`
 (resident in memory, streamed block by block from safetensors, dispatched by accelerate with part of
 the blocks on the CPU and part offloaded to disk): capture, per-row NLL, prefix-cached scoring of
-some verification groups (and from a lazy prefix, the confirmation's), task scoring, healing and export all
-equal the resident model's within
-float tolerance.
+some verification groups (and from a lazy prefix, the confirmation's), task scoring, healing and
+export all equal the resident model's within float tolerance.
 """
 
 from __future__ import annotations
