@@ -464,7 +464,7 @@ class BlockRunner:
         states happen to be kept; `work` counts what really ran."""
         rem = sorted({int(b) for b in removed})
         first = rem[0] if rem else self.n_blocks
-        start = first if prefix is not None and (first in prefix.states or first in prefix.want) else 0
+        start = first if prefix is not None and first in prefix.want else 0  # kept now, or on demand (lazy)
         return self._units(self._which(batches), start, rem)
 
 
