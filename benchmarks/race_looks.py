@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 
 from mi_prun.config import SelectConfig  # noqa: E402
 from mi_prun.select import NLLCache, select  # noqa: E402
-from mi_prun.select.race import RaceRule  # noqa: E402
+from mi_prun.select.race import Race, RaceRule  # noqa: E402
 from mi_prun.select.registry import make_problem  # noqa: E402
 from mi_prun.select.scorer import model_scorer  # noqa: E402
 from race_bench import (common_parser, drops_at, finish_args, load_and_analyze, peak_rss_mb,  # noqa: E402
@@ -102,25 +102,23 @@ def best_cases(analysis: Any, loaded: Any, cache: NLLCache, off: Any, group: int
     problem = make_problem(analysis, cfg)
     scorer = model_scorer(loaded, analysis, cfg, n_blocks=problem.n_blocks, starts=problem.allowed,
                           batch_size=group, cache=cache)
-    rule = RaceRule(cfg.verify_race_alpha, SelectConfig.RACE_MIN_SAMPLES, schedule)
-    groups = scorer.groups
+    race = Race(scorer, RaceRule(cfg.verify_race_alpha, SelectConfig.RACE_MIN_SAMPLES, schedule), store={})
+    groups, rule = race.groups, race.rule
     looks = rule.looks(groups)
     winner = tuple(off.removed)
     best = cache.sample_nll(winner)
     oracle = floor = 0
     for key in dict.fromkeys(tuple(r.removed) for r in off.candidates):
-        per, cost = cache.sample_nll(key), [int(scorer.units(key, [g])) for g in range(len(groups))]
-        spent, m, dropped = 0, 0, False
-        for g, members in enumerate(groups):
-            spent, m = spent + cost[g], m + len(members)
-            if key != winner and m in looks and rule.drops([per[i] - best[i] for gg in groups[:g + 1] for i in gg],
-                                                           len(looks)):
-                dropped = True
+        if key == winner:
+            oracle, floor = oracle + race.full_cost(key), floor + race.full_cost(key)
+            continue
+        floor += race.first_look_cost(key)
+        per, seen, spent = cache.sample_nll(key), [], 0
+        for g, members in enumerate(groups):  # the looks against the winner, as `Race.score` makes them
+            spent, seen = spent + int(scorer.units(key, [g])), seen + members
+            if len(seen) in looks and rule.drops([per[i] - best[i] for i in seen], race.n_looks):
                 break
-        oracle += spent if dropped else sum(cost)
-        first = looks[0] if looks else cfg.verify_samples
-        upto = next((g + 1 for g in range(len(groups)) if sum(map(len, groups[:g + 1])) >= first), len(groups))
-        floor += sum(cost) if key == winner else sum(cost[:upto])
+        oracle += spent
     return {"oracle": oracle, "floor": floor}
 
 
